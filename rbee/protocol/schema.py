@@ -1,0 +1,224 @@
+"""Typed, validated frame classes: the machinery behind rbee's one message schema.
+
+A frame type is a frozen dataclass whose fields carry their limits (``spec(...)``). Building one
+validates it, whether the values come from a person's flags or from bytes off the network, so a
+frame that exists is a frame that is valid. Validation collects every bad field before raising,
+so an error names all of them at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar, dataclass_transform
+
+from rbee.errors import InvalidRequest
+
+MAX_STRING_CHARS = 64 * 1024
+MAX_LIST_ITEMS = 4096
+_INVALID: Any = object()  # stands in for a nested record whose problems are already recorded
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Bounds checked for one field (None: unbounded)."""
+
+    min: float | None = None
+    max: float | None = None
+    max_len: int | None = None
+    choices: tuple[str, ...] | None = None
+
+
+def spec(
+    *,
+    default: Any = dataclasses.MISSING,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+    min: float | None = None,
+    max: float | None = None,
+    max_len: int | None = None,
+    choices: tuple[str, ...] | None = None,
+) -> Any:
+    """Declare a field with its limits; ``max_len`` counts characters, bytes or list items."""
+    meta = {"limits": Limits(min=min, max=max, max_len=max_len, choices=choices)}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+class Problems:
+    """Collects validation problems as ``field: what is wrong`` lines."""
+
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    def add(self, path: str, what: str) -> None:
+        self.items.append(f"{path} {what}")
+
+
+@dataclass_transform(
+    frozen_default=True, kw_only_default=True, field_specifiers=(spec, dataclasses.field)
+)
+class Record:
+    """A validated, frozen value; subclasses are made dataclasses automatically."""
+
+    _hints: ClassVar[dict[str, Any]]
+    __dataclass_fields__: ClassVar[dict[str, dataclasses.Field[Any]]]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        dataclass(frozen=True, kw_only=True)(cls)
+
+    def __post_init__(self) -> None:
+        problems = Problems()
+        check_record(self, "", problems)
+        if problems.items:
+            raise InvalidRequest(
+                f"invalid {type(self).__name__}: " + "; ".join(problems.items),
+                suggestion="fix the fields named above",
+            )
+
+    def to_wire(self) -> dict[str, Any]:
+        """The plain dict msgpack sends (nested records become dicts too)."""
+        return {f.name: _to_wire(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _to_wire(value: Any) -> Any:
+    if isinstance(value, Record):
+        return value.to_wire()
+    if isinstance(value, list | tuple):
+        return [_to_wire(v) for v in value]
+    return value
+
+
+def hints(cls: type[Record]) -> dict[str, Any]:
+    """Resolved field annotations of a record class, cached on the class."""
+    cached = cls.__dict__.get("_hints")
+    if cached is None:
+        cached = typing.get_type_hints(cls)
+        cls._hints = cached
+    return cached
+
+
+def check_record(rec: Record, prefix: str, problems: Problems) -> None:
+    """Validate every field of ``rec`` against its annotation and limits."""
+    annotations = hints(type(rec))
+    for f in dataclasses.fields(rec):
+        limits = f.metadata.get("limits", Limits())
+        check_value(getattr(rec, f.name), annotations[f.name], limits, prefix + f.name, problems)
+
+
+def check_value(value: Any, tp: Any, limits: Limits, path: str, problems: Problems) -> None:
+    """Validate one value against a type annotation and limits, recording problems."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return
+        tp = next(o for o in options if o is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            problems.add(path, f"must be a list (got {type(value).__name__})")
+            return
+        cap = limits.max_len if limits.max_len is not None else MAX_LIST_ITEMS
+        if len(value) > cap:
+            problems.add(path, f"must have at most {cap} items (got {len(value)})")
+            return
+        (item_tp,) = typing.get_args(tp)
+        for i, item in enumerate(value):
+            check_value(item, item_tp, Limits(), f"{path}[{i}]", problems)
+        return
+    if isinstance(tp, type) and issubclass(tp, Record):
+        if value is _INVALID:
+            return
+        if not isinstance(value, tp):
+            problems.add(path, f"must be a {tp.__name__}")
+        return
+    _check_scalar(value, tp, limits, path, problems)
+
+
+def _check_scalar(value: Any, tp: Any, limits: Limits, path: str, problems: Problems) -> None:
+    if tp is bool:
+        if not isinstance(value, bool):
+            problems.add(path, f"must be true or false (got {value!r})")
+        return
+    if tp is int or tp is float:
+        ok = isinstance(value, int) if tp is int else isinstance(value, int | float)
+        if not ok or isinstance(value, bool):
+            problems.add(
+                path, f"must be {'an integer' if tp is int else 'a number'} (got {value!r})"
+            )
+            return
+        if value != value:  # NaN
+            problems.add(path, "must be a number (got NaN)")
+        elif limits.min is not None and value < limits.min:
+            problems.add(path, f"must be ≥ {_num(limits.min)} (got {value})")
+        elif limits.max is not None and value > limits.max:
+            problems.add(path, f"must be ≤ {_num(limits.max)} (got {value})")
+        return
+    if tp is str or tp is bytes:
+        if not isinstance(value, tp):
+            problems.add(path, f"must be {'text' if tp is str else 'bytes'} (got {value!r:.40})")
+            return
+        cap = limits.max_len if limits.max_len is not None else MAX_STRING_CHARS
+        if len(value) > cap:
+            problems.add(path, f"must be at most {cap} long (got {len(value)})")
+        elif limits.choices is not None and value not in limits.choices:
+            problems.add(path, f"must be one of {', '.join(limits.choices)} (got {value!r})")
+        return
+    raise TypeError(f"unsupported field type {tp!r} at {path}")  # a schema bug, not bad input
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+R = TypeVar("R", bound=Record)
+
+
+def record_from_wire(cls: type[R], data: Any, path: str = "") -> R:
+    """Build ``cls`` from decoded msgpack data, turning nested dicts into records first.
+
+    Raises InvalidRequest naming every missing, unknown-typed or out-of-range field.
+    """
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{path or cls.__name__} must be a map")
+    problems = Problems()
+    kwargs: dict[str, Any] = {}
+    annotations = hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.add(path + f.name, "is required")
+            continue
+        value = _from_wire(data[f.name], annotations[f.name], path + f.name, problems)
+        limits = f.metadata.get("limits", Limits())
+        check_value(value, annotations[f.name], limits, path + f.name, problems)
+        kwargs[f.name] = value
+    if problems.items:
+        raise InvalidRequest(f"invalid {cls.__name__}: " + "; ".join(problems.items))
+    return cls(**kwargs)
+
+
+def _from_wire(value: Any, tp: Any, path: str, problems: Problems) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        tp = next(o for o in typing.get_args(tp) if o is not type(None))
+        origin = typing.get_origin(tp)
+    if origin is list and isinstance(value, list):
+        (item_tp,) = typing.get_args(tp)
+        return [_from_wire(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value)]
+    if isinstance(tp, type) and issubclass(tp, Record):
+        try:
+            return record_from_wire(tp, value, path + ".")
+        except InvalidRequest as exc:
+            problems.add(path, f"is invalid ({exc.message})")
+            return _INVALID
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value

@@ -1,0 +1,1 @@
+"""ZeroMQ transport: request/reply and token streams, with deadlines and rbee errors."""

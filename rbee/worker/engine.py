@@ -1,0 +1,213 @@
+"""llama.cpp behind one small interface: load a GGUF, turn a request into tokens, generate.
+
+Generation drives ``Llama.generate()`` (the engine's own speed) with rbee's incremental,
+UTF-8-safe detokenizer instead of ``create_completion``, whose per-token Python work can cost most
+of the engine's speed (shared/GPU.md). Prompts are tokenized exactly as llama-cpp-python's own
+completion and chat functions do, so greedy output matches them token for token.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from rbee.errors import InvalidModel, InvalidRequest
+from rbee.protocol.messages import GenerateParams
+
+DEFAULT_MAX_CTX = 4096
+
+ProgressFn = Callable[[float], None]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """One generated token and the text it releases (empty while text is held back)."""
+
+    token_id: int
+    text: str
+
+
+@dataclass
+class Outcome:
+    """How a generation ended, filled in as it runs."""
+
+    stop_reason: str = "length"
+    prompt_tokens: int = 0
+    tokens: int = 0
+    ttft_s: float = 0.0
+    decode_s: float = 0.0
+    tail: str = ""
+
+
+class StopMatcher:
+    """Releases generated text, holding back whatever could still become a stop string."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to release, whether a stop string was hit)."""
+        if not self.stops:
+            return text, False
+        self.held += text
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held = self.held[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.held)), keep, -1):
+                if self.held.endswith(s[:n]):
+                    keep = n
+                    break
+        cut = len(self.held) - keep
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Release what is still held when generation ends without a stop string."""
+        out, self.held = self.held, ""
+        return out
+
+
+class Engine:
+    """One loaded model. Not thread-safe: one generation at a time, from one thread."""
+
+    def __init__(self, model_path: str, n_ctx: int, on_progress: ProgressFn) -> None:
+        """Load ``model_path`` with a context of ``n_ctx`` tokens (0: DEFAULT_MAX_CTX)."""
+        try:
+            import llama_cpp
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise InvalidModel(f"llama-cpp-python is not importable: {exc}") from None
+        self._llama_cpp = llama_cpp
+        with _load_progress(llama_cpp, on_progress):
+            try:
+                self.llama: Any = llama_cpp.Llama(
+                    model_path=model_path, n_ctx=n_ctx or DEFAULT_MAX_CTX, verbose=False
+                )
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise InvalidModel(f"llama.cpp could not load {model_path}: {exc}") from None
+        self.template: str = self.llama.metadata.get("tokenizer.chat_template", "")
+
+    @property
+    def n_ctx(self) -> int:
+        """The context size the model was loaded with, in tokens."""
+        return int(self.llama.n_ctx())
+
+    @property
+    def has_chat_template(self) -> bool:
+        """Whether prompts are wrapped in the model's chat template unless ``raw``."""
+        return bool(self.template)
+
+    def prompt_tokens(self, params: GenerateParams) -> list[int]:
+        """Tokenize as create_completion (raw) or create_chat_completion (chat) would."""
+        if params.raw or not self.template:
+            return list(self.llama.tokenize(params.prompt.encode(), add_bos=True, special=True))
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        eos = self.llama.token_eos()
+        bos = self.llama.token_bos()
+        fmt = Jinja2ChatFormatter(
+            template=self.template,
+            eos_token=self.llama._model.token_get_text(eos) if eos >= 0 else "",
+            bos_token=self.llama._model.token_get_text(bos) if bos >= 0 else "",
+            stop_token_ids=[eos],
+        )
+        result = fmt(messages=[{"role": "user", "content": params.prompt}])
+        return list(
+            self.llama.tokenize(
+                result.prompt.encode(), add_bos=not result.added_special, special=True
+            )
+        )
+
+    def generate(
+        self, params: GenerateParams, cancel: threading.Event, outcome: Outcome
+    ) -> Iterator[Piece]:
+        """Yield one Piece per generated token; ``outcome`` holds the totals at the end."""
+        started = time.perf_counter()
+        tokens = self.prompt_tokens(params)
+        outcome.prompt_tokens = len(tokens)
+        room = self.n_ctx - len(tokens)
+        if room <= 0:
+            raise InvalidRequest(
+                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}",
+                suggestion="shorten the prompt or load the model with a larger context",
+            )
+        limit = min(params.max_tokens, room)
+        if params.seed >= 0:
+            self.llama.set_seed(params.seed)
+        else:
+            self.llama.set_seed(int.from_bytes(os.urandom(4), "little"))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        matcher = StopMatcher(params.stop)
+        vocab = self.llama._model.vocab
+        is_eog = self._llama_cpp.llama_token_is_eog
+        first_at = 0.0
+        outcome.stop_reason = "length"
+        for token in self.llama.generate(
+            tokens,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=0.05,
+            temp=params.temperature,
+            repeat_penalty=1.0,
+            reset=True,
+        ):
+            if outcome.tokens == 0:
+                first_at = time.perf_counter()
+                outcome.ttft_s = first_at - started
+            if is_eog(vocab, token) and not params.ignore_eos:
+                outcome.stop_reason = "eos"
+                break
+            outcome.tokens += 1
+            text, hit = matcher.feed(decoder.decode(self.llama.detokenize([token])))
+            yield Piece(token_id=int(token), text=text)
+            if hit:
+                outcome.stop_reason = "stop"
+                break
+            if cancel.is_set():
+                outcome.stop_reason = "canceled"
+                break
+            if outcome.tokens >= limit:
+                break
+        if outcome.stop_reason != "stop":
+            outcome.tail = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
+        outcome.decode_s = time.perf_counter() - first_at if first_at else 0.0
+
+
+@contextmanager
+def _load_progress(llama_cpp: Any, on_progress: ProgressFn) -> Iterator[None]:
+    """Hook llama.cpp's model-loading progress callback for the duration of one load.
+
+    llama-cpp-python builds its model parameters inside ``Llama.__init__`` and offers no
+    parameter for the callback, so the default-params factory is wrapped while loading.
+    """
+    module = llama_cpp.llama_cpp
+    original = module.llama_model_default_params
+    callback_type = module.llama_progress_callback
+
+    def report(fraction: float, _user: Any) -> bool:
+        on_progress(max(0.0, min(1.0, float(fraction))))
+        return True
+
+    c_callback = callback_type(report)
+
+    def params_with_progress() -> Any:
+        params = original()
+        params.progress_callback = c_callback
+        params.progress_callback_user_data = ctypes.c_void_p(0)
+        return params
+
+    module.llama_model_default_params = params_with_progress
+    try:
+        yield
+    finally:
+        module.llama_model_default_params = original

@@ -1,0 +1,242 @@
+"""The worker process: one loaded model, started by a hive, talking only to that hive.
+
+Two threads, each owning its sockets (a ZeroMQ rule):
+
+* the control thread (main) owns the DEALER to the hive: it forwards loading progress and the
+  readiness callback, sends heartbeats, takes RunJob/CancelJob/StopRequest, and exits when the
+  hive goes away;
+* the generation thread owns llama.cpp and the XPUB that streams tokens to the hive. Before it
+  reports Ready it waits for the hive's subscription to arrive, so no token is ever published
+  into the void; the hop to the hive has no high-water mark, so none is dropped either.
+
+The threads talk over an inproc PAIR (frames up) and a queue plus per-job events (jobs down).
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from types import FrameType
+
+import zmq
+
+from rbee import log
+from rbee.errors import InvalidModel, RbeeError
+from rbee.process import die_with_parent
+from rbee.protocol.codec import decode, encode
+from rbee.protocol.messages import (
+    CancelJob,
+    Done,
+    Frame,
+    Heartbeat,
+    RunJob,
+    StopRequest,
+    StreamError,
+    Token,
+    WorkerFailed,
+    WorkerLoading,
+    WorkerReady,
+)
+from rbee.transport.sockets import LINGER_MS, LOCAL_HWM, connect, new_socket
+from rbee.worker.engine import Engine, Outcome
+
+HEARTBEAT_INTERVAL_S = 1.0
+SUBSCRIBE_TIMEOUT_S = 15.0
+POLL_INTERVAL_S = 0.2
+PROGRESS_STEP = 0.05
+STOP_JOIN_S = 5.0
+PIPE = "inproc://rbee-worker-up"
+
+logger = log.get(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """How the hive told this worker to run."""
+
+    worker_id: str
+    model_path: str
+    control: str
+    stream: str
+    n_ctx: int
+    hive_pid: int
+
+
+class Generator(threading.Thread):
+    """Loads the model, then runs jobs one at a time and publishes their frames."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], args: WorkerArgs) -> None:
+        super().__init__(name="generation", daemon=True)
+        self.ctx = ctx
+        self.args = args
+        self.jobs: queue.Queue[tuple[RunJob, threading.Event] | None] = queue.Queue()
+
+    def run(self) -> None:
+        up = new_socket(self.ctx, zmq.PAIR)
+        up.connect(PIPE)
+        pub = new_socket(self.ctx, zmq.XPUB)
+        pub.setsockopt(zmq.SNDHWM, LOCAL_HWM)
+        connect(pub, self.args.stream)
+        try:
+            self._serve(up, pub)
+        except Exception as exc:  # report anything unexpected instead of dying silently
+            code = exc.code if isinstance(exc, RbeeError) else "INTERNAL"
+            msg = exc.message if isinstance(exc, RbeeError) else f"{type(exc).__name__}: {exc}"
+            up.send(encode(WorkerFailed(worker_id=self.args.worker_id, code=code, message=msg)))
+        finally:
+            pub.close(LINGER_MS)
+            up.close(LINGER_MS)
+
+    def _serve(self, up: zmq.Socket[bytes], pub: zmq.Socket[bytes]) -> None:
+        wid = self.args.worker_id
+        started = time.perf_counter()
+        last = [-1.0]
+
+        def on_progress(fraction: float) -> None:
+            if fraction - last[0] >= PROGRESS_STEP or fraction >= 1.0 > last[0]:
+                last[0] = fraction
+                up.send(encode(WorkerLoading(worker_id=wid, fraction=fraction)))
+
+        engine = Engine(self.args.model_path, self.args.n_ctx, on_progress)
+        if not pub.poll(int(SUBSCRIBE_TIMEOUT_S * 1000)):
+            raise InvalidModel("the hive's stream never subscribed to this worker")
+        pub.recv()  # the hive's subscribe-to-everything
+        up.send(
+            encode(
+                WorkerReady(
+                    worker_id=wid,
+                    pid=os.getpid(),
+                    n_ctx=engine.n_ctx,
+                    has_chat_template=engine.has_chat_template,
+                    load_s=time.perf_counter() - started,
+                )
+            )
+        )
+        while (item := self.jobs.get()) is not None:
+            job, cancel = item
+            self._run_job(engine, pub, job, cancel)
+
+    def _run_job(
+        self, engine: Engine, pub: zmq.Socket[bytes], job: RunJob, cancel: threading.Event
+    ) -> None:
+        topic = job.job_id.encode()
+        outcome = Outcome()
+        seq = 0
+        terminal: Frame
+        try:
+            for piece in engine.generate(job.params, cancel, outcome):
+                frame = Token(job_id=job.job_id, seq=seq, text=piece.text, token_id=piece.token_id)
+                pub.send_multipart([topic, encode(frame)])
+                seq += 1
+            terminal = Done(
+                job_id=job.job_id,
+                seq=seq,
+                tokens=outcome.tokens,
+                prompt_tokens=outcome.prompt_tokens,
+                ttft_s=outcome.ttft_s,
+                decode_s=outcome.decode_s,
+                stop_reason=outcome.stop_reason,
+                tail=outcome.tail,
+            )
+        except RbeeError as exc:
+            terminal = StreamError(job_id=job.job_id, seq=seq, code=exc.code, message=exc.message)
+        except Exception as exc:  # llama.cpp failures must still end the stream
+            logger.exception("generation failed", job_id=job.job_id)
+            terminal = StreamError(
+                job_id=job.job_id, seq=seq, code="INTERNAL", message=f"{type(exc).__name__}: {exc}"
+            )
+        pub.send_multipart([topic, encode(terminal)])
+
+
+class Worker:
+    """The control thread's state."""
+
+    def __init__(self, args: WorkerArgs) -> None:
+        self.args = args
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.stopping = False
+        self.cancels: dict[str, threading.Event] = {}
+
+    def request_stop(self, signum: int = 0, frame: FrameType | None = None) -> None:
+        """Signal handler and StopRequest: leave the loop at the next turn."""
+        self.stopping = True
+
+    def run(self) -> int:
+        """Run until told to stop or the hive goes away; the exit code says which."""
+        up = new_socket(self.ctx, zmq.PAIR)
+        up.bind(PIPE)
+        control = new_socket(self.ctx, zmq.DEALER)
+        control.setsockopt(zmq.IDENTITY, self.args.worker_id.encode())
+        connect(control, self.args.control)
+        generator = Generator(self.ctx, self.args)
+        generator.start()
+        poller = zmq.Poller()
+        poller.register(up, zmq.POLLIN)
+        poller.register(control, zmq.POLLIN)
+        next_beat = 0.0
+        code = 0
+        try:
+            while not self.stopping:
+                events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
+                if up in events:
+                    data = up.recv()
+                    control.send(data)
+                    if isinstance(decode(data).frame, WorkerFailed):
+                        code = 1
+                        break
+                if control in events:
+                    self._on_control(control.recv(), generator)
+                now = time.monotonic()
+                if now >= next_beat:
+                    control.send(encode(Heartbeat(worker_id=self.args.worker_id)))
+                    next_beat = now + HEARTBEAT_INTERVAL_S
+                if os.getppid() != self.args.hive_pid:
+                    logger.warning("hive is gone; exiting", hive_pid=self.args.hive_pid)
+                    break
+        finally:
+            for event in self.cancels.values():
+                event.set()
+            generator.jobs.put(None)
+            generator.join(STOP_JOIN_S)
+            up.close(LINGER_MS)
+            control.close(LINGER_MS)
+            self.ctx.term()
+        return code
+
+    def _on_control(self, data: bytes, generator: Generator) -> None:
+        try:
+            frame = decode(data).frame
+        except RbeeError as exc:
+            logger.warning("dropped a malformed frame from the hive", error=str(exc))
+            return
+        if isinstance(frame, RunJob):
+            event = threading.Event()
+            self.cancels = {frame.job_id: event}  # one job at a time; older events are done
+            generator.jobs.put((frame, event))
+        elif isinstance(frame, CancelJob):
+            if frame.job_id in self.cancels:
+                self.cancels[frame.job_id].set()
+        elif isinstance(frame, StopRequest):
+            self.request_stop()
+
+
+def run(args: WorkerArgs) -> int:
+    """Entry point of `rbee worker`."""
+    die_with_parent()
+    log.configure("worker")
+    structlog_bind(args.worker_id)
+    worker = Worker(args)
+    signal.signal(signal.SIGTERM, worker.request_stop)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal goes to the hive first
+    return worker.run()
+
+
+def structlog_bind(worker_id: str) -> None:
+    """Tag every log line of this process with its worker id."""
+    import structlog
+
+    structlog.contextvars.bind_contextvars(worker=worker_id)
