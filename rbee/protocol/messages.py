@@ -28,6 +28,10 @@ ID_CHARS = 64
 STATES = ("loading", "idle", "busy", "stopping")
 STOP_REASONS = ("eos", "length", "stop", "canceled")
 
+# Model references besides catalog names; both only for a hive that listens on loopback alone.
+FILE_PREFIX = "file:"  # file:/absolute/path.gguf
+SYNTHETIC_PREFIX = "synthetic:"  # synthetic:TOKENS_PER_S, a stand-in model for benchmarks
+
 
 class Frame(Record):
     """Base of every frame type; ``TYPE`` is the name on the wire."""

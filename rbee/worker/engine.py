@@ -13,17 +13,26 @@ import ctypes
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 from rbee.errors import InvalidModel, InvalidRequest
-from rbee.protocol.messages import GenerateParams
+from rbee.protocol.messages import SYNTHETIC_PREFIX, GenerateParams
 
 DEFAULT_MAX_CTX = 4096
 
+LLAMA_LOG_LINES = 20
+GGML_LOG_WARN = 3  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
+GGML_LOG_CONT = 5
+
 ProgressFn = Callable[[float], None]
+
+LLAMA_LOG: deque[str] = deque(maxlen=LLAMA_LOG_LINES)  # llama.cpp's latest warnings and errors
+_log_state = {"keep": False}
+_log_callback: Any = None  # the ctypes callback must outlive every call into llama.cpp
 
 
 @dataclass(frozen=True)
@@ -88,13 +97,18 @@ class Engine:
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise InvalidModel(f"llama-cpp-python is not importable: {exc}") from None
         self._llama_cpp = llama_cpp
+        capture_llama_log(llama_cpp)
         with _load_progress(llama_cpp, on_progress):
             try:
                 self.llama: Any = llama_cpp.Llama(
                     model_path=model_path, n_ctx=n_ctx or DEFAULT_MAX_CTX, verbose=False
                 )
             except (ValueError, RuntimeError, OSError) as exc:
-                raise InvalidModel(f"llama.cpp could not load {model_path}: {exc}") from None
+                said = "".join(LLAMA_LOG).strip()
+                raise InvalidModel(
+                    f"llama.cpp could not load {model_path}: {exc}"
+                    + (f"\nllama.cpp said:\n{said}" if said else "")
+                ) from None
         self.template: str = self.llama.metadata.get("tokenizer.chat_template", "")
 
     @property
@@ -181,6 +195,75 @@ class Engine:
         if outcome.stop_reason != "stop":
             outcome.tail = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
         outcome.decode_s = time.perf_counter() - first_at if first_at else 0.0
+
+
+class SyntheticEngine:
+    """A stand-in model that emits numbered words at a fixed rate (0: as fast as it can).
+
+    It measures rbee's own cost (transport, relay, keeper) without llama.cpp in the way, for
+    benchmarks and for tests that need more tokens than a real model makes in a few seconds.
+    Reference: ``synthetic:TOKENS_PER_S``, accepted only by a loopback-only hive.
+    """
+
+    n_ctx = 1 << 20
+    has_chat_template = False
+
+    def __init__(self, reference: str) -> None:
+        rate = reference.removeprefix(SYNTHETIC_PREFIX) or "0"
+        try:
+            self.interval_s = 1.0 / float(rate) if float(rate) > 0 else 0.0
+        except ValueError:
+            raise InvalidModel(f"bad synthetic model {reference!r}: want synthetic:RATE") from None
+
+    def generate(
+        self, params: GenerateParams, cancel: threading.Event, outcome: Outcome
+    ) -> Iterator[Piece]:
+        """Yield ``max_tokens`` words, paced at the configured rate."""
+        started = time.perf_counter()
+        outcome.prompt_tokens = len(params.prompt.split())
+        next_at = started
+        for i in range(params.max_tokens):
+            if self.interval_s:
+                next_at += self.interval_s
+                time.sleep(max(0.0, next_at - time.perf_counter()))
+            if i == 0:
+                outcome.ttft_s = time.perf_counter() - started
+            outcome.tokens += 1
+            yield Piece(token_id=i, text=f" w{i}")
+            if cancel.is_set():
+                outcome.stop_reason = "canceled"
+                break
+        else:
+            outcome.stop_reason = "length"
+        outcome.decode_s = time.perf_counter() - started - outcome.ttft_s
+
+
+def open_engine(model_path: str, n_ctx: int, on_progress: ProgressFn) -> Engine | SyntheticEngine:
+    """The engine for a model path: llama.cpp, or the synthetic stand-in."""
+    if model_path.startswith(SYNTHETIC_PREFIX):
+        on_progress(1.0)
+        return SyntheticEngine(model_path)
+    return Engine(model_path, n_ctx, on_progress)
+
+
+def capture_llama_log(llama_cpp: Any) -> None:
+    """Keep llama.cpp's warnings and errors, which say why a load failed.
+
+    llama-cpp-python silences llama.cpp's stderr while loading unless verbose, which would hide
+    the one line that explains a broken model file; this callback keeps those lines in memory.
+    """
+    global _log_callback
+    if _log_callback is not None:
+        return
+
+    def on_log(level: int, text: bytes, _user: Any) -> None:
+        keep = _log_state["keep"] if level == GGML_LOG_CONT else level >= GGML_LOG_WARN
+        _log_state["keep"] = keep
+        if keep:
+            LLAMA_LOG.append(text.decode("utf-8", "replace"))
+
+    _log_callback = llama_cpp.llama_log_callback(on_log)
+    llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))
 
 
 @contextmanager

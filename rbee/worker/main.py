@@ -42,7 +42,7 @@ from rbee.protocol.messages import (
     WorkerReady,
 )
 from rbee.transport.sockets import LINGER_MS, LOCAL_HWM, connect, new_socket
-from rbee.worker.engine import Engine, Outcome
+from rbee.worker.engine import Engine, Outcome, SyntheticEngine, open_engine
 
 HEARTBEAT_INTERVAL_S = 1.0
 SUBSCRIBE_TIMEOUT_S = 15.0
@@ -86,6 +86,7 @@ class Generator(threading.Thread):
         except Exception as exc:  # report anything unexpected instead of dying silently
             code = exc.code if isinstance(exc, RbeeError) else "INTERNAL"
             msg = exc.message if isinstance(exc, RbeeError) else f"{type(exc).__name__}: {exc}"
+            logger.error("worker failed", code=code, error=msg)
             up.send(encode(WorkerFailed(worker_id=self.args.worker_id, code=code, message=msg)))
         finally:
             pub.close(LINGER_MS)
@@ -101,7 +102,8 @@ class Generator(threading.Thread):
                 last[0] = fraction
                 up.send(encode(WorkerLoading(worker_id=wid, fraction=fraction)))
 
-        engine = Engine(self.args.model_path, self.args.n_ctx, on_progress)
+        logger.info("loading model", path=self.args.model_path, n_ctx=self.args.n_ctx)
+        engine = open_engine(self.args.model_path, self.args.n_ctx, on_progress)
         if not pub.poll(int(SUBSCRIBE_TIMEOUT_S * 1000)):
             raise InvalidModel("the hive's stream never subscribed to this worker")
         pub.recv()  # the hive's subscribe-to-everything
@@ -121,7 +123,11 @@ class Generator(threading.Thread):
             self._run_job(engine, pub, job, cancel)
 
     def _run_job(
-        self, engine: Engine, pub: zmq.Socket[bytes], job: RunJob, cancel: threading.Event
+        self,
+        engine: Engine | SyntheticEngine,
+        pub: zmq.Socket[bytes],
+        job: RunJob,
+        cancel: threading.Event,
     ) -> None:
         topic = job.job_id.encode()
         outcome = Outcome()

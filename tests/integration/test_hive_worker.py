@@ -1,0 +1,296 @@
+"""A real hive with real llama.cpp workers, driven over real ZeroMQ sockets."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+import psutil
+import pytest
+import zmq
+
+from rbee.errors import (
+    InvalidModel,
+    InvalidRequest,
+    JobNotFound,
+    ModelNotFound,
+    ProtocolError,
+    VersionMismatch,
+    WorkerNotFound,
+    WorkerStartFailed,
+)
+from rbee.keeper.stream import JobStream
+from rbee.protocol.codec import decode
+from rbee.protocol.messages import (
+    Ack,
+    Cancel,
+    Done,
+    EnsureWorker,
+    GenerateParams,
+    Hello,
+    HelloReply,
+    HiveStatus,
+    JobAccepted,
+    ListWorkers,
+    Progress,
+    StartJob,
+    Status,
+    StopWorker,
+    Token,
+    WorkerAssigned,
+    WorkerList,
+)
+from rbee.transport.sockets import DealerClient, StreamSubscriber
+from tests.helpers import hive_in_thread, keeper
+
+LOAD_TIMEOUT_S = 60.0
+PROMPT = "The three primary colors are"
+
+
+def ensure(client: DealerClient, model: str) -> tuple[WorkerAssigned, list[Progress]]:
+    """EnsureWorker, collecting the progress frames before the final answer."""
+    rid = client.send(EnsureWorker(model=model))
+    progress: list[Progress] = []
+    for frame in client.replies(rid, LOAD_TIMEOUT_S):
+        if isinstance(frame, Progress):
+            progress.append(frame)
+        else:
+            assert isinstance(frame, WorkerAssigned)
+            return frame, progress
+    raise AssertionError("unreachable")
+
+
+def run_job(
+    client: DealerClient, sub: StreamSubscriber, worker_id: str, params: GenerateParams
+) -> tuple[list[Token], Done, JobStream]:
+    """Subscribe, start, and read the job's stream to its terminal frame."""
+    job_id = f"j-{time.monotonic_ns()}"
+    sub.subscribe(job_id)
+    client.request(StartJob(job_id=job_id, worker_id=worker_id, params=params), 5)
+    stream = JobStream(client, sub, job_id)
+    frames = list(stream)
+    assert isinstance(frames[-1], Done), frames[-1]
+    tokens = [f for f in frames[:-1] if isinstance(f, Token)]
+    return tokens, frames[-1], stream
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path, rbee_env: dict[str, str]) -> Path:
+    return tmp_path / "data"
+
+
+def test_hello_and_status(data_dir: Path) -> None:
+    with hive_in_thread(data_dir) as hive, keeper(hive) as (client, _):
+        hello = client.request(Hello(), 5)
+        assert isinstance(hello, HelloReply)
+        assert hello.protocol_version == 1 and hello.status == "ok"
+        status = client.request(Status(), 5)
+        assert isinstance(status, HiveStatus)
+        assert [m.name for m in status.models] == ["smollm2-135m-instruct"]
+        assert status.models[0].quantization == "Q4_1"
+        assert status.ram_total_bytes > status.ram_free_bytes > 0
+        assert status.disk_free_bytes > 0 and status.workers == []
+
+
+def test_streams_what_llama_cpp_generates_in_process(data_dir: Path, model_path: Path) -> None:
+    """Greedy output through hive and worker equals llama-cpp-python's own, raw and chat."""
+    from llama_cpp import Llama
+
+    llama = Llama(model_path=str(model_path), n_ctx=4096, verbose=False)
+    want_raw = llama.create_completion(PROMPT, max_tokens=48, temperature=0.0)["choices"][0]
+    want_chat = llama.create_chat_completion(
+        [{"role": "user", "content": "Why is the sky blue?"}],
+        max_tokens=48,
+        temperature=0.0,
+        repeat_penalty=1.0,
+    )["choices"][0]["message"]["content"]
+    del llama
+    with hive_in_thread(data_dir) as hive, keeper(hive) as (client, sub):
+        assigned, progress = ensure(client, "smollm2-135m-instruct")
+        assert not assigned.reused
+        phases = [p.phase for p in progress]
+        assert phases[0] == "spawn" and "registered" in phases and "loading" in phases
+        raw = GenerateParams(prompt=PROMPT, max_tokens=48, temperature=0.0, raw=True)
+        tokens, done, _ = run_job(client, sub, assigned.worker_id, raw)
+        assert "".join(t.text for t in tokens) + done.tail == want_raw["text"]
+        assert [t.seq for t in tokens] == list(range(len(tokens))) and done.seq == len(tokens)
+        assert done.tokens == len(tokens) >= 20 and done.prompt_tokens > 0
+        chat = GenerateParams(prompt="Why is the sky blue?", max_tokens=48, temperature=0.0)
+        tokens, done, _ = run_job(client, sub, assigned.worker_id, chat)
+        assert "".join(t.text for t in tokens) + done.tail == want_chat
+        again, _ = ensure(client, "smollm2-135m-instruct")
+        assert again.reused and again.worker_id == assigned.worker_id
+
+
+def test_late_slow_subscriber_gets_every_token_once(data_dir: Path) -> None:
+    """Subscribe after StartJob, read slower than the model writes with a receive queue of one
+    frame: PUB/SUB drops, and the keeper still sees each sequence number exactly once."""
+    with hive_in_thread(data_dir) as hive, keeper(hive, hwm=1) as (client, sub):
+        assigned, _ = ensure(client, "smollm2-135m-instruct")
+        params = GenerateParams(prompt=PROMPT, max_tokens=64, temperature=0.0, raw=True,
+                                ignore_eos=True)  # fmt: skip
+        job_id = "j-late-slow"
+        accepted = client.request(
+            StartJob(job_id=job_id, worker_id=assigned.worker_id, params=params), 5
+        )
+        assert isinstance(accepted, JobAccepted)
+        time.sleep(1.0)  # the hive must hold the job until the subscription arrives
+        sub.subscribe(job_id)
+        seen: list[int] = []
+        stream = JobStream(client, sub, job_id)
+        for frame in stream:
+            seen.append(frame.seq)
+            time.sleep(0.05)  # ~4x slower than the model produces
+        assert seen == list(range(65)), seen
+
+
+def test_dropped_frames_are_recovered(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full-speed synthetic stream into a reader that stalls: the hive's high-water mark
+    drops frames (shrunk here, with small kernel buffers), and FetchFrames fills every gap."""
+    monkeypatch.setattr("rbee.hive.server.STREAM_HWM", 16)
+    n = 20_000
+    with hive_in_thread(data_dir) as hive, keeper(hive, hwm=16) as (client, sub):
+        hive.xpub.setsockopt(zmq.SNDBUF, 4096)
+        sub.sock.setsockopt(zmq.RCVBUF, 4096)
+        assigned, _ = ensure(client, "synthetic:0")
+        params = GenerateParams(prompt="x", max_tokens=n)
+        sub.subscribe("j-drops")
+        client.request(StartJob(job_id="j-drops", worker_id=assigned.worker_id, params=params), 5)
+        time.sleep(0.3)  # stall while the stream overflows
+        stream = JobStream(client, sub, "j-drops")
+        seen = [frame.seq for frame in stream]
+        assert seen == list(range(n + 1))
+        assert stream.fetched > 0, "expected PUB/SUB to drop frames under a stalled reader"
+
+
+def test_errors_are_coded_replies(data_dir: Path, tmp_path: Path) -> None:
+    not_gguf = tmp_path / "notes.gguf"
+    not_gguf.write_text("hello")
+    with hive_in_thread(data_dir) as hive, keeper(hive) as (client, _):
+        with pytest.raises(ModelNotFound, match="nope"):
+            ensure(client, "nope")
+        with pytest.raises(InvalidModel, match="not a usable GGUF"):
+            ensure(client, f"file:{not_gguf}")
+        with pytest.raises(JobNotFound):
+            client.request(Cancel(job_id="j-none"), 5)
+        with pytest.raises(WorkerNotFound, match="w-none"):
+            params = GenerateParams(prompt="hi")
+            client.request(StartJob(job_id="j-1", worker_id="w-none", params=params), 5)
+        assert isinstance(client.request(Hello(), 5), HelloReply), "the hive must survive"
+
+
+def test_malformed_frames_get_errors_and_never_kill_the_hive(data_dir: Path) -> None:
+    with hive_in_thread(data_dir) as hive:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect(hive.front_endpoint)
+        bad = [
+            b"\xc1not msgpack",
+            msgpack.packb([1, 2, 3]),
+            msgpack.packb({"v": 99, "t": "hello", "r": 1, "b": {}}),
+            msgpack.packb({"v": 1, "t": "no_such_frame", "r": 1, "b": {}}),
+            msgpack.packb({"v": 1, "t": "start_job", "r": 1, "b": {"job_id": 5}}),
+        ]
+        expected = [ProtocolError, ProtocolError, VersionMismatch, ProtocolError, InvalidRequest]
+        for data, exc_type in zip(bad, expected, strict=True):
+            sock.send(data)
+            assert sock.poll(5000), "no error reply"
+            frame = decode(sock.recv()).frame
+            assert frame.TYPE == "error" and frame.code == exc_type.code  # type: ignore[attr-defined]
+        sock.send_multipart([b"", b"two", b"extra parts"])
+        sock.close(0)
+        ctx.term()
+        assert hive.front.dropped >= len(bad)
+        with keeper(hive) as (client, _):
+            assert isinstance(client.request(Hello(), 5), HelloReply)
+
+
+def test_worker_that_dies_while_loading_is_reported(data_dir: Path) -> None:
+    """Kill the worker right after it is spawned: WORKER_START_FAILED with its stderr tail."""
+    with hive_in_thread(data_dir) as hive, keeper(hive) as (client, _):
+        rid = client.send(EnsureWorker(model="smollm2-135m-instruct"))
+        replies = client.replies(rid, LOAD_TIMEOUT_S)
+        spawn = next(replies)
+        assert isinstance(spawn, Progress) and spawn.phase == "spawn"
+        pid = int(spawn.message.split("(pid ")[1].split(")")[0])
+        psutil.Process(pid).send_signal(signal.SIGKILL)
+        with pytest.raises(WorkerStartFailed, match="exited with code -9"):
+            for _ in replies:
+                pass
+        listed = client.request(ListWorkers(), 5)
+        assert isinstance(listed, WorkerList) and listed.workers == []
+
+
+def test_cancel_stop_worker_and_vanished_keeper(data_dir: Path) -> None:
+    with hive_in_thread(data_dir) as hive, keeper(hive) as (client, sub):
+        assigned, _ = ensure(client, "smollm2-135m-instruct")
+        long = GenerateParams(prompt=PROMPT, max_tokens=2000, temperature=0.0, raw=True,
+                              ignore_eos=True)  # fmt: skip
+        sub.subscribe("j-cancel")
+        client.request(StartJob(job_id="j-cancel", worker_id=assigned.worker_id, params=long), 5)
+        frames = []
+        for frame in JobStream(client, sub, "j-cancel"):
+            frames.append(frame)
+            if len(frames) == 5:
+                assert isinstance(client.request(Cancel(job_id="j-cancel"), 5), Ack)
+        done = frames[-1]
+        assert isinstance(done, Done) and done.stop_reason == "canceled"
+        assert done.tokens <= 7, "the worker must stop within a token or two of the cancel"
+        assert isinstance(client.request(Cancel(job_id="j-cancel"), 5), Ack), "cancel twice"
+
+        # A keeper that vanishes (its SUB closes) gets its job canceled by the hive.
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        gone = StreamSubscriber(ctx, hive.stream_endpoint, 100)
+        gone.subscribe("j-gone")
+        client.request(StartJob(job_id="j-gone", worker_id=assigned.worker_id, params=long), 5)
+        time.sleep(0.5)
+        gone.close()
+        ctx.term()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            workers = client.request(ListWorkers(), 5)
+            assert isinstance(workers, WorkerList)
+            if workers.workers[0].state == "idle":
+                break
+            time.sleep(0.1)
+        assert workers.workers[0].state == "idle"
+        assert hive.jobs["j-gone"].finished
+
+        pid = workers.workers[0].pid
+        assert isinstance(client.request(StopWorker(worker_id=assigned.worker_id), 5), Ack)
+        psutil.Process(pid).wait(10)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            workers = client.request(ListWorkers(), 5)
+            assert isinstance(workers, WorkerList)
+            if not workers.workers:
+                break
+            time.sleep(0.1)
+        assert workers.workers == []
+
+
+def test_hive_stop_stops_its_workers(data_dir: Path) -> None:
+    with hive_in_thread(data_dir) as hive, keeper(hive) as (client, _):
+        assigned, _ = ensure(client, "smollm2-135m-instruct")
+        pid = hive.workers[assigned.worker_id].pid
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_concurrent_requests_share_one_loading_worker(data_dir: Path) -> None:
+    with hive_in_thread(data_dir) as hive:
+        results: list[WorkerAssigned] = []
+
+        def ask() -> None:
+            with keeper(hive) as (client, _):
+                results.append(ensure(client, "smollm2-135m-instruct")[0])
+
+        threads = [threading.Thread(target=ask) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(LOAD_TIMEOUT_S)
+        assert len(results) == 3 and len({r.worker_id for r in results}) == 1
+        assert len(hive.workers) == 1
