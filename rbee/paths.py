@@ -11,6 +11,8 @@ import os
 import sys
 from pathlib import Path
 
+from rbee.errors import InvalidRequest
+
 DEFAULT_HIVE_PORT = 7830
 DEFAULT_STREAM_PORT = 7831
 
@@ -41,9 +43,18 @@ def self_command() -> list[str]:
 
 def hive_port() -> int:
     """The ROUTER port a hive binds and a keeper tries first (``RBEE_HIVE_PORT``)."""
-    return int(os.environ.get("RBEE_HIVE_PORT", DEFAULT_HIVE_PORT))
+    return _env_port("RBEE_HIVE_PORT", DEFAULT_HIVE_PORT)
 
 
 def stream_port() -> int:
     """The token-stream (XPUB) port of a hive (``RBEE_STREAM_PORT``)."""
-    return int(os.environ.get("RBEE_STREAM_PORT", DEFAULT_STREAM_PORT))
+    return _env_port("RBEE_STREAM_PORT", DEFAULT_STREAM_PORT)
+
+
+def _env_port(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    if not text.isascii() or not text.isdigit() or not 0 < int(text) < 65536:
+        raise InvalidRequest(f"{name}={text!r} is not a port (1-65535)", suggestion=f"unset {name}")
+    return int(text)

@@ -1,11 +1,13 @@
 """The hive's in-memory picture of its workers and jobs, and the pure decisions made from it.
 
 Nothing here touches a socket or a process: the server feeds events in and acts on the answers,
-so the rules (which worker to reuse, when a job's buffer may be forgotten) are tested directly.
+so the rules (which worker to reuse, when to spawn, queue or refuse, when a job's buffer may be
+forgotten, when an idle worker unloads) are tested directly.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +38,9 @@ class WorkerRecord:
     load_s: float = 0.0
     waiters: list[tuple[bytes, int]] = field(default_factory=list)
     stop_deadline: float = 0.0
+    jobs_served: int = 0
+    keep_alive_s: float = 300.0
+    idle_deadline: float = math.inf
 
     def info(self, rss_bytes: int = 0) -> WorkerInfo:
         """The wire form shown to keepers."""
@@ -49,7 +54,16 @@ class WorkerRecord:
             last_activity=self.last_activity,
             job_id=self.job_id,
             rss_bytes=rss_bytes,
+            jobs_served=self.jobs_served,
+            keep_alive_s=self.keep_alive_s,
         )
+
+    def became_idle(self, now: float, keep_alive_s: float) -> None:
+        """A job ended: the worker is idle and unloads after ``keep_alive_s`` (-1: never)."""
+        self.state, self.job_id = "idle", ""
+        self.last_activity = time.time()
+        self.keep_alive_s = keep_alive_s
+        self.idle_deadline = math.inf if keep_alive_s < 0 else now + keep_alive_s
 
 
 @dataclass(eq=False)
@@ -57,13 +71,20 @@ class JobRecord:
     """One job: who asked, where it runs, and every stream frame it produced so far."""
 
     job_id: str
-    worker_id: str
+    model: str
+    model_path: str
     keeper: bytes
+    rid: int
     params: GenerateParams
+    keep_alive_s: float
+    preferred_worker: str = ""
+    worker_id: str = ""
+    queued_at: float = field(default_factory=time.monotonic)
     dispatched: bool = False
-    subscribe_deadline: float = 0.0
     frames: list[bytes] = field(default_factory=list)
     finished_at: float = 0.0
+    told_position: int = -1
+    told_at: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -71,15 +92,64 @@ class JobRecord:
         return self.finished_at > 0
 
 
-def pick_idle(workers: list[WorkerRecord], model_path: str) -> WorkerRecord | None:
-    """The idle worker holding ``model_path`` that was used most recently (its caches are warm)."""
+@dataclass(frozen=True)
+class Limits:
+    """How many workers a hive may run, and how long a queue it keeps."""
+
+    max_workers: int = 4
+    max_workers_per_model: int = 1
+    max_queue: int = 16
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What EnsureWorker should do: reuse, wait, spawn (maybe after evicting), queue, or refuse."""
+
+    action: str  # "reuse" | "wait" | "spawn" | "queue" | "busy"
+    worker: WorkerRecord | None = None
+    evict: WorkerRecord | None = None
+
+
+def pick_idle(
+    workers: list[WorkerRecord], model_path: str, prefer: str = ""
+) -> WorkerRecord | None:
+    """The idle worker holding ``model_path``: ``prefer`` if idle, else the most recently used
+    one (its caches are warm)."""
     idle = [w for w in workers if w.state == "idle" and w.model_path == model_path]
-    return max(idle, key=lambda w: w.last_activity, default=None)
+    preferred = [w for w in idle if w.worker_id == prefer]
+    return preferred[0] if preferred else max(idle, key=lambda w: w.last_activity, default=None)
 
 
 def pick_loading(workers: list[WorkerRecord], model_path: str) -> WorkerRecord | None:
     """A worker already loading ``model_path``: a second request waits for it, not a new one."""
     return next((w for w in workers if w.state == "loading" and w.model_path == model_path), None)
+
+
+def plan_worker(workers: list[WorkerRecord], model_path: str, limits: Limits, fits: bool) -> Plan:
+    """Decide how to get a worker for ``model_path``.
+
+    ``fits``: whether one more worker of this model fits in free memory. Order: an idle worker;
+    one already loading; a new one while under both limits and it fits; a new one in place of
+    the least recently used idle worker of another model; else a busy worker of this model (the
+    job queues); else busy.
+    """
+    idle = pick_idle(workers, model_path)
+    if idle is not None:
+        return Plan("reuse", idle)
+    loading = pick_loading(workers, model_path)
+    if loading is not None:
+        return Plan("wait", loading)
+    live = [w for w in workers if w.state != "stopping"]
+    same = [w for w in live if w.model_path == model_path]
+    if len(same) < limits.max_workers_per_model and fits:
+        if len(live) < limits.max_workers:
+            return Plan("spawn")
+        others_idle = [w for w in live if w.state == "idle" and w.model_path != model_path]
+        if others_idle:
+            return Plan("spawn", evict=min(others_idle, key=lambda w: w.last_activity))
+    if same:
+        return Plan("queue", min(same, key=lambda w: w.last_activity))
+    return Plan("busy")
 
 
 def expired_jobs(jobs: list[JobRecord], now: float) -> list[str]:
@@ -88,3 +158,8 @@ def expired_jobs(jobs: list[JobRecord], now: float) -> list[str]:
     old = {j.job_id for j in finished if now - j.finished_at > JOB_RETENTION_S}
     surplus = {j.job_id for j in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]}
     return sorted(old | surplus)
+
+
+def idle_expired(workers: list[WorkerRecord], now: float) -> list[WorkerRecord]:
+    """Idle workers whose keep-alive ran out (never one that is loading or busy)."""
+    return [w for w in workers if w.state == "idle" and now >= w.idle_deadline]

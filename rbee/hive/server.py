@@ -1,4 +1,4 @@
-"""The hive's event loop: one thread owns every socket and every decision's side effects.
+"""The hive's event loop: one thread owns every socket and carries out every decision.
 
 Sockets:
 
@@ -10,20 +10,19 @@ Sockets:
   subscription and starts a job only once its keeper is listening (no lost first tokens).
 
 Every stream frame passing through is validated and kept per job, so a keeper that missed frames
-(slow reader, high-water mark) gets them again with FetchFrames.
+(slow reader, high-water mark) gets them again with FetchFrames. Jobs that find no idle worker
+wait in a bounded FIFO queue. SIGTERM drains: no new work, running jobs get a grace period, then
+workers are asked, told (SIGTERM) and finally forced (SIGKILL) to stop.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
 import socket
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,20 +30,32 @@ import psutil
 import zmq
 
 from rbee import __version__, log
-from rbee.catalog import Catalog
+from rbee.catalog import Catalog, ModelEntry
 from rbee.errors import (
     AllSlotsBusy,
+    Canceled,
+    HiveDraining,
+    InsufficientRam,
+    InternalError,
     InvalidRequest,
     JobNotFound,
     RbeeError,
     WorkerCrashed,
     WorkerNotFound,
-    WorkerStartFailed,
 )
-from rbee.hive.registry import JobRecord, WorkerRecord, expired_jobs, pick_idle, pick_loading
-from rbee.hive.supervisor import TERM_GRACE_S, WorkerProcess, signal_worker, spawn_worker
+from rbee.hive.pool import Event, WorkerPool
+from rbee.hive.registry import (
+    JobRecord,
+    Limits,
+    WorkerRecord,
+    expired_jobs,
+    idle_expired,
+    pick_idle,
+    plan_worker,
+)
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
+    KEEP_ALIVE_DEFAULT,
     PROTOCOL_VERSION,
     Ack,
     Cancel,
@@ -54,7 +65,6 @@ from rbee.protocol.messages import (
     FetchFrames,
     Frame,
     FramesReply,
-    Heartbeat,
     Hello,
     HelloReply,
     HiveStatus,
@@ -65,26 +75,25 @@ from rbee.protocol.messages import (
     RunJob,
     StartJob,
     Status,
-    StopRequest,
     StopWorker,
     StreamError,
     Token,
     WorkerAssigned,
-    WorkerFailed,
+    WorkerInfo,
     WorkerList,
-    WorkerLoading,
-    WorkerReady,
 )
 from rbee.transport.sockets import LOCAL_HWM, STREAM_HWM, RouterServer, bind_endpoint, new_socket
 
 POLL_INTERVAL_S = 0.1
 SUBSCRIBE_TIMEOUT_S = 5.0
-HEARTBEAT_TIMEOUT_S = 10.0
-LOAD_STALL_TIMEOUT_S = 120.0
-STOP_GRACE_S = 5.0
+PROGRESS_EVERY_S = 1.0  # a waiting keeper hears from the hive at least this often
+QUEUE_WAIT_S = 300.0
+RETRY_AFTER_S = 2.0
+DRAIN_GRACE_S = 10.0
 MAX_FRAMES_PER_REPLY = 8192
 DRAIN_BATCH = 1000
 DEFAULT_CTX_TOKENS = 4096
+MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 
 logger = log.get(__name__)
@@ -100,6 +109,9 @@ class HiveConfig:
     data_dir: Path
     node: str = ""
     ephemeral: bool = False
+    limits: Limits = field(default_factory=Limits)
+    keep_alive_s: float = 300.0
+    drain_grace_s: float = DRAIN_GRACE_S
 
     @property
     def loopback_only(self) -> bool:
@@ -117,26 +129,28 @@ class Hive:
         self.catalog.ensure_default()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         front = new_socket(self.ctx, zmq.ROUTER)
-        front.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.front_endpoint = bind_endpoint(front, config.host, config.port)
         self.front = RouterServer(front)
         back = new_socket(self.ctx, zmq.ROUTER)
-        self.back_endpoint = bind_endpoint(back, "127.0.0.1", 0)
-        self.back = RouterServer(back)
+        back_endpoint = bind_endpoint(back, "127.0.0.1", 0)
         self.xsub = new_socket(self.ctx, zmq.XSUB)
         self.xsub.setsockopt(zmq.RCVHWM, LOCAL_HWM)
-        self.xsub_endpoint = bind_endpoint(self.xsub, "127.0.0.1", 0)
+        xsub_endpoint = bind_endpoint(self.xsub, "127.0.0.1", 0)
         self.xsub.send(b"\x01")  # subscribe to every worker's every frame
         self.xpub = new_socket(self.ctx, zmq.XPUB)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.SNDHWM, STREAM_HWM)
         self.stream_endpoint = bind_endpoint(self.xpub, config.host, config.stream_port)
-        self.workers: dict[str, WorkerRecord] = {}
-        self.procs: dict[str, WorkerProcess] = {}
+        self.pool = WorkerPool(RouterServer(back), back_endpoint, xsub_endpoint)
         self.jobs: dict[str, JobRecord] = {}
+        self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a worker or a subscription
         self.subscribers: Counter[str] = Counter()
-        self.stopping = False
         self.dropped_stream_frames = 0
+        self.draining_since = 0.0
+        self.signals = 0
+        self.stopped = False
+        self.workers_at_drain = 0
+        self.stopped_cleanly = 0
         self.handlers: dict[type[Frame], Callable[[bytes, int, Any], None]] = {
             Hello: self.on_hello,
             Status: self.on_status,
@@ -148,16 +162,33 @@ class Hive:
             FetchFrames: self.on_fetch_frames,
         }
 
+    @property
+    def workers(self) -> dict[str, WorkerRecord]:
+        """The worker registry (id → record)."""
+        return self.pool.workers
+
+    @property
+    def draining(self) -> bool:
+        """Whether the hive is shutting down (it takes no new work)."""
+        return self.draining_since > 0
+
     # ------------------------------------------------------------------ loop
 
     def request_stop(self, signum: int = 0, frame: object = None) -> None:
-        """First signal: stop gracefully. (The loop finishes the turn it is in.)"""
-        self.stopping = True
+        """First call: drain gracefully. Second call: stop the workers now."""
+        self.signals += 1
+        if not self.draining:
+            self.draining_since = time.monotonic()
+            self.workers_at_drain = len(self.pool.workers)
+            logger.info(
+                "draining",
+                running=sum(1 for j in self.jobs.values() if j.dispatched and not j.finished),
+            )
 
     def serve(self, extra_fd: int | None = None) -> None:
-        """Run until asked to stop; ``extra_fd`` closing (EOF) also stops an ephemeral hive."""
+        """Run until stopped; ``extra_fd`` closing (EOF) also stops an ephemeral hive."""
         poller = zmq.Poller()
-        for sock in (self.front.sock, self.back.sock, self.xsub, self.xpub):
+        for sock in (self.front.sock, self.pool.back.sock, self.xsub, self.xpub):
             poller.register(sock, zmq.POLLIN)
         if extra_fd is not None:
             poller.register(extra_fd, zmq.POLLIN)
@@ -165,22 +196,24 @@ class Hive:
             "hive ready", node=self.node, router=self.front_endpoint, stream=self.stream_endpoint
         )
         try:
-            while not self.stopping:
+            while not self.stopped:
                 events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
                 if self.xsub in events:
                     self._drain(self._on_stream)
                 if self.xpub in events:
                     self._drain(self._on_subscription)
-                if self.back.sock in events:
+                if self.pool.back.sock in events:
                     self._drain(self._on_back)
                 if self.front.sock in events:
                     self._drain(self._on_front)
                 if extra_fd is not None and extra_fd in events and not os.read(extra_fd, 4096):
                     logger.info("the keeper that started this ephemeral hive is gone")
-                    self.stopping = True
+                    poller.unregister(extra_fd)
+                    self.request_stop()
+                    self.request_stop()  # nobody waits for running jobs: stop now
                 self.housekeeping(time.monotonic())
         finally:
-            self.shutdown()
+            self._close()
 
     @staticmethod
     def _drain(handle: Callable[[], None]) -> None:
@@ -205,23 +238,23 @@ class Hive:
             self.front.reply_error(incoming.identity, rid, exc)
         except Exception as exc:  # a bug must not kill the daemon: answer and log it
             logger.exception("request failed", frame=frame.TYPE)
-            self.front.reply_error(incoming.identity, rid, _internal(exc))
+            self.front.reply_error(
+                incoming.identity, rid, InternalError(f"{type(exc).__name__}: {exc}")
+            )
 
     # ------------------------------------------------------------------ keeper requests
 
     def on_hello(self, who: bytes, rid: int, frame: Hello) -> None:
         """Health and versions."""
-        self.front.send(who, self._hello(), rid)
-
-    def _hello(self) -> HelloReply:
-        return HelloReply(
+        reply = HelloReply(
             node=self.node,
             rbee_version=__version__,
             protocol_version=PROTOCOL_VERSION,
             pid=os.getpid(),
             stream_port=int(self.stream_endpoint.rsplit(":", 1)[1]),
-            status="draining" if self.stopping else "ok",
+            status="draining" if self.draining else "ok",
         )
+        self.front.send(who, reply, rid)
 
     def on_status(self, who: bytes, rid: int, frame: Status) -> None:
         """Workers, catalog and free resources."""
@@ -248,6 +281,8 @@ class Hive:
             ram_total_bytes=memory.total,
             ram_free_bytes=memory.available,
             disk_free_bytes=psutil.disk_usage(str(self.config.data_dir)).free,
+            queue_length=len(self.queue),
+            max_workers=self.config.limits.max_workers,
         )
         self.front.send(who, status, rid)
 
@@ -255,9 +290,9 @@ class Hive:
         """The worker registry."""
         self.front.send(who, WorkerList(workers=self._worker_infos()), rid)
 
-    def _worker_infos(self) -> list[Any]:
+    def _worker_infos(self) -> list[WorkerInfo]:
         infos = []
-        for w in self.workers.values():
+        for w in self.pool.records():
             try:
                 rss = psutil.Process(w.pid).memory_info().rss
             except psutil.Error:
@@ -265,110 +300,217 @@ class Hive:
             infos.append(w.info(rss))
         return infos
 
-    def on_ensure_worker(self, who: bytes, rid: int, frame: EnsureWorker) -> None:
-        """Reuse an idle worker holding the model, join one loading it, or spawn one."""
-        entry = self.catalog.resolve(frame.model, allow_files=self.config.loopback_only)
+    def _resolve(self, reference: str) -> ModelEntry:
+        if self.draining:
+            raise HiveDraining(f"hive {self.node} is shutting down", retry_after_s=RETRY_AFTER_S)
+        entry = self.catalog.resolve(reference, allow_files=self.config.loopback_only)
         if self.catalog.get(entry.name) is not None:  # file: and synthetic: models have no row
             self.catalog.touch(entry.name)
-        workers = list(self.workers.values())
-        idle = pick_idle(workers, entry.path)
-        if idle is not None:
-            self.front.send(
-                who,
-                WorkerAssigned(worker_id=idle.worker_id, model=idle.model, reused=True, load_s=0),
-                rid,
+        return entry
+
+    def on_ensure_worker(self, who: bytes, rid: int, frame: EnsureWorker) -> None:
+        """Reuse an idle worker holding the model, join one loading it, spawn one, or name a
+        busy one (the job will queue)."""
+        entry = self._resolve(frame.model)
+        plan = plan_worker(self.pool.records(), entry.path, self.config.limits, self._fits(entry))
+        if plan.action in ("reuse", "queue"):
+            assert plan.worker is not None
+            assigned = WorkerAssigned(
+                worker_id=plan.worker.worker_id,
+                model=plan.worker.model,
+                reused=True,
+                load_s=0,
+                busy=plan.action == "queue",
             )
+            self.front.send(who, assigned, rid)
             return
-        loading = pick_loading(workers, entry.path)
-        if loading is None:
-            loading = self._spawn(entry.name, entry.path, frame.n_ctx or entry.context_length)
-            message = f"spawned worker {loading.worker_id} (pid {loading.pid}) for {entry.name}"
+        if plan.action == "busy":
+            self._refuse_busy(entry)
+        if plan.action == "spawn":
+            if plan.evict is not None:
+                self.pool.stop(plan.evict, f"making room for {entry.name}")
+            worker = self._spawn(entry, frame.n_ctx)
+            message = f"spawned worker {worker.worker_id} (pid {worker.pid}) for {entry.name}"
         else:
-            message = f"waiting for worker {loading.worker_id}, already loading {entry.name}"
-        loading.waiters.append((who, rid))
+            assert plan.worker is not None
+            worker = plan.worker
+            message = f"waiting for worker {worker.worker_id}, already loading {entry.name}"
+        worker.waiters.append((who, rid))
         self.front.send(who, Progress(phase="spawn", message=message), rid)
 
-    def _spawn(self, model: str, path: str, ctx_tokens: int) -> WorkerRecord:
-        worker_id = "w-" + uuid.uuid4().hex[:8]
-        n_ctx = min(ctx_tokens, DEFAULT_CTX_TOKENS) if ctx_tokens else DEFAULT_CTX_TOKENS
-        proc = spawn_worker(worker_id, path, self.back_endpoint, self.xsub_endpoint, n_ctx)
-        record = WorkerRecord(worker_id=worker_id, model=model, model_path=path, pid=proc.pid)
-        self.workers[worker_id] = record
-        self.procs[worker_id] = proc
-        logger.info("spawned worker", worker=worker_id, model=model, pid=proc.pid)
-        return record
+    def _fits(self, entry: ModelEntry) -> bool:
+        """Whether one more worker of this model fits in free RAM (weights + margin)."""
+        return entry.size_bytes + MEMORY_MARGIN_BYTES <= psutil.virtual_memory().available
+
+    def _refuse_busy(self, entry: ModelEntry) -> None:
+        if not self._fits(entry) and not any(
+            w.model_path == entry.path for w in self.pool.records()
+        ):
+            free = psutil.virtual_memory().available
+            raise InsufficientRam(
+                f"{entry.name} needs about {(entry.size_bytes + MEMORY_MARGIN_BYTES) >> 20} MiB "
+                f"of RAM; {free >> 20} MiB are free on {self.node}",
+                suggestion="stop other workers (`rbee ps`) or use a smaller quantization",
+            )
+        raise AllSlotsBusy(
+            f"all {self.config.limits.max_workers} workers of {self.node} are busy",
+            retry_after_s=RETRY_AFTER_S,
+            suggestion="try again shortly",
+        )
+
+    def _spawn(self, entry: ModelEntry, n_ctx: int) -> WorkerRecord:
+        ctx = n_ctx or min(entry.context_length or DEFAULT_CTX_TOKENS, DEFAULT_CTX_TOKENS)
+        worker = self.pool.spawn(entry.name, entry.path, ctx)
+        worker.keep_alive_s = self.config.keep_alive_s
+        return worker
 
     def on_start_job(self, who: bytes, rid: int, frame: StartJob) -> None:
-        """Reserve the worker; dispatch once the keeper's subscription is seen."""
-        worker = self.workers.get(frame.worker_id)
-        if worker is None:
-            raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
-        if worker.state != "idle":
-            raise AllSlotsBusy(f"worker {frame.worker_id} is {worker.state}")
+        """Queue the job; it starts on an idle worker holding the model once the keeper's
+        subscription is seen. The final reply (JobAccepted) comes when it starts."""
         if frame.job_id in self.jobs:
             raise InvalidRequest(f"job id {frame.job_id} is already in use")
-        worker.state, worker.job_id = "busy", frame.job_id
-        worker.last_activity = time.time()
+        preferred = self.workers.get(frame.worker_id)
+        if frame.worker_id and preferred is None:
+            raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
+        if preferred is not None:
+            model, path = preferred.model, preferred.model_path
+            if self.draining:
+                raise HiveDraining(f"hive {self.node} is shutting down")
+        else:
+            entry = self._resolve(frame.model)
+            model, path = entry.name, entry.path
+        if len(self.queue) >= self.config.limits.max_queue:
+            raise AllSlotsBusy(
+                f"the queue of {self.node} is full ({len(self.queue)} jobs waiting)",
+                retry_after_s=RETRY_AFTER_S,
+                suggestion="try again shortly",
+            )
+        keep_alive = frame.keep_alive_s
         job = JobRecord(
             job_id=frame.job_id,
-            worker_id=worker.worker_id,
+            model=model,
+            model_path=path,
             keeper=who,
+            rid=rid,
             params=frame.params,
-            subscribe_deadline=time.monotonic() + SUBSCRIBE_TIMEOUT_S,
+            keep_alive_s=self.config.keep_alive_s
+            if keep_alive == KEEP_ALIVE_DEFAULT
+            else keep_alive,
+            preferred_worker=frame.worker_id,
         )
         self.jobs[job.job_id] = job
-        self.front.send(who, JobAccepted(job_id=job.job_id), rid)
-        if self.subscribers[job.job_id] > 0:
-            self._dispatch(job)
+        self.queue.append(job)
+        self._schedule(time.monotonic())
 
-    def _dispatch(self, job: JobRecord) -> None:
-        job.dispatched = True
-        self.back.send(job.worker_id.encode(), RunJob(job_id=job.job_id, params=job.params))
+    def _schedule(self, now: float) -> None:
+        """Start queued jobs on idle workers (FIFO per model); keep waiting keepers informed."""
+        for job in list(self.queue):
+            if self.subscribers[job.job_id] == 0:
+                if now - job.queued_at > SUBSCRIBE_TIMEOUT_S:
+                    self._fail_queued(
+                        job,
+                        InvalidRequest(
+                            f"the keeper did not subscribe to {job.job_id} within "
+                            f"{SUBSCRIBE_TIMEOUT_S:.0f} s"
+                        ),
+                    )
+                continue
+            worker = pick_idle(self.pool.records(), job.model_path, job.preferred_worker)
+            if worker is not None:
+                self._dispatch(job, worker)
+            elif now - job.queued_at > QUEUE_WAIT_S:
+                self._fail_queued(
+                    job,
+                    AllSlotsBusy(
+                        f"waited {QUEUE_WAIT_S:.0f} s in the queue of {self.node}",
+                        retry_after_s=RETRY_AFTER_S,
+                    ),
+                )
+        self._scale_for_queue()
+        for position, job in enumerate(self.queue, start=1):
+            if position != job.told_position or now - job.told_at >= PROGRESS_EVERY_S:
+                job.told_position, job.told_at = position, now
+                waiting = Progress(
+                    phase="queued",
+                    done=position,
+                    total=len(self.queue),
+                    message=f"position {position} of {len(self.queue)}",
+                )
+                self.front.send(job.keeper, waiting, job.rid)
+
+    def _scale_for_queue(self) -> None:
+        """A queued job whose model has no worker coming may get a new one (within limits)."""
+        if self.draining:
+            return
+        for job in self.queue:
+            records = self.pool.records()
+            coming = [
+                w
+                for w in records
+                if w.model_path == job.model_path and w.state in ("idle", "loading")
+            ]
+            if coming:
+                continue
+            try:
+                entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
+            except RbeeError:
+                continue
+            plan = plan_worker(records, job.model_path, self.config.limits, self._fits(entry))
+            if plan.action == "spawn":
+                if plan.evict is not None:
+                    self.pool.stop(plan.evict, f"making room for {entry.name}")
+                self._spawn(entry, 0)
+
+    def _dispatch(self, job: JobRecord, worker: WorkerRecord) -> None:
+        self.queue.remove(job)
+        job.dispatched, job.worker_id = True, worker.worker_id
+        worker.state, worker.job_id = "busy", job.job_id
+        worker.last_activity = time.time()
+        self.front.send(
+            job.keeper, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id), job.rid
+        )
+        self.pool.send(worker, RunJob(job_id=job.job_id, params=job.params))
+
+    def _fail_queued(self, job: JobRecord, error: RbeeError) -> None:
+        self.queue.remove(job)
+        self.front.reply_error(job.keeper, job.rid, error)
+        job.frames.append(
+            encode(StreamError(job_id=job.job_id, seq=0, code=error.code, message=error.message))
+        )
+        job.finished_at = time.monotonic()
 
     def on_cancel(self, who: bytes, rid: int, frame: Cancel) -> None:
         """Stop a job at its next token; canceling a finished job is harmless."""
         job = self.jobs.get(frame.job_id)
         if job is None:
             raise JobNotFound(f"no job {frame.job_id} on {self.node}")
+        detail = "finished" if job.finished else "canceling"
         self._cancel(job)
-        self.front.send(who, Ack(detail="finished" if job.finished else "canceling"), rid)
+        self.front.send(who, Ack(detail=detail), rid)
 
     def _cancel(self, job: JobRecord) -> None:
         if job.finished:
             return
         if job.dispatched:
-            self.back.send(job.worker_id.encode(), CancelJob(job_id=job.job_id))
+            worker = self.workers.get(job.worker_id)
+            if worker is not None:
+                self.pool.send(worker, CancelJob(job_id=job.job_id))
         else:
-            self._finish(
-                job,
-                Done(
-                    job_id=job.job_id,
-                    seq=0,
-                    tokens=0,
-                    prompt_tokens=0,
-                    ttft_s=0,
-                    decode_s=0,
-                    stop_reason="canceled",
-                ),
-            )
+            self._fail_queued(job, Canceled(f"job {job.job_id} was canceled while queued"))
 
     def on_stop_worker(self, who: bytes, rid: int, frame: StopWorker) -> None:
-        """Ask a worker to exit; the housekeeping escalates to TERM and KILL."""
+        """Ask a worker to exit (its running job is canceled first)."""
         worker = self.workers.get(frame.worker_id)
         if worker is None:
             raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
-        self._stop_worker(worker)
+        self._stop_worker(worker, "asked by a keeper")
         self.front.send(who, Ack(detail=f"stopping {worker.worker_id}"), rid)
 
-    def _stop_worker(self, worker: WorkerRecord) -> None:
-        if worker.state == "stopping":
-            return
+    def _stop_worker(self, worker: WorkerRecord, reason: str) -> None:
         job = self.jobs.get(worker.job_id)
-        if job is not None and not job.finished:
+        if job is not None:
             self._cancel(job)
-        worker.state = "stopping"
-        worker.stop_deadline = time.monotonic() + STOP_GRACE_S
-        self.back.send(worker.worker_id.encode(), StopRequest())
+        self.pool.stop(worker, reason)
 
     def on_fetch_frames(self, who: bytes, rid: int, frame: FetchFrames) -> None:
         """Resend a job's frames from a sequence number on (the gap-filling path)."""
@@ -400,7 +542,7 @@ class Hive:
             return
         if isinstance(frame, Token):
             job.frames.append(parts[1])
-            self.xpub.send_multipart(parts, zmq.NOBLOCK)
+            self.xpub.send_multipart(parts, zmq.NOBLOCK)  # drops at the HWM; FetchFrames heals
         else:
             self._finish(job, frame, parts[1])
 
@@ -409,14 +551,15 @@ class Hive:
         data = data if data is not None else encode(terminal)
         job.frames.append(data)
         job.finished_at = time.monotonic()
-        # XPUB drops (never blocks) at its high-water mark; a keeper that missed it fetches it
         self.xpub.send_multipart([job.job_id.encode(), data], zmq.NOBLOCK)
         worker = self.workers.get(job.worker_id)
         if worker is not None and worker.job_id == job.job_id:
-            worker.job_id = ""
-            worker.last_activity = time.time()
+            worker.jobs_served += 1
             if worker.state == "busy":
-                worker.state = "idle"
+                worker.became_idle(time.monotonic(), job.keep_alive_s)
+            else:
+                worker.job_id = ""
+        self._schedule(time.monotonic())
 
     def _on_subscription(self) -> None:
         data = self.xpub.recv(zmq.NOBLOCK)
@@ -425,159 +568,124 @@ class Hive:
         topic = data[1:].decode("utf-8", "replace")
         if data[0] == 1:
             self.subscribers[topic] += 1
-            job = self.jobs.get(topic)
-            if job is not None and not job.dispatched and not job.finished:
-                self._dispatch(job)
+            if topic in self.jobs:
+                self._schedule(time.monotonic())
         elif data[0] == 0 and self.subscribers[topic] > 0:
             self.subscribers[topic] -= 1
             if self.subscribers[topic] == 0:
                 del self.subscribers[topic]
                 job = self.jobs.get(topic)
-                if job is not None and job.dispatched and not job.finished:
+                if job is not None and not job.finished:
                     logger.info("keeper went away; canceling its job", job=topic)
                     self._cancel(job)
 
     # ------------------------------------------------------------------ workers
 
     def _on_back(self) -> None:
-        incoming = self.back.recv()
-        if incoming is None:
-            return
-        frame = incoming.envelope.frame
-        worker = self.workers.get(incoming.identity.decode("utf-8", "replace"))
-        if worker is None:
-            return
-        now = time.monotonic()
-        worker.last_seen = now
-        if not worker.registered:
-            worker.registered = True
-            self._tell_waiters(worker, Progress(phase="registered", message=worker.worker_id))
-        if isinstance(frame, WorkerLoading):
-            worker.last_progress = now
-            worker.loaded_fraction = frame.fraction
-            self._tell_waiters(worker, Progress(phase="loading", done=frame.fraction, total=1.0))
-        elif isinstance(frame, WorkerReady):
-            worker.state = "idle"
-            worker.load_s = frame.load_s
-            worker.last_activity = time.time()
-            logger.info("worker ready", worker=worker.worker_id, load_s=round(frame.load_s, 3))
-            assigned = WorkerAssigned(
-                worker_id=worker.worker_id, model=worker.model, reused=False, load_s=frame.load_s
-            )
-            self._tell_waiters(worker, assigned, final=True)
-        elif isinstance(frame, WorkerFailed):
-            self._fail_loading(worker, f"{frame.code}: {frame.message}", with_tail=False)
-        elif isinstance(frame, Heartbeat):
-            pass
+        incoming = self.pool.back.recv()
+        if incoming is not None:
+            for event in self.pool.on_frame(
+                incoming.identity, incoming.envelope.frame, time.monotonic()
+            ):
+                self._on_worker_event(event)
 
-    def _tell_waiters(self, worker: WorkerRecord, frame: Frame, final: bool = False) -> None:
+    def _on_worker_event(self, event: Event) -> None:
+        worker = event.worker
+        if event.kind == "registered":
+            self._tell_waiters(worker, Progress(phase="registered", message=worker.worker_id))
+        elif event.kind == "loading":
+            self._tell_waiters(worker, self._loading(worker))
+        elif event.kind == "ready":
+            worker.became_idle(time.monotonic(), worker.keep_alive_s)
+            assigned = WorkerAssigned(
+                worker_id=worker.worker_id, model=worker.model, reused=False, load_s=worker.load_s
+            )
+            self._tell_waiters(worker, assigned)
+            worker.waiters.clear()
+            self._schedule(time.monotonic())
+        elif event.kind in ("load_failed", "exited"):
+            if event.error is not None:
+                for who, rid in worker.waiters:
+                    self.front.reply_error(who, rid, event.error)
+            worker.waiters.clear()
+            if event.kind == "exited":
+                self.stopped_cleanly += event.exit_code == 0
+                self._worker_gone(worker, event)
+
+    @staticmethod
+    def _loading(worker: WorkerRecord) -> Progress:
+        return Progress(phase="loading", done=worker.loaded_fraction, total=1.0)
+
+    def _tell_waiters(self, worker: WorkerRecord, frame: Frame) -> None:
         for who, rid in worker.waiters:
             self.front.send(who, frame, rid)
-        if final:
-            worker.waiters.clear()
 
-    def _fail_loading(self, worker: WorkerRecord, reason: str, with_tail: bool = True) -> None:
-        """Answer everyone waiting for a worker that will never be ready, and forget it."""
-        proc = self.procs.get(worker.worker_id)
-        if proc is not None and proc.proc.poll() is None:
-            signal_worker(proc, signal.SIGKILL)
-            proc.proc.wait(timeout=TERM_GRACE_S)
-        tail = proc.stderr_tail() if proc is not None and with_tail else ""
-        error = WorkerStartFailed(
-            f"worker {worker.worker_id} for {worker.model} failed while loading: {reason}"
-            + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""),
-            suggestion="check the model file; `rbee models list` shows what is known",
+    def _worker_gone(self, worker: WorkerRecord, event: Event) -> None:
+        """A worker process ended: a job it was running ends with WORKER_CRASHED."""
+        job = self.jobs.get(worker.job_id)
+        if job is None or job.finished:
+            return
+        tail = event.stderr_tail[-2000:]
+        error = WorkerCrashed(
+            f"worker {worker.worker_id} exited with code {event.exit_code} during job "
+            f"{job.job_id}" + (f"; its last output:\n{tail}" if tail else "")
         )
-        for who, rid in worker.waiters:
-            self.front.reply_error(who, rid, error)
-        worker.waiters.clear()
-        self._forget(worker)
-
-    def _forget(self, worker: WorkerRecord) -> None:
-        self.workers.pop(worker.worker_id, None)
-        self.procs.pop(worker.worker_id, None)
+        self._finish(
+            job,
+            StreamError(
+                job_id=job.job_id,
+                seq=len(job.frames),
+                code=error.code,
+                message=error.message[:16000],
+            ),
+        )
 
     def housekeeping(self, now: float) -> None:
-        """Reap exited workers, time out silent ones and unsubscribed jobs, trim old jobs."""
-        for worker in list(self.workers.values()):
-            proc = self.procs[worker.worker_id]
-            code = proc.proc.poll()
-            if code is not None:
-                self._on_exit(worker, proc, code)
-            elif worker.state == "stopping" and now > worker.stop_deadline:
-                signal_worker(
-                    proc,
-                    signal.SIGTERM if now < worker.stop_deadline + TERM_GRACE_S else signal.SIGKILL,
-                )
-            elif worker.state == "loading" and now - worker.last_progress > LOAD_STALL_TIMEOUT_S:
-                self._fail_loading(worker, f"no loading progress for {LOAD_STALL_TIMEOUT_S:.0f} s")
-            elif worker.state != "loading" and now - worker.last_seen > HEARTBEAT_TIMEOUT_S:
-                logger.warning("worker missed its heartbeats; killing it", worker=worker.worker_id)
-                signal_worker(proc, signal.SIGKILL)
-        for job in list(self.jobs.values()):
-            if not job.dispatched and not job.finished and now > job.subscribe_deadline:
-                self._finish(
-                    job,
-                    StreamError(
-                        job_id=job.job_id,
-                        seq=0,
-                        code="TIMEOUT",
-                        message=f"the keeper did not subscribe within {SUBSCRIBE_TIMEOUT_S:.0f} s",
-                    ),
-                )
+        """Reap workers, unload idle ones, keep waiting keepers informed, trim old jobs, drain."""
+        for event in self.pool.reap(now):
+            self._on_worker_event(event)
+        for worker in idle_expired(self.pool.records(), now):
+            self.pool.stop(worker, f"idle for its keep-alive of {worker.keep_alive_s:g} s")
+        for worker in self.pool.records():
+            if (
+                worker.state == "loading"
+                and worker.waiters
+                and now - worker.last_progress >= PROGRESS_EVERY_S
+            ):
+                self._tell_waiters(worker, self._loading(worker))
+        self._schedule(now)
         for job_id in expired_jobs(list(self.jobs.values()), now):
             del self.jobs[job_id]
+        if self.draining:
+            self._drain_step(now)
 
-    def _on_exit(self, worker: WorkerRecord, proc: WorkerProcess, code: int) -> None:
-        if worker.state == "loading":
-            self._fail_loading(worker, f"the process exited with code {code}")
-            return
-        job = self.jobs.get(worker.job_id)
-        if job is not None and not job.finished:
-            tail = proc.stderr_tail()
-            self._finish(
-                job,
-                StreamError(
-                    job_id=job.job_id,
-                    seq=len(job.frames),
-                    code=WorkerCrashed.code,
-                    message=f"worker {worker.worker_id} exited with code {code} during the job"
-                    + (f"; last output: {tail[-2000:]}" if tail else ""),
-                ),
-            )
-        log_fn = logger.info if worker.state == "stopping" else logger.warning
-        log_fn("worker exited", worker=worker.worker_id, code=code)
-        self._forget(worker)
+    def _drain_step(self, now: float) -> None:
+        """Refuse queued work, let running jobs finish within the grace, then stop workers."""
+        for job in list(self.queue):
+            self._fail_queued(job, HiveDraining(f"hive {self.node} is shutting down"))
+        running = [j for j in self.jobs.values() if j.dispatched and not j.finished]
+        overdue = now - self.draining_since > self.config.drain_grace_s or self.signals > 1
+        if running and overdue:
+            for job in running:
+                self._cancel(job)
+        if not running or overdue:
+            for worker in self.pool.records():
+                self.pool.stop(worker, "the hive is stopping")
+        if not self.pool.workers:
+            self.stopped = True
 
-    # ------------------------------------------------------------------ shutdown
-
-    def shutdown(self) -> None:
-        """Stop every worker (ask, then TERM, then KILL) and close the sockets."""
-        for worker in list(self.workers.values()):
-            self._stop_worker(worker)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for sig, until in (
-            (None, deadline),
-            (signal.SIGTERM, deadline + TERM_GRACE_S),
-            (signal.SIGKILL, deadline + 2 * TERM_GRACE_S),
-        ):
-            alive = [p for p in self.procs.values() if p.proc.poll() is None]
-            if not alive:
-                break
-            for proc in alive:
-                if sig is not None:
-                    signal_worker(proc, sig)
-            for proc in alive:
-                with contextlib.suppress(Exception):
-                    proc.proc.wait(timeout=max(0.0, until - time.monotonic()))
-        for sock in (self.front.sock, self.back.sock, self.xsub, self.xpub):
+    def _close(self) -> None:
+        total = len(self.pool.workers)
+        if total:  # the loop ended early (an exception): force what is left
+            for worker in self.pool.records():
+                self.pool.kill(worker)
+        for sock in (self.front.sock, self.pool.back.sock, self.xsub, self.xpub):
             sock.close(0)
         self.ctx.term()
         self.catalog.close()
-        logger.info("hive stopped", node=self.node)
-
-
-def _internal(exc: Exception) -> RbeeError:
-    from rbee.errors import InternalError
-
-    return InternalError(f"{type(exc).__name__}: {exc}")
+        logger.info(
+            "hive stopped",
+            node=self.node,
+            workers=f"{self.stopped_cleanly}/{self.workers_at_drain} stopped cleanly",
+            killed_at_exit=total,
+        )

@@ -15,14 +15,24 @@ from typing import TextIO
 
 import zmq
 
-from rbee.errors import AllSlotsBusy, Canceled, RbeeError
+from rbee.errors import (
+    AllSlotsBusy,
+    Canceled,
+    HiveLost,
+    HiveUnreachable,
+    RbeeError,
+    WorkerCrashed,
+)
 from rbee.keeper.link import HiveLink, open_link
 from rbee.keeper.stream import JobStream, describe
+from rbee.paths import data_dir
 from rbee.protocol.messages import (
+    KEEP_ALIVE_DEFAULT,
     Cancel,
     Done,
     EnsureWorker,
     GenerateParams,
+    JobAccepted,
     Progress,
     StartJob,
     StreamError,
@@ -31,9 +41,9 @@ from rbee.protocol.messages import (
 )
 from rbee.transport.sockets import STREAM_HWM, StreamSubscriber
 
-LOAD_PROGRESS_TIMEOUT_S = 150.0  # the hive reports loading stalls sooner; this bounds a silent hive
-REQUEST_TIMEOUT_S = 5.0
-START_ATTEMPTS = 3
+WAIT_TIMEOUT_S = 5.0  # a waiting keeper hears from its hive every second (progress, queue)
+BUSY_ATTEMPTS = 5
+BUSY_BACKOFF_S = 0.5
 CANCEL_TIMEOUT_S = 2.0
 
 
@@ -44,6 +54,7 @@ class InferRequest:
     model: str
     params: GenerateParams
     node: str | None = None
+    keep_alive_s: float = KEEP_ALIVE_DEFAULT
 
 
 @dataclass
@@ -54,7 +65,8 @@ class InferResult:
     tokens: int = 0
     worker_id: str = ""
     reused: bool = False
-    first_token_s: float = 0.0
+    first_token_s: float = 0.0  # from the command's start to the first token's arrival
+    stream_s: float = 0.0  # from the first token's arrival to the last one's
     total_s: float = 0.0
     done: Done | None = None
 
@@ -106,19 +118,28 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
             f"(rbee {hello.rbee_version}, protocol {hello.protocol_version})",
         )
         result = InferResult()
-        for attempt in range(START_ATTEMPTS):
-            assigned = ensure_worker(link, request.model, report)
-            result.worker_id, result.reused = assigned.worker_id, assigned.reused
+        for attempt in range(BUSY_ATTEMPTS):
             try:
-                stream_job(link, assigned.worker_id, request.params, result, report, out, started)
+                assigned = ensure_worker(link, request.model, report)
+                result.worker_id, result.reused = assigned.worker_id, assigned.reused
+                stream_job(link, request, assigned, result, report, out, started)
                 break
-            except AllSlotsBusy:
-                if attempt + 1 == START_ATTEMPTS:
+            except AllSlotsBusy as busy:
+                if attempt + 1 == BUSY_ATTEMPTS:
                     raise
-                report.phase("worker", f"worker {assigned.worker_id} became busy; trying again")
+                wait = max(busy.retry_after_s, BUSY_BACKOFF_S * 2**attempt)
+                report.phase("busy", f"{busy.message}; retrying in {wait:.1f} s")
+                time.sleep(wait)
         result.total_s = time.monotonic() - started
         summarize(result, report)
         return result
+    except HiveUnreachable as exc:
+        if link is None:
+            raise
+        raise HiveLost(
+            f"hive {link.hello.node} stopped answering: {exc.message}",
+            suggestion="check that the hive is still running (`rbee ps`)",
+        ) from None
     finally:
         if link is not None:
             link.close()
@@ -126,16 +147,18 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
 
 
 def ensure_worker(link: HiveLink, model: str, report: Reporter) -> WorkerAssigned:
-    """Phases reuse/spawn, registration and loading: get an idle worker holding the model."""
+    """Phases reuse/spawn, registration and loading: get a worker holding the model."""
     rid = link.client.send(EnsureWorker(model=model))
-    for frame in link.client.replies(rid, LOAD_PROGRESS_TIMEOUT_S):
+    for frame in link.client.replies(rid, WAIT_TIMEOUT_S):
         if isinstance(frame, Progress):
             if frame.phase == "loading":
                 report.loading(frame.done / frame.total if frame.total else 0.0)
             else:
                 report.phase("worker" if frame.phase == "spawn" else frame.phase, frame.message)
         elif isinstance(frame, WorkerAssigned):
-            if frame.reused:
+            if frame.busy:
+                report.phase("worker", f"worker {frame.worker_id} ({frame.model}) is busy")
+            elif frame.reused:
                 report.phase("worker", f"reusing idle worker {frame.worker_id} ({frame.model})")
             else:
                 report.phase(
@@ -146,10 +169,30 @@ def ensure_worker(link: HiveLink, model: str, report: Reporter) -> WorkerAssigne
     raise AssertionError("replies() ends only by raising")  # pragma: no cover
 
 
+def start_job(
+    link: HiveLink, request: InferRequest, assigned: WorkerAssigned, job_id: str, report: Reporter
+) -> str:
+    """Send StartJob and wait, showing the queue position, until a worker takes the job."""
+    start = StartJob(
+        job_id=job_id,
+        model=request.model,
+        params=request.params,
+        worker_id=assigned.worker_id,
+        keep_alive_s=request.keep_alive_s,
+    )
+    rid = link.client.send(start)
+    for frame in link.client.replies(rid, WAIT_TIMEOUT_S):
+        if isinstance(frame, Progress) and frame.phase == "queued":
+            report.phase("queue", f"waiting for a free worker: {frame.message}")
+        elif isinstance(frame, JobAccepted):
+            return frame.worker_id
+    raise AssertionError("replies() ends only by raising")  # pragma: no cover
+
+
 def stream_job(
     link: HiveLink,
-    worker_id: str,
-    params: GenerateParams,
+    request: InferRequest,
+    assigned: WorkerAssigned,
     result: InferResult,
     report: Reporter,
     out: TextIO,
@@ -160,23 +203,25 @@ def stream_job(
     sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM)
     sub.subscribe(job_id)  # before StartJob: the hive waits for it, so no token is missed
     try:
-        link.client.request(
-            StartJob(job_id=job_id, worker_id=worker_id, params=params), REQUEST_TIMEOUT_S
-        )
-        report.phase("inference", f"job {job_id} on worker {worker_id}")
-        stream = JobStream(link.client, sub, job_id)
         try:
-            for frame in stream:
+            worker_id = start_job(link, request, assigned, job_id, report)
+            result.worker_id = worker_id
+            report.phase("inference", f"job {job_id} on worker {worker_id}")
+            for frame in JobStream(link.client, sub, job_id):
                 if isinstance(frame, Token):
+                    now = time.monotonic()
                     if not result.tokens:
-                        result.first_token_s = time.monotonic() - started
+                        result.first_token_s = now - started
+                    result.stream_s = now - started - result.first_token_s
                     result.tokens += 1
                     emit(out, frame.text, result)
                 elif isinstance(frame, Done):
                     emit(out, frame.tail, result)
                     result.done = frame
+                    if frame.stop_reason == "canceled":
+                        raise Canceled(f"job {job_id} was canceled on the hive")
                 elif isinstance(frame, StreamError):
-                    raise describe(frame)
+                    raise stream_failed(frame, result, request.params.max_tokens, job_id)
         except KeyboardInterrupt:
             cancel(link, job_id)
             raise Canceled(f"canceled after {result.tokens} tokens") from None
@@ -185,6 +230,21 @@ def stream_job(
         if result.text and not result.text.endswith("\n"):
             out.write("\n")
             out.flush()
+
+
+def stream_failed(frame: StreamError, result: InferResult, asked: int, job_id: str) -> RbeeError:
+    """The error for a stream that ended badly; partial text is saved so nothing is lost."""
+    error = describe(frame)
+    if result.text:
+        path = data_dir() / "partial" / f"{job_id}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(result.text)
+        error.message += (
+            f"\n{result.tokens} of {asked} tokens arrived; the partial text is saved in {path}"
+        )
+    elif isinstance(error, WorkerCrashed):
+        error.message += f"\nno token of the {asked} asked for arrived"
+    return error
 
 
 def emit(out: TextIO, text: str, result: InferResult) -> None:
@@ -202,15 +262,19 @@ def cancel(link: HiveLink, job_id: str) -> None:
 
 
 def summarize(result: InferResult, report: Reporter) -> None:
-    """The closing line: tokens, duration, tokens/s, first token, why it stopped."""
+    """The closing line, measured where the person sits (on arrival, not at the worker).
+
+    tokens/s counts the tokens after the first over the time they took to arrive, like
+    llama.cpp's and Ollama's eval rate (the first token's wait is reported on its own).
+    """
     done = result.done
     if done is None:
         return
-    rate = done.tokens / done.decode_s if done.decode_s > 0 else 0.0
+    rate = (result.tokens - 1) / result.stream_s if result.stream_s > 0 else 0.0
     report.phase(
         "done",
-        f"{done.tokens} tokens in {done.decode_s:.2f} s ({rate:.1f} tokens/s); "
-        f"prompt {done.prompt_tokens} tokens; "
+        f"{result.tokens} tokens in {result.stream_s:.2f} s ({rate:.1f} tokens/s); "
         f"first token after {result.first_token_s * 1000:.0f} ms; "
-        f"stop: {done.stop_reason}; total {result.total_s:.2f} s",
+        f"prompt {done.prompt_tokens} tokens; stop: {done.stop_reason}; "
+        f"total {result.total_s:.2f} s",
     )

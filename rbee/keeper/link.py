@@ -5,6 +5,7 @@ ephemeral hive started for one request and stopped afterwards.
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import time
@@ -52,22 +53,25 @@ class HiveLink:
 
 
 def parse_node(node: str) -> tuple[str, int]:
-    """``HOST[:PORT]`` (``[v6]:PORT`` for IPv6) → host and port."""
-    host, port = node, hive_port()
+    """``HOST[:PORT]`` (``[v6]`` or ``[v6]:PORT`` for IPv6) → host and port."""
+    usage = "use HOST[:PORT], or [IPV6]:PORT"
+    text: str | None = None
     if node.startswith("["):
-        host, _, rest = node[1:].partition("]")
-        if rest.startswith(":"):
-            port = _port(rest[1:], node)
+        host, closed, rest = node[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise InvalidRequest(f"--node {node!r} is not HOST[:PORT]", suggestion=usage)
+        text = rest[1:] if rest else None
     elif node.count(":") == 1:
         host, text = node.split(":")
-        port = _port(text, node)
+    else:
+        host = node  # a name, an IPv4 address or a bare IPv6 address
     if not host:
-        raise InvalidRequest(f"--node {node!r} names no host", suggestion="use HOST[:PORT]")
-    return host, port
+        raise InvalidRequest(f"--node {node!r} names no host", suggestion=usage)
+    return host, _port(text, node) if text is not None else hive_port()
 
 
 def _port(text: str, node: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not re.fullmatch(r"[0-9]{1,5}", text) or not 0 < int(text) < 65536:
         raise InvalidRequest(f"--node {node!r} has an invalid port", suggestion="use HOST[:PORT]")
     return int(text)
 
@@ -130,13 +134,25 @@ def open_link(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None) -> HiveLink
 def start_ephemeral() -> tuple[subprocess.Popen[bytes], Path, str, str]:
     """Start `rbee hive --ephemeral` on free loopback ports and wait for its readiness line."""
     log_path = data_dir() / "ephemeral-hive.log"
-    argv = [*self_command(), "hive", "--ephemeral", "--host", "127.0.0.1", "--port", "0",
-            "--stream-port", "0"]  # fmt: skip
+    argv = [
+        *self_command(),
+        "hive",
+        "--ephemeral",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--stream-port",
+        "0",
+    ]
     with log_path.open("wb") as log_file:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log_file,
+            argv,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
             env={**os.environ, "RBEE_EPHEMERAL": "1"},
-        )  # fmt: skip
+        )
     assert proc.stdout is not None
     line = _read_line(proc.stdout, EPHEMERAL_READY_TIMEOUT_S)
     parts = line.split()

@@ -12,7 +12,7 @@ import zmq
 from rbee.catalog import Catalog, ModelEntry
 from rbee.keeper.link import open_link
 from rbee.paths import catalog_path
-from rbee.protocol.messages import ListWorkers, WorkerList
+from rbee.protocol.messages import ListWorkers, StopWorker, WorkerList
 
 REQUEST_TIMEOUT_S = 5.0
 
@@ -59,8 +59,17 @@ def list_models(out: TextIO = sys.stdout) -> list[ModelEntry]:
         return entries
     rows = [["NAME", "ARCH", "QUANT", "PARAMS", "CONTEXT", "SIZE", "PATH"]]
     for e in entries:
-        rows.append([e.name, e.architecture, e.quantization, f"{e.parameter_count / 1e6:.0f}M",
-                     str(e.context_length), _size(e.size_bytes), e.path])  # fmt: skip
+        rows.append(
+            [
+                e.name,
+                e.architecture,
+                e.quantization,
+                f"{e.parameter_count / 1e6:.0f}M",
+                str(e.context_length),
+                _size(e.size_bytes),
+                e.path,
+            ]
+        )
     _table(rows, out)
     return entries
 
@@ -86,12 +95,37 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
         if not reply.workers:
             out.write(f"no workers on {link.hello.node}\n")
             return
-        rows = [["WORKER", "MODEL", "STATE", "BACKEND", "PID", "RSS", "IDLE FOR"]]
+        rows = [["NODE", "WORKER", "MODEL", "STATE", "BACKEND", "PID", "RSS", "JOBS", "IDLE FOR"]]
         for w in reply.workers:
             idle = f"{time.time() - w.last_activity:.0f} s" if w.state == "idle" else "-"
-            rows.append([w.worker_id, w.model, w.state, f"{w.backend}:{w.device}", str(w.pid),
-                         _size(w.rss_bytes), idle])  # fmt: skip
+            rows.append(
+                [
+                    link.hello.node,
+                    w.worker_id,
+                    w.model,
+                    w.state,
+                    f"{w.backend}:{w.device}",
+                    str(w.pid),
+                    _size(w.rss_bytes),
+                    str(w.jobs_served),
+                    idle,
+                ]
+            )
         _table(rows, out)
+    finally:
+        if link is not None:
+            link.close()
+        ctx.term()
+
+
+def stop_worker(worker_id: str, node: str | None, out: TextIO = sys.stdout) -> None:
+    """`rbee workers stop ID`: unload one worker."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    link = None
+    try:
+        link = open_link(ctx, node or "127.0.0.1")
+        link.client.request(StopWorker(worker_id=worker_id), REQUEST_TIMEOUT_S)
+        out.write(f"stopping {worker_id} on {link.hello.node}\n")
     finally:
         if link is not None:
             link.close()

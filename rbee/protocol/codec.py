@@ -45,7 +45,7 @@ def decode(data: bytes) -> Envelope:
     if not isinstance(raw, dict):
         raise ProtocolError("frame must be a map")
     version = raw.get("v")
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise VersionMismatch(
             f"peer speaks protocol version {version!r}, this rbee speaks {PROTOCOL_VERSION}",
             suggestion="run the same rbee version on every machine",

@@ -68,6 +68,8 @@ class WorkerInfo(Record):
     last_activity: float = spec(min=0)
     job_id: str = spec(default="", max_len=ID_CHARS)
     rss_bytes: int = spec(default=0, min=0)
+    jobs_served: int = spec(default=0, min=0)
+    keep_alive_s: float = spec(default=0.0, min=-1.0)
 
 
 class ModelInfo(Record):
@@ -123,6 +125,8 @@ class HiveStatus(Frame):
     ram_total_bytes: int = spec(min=0)
     ram_free_bytes: int = spec(min=0)
     disk_free_bytes: int = spec(min=0)
+    queue_length: int = spec(default=0, min=0)
+    max_workers: int = spec(default=0, min=0)
 
 
 class EnsureWorker(Frame):
@@ -145,29 +149,40 @@ class Progress(Frame):
 
 
 class WorkerAssigned(Frame):
-    """Final reply to EnsureWorker: this worker is idle and holds the model."""
+    """Final reply to EnsureWorker: this worker holds the model (busy: a job will queue for it)."""
 
     TYPE = "worker_assigned"
     worker_id: str = spec(max_len=ID_CHARS)
     model: str = spec(max_len=1024)
     reused: bool
     load_s: float = spec(min=0)
+    busy: bool = spec(default=False)
+
+
+KEEP_ALIVE_DEFAULT = -2.0  # keep_alive_s: the hive's default; -1 forever; 0 unload at once
 
 
 class StartJob(Frame):
-    """Run a generation on a worker; the keeper subscribes to ``job_id`` first."""
+    """Run a generation on a worker holding ``model``; the keeper subscribes to ``job_id`` first.
+
+    The job runs on ``worker_id`` if it is idle, else on the first idle worker holding the model;
+    until then it waits in the hive's bounded queue and the keeper gets Progress("queued").
+    """
 
     TYPE = "start_job"
     job_id: str = spec(max_len=ID_CHARS)
-    worker_id: str = spec(max_len=ID_CHARS)
+    model: str = spec(max_len=4096)
     params: GenerateParams
+    worker_id: str = spec(default="", max_len=ID_CHARS)
+    keep_alive_s: float = spec(default=KEEP_ALIVE_DEFAULT, min=-2.0, max=365 * 86400.0)
 
 
 class JobAccepted(Frame):
-    """Reply to StartJob: tokens will follow on the stream under the job id."""
+    """Final reply to StartJob: the job runs on ``worker_id``; tokens follow on the stream."""
 
     TYPE = "job_accepted"
     job_id: str = spec(max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS)
 
 
 class Cancel(Frame):
@@ -229,6 +244,7 @@ class Error(Frame):
     message: str = spec(max_len=16 * 1024)
     suggestion: str = spec(default="", max_len=1024)
     retryable: bool = spec(default=False)
+    retry_after_s: float = spec(default=0.0, min=0.0, max=3600.0)
 
 
 # --------------------------------------------------------------------------- hive ⇄ worker

@@ -9,6 +9,7 @@ so an error names all of them at once.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from typing import Any, ClassVar, TypeVar, dataclass_transform
 from rbee.errors import InvalidRequest
 
 MAX_STRING_CHARS = 64 * 1024
+MAX_BYTES = 1024 * 1024  # an encoded frame carried inside another (FramesReply)
 MAX_LIST_ITEMS = 4096
 _INVALID: Any = object()  # stands in for a nested record whose problems are already recorded
 
@@ -152,8 +154,8 @@ def _check_scalar(value: Any, tp: Any, limits: Limits, path: str, problems: Prob
                 path, f"must be {'an integer' if tp is int else 'a number'} (got {value!r})"
             )
             return
-        if value != value:  # NaN
-            problems.add(path, "must be a number (got NaN)")
+        if not math.isfinite(value):
+            problems.add(path, f"must be a finite number (got {value})")
         elif limits.min is not None and value < limits.min:
             problems.add(path, f"must be ≥ {_num(limits.min)} (got {value})")
         elif limits.max is not None and value > limits.max:
@@ -163,7 +165,8 @@ def _check_scalar(value: Any, tp: Any, limits: Limits, path: str, problems: Prob
         if not isinstance(value, tp):
             problems.add(path, f"must be {'text' if tp is str else 'bytes'} (got {value!r:.40})")
             return
-        cap = limits.max_len if limits.max_len is not None else MAX_STRING_CHARS
+        default_cap = MAX_STRING_CHARS if tp is str else MAX_BYTES
+        cap = limits.max_len if limits.max_len is not None else default_cap
         if len(value) > cap:
             problems.add(path, f"must be at most {cap} long (got {len(value)})")
         elif limits.choices is not None and value not in limits.choices:

@@ -104,6 +104,7 @@ def error_frame(exc: RbeeError) -> Error:
         message=exc.message[:16_000],
         suggestion=exc.suggestion[:1000],
         retryable=exc.retryable,
+        retry_after_s=min(exc.retry_after_s, 3600.0),
     )
 
 
@@ -111,7 +112,11 @@ def raise_if_error(frame: Frame) -> Frame:
     """Turn an Error reply back into the matching exception; pass other frames through."""
     if isinstance(frame, Error):
         raise error_from_code(
-            frame.code, frame.message, suggestion=frame.suggestion, retryable=frame.retryable
+            frame.code,
+            frame.message,
+            suggestion=frame.suggestion,
+            retryable=frame.retryable,
+            retry_after_s=frame.retry_after_s,
         )
     return frame
 

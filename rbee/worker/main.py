@@ -49,6 +49,7 @@ SUBSCRIBE_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.2
 PROGRESS_STEP = 0.05
 STOP_JOIN_S = 5.0
+MAX_MESSAGE_CHARS = 8000
 PIPE = "inproc://rbee-worker-up"
 
 logger = log.get(__name__)
@@ -87,7 +88,10 @@ class Generator(threading.Thread):
             code = exc.code if isinstance(exc, RbeeError) else "INTERNAL"
             msg = exc.message if isinstance(exc, RbeeError) else f"{type(exc).__name__}: {exc}"
             logger.error("worker failed", code=code, error=msg)
-            up.send(encode(WorkerFailed(worker_id=self.args.worker_id, code=code, message=msg)))
+            failed = WorkerFailed(
+                worker_id=self.args.worker_id, code=code, message=msg[:MAX_MESSAGE_CHARS]
+            )
+            up.send(encode(failed))
         finally:
             pub.close(LINGER_MS)
             up.close(LINGER_MS)
@@ -149,11 +153,16 @@ class Generator(threading.Thread):
                 tail=outcome.tail,
             )
         except RbeeError as exc:
-            terminal = StreamError(job_id=job.job_id, seq=seq, code=exc.code, message=exc.message)
+            terminal = StreamError(
+                job_id=job.job_id, seq=seq, code=exc.code, message=exc.message[:MAX_MESSAGE_CHARS]
+            )
         except Exception as exc:  # llama.cpp failures must still end the stream
             logger.exception("generation failed", job_id=job.job_id)
             terminal = StreamError(
-                job_id=job.job_id, seq=seq, code="INTERNAL", message=f"{type(exc).__name__}: {exc}"
+                job_id=job.job_id,
+                seq=seq,
+                code="INTERNAL",
+                message=f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS],
             )
         pub.send_multipart([topic, encode(terminal)])
 

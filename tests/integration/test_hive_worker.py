@@ -48,6 +48,7 @@ from tests.helpers import hive_in_thread, keeper
 
 LOAD_TIMEOUT_S = 60.0
 PROMPT = "The three primary colors are"
+MODEL = "smollm2-135m-instruct"
 
 
 def ensure(client: DealerClient, model: str) -> tuple[WorkerAssigned, list[Progress]]:
@@ -63,13 +64,27 @@ def ensure(client: DealerClient, model: str) -> tuple[WorkerAssigned, list[Progr
     raise AssertionError("unreachable")
 
 
+def start(
+    client: DealerClient, job_id: str, worker_id: str, params: GenerateParams, model: str = MODEL
+) -> tuple[JobAccepted, list[Progress]]:
+    """StartJob, collecting queue progress until the job is accepted by a worker."""
+    rid = client.send(StartJob(job_id=job_id, model=model, worker_id=worker_id, params=params))
+    queued: list[Progress] = []
+    for frame in client.replies(rid, 10):
+        if isinstance(frame, JobAccepted):
+            return frame, queued
+        assert isinstance(frame, Progress) and frame.phase == "queued", frame
+        queued.append(frame)
+    raise AssertionError("unreachable")
+
+
 def run_job(
     client: DealerClient, sub: StreamSubscriber, worker_id: str, params: GenerateParams
 ) -> tuple[list[Token], Done, JobStream]:
     """Subscribe, start, and read the job's stream to its terminal frame."""
     job_id = f"j-{time.monotonic_ns()}"
     sub.subscribe(job_id)
-    client.request(StartJob(job_id=job_id, worker_id=worker_id, params=params), 5)
+    start(client, job_id, worker_id, params)
     stream = JobStream(client, sub, job_id)
     frames = list(stream)
     assert isinstance(frames[-1], Done), frames[-1]
@@ -89,7 +104,7 @@ def test_hello_and_status(data_dir: Path) -> None:
         assert hello.protocol_version == 1 and hello.status == "ok"
         status = client.request(Status(), 5)
         assert isinstance(status, HiveStatus)
-        assert [m.name for m in status.models] == ["smollm2-135m-instruct"]
+        assert [m.name for m in status.models] == [MODEL]
         assert status.models[0].quantization == "Q4_1"
         assert status.ram_total_bytes > status.ram_free_bytes > 0
         assert status.disk_free_bytes > 0 and status.workers == []
@@ -109,7 +124,7 @@ def test_streams_what_llama_cpp_generates_in_process(data_dir: Path, model_path:
     )["choices"][0]["message"]["content"]
     del llama
     with hive_in_thread(data_dir) as hive, keeper(hive) as (client, sub):
-        assigned, progress = ensure(client, "smollm2-135m-instruct")
+        assigned, progress = ensure(client, MODEL)
         assert not assigned.reused
         phases = [p.phase for p in progress]
         assert phases[0] == "spawn" and "registered" in phases and "loading" in phases
@@ -121,7 +136,7 @@ def test_streams_what_llama_cpp_generates_in_process(data_dir: Path, model_path:
         chat = GenerateParams(prompt="Why is the sky blue?", max_tokens=48, temperature=0.0)
         tokens, done, _ = run_job(client, sub, assigned.worker_id, chat)
         assert "".join(t.text for t in tokens) + done.tail == want_chat
-        again, _ = ensure(client, "smollm2-135m-instruct")
+        again, _ = ensure(client, MODEL)
         assert again.reused and again.worker_id == assigned.worker_id
 
 
@@ -129,16 +144,20 @@ def test_late_slow_subscriber_gets_every_token_once(data_dir: Path) -> None:
     """Subscribe after StartJob, read slower than the model writes with a receive queue of one
     frame: PUB/SUB drops, and the keeper still sees each sequence number exactly once."""
     with hive_in_thread(data_dir) as hive, keeper(hive, hwm=1) as (client, sub):
-        assigned, _ = ensure(client, "smollm2-135m-instruct")
-        params = GenerateParams(prompt=PROMPT, max_tokens=64, temperature=0.0, raw=True,
-                                ignore_eos=True)  # fmt: skip
-        job_id = "j-late-slow"
-        accepted = client.request(
-            StartJob(job_id=job_id, worker_id=assigned.worker_id, params=params), 5
+        assigned, _ = ensure(client, MODEL)
+        params = GenerateParams(
+            prompt=PROMPT, max_tokens=64, temperature=0.0, raw=True, ignore_eos=True
         )
-        assert isinstance(accepted, JobAccepted)
+        job_id = "j-late-slow"
+        rid = client.send(
+            StartJob(job_id=job_id, model=MODEL, worker_id=assigned.worker_id, params=params)
+        )
+        waiting = next(client.replies(rid, 5))
+        assert isinstance(waiting, Progress) and waiting.phase == "queued"
         time.sleep(1.0)  # the hive must hold the job until the subscription arrives
         sub.subscribe(job_id)
+        accepted = next(f for f in client.replies(rid, 5) if isinstance(f, JobAccepted))
+        assert accepted.worker_id == assigned.worker_id
         seen: list[int] = []
         stream = JobStream(client, sub, job_id)
         for frame in stream:
@@ -158,7 +177,7 @@ def test_dropped_frames_are_recovered(data_dir: Path, monkeypatch: pytest.Monkey
         assigned, _ = ensure(client, "synthetic:0")
         params = GenerateParams(prompt="x", max_tokens=n)
         sub.subscribe("j-drops")
-        client.request(StartJob(job_id="j-drops", worker_id=assigned.worker_id, params=params), 5)
+        start(client, "j-drops", assigned.worker_id, params, model="synthetic:0")
         time.sleep(0.3)  # stall while the stream overflows
         stream = JobStream(client, sub, "j-drops")
         seen = [frame.seq for frame in stream]
@@ -178,7 +197,9 @@ def test_errors_are_coded_replies(data_dir: Path, tmp_path: Path) -> None:
             client.request(Cancel(job_id="j-none"), 5)
         with pytest.raises(WorkerNotFound, match="w-none"):
             params = GenerateParams(prompt="hi")
-            client.request(StartJob(job_id="j-1", worker_id="w-none", params=params), 5)
+            client.request(
+                StartJob(job_id="j-1", model=MODEL, worker_id="w-none", params=params), 5
+            )
         assert isinstance(client.request(Hello(), 5), HelloReply), "the hive must survive"
 
 
@@ -211,7 +232,7 @@ def test_malformed_frames_get_errors_and_never_kill_the_hive(data_dir: Path) -> 
 def test_worker_that_dies_while_loading_is_reported(data_dir: Path) -> None:
     """Kill the worker right after it is spawned: WORKER_START_FAILED with its stderr tail."""
     with hive_in_thread(data_dir) as hive, keeper(hive) as (client, _):
-        rid = client.send(EnsureWorker(model="smollm2-135m-instruct"))
+        rid = client.send(EnsureWorker(model=MODEL))
         replies = client.replies(rid, LOAD_TIMEOUT_S)
         spawn = next(replies)
         assert isinstance(spawn, Progress) and spawn.phase == "spawn"
@@ -226,11 +247,12 @@ def test_worker_that_dies_while_loading_is_reported(data_dir: Path) -> None:
 
 def test_cancel_stop_worker_and_vanished_keeper(data_dir: Path) -> None:
     with hive_in_thread(data_dir) as hive, keeper(hive) as (client, sub):
-        assigned, _ = ensure(client, "smollm2-135m-instruct")
-        long = GenerateParams(prompt=PROMPT, max_tokens=2000, temperature=0.0, raw=True,
-                              ignore_eos=True)  # fmt: skip
+        assigned, _ = ensure(client, MODEL)
+        long = GenerateParams(
+            prompt=PROMPT, max_tokens=2000, temperature=0.0, raw=True, ignore_eos=True
+        )
         sub.subscribe("j-cancel")
-        client.request(StartJob(job_id="j-cancel", worker_id=assigned.worker_id, params=long), 5)
+        start(client, "j-cancel", assigned.worker_id, long)
         frames = []
         for frame in JobStream(client, sub, "j-cancel"):
             frames.append(frame)
@@ -245,7 +267,7 @@ def test_cancel_stop_worker_and_vanished_keeper(data_dir: Path) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         gone = StreamSubscriber(ctx, hive.stream_endpoint, 100)
         gone.subscribe("j-gone")
-        client.request(StartJob(job_id="j-gone", worker_id=assigned.worker_id, params=long), 5)
+        start(client, "j-gone", assigned.worker_id, long)
         time.sleep(0.5)
         gone.close()
         ctx.term()
@@ -274,7 +296,7 @@ def test_cancel_stop_worker_and_vanished_keeper(data_dir: Path) -> None:
 
 def test_hive_stop_stops_its_workers(data_dir: Path) -> None:
     with hive_in_thread(data_dir) as hive, keeper(hive) as (client, _):
-        assigned, _ = ensure(client, "smollm2-135m-instruct")
+        assigned, _ = ensure(client, MODEL)
         pid = hive.workers[assigned.worker_id].pid
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
@@ -285,7 +307,7 @@ def test_concurrent_requests_share_one_loading_worker(data_dir: Path) -> None:
 
         def ask() -> None:
             with keeper(hive) as (client, _):
-                results.append(ensure(client, "smollm2-135m-instruct")[0])
+                results.append(ensure(client, MODEL)[0])
 
         threads = [threading.Thread(target=ask) for _ in range(3)]
         for t in threads:

@@ -1,0 +1,168 @@
+"""The hive's workers as processes: spawn, listen to, supervise, stop.
+
+The pool turns what happens to worker processes (a frame on the local ROUTER, an exit, a silence)
+into events for the server, which decides what they mean for keepers and jobs. It runs on the
+hive's loop thread, like everything that touches a socket.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+import uuid
+from dataclasses import dataclass
+
+from rbee import log
+from rbee.errors import LoadingTimeout, RbeeError, WorkerStartFailed
+from rbee.hive.registry import WorkerRecord
+from rbee.hive.supervisor import TERM_GRACE_S, WorkerProcess, signal_worker, spawn_worker
+from rbee.protocol.messages import (
+    Frame,
+    Heartbeat,
+    StopRequest,
+    WorkerFailed,
+    WorkerLoading,
+    WorkerReady,
+)
+from rbee.transport.sockets import RouterServer
+
+HEARTBEAT_TIMEOUT_S = 5.0
+LOAD_STALL_TIMEOUT_S = 120.0
+STOP_GRACE_S = 5.0
+
+logger = log.get(__name__)
+
+
+@dataclass(frozen=True)
+class Event:
+    """Something happened to a worker; ``kind`` says what."""
+
+    kind: str  # "registered" | "loading" | "ready" | "load_failed" | "exited"
+    worker: WorkerRecord
+    error: RbeeError | None = None
+    exit_code: int = 0
+    stderr_tail: str = ""
+
+
+class WorkerPool:
+    """Worker records and their processes, keyed by worker id."""
+
+    def __init__(self, back: RouterServer, control: str, stream: str) -> None:
+        self.back = back
+        self.control = control
+        self.stream = stream
+        self.workers: dict[str, WorkerRecord] = {}
+        self.procs: dict[str, WorkerProcess] = {}
+
+    def records(self) -> list[WorkerRecord]:
+        """Every worker the hive knows, stopping ones included."""
+        return list(self.workers.values())
+
+    def spawn(self, model: str, path: str, n_ctx: int) -> WorkerRecord:
+        """Start a worker process for one model; it reports back on the local ROUTER."""
+        worker_id = "w-" + uuid.uuid4().hex[:8]
+        proc = spawn_worker(worker_id, path, self.control, self.stream, n_ctx)
+        record = WorkerRecord(worker_id=worker_id, model=model, model_path=path, pid=proc.pid)
+        self.workers[worker_id] = record
+        self.procs[worker_id] = proc
+        logger.info("worker spawned", worker=worker_id, model=model, pid=proc.pid)
+        return record
+
+    def send(self, worker: WorkerRecord, frame: Frame) -> None:
+        """Send a control frame to a worker."""
+        self.back.send(worker.worker_id.encode(), frame)
+
+    def stop(self, worker: WorkerRecord, reason: str) -> None:
+        """Ask a worker to exit; ``reap`` escalates to SIGTERM and SIGKILL if it lingers."""
+        if worker.state == "stopping":
+            return
+        logger.info("stopping worker", worker=worker.worker_id, reason=reason)
+        worker.state = "stopping"
+        worker.stop_deadline = time.monotonic() + STOP_GRACE_S
+        self.send(worker, StopRequest())
+
+    def on_frame(self, identity: bytes, frame: Frame, now: float) -> list[Event]:
+        """A frame from a worker's DEALER; returns what it means (the first one registers)."""
+        worker = self.workers.get(identity.decode("utf-8", "replace"))
+        if worker is None:
+            return []
+        worker.last_seen = now
+        events = [] if worker.registered else [Event("registered", worker)]
+        worker.registered = True
+        if isinstance(frame, WorkerLoading):
+            worker.last_progress = now
+            worker.loaded_fraction = frame.fraction
+            events.append(Event("loading", worker))
+        elif isinstance(frame, WorkerReady) and worker.state == "loading":
+            worker.state, worker.load_s = "idle", frame.load_s
+            worker.last_activity = time.time()
+            logger.info("worker ready", worker=worker.worker_id, load_s=round(frame.load_s, 3))
+            events.append(Event("ready", worker))
+        elif isinstance(frame, WorkerFailed):
+            error = _start_failed(worker, f"{frame.code}: {frame.message}", "")
+            self._give_up(worker)
+            events.append(Event("load_failed", worker, error=error))
+        elif not isinstance(frame, Heartbeat | WorkerReady):
+            logger.warning(
+                "unexpected frame from worker", worker=worker.worker_id, frame=frame.TYPE
+            )
+        return events
+
+    def _give_up(self, worker: WorkerRecord) -> None:
+        """A worker that failed: kill it; its exit is then routine (state "stopping")."""
+        worker.state = "stopping"
+        worker.stop_deadline = time.monotonic()
+        self.kill(worker)
+
+    def kill(self, worker: WorkerRecord) -> None:
+        """SIGKILL a worker now (it failed or hung); ``reap`` reports its exit."""
+        proc = self.procs.get(worker.worker_id)
+        if proc is not None:
+            signal_worker(proc, signal.SIGKILL)
+
+    def reap(self, now: float) -> list[Event]:
+        """Check every worker: exits, stalled loads, missed heartbeats, overdue stops."""
+        events: list[Event] = []
+        for worker in self.records():
+            proc = self.procs[worker.worker_id]
+            code = proc.proc.poll()
+            if code is not None:
+                events.append(self._exited(worker, proc, code))
+            elif worker.state == "stopping" and now > worker.stop_deadline:
+                overdue = now > worker.stop_deadline + TERM_GRACE_S
+                signal_worker(proc, signal.SIGKILL if overdue else signal.SIGTERM)
+            elif worker.state == "loading" and now - worker.last_progress > LOAD_STALL_TIMEOUT_S:
+                error = LoadingTimeout(
+                    f"worker {worker.worker_id} made no loading progress for "
+                    f"{LOAD_STALL_TIMEOUT_S:.0f} s (it got to {worker.loaded_fraction:.0%})",
+                    suggestion="the disk may be slow or the model too large for this machine",
+                )
+                self._give_up(worker)
+                events.append(Event("load_failed", worker, error=error))
+            elif now - worker.last_seen > HEARTBEAT_TIMEOUT_S:
+                logger.warning("worker missed its heartbeats; killing it", worker=worker.worker_id)
+                self.kill(worker)
+        return events
+
+    def _exited(self, worker: WorkerRecord, proc: WorkerProcess, code: int) -> Event:
+        del self.workers[worker.worker_id]
+        del self.procs[worker.worker_id]
+        tail = proc.stderr_tail()
+        log_at = logger.info if worker.state == "stopping" else logger.warning
+        log_at("worker exited", worker=worker.worker_id, code=code, state=worker.state)
+        error = None
+        if worker.state == "loading":
+            error = _start_failed(worker, f"the process exited with code {code}", tail)
+        return Event("exited", worker, error=error, exit_code=code, stderr_tail=tail)
+
+    def alive(self) -> int:
+        """How many worker processes still run."""
+        return sum(1 for p in self.procs.values() if p.proc.poll() is None)
+
+
+def _start_failed(worker: WorkerRecord, reason: str, tail: str) -> WorkerStartFailed:
+    return WorkerStartFailed(
+        f"worker {worker.worker_id} for {worker.model} failed while loading: {reason}"
+        + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""),
+        suggestion="check the model file; `rbee models list` shows what is known",
+    )

@@ -1,0 +1,324 @@
+"""Unit tests for rbee.hive.registry: the hive's pure decisions about workers and jobs."""
+
+from __future__ import annotations
+
+import math
+import time
+
+from rbee.hive.registry import (
+    JOB_RETENTION_S,
+    MAX_FINISHED_JOBS,
+    JobRecord,
+    Limits,
+    Plan,
+    WorkerRecord,
+    expired_jobs,
+    idle_expired,
+    pick_idle,
+    pick_loading,
+    plan_worker,
+)
+from rbee.protocol.codec import decode, encode
+from rbee.protocol.messages import GenerateParams, WorkerInfo, WorkerList
+
+A = "/models/a.gguf"
+B = "/models/b.gguf"
+
+
+def worker(
+    wid: str, path: str = A, state: str = "idle", last_activity: float = 100.0
+) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=wid,
+        model=path.rsplit("/", 1)[-1],
+        model_path=path,
+        pid=1000 + len(wid),
+        state=state,
+        last_activity=last_activity,
+    )
+
+
+def job(jid: str, finished_at: float = 0.0) -> JobRecord:
+    return JobRecord(
+        job_id=jid,
+        model="a.gguf",
+        model_path=A,
+        keeper=b"keeper",
+        rid=1,
+        params=GenerateParams(prompt="hi"),
+        keep_alive_s=300.0,
+        finished_at=finished_at,
+    )
+
+
+# --------------------------------------------------------------------------- pick_idle
+
+
+def test_pick_idle_prefers_the_most_recently_active() -> None:
+    old = worker("old", last_activity=10.0)
+    new = worker("new", last_activity=30.0)
+    mid = worker("mid", last_activity=20.0)
+    assert pick_idle([old, new, mid], A) is new
+    assert pick_idle([mid, old], A) is mid
+
+
+def test_pick_idle_ignores_workers_that_are_not_idle() -> None:
+    workers = [
+        worker("busy", state="busy", last_activity=90.0),
+        worker("loading", state="loading", last_activity=80.0),
+        worker("stopping", state="stopping", last_activity=70.0),
+        worker("idle", state="idle", last_activity=1.0),
+    ]
+    assert pick_idle(workers, A) is workers[3]
+    assert pick_idle(workers[:3], A) is None
+
+
+def test_pick_idle_ignores_other_models() -> None:
+    other = worker("other", path=B, last_activity=99.0)
+    mine = worker("mine", path=A, last_activity=1.0)
+    assert pick_idle([other, mine], A) is mine
+    assert pick_idle([other, mine], B) is other
+    assert pick_idle([other], A) is None
+    assert pick_idle([], A) is None
+
+
+def test_pick_idle_matches_the_path_not_the_name() -> None:
+    w = worker("w", path=A)
+    w.model = "same-name"
+    assert pick_idle([w], "same-name") is None
+    assert pick_idle([w], A) is w
+
+
+def test_pick_idle_honours_an_idle_preferred_worker() -> None:
+    old = worker("old", last_activity=10.0)
+    new = worker("new", last_activity=30.0)
+    assert pick_idle([old, new], A, prefer="old") is old
+    assert pick_idle([old, new], A, prefer="") is new
+    assert pick_idle([old, new], A, prefer="unknown") is new
+    busy = worker("busy", state="busy", last_activity=1.0)
+    assert pick_idle([old, busy], A, prefer="busy") is old  # preferred but not idle
+    other = worker("other", path=B)
+    assert pick_idle([old, other], A, prefer="other") is old  # preferred but another model
+
+
+# --------------------------------------------------------------------------- pick_loading
+
+
+def test_pick_loading() -> None:
+    idle = worker("idle", state="idle")
+    loading_b = worker("loading-b", path=B, state="loading")
+    loading_a = worker("loading-a", path=A, state="loading")
+    assert pick_loading([idle, loading_b, loading_a], A) is loading_a
+    assert pick_loading([idle, loading_b, loading_a], B) is loading_b
+    assert pick_loading([idle, loading_b], A) is None
+    assert pick_loading([worker("busy", state="busy")], A) is None
+    assert pick_loading([], A) is None
+
+
+def test_new_worker_record_starts_loading() -> None:
+    w = WorkerRecord(worker_id="w-1", model="m", model_path=A, pid=5)
+    assert w.state == "loading"
+    assert pick_loading([w], A) is w
+    assert pick_idle([w], A) is None
+
+
+# --------------------------------------------------------------------------- expired_jobs
+
+
+def test_unfinished_jobs_never_expire() -> None:
+    jobs = [job(f"run-{i}") for i in range(MAX_FINISHED_JOBS + 10)]
+    assert not any(j.finished for j in jobs)
+    assert expired_jobs(jobs, now=1e12) == []
+
+
+def test_old_finished_jobs_expire() -> None:
+    now = 10_000.0
+    jobs = [
+        job("fresh", finished_at=now - 1.0),
+        job("edge", finished_at=now - JOB_RETENTION_S),  # exactly at the limit: kept
+        job("old", finished_at=now - JOB_RETENTION_S - 0.5),
+        job("ancient", finished_at=1.0),
+        job("running"),
+    ]
+    assert jobs[0].finished and not jobs[4].finished
+    assert expired_jobs(jobs, now) == ["ancient", "old"]
+
+
+def test_surplus_beyond_max_finished_jobs_expires_oldest_first() -> None:
+    now = 5_000.0
+    surplus = 3
+    finished = [
+        job(f"j{i:04d}", finished_at=now - 100 + i * 0.01)
+        for i in range(MAX_FINISHED_JOBS + surplus)
+    ]
+    running = [job("running-1"), job("running-2")]
+    # the order of the input must not matter
+    jobs = [*reversed(finished[::2]), *running, *finished[1::2]]
+    assert expired_jobs(jobs, now) == ["j0000", "j0001", "j0002"]
+
+
+def test_exactly_max_finished_jobs_is_not_a_surplus() -> None:
+    now = 5_000.0
+    jobs = [job(f"j{i}", finished_at=now - i) for i in range(MAX_FINISHED_JOBS)]
+    assert expired_jobs(jobs, now) == []
+
+
+def test_old_and_surplus_are_combined_without_duplicates() -> None:
+    now = 100_000.0
+    old = [job(f"old{i}", finished_at=1.0 + i) for i in range(5)]
+    recent = [
+        job(f"new{i:04d}", finished_at=now - 10 + i * 0.001) for i in range(MAX_FINISHED_JOBS)
+    ]
+    expired = expired_jobs([*recent, *old], now)
+    # the 5 old ones are both too old and the surplus; each is named once, sorted
+    assert expired == [f"old{i}" for i in range(5)]
+
+
+def test_surplus_can_remove_recent_jobs_too() -> None:
+    now = 100_000.0
+    jobs = [
+        job(f"n{i:04d}", finished_at=now - 1 + i * 0.0001) for i in range(MAX_FINISHED_JOBS + 1)
+    ]
+    assert expired_jobs(jobs, now) == ["n0000"]
+
+
+# --------------------------------------------------------------------------- WorkerRecord.info
+
+
+def test_worker_record_info_is_a_valid_worker_info() -> None:
+    w = WorkerRecord(worker_id="w-abc", model="tiny", model_path=A, pid=4321)
+    w.state, w.job_id, w.jobs_served, w.keep_alive_s = "busy", "job-7", 5, -1.0
+    info = w.info(rss_bytes=2048)
+    assert isinstance(info, WorkerInfo)
+    assert info == WorkerInfo(
+        worker_id="w-abc",
+        model="tiny",
+        backend="cpu",
+        device="cpu",
+        pid=4321,
+        state="busy",
+        last_activity=w.last_activity,
+        job_id="job-7",
+        rss_bytes=2048,
+        jobs_served=5,
+        keep_alive_s=-1.0,
+    )
+    assert abs(info.last_activity - time.time()) < 60  # wall clock, not monotonic
+    # and it goes over the wire intact
+    back = decode(encode(WorkerList(workers=[info]))).frame
+    assert isinstance(back, WorkerList)
+    assert back.workers == [info]
+
+
+def test_worker_record_info_defaults() -> None:
+    info = WorkerRecord(worker_id="w", model="m", model_path=A, pid=0).info()
+    assert info.rss_bytes == 0
+    assert info.job_id == ""
+    assert info.state == "loading"
+
+
+def test_finished_property() -> None:
+    assert job("a").finished is False
+    assert job("b", finished_at=0.001).finished is True
+
+
+# --------------------------------------------------------------------------- keep-alive
+
+
+def test_became_idle() -> None:
+    w = worker("w", state="busy")
+    w.job_id = "job-1"
+    before = time.time()
+    w.became_idle(now=1000.0, keep_alive_s=30.0)
+    assert (w.state, w.job_id, w.keep_alive_s, w.idle_deadline) == ("idle", "", 30.0, 1030.0)
+    assert w.last_activity >= before  # wall clock, shown to keepers
+    w.became_idle(now=1000.0, keep_alive_s=-1.0)
+    assert w.idle_deadline == math.inf
+    w.became_idle(now=1000.0, keep_alive_s=0.0)
+    assert w.idle_deadline == 1000.0
+
+
+def test_idle_expired() -> None:
+    due = worker("due")
+    due.became_idle(now=100.0, keep_alive_s=10.0)
+    later = worker("later")
+    later.became_idle(now=100.0, keep_alive_s=60.0)
+    forever = worker("forever")
+    forever.became_idle(now=0.0, keep_alive_s=-1.0)
+    at_once = worker("at-once")
+    at_once.became_idle(now=110.0, keep_alive_s=0.0)
+    busy = worker("busy")
+    busy.became_idle(now=0.0, keep_alive_s=1.0)
+    busy.state = "busy"
+    loading = worker("loading", state="loading")
+    loading.idle_deadline = 0.0
+    workers = [due, later, forever, at_once, busy, loading]
+    assert idle_expired(workers, now=109.9) == []
+    assert idle_expired(workers, now=110.0) == [due, at_once]
+    assert idle_expired(workers, now=1e9) == [due, later, at_once]
+
+
+def test_new_worker_never_expires_before_its_first_job() -> None:
+    w = worker("fresh", state="idle")
+    assert w.idle_deadline == math.inf
+    assert idle_expired([w], now=1e12) == []
+
+
+# --------------------------------------------------------------------------- plan_worker
+
+ROOMY = Limits(max_workers=4, max_workers_per_model=1, max_queue=16)
+
+
+def test_plan_reuses_an_idle_worker() -> None:
+    idle = worker("idle")
+    assert plan_worker([idle], A, ROOMY, fits=False) == Plan("reuse", idle)
+
+
+def test_plan_waits_for_a_loading_worker() -> None:
+    loading = worker("loading", state="loading")
+    assert plan_worker([loading], A, ROOMY, fits=True) == Plan("wait", loading)
+
+
+def test_plan_spawns_when_there_is_room() -> None:
+    assert plan_worker([], A, ROOMY, fits=True) == Plan("spawn")
+    others = [worker("b1", path=B, state="busy")]
+    assert plan_worker(others, A, ROOMY, fits=True) == Plan("spawn")
+
+
+def test_plan_refuses_what_does_not_fit() -> None:
+    assert plan_worker([], A, ROOMY, fits=False) == Plan("busy")
+
+
+def test_plan_queues_on_the_same_model_at_its_limit() -> None:
+    busy_old = worker("busy-old", state="busy", last_activity=1.0)
+    busy_new = worker("busy-new", state="busy", last_activity=9.0)
+    limits = Limits(max_workers=4, max_workers_per_model=2)
+    plan = plan_worker([busy_new, busy_old], A, limits, fits=True)
+    assert plan == Plan("queue", busy_old)
+    one = Limits(max_workers=4, max_workers_per_model=1)
+    assert plan_worker([busy_new], A, one, fits=True) == Plan("queue", busy_new)
+    assert plan_worker([busy_new], A, limits, fits=True) == Plan("spawn")  # room for a 2nd
+    assert plan_worker([busy_new], A, limits, fits=False) == Plan("queue", busy_new)
+
+
+def test_plan_evicts_the_least_recently_used_idle_worker_of_another_model() -> None:
+    limits = Limits(max_workers=3, max_workers_per_model=1)
+    b_recent = worker("b-recent", path=B, last_activity=50.0)
+    b_stale = worker("b-stale", path=B, last_activity=5.0)
+    c_busy = worker("c-busy", path="/models/c.gguf", state="busy", last_activity=1.0)
+    plan = plan_worker([b_recent, b_stale, c_busy], A, limits, fits=True)
+    assert plan == Plan("spawn", evict=b_stale)
+
+
+def test_plan_is_busy_when_full_of_busy_workers_of_other_models() -> None:
+    limits = Limits(max_workers=2, max_workers_per_model=1)
+    workers = [worker("b", path=B, state="busy"), worker("c", path=B, state="loading")]
+    assert plan_worker(workers, A, limits, fits=True) == Plan("busy")
+
+
+def test_plan_does_not_count_stopping_workers() -> None:
+    limits = Limits(max_workers=1, max_workers_per_model=1)
+    stopping_other = worker("s1", path=B, state="stopping")
+    stopping_same = worker("s2", path=A, state="stopping")
+    assert plan_worker([stopping_other, stopping_same], A, limits, fits=True) == Plan("spawn")
+    assert plan_worker([stopping_same], A, limits, fits=False) == Plan("busy")
