@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rbee import __version__
 from rbee.catalog import DEFAULT_MODEL
-from rbee.errors import ExitCode, InvalidRequest, RbeeError
+from rbee.errors import Canceled, ExitCode, InvalidRequest, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
 from rbee.protocol.messages import FILE_PREFIX, KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
 
@@ -268,6 +268,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.USAGE
     try:
         return run_command(args)
+    except Canceled as exc:
+        sys.stderr.write(f"\nCanceled. ({exc.message})\n")
+        return exc.exit_code
     except RbeeError as exc:
         sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
         if exc.suggestion:

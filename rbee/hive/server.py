@@ -85,7 +85,7 @@ from rbee.protocol.messages import (
 from rbee.transport.sockets import LOCAL_HWM, STREAM_HWM, RouterServer, bind_endpoint, new_socket
 
 POLL_INTERVAL_S = 0.1
-SUBSCRIBE_TIMEOUT_S = 5.0
+SUBSCRIBE_TIMEOUT_S = 4.0  # under the keeper's 5 s wait for a reply
 PROGRESS_EVERY_S = 1.0  # a waiting keeper hears from the hive at least this often
 QUEUE_WAIT_S = 300.0
 RETRY_AFTER_S = 2.0
@@ -427,16 +427,13 @@ class Hive:
                     ),
                 )
         self._scale_for_queue()
-        for position, job in enumerate(self.queue, start=1):
+        waiting = [j for j in self.queue if self.subscribers[j.job_id] > 0]
+        for position, job in enumerate(waiting, start=1):
             if position != job.told_position or now - job.told_at >= PROGRESS_EVERY_S:
                 job.told_position, job.told_at = position, now
-                waiting = Progress(
-                    phase="queued",
-                    done=position,
-                    total=len(self.queue),
-                    message=f"position {position} of {len(self.queue)}",
-                )
-                self.front.send(job.keeper, waiting, job.rid)
+                note = f"position {position} of {len(waiting)}"
+                queued = Progress(phase="queued", done=position, total=len(waiting), message=note)
+                self.front.send(job.keeper, queued, job.rid)
 
     def _scale_for_queue(self) -> None:
         """A queued job whose model has no worker coming may get a new one (within limits)."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from rbee import log
 from rbee.paths import self_command
+from rbee.process import child_env
 
 STDERR_TAIL_LINES = 30
 TERM_GRACE_S = 3.0
@@ -66,10 +67,12 @@ def spawn_worker(
         "--hive-pid",
         str(os.getpid()),
     ]
-    env = dict(os.environ)
-    env.pop("RBEE_EPHEMERAL", None)
     proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=child_env(),
     )
     wp = WorkerProcess(worker_id=worker_id, proc=proc)
     wp.reader = threading.Thread(

@@ -17,6 +17,7 @@ import zmq
 
 from rbee.errors import HiveUnreachable, InvalidRequest, VersionMismatch
 from rbee.paths import data_dir, hive_port, self_command
+from rbee.process import child_env
 from rbee.protocol.messages import PROTOCOL_VERSION, Hello, HelloReply
 from rbee.transport.sockets import DealerClient, tcp_endpoint
 
@@ -151,7 +152,7 @@ def start_ephemeral() -> tuple[subprocess.Popen[bytes], Path, str, str]:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=log_file,
-            env={**os.environ, "RBEE_EPHEMERAL": "1"},
+            env=child_env(),
         )
     assert proc.stdout is not None
     line = _read_line(proc.stdout, EPHEMERAL_READY_TIMEOUT_S)

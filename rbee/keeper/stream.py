@@ -15,9 +15,9 @@ from rbee.protocol.codec import decode
 from rbee.protocol.messages import Done, FetchFrames, FramesReply, StreamError, Token
 from rbee.transport.sockets import DealerClient, StreamSubscriber
 
-IDLE_CHECK_S = 2.0
-FETCH_TIMEOUT_S = 3.0
-FETCH_ATTEMPTS = 2
+IDLE_CHECK_S = 1.0
+FETCH_TIMEOUT_S = 1.5
+FETCH_ATTEMPTS = 2  # a dead hive is reported (HIVE_LOST) about 4 s after its last frame
 
 StreamFrame = Token | Done | StreamError
 

@@ -1,0 +1,231 @@
+"""Failures and lifecycle with real processes: crashes, hangs, Ctrl-C, queues, keep-alive,
+draining and a lost hive. Each test runs `rbee hive` and `rbee infer` as a person would."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+import psutil
+import pytest
+import zmq
+
+from rbee.errors import ExitCode
+from rbee.keeper.link import hello
+from tests.e2e.test_cli import PIDS, SUMMARY, assert_gone
+from tests.helpers import rbee_cmd, run_rbee
+
+LONG = ("--raw", "-t", "0", "--ignore-eos", "-n", "3000", "Once upon a time")
+SHORT = ("--raw", "-t", "0", "-n", "12", "The three primary colors are")
+
+
+@contextmanager
+def running_hive(env: dict[str, str], *flags: str) -> Iterator[subprocess.Popen[str]]:
+    """`rbee hive FLAGS` until the test ends (SIGTERM, then it must exit 0)."""
+    hive = subprocess.Popen(rbee_cmd("hive", *flags), env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        client, _ = hello(ctx, "127.0.0.1", int(env["RBEE_HIVE_PORT"]), (2.0, 2.0, 4.0, 8.0))
+        client.close()
+        ctx.term()
+        yield hive
+    finally:
+        if hive.poll() is None:
+            hive.send_signal(signal.SIGTERM)
+        hive.communicate(timeout=30)
+
+
+class Keeper:
+    """`rbee infer` in the background, its stderr read line by line as it comes."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.proc = subprocess.Popen(
+            rbee_cmd("infer", *args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self.chunks: list[str] = []
+        assert self.proc.stderr is not None and self.proc.stdout is not None
+        self._readers = [
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.lines), daemon=True),
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.chunks), daemon=True),
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @staticmethod
+    def _read(pipe: IO[str], into: list[str]) -> None:
+        for line in pipe:
+            into.append(line)
+
+    def wait_for(self, text: str, timeout: float = 60) -> str:
+        """The first stderr line containing ``text``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.lines:
+                if text in line:
+                    return line
+            if self.proc.poll() is not None and not self._readers[0].is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} never appeared in:\n{''.join(self.lines)}")
+
+    def finish(self, timeout: float = 60) -> tuple[int, str, str]:
+        """Exit code, stdout and stderr once the keeper ends."""
+        self.proc.wait(timeout=timeout)
+        for reader in self._readers:
+            reader.join(5)
+        return self.proc.returncode, "".join(self.chunks), "".join(self.lines)
+
+
+def worker_pid(line: str) -> int:
+    return int(PIDS.findall(line)[0])
+
+
+def test_worker_killed_mid_stream(rbee_env: dict[str, str]) -> None:
+    with running_hive(rbee_env) as hive:
+        keeper = Keeper(rbee_env, *LONG)
+        pid = worker_pid(keeper.wait_for("spawned worker"))
+        keeper.wait_for("[inference]")
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        code, out, err = keeper.finish()
+        assert code == ExitCode.FAILURE, err
+        assert "WORKER_CRASHED" in err and "exited with code -9" in err
+        match = re.search(r"(\d+) of 3000 tokens arrived; the partial text is saved in (\S+)", err)
+        assert match is not None, err
+        assert Path(match.group(2)).read_text().strip() == out.strip() != ""
+        again = run_rbee("infer", *SHORT, env=rbee_env)
+        assert again.returncode == 0 and "[worker] spawned worker" in again.stderr, "hive healthy"
+        assert hive.poll() is None
+
+
+def test_hung_worker_is_detected_by_missed_heartbeats(rbee_env: dict[str, str]) -> None:
+    with running_hive(rbee_env):
+        keeper = Keeper(rbee_env, *LONG)
+        pid = worker_pid(keeper.wait_for("spawned worker"))
+        keeper.wait_for("[inference]")
+        started = time.monotonic()
+        os.kill(pid, signal.SIGSTOP)
+        code, _, err = keeper.finish()
+        elapsed = time.monotonic() - started
+        assert code == ExitCode.FAILURE and "WORKER_CRASHED" in err, err
+        assert elapsed < 12, f"a hung worker took {elapsed:.1f} s to detect"
+        assert_gone([pid])
+
+
+def test_ctrl_c_cancels_and_the_worker_serves_the_next_job(rbee_env: dict[str, str]) -> None:
+    with running_hive(rbee_env):
+        keeper = Keeper(rbee_env, *LONG)
+        pid = worker_pid(keeper.wait_for("spawned worker"))
+        keeper.wait_for("[inference]")
+        time.sleep(0.5)
+        keeper.proc.send_signal(signal.SIGINT)
+        code, _, err = keeper.finish()
+        assert code == ExitCode.CANCELED and "Canceled." in err, err
+        deadline = time.monotonic() + 5
+        while "idle" not in (ps := run_rbee("ps", env=rbee_env)).stdout:
+            assert time.monotonic() < deadline, ps.stdout
+        again = run_rbee("infer", *SHORT, env=rbee_env)
+        assert again.returncode == 0 and "reusing idle worker" in again.stderr
+        assert str(pid) in run_rbee("ps", env=rbee_env).stdout
+
+
+def test_a_queued_job_runs_after_the_first(rbee_env: dict[str, str]) -> None:
+    with running_hive(rbee_env, "--max-workers", "1"):
+        first = Keeper(rbee_env, "--raw", "-t", "0", "--ignore-eos", "-n", "150", "Hello")
+        first.wait_for("[inference]")
+        second = Keeper(rbee_env, *SHORT)
+        second.wait_for("[queue] waiting for a free worker: position 1 of 1")
+        code1, _, err1 = first.finish()
+        code2, _, err2 = second.finish()
+        assert code1 == 0 and code2 == 0, err1 + err2
+        assert "150 tokens" in err1 and "12 tokens" in err2
+        workers = {m.group(1) for m in re.finditer(r"job \S+ on worker (\S+)", err1 + err2)}
+        assert len(workers) == 1, "both jobs ran on the one worker"
+
+
+def test_keep_alive_zero_and_expiry(rbee_env: dict[str, str]) -> None:
+    with running_hive(rbee_env, "--keep-alive", "1s"):
+        once = run_rbee("infer", "--keep-alive", "0", *SHORT, env=rbee_env)
+        assert once.returncode == 0, once.stderr
+        pid = int(PIDS.findall(once.stderr)[0])
+        assert_gone([pid])
+        kept = run_rbee("infer", *SHORT, env=rbee_env)
+        pid = int(PIDS.findall(kept.stderr)[0])
+        assert str(pid) in run_rbee("ps", env=rbee_env).stdout
+        time.sleep(2.5)
+        assert_gone([pid])
+        assert "no workers" in run_rbee("ps", env=rbee_env).stdout
+
+
+def test_sigterm_drains_then_stops(rbee_env: dict[str, str]) -> None:
+    with running_hive(rbee_env) as hive:
+        keeper = Keeper(rbee_env, "--raw", "-t", "0", "--ignore-eos", "-n", "200", "Hello")
+        pid = worker_pid(keeper.wait_for("spawned worker"))
+        keeper.wait_for("[inference]")
+        hive.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        refused = run_rbee("infer", "--node", f"127.0.0.1:{rbee_env['RBEE_HIVE_PORT']}", *SHORT,
+                           env=rbee_env)  # fmt: skip
+        assert refused.returncode == ExitCode.BUSY and "HIVE_DRAINING" in refused.stderr
+        code, _, err = keeper.finish()
+        assert code == 0 and "200 tokens" in err, "the running job finished within the grace"
+        _, log = hive.communicate(timeout=30)
+        assert hive.returncode == 0
+        assert '"workers": "1/1 stopped cleanly"' in log, log[-2000:]
+        assert_gone([pid])
+
+
+def test_hive_killed_leaves_no_worker_and_the_keeper_says_hive_lost(
+    rbee_env: dict[str, str],
+) -> None:
+    with running_hive(rbee_env) as hive:
+        keeper = Keeper(rbee_env, *LONG)
+        pid = worker_pid(keeper.wait_for("spawned worker"))
+        keeper.wait_for("[inference]")
+        started = time.monotonic()
+        hive.kill()
+        code, _, err = keeper.finish()
+        assert code == ExitCode.NETWORK and "HIVE_LOST" in err, err
+        assert time.monotonic() - started < 8
+        deadline = time.monotonic() + 5
+        while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the worker outlived its hive by 5 s"
+            time.sleep(0.1)
+
+
+@pytest.mark.timeout(600)
+def test_fifty_concurrent_keepers_on_two_workers(rbee_env: dict[str, str]) -> None:
+    """Each request completes with all its tokens or gets a clear busy error; the hive's
+    memory afterwards is within 10% of before."""
+    flags = ("--max-workers", "2", "--max-workers-per-model", "2", "--max-queue", "8")
+    with running_hive(rbee_env, *flags) as hive:
+        warm = [Keeper(rbee_env, *SHORT) for _ in range(4)]  # both workers loaded, heap warm
+        assert all(k.finish()[0] == 0 for k in warm)
+        before = psutil.Process(hive.pid).memory_info().rss
+        keepers = [Keeper(rbee_env, "--raw", "-t", "0", "--ignore-eos", "-n", "16", f"Story {i}:")
+                   for i in range(50)]  # fmt: skip
+        results = [k.finish(timeout=400) for k in keepers]
+        after = psutil.Process(hive.pid).memory_info().rss
+    done = busy = 0
+    for code, _, err in results:
+        if code == 0:
+            match = SUMMARY.search(err)
+            assert match is not None and match.group(1) == "16", err
+            done += 1
+        else:
+            assert code == ExitCode.BUSY and "ALL_SLOTS_BUSY" in err, err
+            busy += 1
+    print(f"50 keepers: {done} completed with all 16 tokens, {busy} told busy; "
+          f"hive RSS {before >> 20} MiB before, {after >> 20} MiB after")  # fmt: skip
+    assert done + busy == 50 and done > 0
+    assert after <= before * 1.10, f"hive RSS grew from {before} to {after}"
