@@ -126,14 +126,24 @@ def build_parser() -> argparse.ArgumentParser:
     rm = msub.add_parser("rm", help="forget a model (the file is kept)")
     rm.add_argument("name")
 
-    ps = sub.add_parser("ps", help="list a hive's workers")
-    ps.add_argument("--node", help="HOST[:PORT] (default: this machine's hive)")
+    ps = sub.add_parser("ps", help="list the workers of every hive in reach")
+    ps.add_argument("--node", help="HOST[:PORT]: only this hive")
+
+    nodes = sub.add_parser("nodes", help="list the hives in reach (mDNS, RBEE_SEEDS, this machine)")
+    nodes.add_argument("--json", action="store_true", help="machine-readable output")
+    nodes.add_argument(
+        "--timeout",
+        type=float,
+        default=1.5,
+        metavar="SECONDS",
+        help="longest wait for answers when none come (default 1.5; returns once they settle)",
+    )
 
     workers = sub.add_parser("workers", help="manage a hive's workers")
     wsub = workers.add_subparsers(dest="workers_command", metavar="ACTION", required=True)
     wstop = wsub.add_parser("stop", help="unload a worker (its running job is canceled)")
     wstop.add_argument("worker_id")
-    wstop.add_argument("--node", help="HOST[:PORT] (default: this machine's hive)")
+    wstop.add_argument("--node", help="HOST[:PORT] (default: the hive that runs it)")
     return parser
 
 
@@ -237,7 +247,7 @@ def run_command(args: argparse.Namespace) -> int:
         )
         run_infer(request)
         return ExitCode.OK
-    from rbee.keeper import models
+    from rbee.keeper import models, nodes
 
     if args.command == "models":
         if args.models_command == "import":
@@ -248,10 +258,13 @@ def run_command(args: argparse.Namespace) -> int:
             models.remove_model(args.name)
         return ExitCode.OK
     if args.command == "ps":
-        models.list_workers(args.node)
+        nodes.list_workers(args.node)
+        return ExitCode.OK
+    if args.command == "nodes":
+        nodes.list_nodes(args.json, args.timeout)
         return ExitCode.OK
     if args.command == "workers":
-        models.stop_worker(args.worker_id, args.node)
+        nodes.stop_worker(args.worker_id, args.node)
         return ExitCode.OK
     raise InvalidRequest(f"unknown command {args.command!r}")  # pragma: no cover
 

@@ -35,6 +35,7 @@ def rbee_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
         "RBEE_HIVE_PORT": str(free_port()),
         "RBEE_STREAM_PORT": str(free_port()),
         "RBEE_MDNS_INTERFACES": "127.0.0.1",
+        "RBEE_CLUSTER": f"test-{os.getpid()}-{tmp_path.name}",  # tests never see other hives
         "RBEE_LOG_LEVEL": "info",
     }
     for key, value in values.items():

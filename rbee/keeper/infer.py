@@ -23,7 +23,8 @@ from rbee.errors import (
     RbeeError,
     WorkerCrashed,
 )
-from rbee.keeper.link import HiveLink, open_link
+from rbee.keeper.connect import connect
+from rbee.keeper.link import HiveLink
 from rbee.keeper.stream import JobStream, describe
 from rbee.paths import data_dir
 from rbee.protocol.messages import (
@@ -108,7 +109,7 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     link: HiveLink | None = None
     try:
-        link = open_link(ctx, request.node)
+        link = connect(ctx, request.node, request.model)
         for note in link.notes:
             report.phase("hive", note)
         hello = link.hello
@@ -143,7 +144,7 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
     finally:
         if link is not None:
             link.close()
-        ctx.term()
+        ctx.destroy(linger=0)  # never waits on a socket an error path left open
 
 
 def ensure_worker(link: HiveLink, model: str, report: Reporter) -> WorkerAssigned:

@@ -23,7 +23,6 @@ from rbee.transport.sockets import DealerClient, tcp_endpoint
 
 HELLO_TIMEOUTS_S = (1.0, 2.0, 3.5)  # bounded retries: all of them fit well within 10 s
 RETRY_BACKOFF_S = 0.25
-LOCAL_PROBE_TIMEOUT_S = 0.3
 EPHEMERAL_READY_TIMEOUT_S = 30.0
 EPHEMERAL_STOP_TIMEOUT_S = 15.0
 READY_PREFIX = "RBEE_HIVE_READY"
@@ -91,6 +90,9 @@ def hello(
             if attempt + 1 < len(timeouts):
                 time.sleep(RETRY_BACKOFF_S * (2**attempt))
             continue
+        except BaseException:
+            client.close()
+            raise
         if not isinstance(reply, HelloReply):
             client.close()
             raise HiveUnreachable(f"{endpoint} answered Hello with {reply.TYPE}")
@@ -110,17 +112,15 @@ def hello(
     )
 
 
-def open_link(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None) -> HiveLink:
-    """Connect to ``node``; with none, to this machine's hive or else a new ephemeral one."""
-    if node:
-        host, port = parse_node(node)
-        client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
-        return HiveLink(ctx, client, host, reply)
-    try:
-        client, reply = hello(ctx, "127.0.0.1", hive_port(), (LOCAL_PROBE_TIMEOUT_S,))
-        return HiveLink(ctx, client, "127.0.0.1", reply, notes=["using the hive running here"])
-    except HiveUnreachable:
-        pass
+def open_link(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
+    """Connect to the hive at ``node`` (HOST[:PORT]) with bounded retries."""
+    host, port = parse_node(node)
+    client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
+    return HiveLink(ctx, client, host, reply)
+
+
+def open_ephemeral(ctx: zmq.Context[zmq.Socket[bytes]]) -> HiveLink:
+    """Start an ephemeral hive for one request and connect to it."""
     proc, log_path, router, _stream = start_ephemeral()
     try:
         host, port = parse_node(router.removeprefix("tcp://"))

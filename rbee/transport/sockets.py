@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from rbee.errors import HiveUnreachable, RbeeError, error_from_code
+from rbee.errors import HiveUnreachable, RbeeError, VersionMismatch, error_from_code
 from rbee.protocol.codec import MAX_FRAME_BYTES, Envelope, decode, encode
 from rbee.protocol.messages import Error, Frame
 
@@ -159,6 +159,8 @@ class DealerClient:
                     )
                 try:
                     env = decode(self.sock.recv())
+                except VersionMismatch:
+                    raise  # the peer speaks another protocol: say so, don't wait it out
                 except RbeeError:
                     continue
                 if env.rid == rid:

@@ -219,7 +219,7 @@ class Worker:
             generator.join(STOP_JOIN_S)
             up.close(LINGER_MS)
             control.close(LINGER_MS)
-            self.ctx.term()
+            self.ctx.destroy(linger=0)  # the generation thread may still hold its sockets
         return code
 
     def _on_control(self, data: bytes, generator: Generator) -> None:

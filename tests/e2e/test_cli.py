@@ -76,7 +76,8 @@ def test_running_hive_is_used_and_its_idle_worker_reused(rbee_env: dict[str, str
         first = run_rbee(*args, env=rbee_env)
         second = run_rbee(*args, env=rbee_env)
         assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
-        assert "[hive] using the hive running here" in first.stderr
+        assert f"(127.0.0.1:{port}): its catalog has smollm2-135m-instruct" in first.stderr
+        assert "[hive] using the hive running here: an idle worker" in second.stderr
         assert "[worker] spawned worker" in first.stderr
         assert "[worker] reusing idle worker" in second.stderr, second.stderr
         assert first.stdout == second.stdout, "greedy output is the same on both runs"

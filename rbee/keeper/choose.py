@@ -1,0 +1,89 @@
+"""Choosing a hive for a request: a pure function over what the hives said about themselves.
+
+Order of preference: an idle worker already holding the model; a hive whose catalog has the
+model and has room for a worker; a hive that can pull the model (an ``hf:`` reference) with the
+most free memory; a hive holding the model whose workers are busy (the job queues there). A hive
+that speaks another protocol version, or is draining, is listed but never chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from rbee.protocol.messages import PROTOCOL_VERSION, HiveStatus
+
+MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
+PULLABLE_PREFIXES = ("hf:",)
+IDLE = "an idle worker there already holds"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One hive as the keeper sees it: where it is and its answer to Status (None: no answer)."""
+
+    name: str
+    endpoint: str
+    protocol_version: int
+    status: HiveStatus | None
+    draining: bool = False
+
+    @property
+    def usable(self) -> bool:
+        """Answered, speaks our protocol, takes work."""
+        return (
+            self.status is not None
+            and self.protocol_version == PROTOCOL_VERSION
+            and not self.draining
+        )
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen hive and why, in words a person reads."""
+
+    candidate: Candidate
+    reason: str
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def choose(candidates: list[Candidate], model: str) -> Choice | None:
+    """Pick the hive for ``model``; None when no usable hive can serve it."""
+    usable = [c for c in candidates if c.usable]
+
+    def free(c: Candidate) -> int:
+        assert c.status is not None
+        return c.status.ram_free_bytes
+
+    idle = [
+        c
+        for c in usable
+        if c.status and any(w.model == model and w.state == "idle" for w in c.status.workers)
+    ]
+    if idle:
+        best = max(idle, key=free)
+        return Choice(best, f"{IDLE} {model}")
+    home = [c for c in usable if c.status and any(m.name == model for m in c.status.models)]
+    roomy = [c for c in home if _has_room(c, model)]
+    if roomy:
+        best = max(roomy, key=free)
+        return Choice(best, f"its catalog has {model} and it has room ({_gib(free(best))} free)")
+    if model.startswith(PULLABLE_PREFIXES) and usable:
+        best = max(usable, key=free)
+        return Choice(best, f"it has the most free memory ({_gib(free(best))}) to pull {model}")
+    if home:
+        best = min(home, key=lambda c: c.status.queue_length if c.status else 0)
+        return Choice(best, f"it holds {model}; its workers are busy, so the job will queue")
+    return None
+
+
+def _has_room(c: Candidate, model: str) -> bool:
+    status = c.status
+    assert status is not None
+    size = next((m.size_bytes for m in status.models if m.name == model), 0)
+    if status.ram_free_bytes < size + MEMORY_MARGIN_BYTES:
+        return False
+    live = [w for w in status.workers if w.state != "stopping"]
+    return len(live) < status.max_workers or any(w.state == "idle" for w in live)

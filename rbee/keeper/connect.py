@@ -1,0 +1,74 @@
+"""Which hive a request goes to: the one named, else the best one in reach, else an ephemeral one.
+
+``--node`` may be a discovered node name or HOST[:PORT]. Without it the keeper surveys the LAN
+(mDNS, seeds, this machine's port), lets ``choose`` pick and says why. A model that only this
+machine can run (``file:``, ``synthetic:``) or that no hive in reach holds goes to this machine's
+hive, or to an ephemeral hive started for the one request.
+"""
+
+from __future__ import annotations
+
+import zmq
+
+from rbee.keeper.choose import IDLE, choose
+from rbee.keeper.link import HELLO_TIMEOUTS_S, HiveLink, hello, open_ephemeral, parse_node
+from rbee.keeper.survey import HiveView, local_view, survey
+from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX
+
+INFER_BROWSE_S = 0.6
+
+
+def connect(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None, model: str) -> HiveLink:
+    """Open a link to the hive that should run ``model``; its notes say which and why."""
+    if node:
+        return _named(ctx, node)
+    here = local_view(ctx)
+    if model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)):  # only this machine can run these
+        return _here(ctx, here, "the model is a local file") if here else open_ephemeral(ctx)
+    warm = choose([here.candidate()], model) if here is not None else None
+    if here is not None and warm is not None and warm.reason.startswith(IDLE):
+        return _here(ctx, here, warm.reason)  # nothing beats a warm worker on this machine
+    views = survey(ctx, browse_s=INFER_BROWSE_S)
+    notes = [_clone_warning(v) for v in views if v.cloned_id]
+    notes += [
+        f"skipping {v.name}: {v.error}" for v in views if v.hello is None and v.source != "local"
+    ]
+    choice = choose([v.candidate() for v in views], model)
+    if choice is not None:
+        view = next(v for v in views if v.endpoint == choice.candidate.endpoint)
+        link = _open(ctx, view)
+        link.notes = [*notes, f"chose {view.name} ({view.endpoint}): {choice.reason}"]
+        return link
+    link = _here(ctx, here, "no hive in reach holds the model") if here else open_ephemeral(ctx)
+    link.notes = notes + link.notes
+    return link
+
+
+def _here(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, why: str) -> HiveLink:
+    link = _open(ctx, view)
+    link.notes = [f"using the hive running here: {why}"]
+    return link
+
+
+def _open(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> HiveLink:
+    client, reply = hello(ctx, view.host, view.port, HELLO_TIMEOUTS_S)
+    return HiveLink(ctx, client, view.host, reply)
+
+
+def _named(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
+    """``--node``: a discovered node name (exact), else HOST[:PORT]."""
+    host, port = parse_node(node)
+    if ":" not in node and not node.replace(".", "").isdigit():
+        named = [v for v in survey(ctx, include_local=False) if v.name == node]
+        if named:
+            host, port = named[0].host, named[0].port
+    client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
+    return HiveLink(ctx, client, host, reply)
+
+
+def _clone_warning(view: HiveView) -> str:
+    nid = view.announcement.node_id if view.announcement else "?"
+    return (
+        f"warning: {view.name} at {view.endpoint} announces node id {nid[:8]}… which another "
+        "hive uses too (a cloned machine?): delete its data directory's node_id file"
+    )

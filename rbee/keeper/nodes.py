@@ -1,0 +1,142 @@
+"""`rbee nodes` and `rbee ps`: what every hive in reach says about itself and its workers."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+import zmq
+
+from rbee.keeper.link import open_link
+from rbee.keeper.survey import HiveView, survey
+from rbee.protocol.messages import PROTOCOL_VERSION, ListWorkers, StopWorker, WorkerInfo, WorkerList
+
+NODES_BROWSE_S = 1.5
+REQUEST_TIMEOUT_S = 5.0
+
+
+def size(n: float) -> str:
+    """Bytes for people (decimal units)."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""  # pragma: no cover
+
+
+def table(rows: list[list[str]], out: TextIO) -> None:
+    """Left-aligned columns."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _state(v: HiveView) -> str:
+    notes = []
+    if v.error_code == "VERSION_MISMATCH":
+        notes.append(f"incompatible: {v.error}")
+    elif v.hello is None:
+        notes.append(f"unreachable ({v.error})" if v.error else "unreachable")
+    elif v.hello.protocol_version != PROTOCOL_VERSION:
+        notes.append(f"incompatible (protocol {v.hello.protocol_version})")
+    else:
+        notes.append(v.hello.status)
+    if v.cloned_id:
+        notes.append("CLONED NODE ID")
+    return ", ".join(notes)
+
+
+def _record(v: HiveView) -> dict[str, Any]:
+    s, a = v.status, v.announcement
+    return {
+        "name": v.name,
+        "address": v.endpoint,
+        "source": v.source,
+        "state": _state(v),
+        "node_id": a.node_id if a else None,
+        "rbee_version": v.hello.rbee_version if v.hello else (a.rbee_version if a else None),
+        "protocol_version": v.candidate().protocol_version,
+        "backends": a.backends if a else "cpu",
+        "ram_free_bytes": s.ram_free_bytes if s else None,
+        "ram_total_bytes": s.ram_total_bytes if s else None,
+        "workers": [w.to_wire() for w in s.workers] if s else [],
+        "models": [m.name for m in s.models] if s else [],
+        "queue_length": s.queue_length if s else None,
+    }
+
+
+def list_nodes(
+    as_json: bool, timeout_s: float = NODES_BROWSE_S, out: TextIO = sys.stdout
+) -> list[HiveView]:
+    """`rbee nodes`: every hive in reach, within a bounded wait."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        views = survey(ctx, browse_s=timeout_s)
+    finally:
+        ctx.destroy(linger=0)  # never waits on a socket an error path left open
+    if as_json:
+        out.write(json.dumps([_record(v) for v in views], indent=2) + "\n")
+        return views
+    if not views:
+        out.write("no hives found (is `rbee hive` running? RBEE_SEEDS lists hosts to ask)\n")
+        return views
+    rows = [["NAME", "ADDRESS", "VERSION", "BACKENDS", "FREE RAM", "WORKERS", "MODELS", "STATE"]]
+    for v in views:
+        r = _record(v)
+        free = f"{size(r['ram_free_bytes'])}" if r["ram_free_bytes"] is not None else "-"
+        version = f"{r['rbee_version'] or '?'}/p{r['protocol_version']}"
+        rows.append([v.name, v.endpoint, version, r["backends"], free, str(len(r["workers"])),
+                     str(len(r["models"])), r["state"]])  # fmt: skip
+    table(rows, out)
+    return views
+
+
+def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
+    """`rbee ps`: the workers of one hive (--node) or of every hive in reach."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        found: list[tuple[str, WorkerInfo]] = []
+        if node:
+            link = open_link(ctx, node)
+            try:
+                reply = link.client.request(ListWorkers(), REQUEST_TIMEOUT_S)
+                assert isinstance(reply, WorkerList)
+                found = [(link.hello.node, w) for w in reply.workers]
+            finally:
+                link.close()
+        else:
+            for v in survey(ctx, browse_s=NODES_BROWSE_S):
+                found += [(v.name, w) for w in (v.status.workers if v.status else [])]
+    finally:
+        ctx.destroy(linger=0)  # never waits on a socket an error path left open
+    if not found:
+        out.write("no workers\n")
+        return
+    rows = [["NODE", "WORKER", "MODEL", "STATE", "BACKEND", "PID", "RSS", "JOBS", "IDLE FOR"]]
+    for name, w in found:
+        idle = f"{time.time() - w.last_activity:.0f} s" if w.state == "idle" else "-"
+        rows.append([name, w.worker_id, w.model, w.state, f"{w.backend}:{w.device}", str(w.pid),
+                     size(w.rss_bytes), str(w.jobs_served), idle])  # fmt: skip
+    table(rows, out)
+
+
+def stop_worker(worker_id: str, node: str | None, out: TextIO = sys.stdout) -> None:
+    """`rbee workers stop ID`: unload one worker, wherever it runs."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        target = node
+        if target is None:
+            views = survey(ctx, browse_s=NODES_BROWSE_S)
+            owners = [v for v in views if v.status and any(w.worker_id == worker_id
+                                                           for w in v.status.workers)]  # fmt: skip
+            target = owners[0].endpoint if owners else "127.0.0.1"
+        link = open_link(ctx, target)
+        try:
+            link.client.request(StopWorker(worker_id=worker_id), REQUEST_TIMEOUT_S)
+        finally:
+            link.close()
+        out.write(f"stopping {worker_id} on {link.hello.node}\n")
+    finally:
+        ctx.destroy(linger=0)  # never waits on a socket an error path left open

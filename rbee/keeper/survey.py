@@ -1,0 +1,128 @@
+"""Asking every hive in reach how it is: mDNS announcements, seed hosts and this machine's port,
+each asked Hello and Status in parallel with one deadline."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import zmq
+
+from rbee import discovery
+from rbee.errors import RbeeError
+from rbee.keeper.choose import Candidate
+from rbee.keeper.link import parse_node
+from rbee.paths import hive_port
+from rbee.protocol.messages import Hello, HelloReply, HiveStatus, Status
+from rbee.transport.sockets import DealerClient, tcp_endpoint
+
+SURVEY_TIMEOUT_S = 1.0
+
+
+@dataclass
+class HiveView:
+    """One hive in reach and what it answered (or why it did not)."""
+
+    host: str
+    port: int
+    source: str  # "mdns" | "seed" | "local"
+    announcement: discovery.Announcement | None = None
+    hello: HelloReply | None = None
+    status: HiveStatus | None = None
+    error: str = ""
+    error_code: str = ""
+    cloned_id: bool = False
+
+    @property
+    def name(self) -> str:
+        """The node's name (as it answered, else as announced, else its address)."""
+        if self.hello is not None:
+            return self.hello.node
+        if self.announcement is not None:
+            return self.announcement.node
+        return f"{self.host}:{self.port}"
+
+    @property
+    def endpoint(self) -> str:
+        """HOST:PORT."""
+        return tcp_endpoint(self.host, self.port).removeprefix("tcp://")
+
+    def candidate(self) -> Candidate:
+        """The view the pure choice function works on."""
+        proto = self.hello.protocol_version if self.hello else 0
+        if self.announcement is not None and self.hello is None:
+            proto = self.announcement.protocol_version
+        draining = self.hello is not None and self.hello.status == "draining"
+        return Candidate(self.name, self.endpoint, proto, self.status, draining)
+
+
+def survey(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    *,
+    browse_s: float = discovery.BROWSE_TIMEOUT_S,
+    include_local: bool = True,
+) -> list[HiveView]:
+    """Every hive in reach, asked in parallel; unanswered ones carry an error."""
+    views: dict[tuple[str, int], HiveView] = {}
+    for a in discovery.browse(timeout_s=browse_s) if browse_s > 0 else []:
+        views.setdefault((a.address, a.port), HiveView(a.address, a.port, "mdns", a))
+    for seed in discovery.seeds():
+        host, port = parse_node(seed)
+        views.setdefault((host, port), HiveView(host, port, "seed"))
+    if include_local:
+        views.setdefault(("127.0.0.1", hive_port()), HiveView("127.0.0.1", hive_port(), "local"))
+    threads = [threading.Thread(target=_ask, args=(ctx, v), daemon=True) for v in views.values()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(SURVEY_TIMEOUT_S * 2 + 1)
+    answered = [v for v in views.values() if v.hello is not None or v.source != "local"]
+    return sorted(_dedupe_and_flag(answered), key=lambda v: v.name)
+
+
+def local_view(ctx: zmq.Context[zmq.Socket[bytes]]) -> HiveView | None:
+    """This machine's hive, if one listens on the hive port (a refused connection is instant,
+    so a machine without a hive pays nothing for asking)."""
+    view = HiveView("127.0.0.1", hive_port(), "local")
+    _ask(ctx, view)
+    return view if view.hello is not None else None
+
+
+def _listening(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=SURVEY_TIMEOUT_S):
+            return True
+    except OSError:
+        return False
+
+
+def _ask(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> None:
+    if view.source == "local" and not _listening(view.host, view.port):
+        view.error = "nothing listens there"
+        return
+    client = DealerClient(ctx, tcp_endpoint(view.host, view.port))
+    try:
+        hello = client.request(Hello(client="keeper"), SURVEY_TIMEOUT_S)
+        status = client.request(Status(), SURVEY_TIMEOUT_S)
+        if isinstance(hello, HelloReply) and isinstance(status, HiveStatus):
+            view.hello, view.status = hello, status
+    except RbeeError as exc:
+        view.error, view.error_code = exc.message, exc.code
+    finally:
+        client.close()
+
+
+def _dedupe_and_flag(views: list[HiveView]) -> list[HiveView]:
+    """One view per running hive (the announced one over the local probe); two hives that
+    announce one node id (a cloned machine) are flagged."""
+    groups: dict[tuple[str, int], list[HiveView]] = {}
+    for v in views:
+        key = (v.hello.node, v.hello.pid) if v.hello else (v.host, v.port)
+        groups.setdefault(key, []).append(v)
+    unique = [min(group, key=lambda v: v.source == "local") for group in groups.values()]
+    ids = Counter(v.announcement.node_id for v in unique if v.announcement is not None)
+    for v in unique:
+        v.cloned_id = v.announcement is not None and ids[v.announcement.node_id] > 1
+    return unique
