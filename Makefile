@@ -40,3 +40,16 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info bench/results
+
+# The PyInstaller binary (packaging/build.sh: portable llama-cpp-python wheel, cached in
+# ~/.cache/rbee-build; a build venv in build/venv; the bundle in dist/rbee/rbee).
+.PHONY: binary binary-onefile binary-test
+
+binary:
+	packaging/build.sh
+
+binary-onefile:
+	RBEE_ONEFILE=1 packaging/build.sh
+
+binary-test: setup binary
+	RBEE_BINARY=dist/rbee/rbee $(BIN)/python -m pytest tests/packaging -q -p no:cacheprovider

@@ -13,7 +13,7 @@ import importlib.util
 import re
 import sqlite3
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,17 @@ class ModelEntry:
     reference: str
     added_at: float
     last_used_at: float
+    repo: str = ""  # hf: models: where it came from
+    file: str = ""
+    revision: str = ""  # the commit it was downloaded at
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> ModelEntry:
+        """An entry from a table row (columns added later read as empty)."""
+        values: dict[str, Any] = {
+            k: ("" if v is None else v) for k, v in row.items() if k in cls.__dataclass_fields__
+        }
+        return cls(**values)
 
 
 def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntry:
@@ -112,6 +123,10 @@ class Catalog:
                 for name, f in ModelEntry.__dataclass_fields__.items()
             }
             self.db.table(TABLE).create(columns, pk="name", if_not_exists=True)
+        table = self.db.table(TABLE)
+        for name in ModelEntry.__dataclass_fields__:
+            if name not in table.columns_dict:  # a catalog made by an older rbee
+                table.add_column(name, str, not_null_default="")
 
     def close(self) -> None:
         """Close the database connection."""
@@ -136,14 +151,57 @@ class Catalog:
         self.db.table(TABLE).upsert(asdict(entry), pk="name")
         return entry
 
+    def add_pulled(
+        self,
+        path: Path,
+        *,
+        reference: str,
+        repo: str,
+        file: str,
+        revision: str,
+        sha256: str,
+        size_bytes: int,
+    ) -> ModelEntry:
+        """Record a model downloaded from the Hub (already verified: its sha256 is given)."""
+        base = re.sub(r"[^a-z0-9._-]+", "-", Path(file).stem.lower())
+        name = base.strip("-.")[:120] or "model"
+        taken = self.get(name)
+        if taken is not None and taken.reference != reference:
+            name = f"{name}-{revision[:7]}"
+        described = describe_file(path, name, with_hash=False)
+        entry = replace(
+            described,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            provider="hf",
+            reference=reference,
+            repo=repo,
+            file=file,
+            revision=revision,
+        )
+        self.db.table(TABLE).upsert(asdict(entry), pk="name")
+        return entry
+
+    def find_path(self, path: Path) -> ModelEntry | None:
+        """The entry whose file is ``path``, if any."""
+        rows = list(self.db.table(TABLE).rows_where("path = ?", [str(path)], limit=1))
+        return ModelEntry.from_row(rows[0]) if rows else None
+
+    def find_reference(self, reference: str) -> ModelEntry | None:
+        """The entry pulled for this exact (canonical) reference, if any."""
+        rows = list(self.db.table(TABLE).rows_where("reference = ?", [reference], limit=1))
+        return ModelEntry.from_row(rows[0]) if rows else None
+
     def get(self, name: str) -> ModelEntry | None:
         """The entry called ``name``, if any."""
         rows = list(self.db.table(TABLE).rows_where("name = ?", [name]))
-        return ModelEntry(**rows[0]) if rows else None
+        return ModelEntry.from_row(rows[0]) if rows else None
 
     def entries(self) -> list[ModelEntry]:
         """Every entry, by name."""
-        return [ModelEntry(**row) for row in self.db.table(TABLE).rows_where(order_by="name")]
+        return [
+            ModelEntry.from_row(row) for row in self.db.table(TABLE).rows_where(order_by="name")
+        ]
 
     def remove(self, name: str) -> ModelEntry:
         """Forget a model (its file stays where it is); ModelNotFound if unknown."""

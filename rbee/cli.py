@@ -107,7 +107,96 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="how long an idle worker stays loaded (default 5m; -1: forever)",
     )
+    hive.add_argument(
+        "--secure",
+        action="store_true",
+        help="use CURVE keys even on loopback (always on when listening on any other address)",
+    )
     hive.add_argument("--ephemeral", action="store_true", help=argparse.SUPPRESS)
+    hive_actions = hive.add_subparsers(dest="hive_command", metavar="ACTION")
+    hinst = hive_actions.add_parser("install", help="install this binary as a systemd service")
+    hinst.add_argument(
+        "--user", action="store_true", help="a user service (~/.local, systemctl --user)"
+    )
+    hinst.add_argument("--binary", type=Path, help="the rbee binary to install (default: this one)")
+    hinst.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
+    hun = hive_actions.add_parser("uninstall", help="remove the service and the binary")
+    hun.add_argument("--user", action="store_true", help="the user service")
+    hun.add_argument(
+        "--remove-models", action="store_true", help="also delete the models and catalog"
+    )
+    hun.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
+    hpair = hive_actions.add_parser(
+        "pair", help="print a one-time code and wait for a keeper to pair (rbee pair NODE CODE)"
+    )
+    hpair.add_argument(
+        "--role",
+        choices=("infer", "admin"),
+        default="infer",
+        help="what the paired keeper may do (default: infer)",
+    )
+    hpair.add_argument(
+        "--timeout",
+        type=parse_duration,
+        default=300.0,
+        metavar="DURATION",
+        help="how long the code is valid (default 5m)",
+    )
+    hpair.add_argument(
+        "--port", type=int, default=hive_port(), help="the hive's port (pairing uses it + 2)"
+    )
+    hpair.add_argument("--host", default="0.0.0.0", help="address to listen on for pairing")
+    hpair.add_argument("--node-name", default="", help="the hive's name (default: hostname)")
+    hauth = hive_actions.add_parser("authorize", help="admit a keeper's public key")
+    hauth.add_argument("key", help="the keeper's public key (`rbee keys show` there)")
+    hauth.add_argument("--role", choices=("infer", "admin"), required=True)
+    hauth.add_argument("--comment", default="", help="a note kept with the key")
+    hrev = hive_actions.add_parser("revoke", help="stop admitting a key (by key or fingerprint)")
+    hrev.add_argument("key")
+    hive_actions.add_parser("keys", help="list the keys this hive admits")
+
+    pair = sub.add_parser("pair", help="pair with a hive using the code `rbee hive pair` printed")
+    pair.add_argument("node", help="a discovered node name or HOST[:PORT] of the hive")
+    pair.add_argument("code", help="the one-time code, e.g. 1234-5678")
+
+    keys = sub.add_parser("keys", help="this node's CURVE key and the hives it trusts")
+    ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    ksub.add_parser("show", help="print this node's public key and fingerprint")
+    ksub.add_parser("known", help="list the hives this keeper trusts")
+    kforget = ksub.add_parser("forget", help="forget a hive's pinned key (name, id or address)")
+    kforget.add_argument("node")
+
+    serve = sub.add_parser("serve", help="serve the OpenAI API for every hive in reach")
+    serve.add_argument(
+        "--listen",
+        default="127.0.0.1:7833",
+        metavar="HOST[:PORT]",
+        help="address to listen on (default: 127.0.0.1:7833; any other needs API keys)",
+    )
+    serve.add_argument(
+        "--node",
+        help="HOST[:PORT] or node name: send every request there "
+        "(default: chosen per request, as `rbee infer` does)",
+    )
+    serve.add_argument(
+        "--api-keys-file",
+        metavar="PATH",
+        help="Bearer keys, one a line, mode 600 (also: RBEE_API_KEYS)",
+    )
+    serve.add_argument(
+        "--ready-timeout",
+        type=parse_duration,
+        default=600.0,
+        metavar="DURATION",
+        help="longest wait for a worker: download, load, queue (default 10m)",
+    )
+    serve.add_argument(
+        "--keep-alive",
+        type=parse_duration,
+        default=KEEP_ALIVE_DEFAULT,
+        metavar="DURATION",
+        help="keep workers loaded this long after a job (default: the hive's)",
+    )
 
     worker = sub.add_parser("worker", help="(started by a hive) serve one model")
     worker.add_argument("--worker-id", required=True)
@@ -122,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     imp = msub.add_parser("import", help="register a local GGUF file")
     imp.add_argument("path")
     imp.add_argument("--name", help="catalog name (default: the file name)")
+    pull = msub.add_parser("pull", help="download a model from Hugging Face into a hive")
+    pull.add_argument("reference", help="hf:ORG/REPO[:QUANT|/FILE.gguf][@REVISION]")
+    pull.add_argument("--node", help="HOST[:PORT] or node name (default: chosen as for infer)")
     msub.add_parser("list", help="list the catalog")
     rm = msub.add_parser("rm", help="forget a model (the file is kept)")
     rm.add_argument("name")
@@ -201,6 +293,34 @@ def run_command(args: argparse.Namespace) -> int:
                 args.hive_pid,
             )
         )
+    if args.command == "hive" and args.hive_command in ("pair", "authorize", "revoke", "keys"):
+        from rbee.keeper import security
+
+        return security.hive_command(args)
+    if args.command in ("pair", "keys"):
+        from rbee.keeper import security
+
+        return security.keeper_command(args)
+    if args.command == "hive" and args.hive_command in ("install", "uninstall"):
+        from rbee import install
+
+        if args.hive_command == "install":
+            report = install.install(args.binary or install.default_binary(), args.user, args.root)
+        else:
+            report = install.uninstall(args.user, args.remove_models, args.root)
+        print(report.text())
+        return ExitCode.OK
+    if args.command == "serve":
+        from rbee.gateway.main import run as run_gateway
+
+        log.configure("gateway")
+        return run_gateway(
+            args.listen,
+            node=args.node,
+            api_keys_file=args.api_keys_file,
+            ready_timeout_s=args.ready_timeout,
+            worker_keep_alive_s=args.keep_alive,
+        )
     if args.command == "hive":
         from rbee.hive.main import run as run_hive
         from rbee.hive.registry import Limits
@@ -220,6 +340,7 @@ def run_command(args: argparse.Namespace) -> int:
             ephemeral=args.ephemeral,
             limits=limits,
             keep_alive_s=args.keep_alive,
+            secure=args.secure,
         )
         return run_hive(config)
     log.configure("keeper", json=False, level="warning")
@@ -252,6 +373,8 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "models":
         if args.models_command == "import":
             models.import_model(args.path, args.name)
+        elif args.models_command == "pull":
+            models.pull_model(args.reference, args.node)
         elif args.models_command == "list":
             models.list_models()
         else:

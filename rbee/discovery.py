@@ -37,7 +37,7 @@ from rbee.errors import InvalidRequest
 SERVICE_TYPE = "_rbee._tcp.local."
 RECORD_TTL_S = 4  # a silent hive's records expire (and it disappears) within seconds
 BROWSE_TIMEOUT_S = 1.0
-SETTLE_S = 0.12  # answers are complete once none is new for this long
+SETTLE_S = 0.2  # answers are complete once none is new for this long
 RESOLVE_TIMEOUT_S = 0.5
 VIRTUAL_PREFIXES = ("lo", "docker", "br-", "veth", "virbr", "cni", "flannel", "vxlan")
 MAX_TXT_VALUE = 200

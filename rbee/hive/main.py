@@ -59,6 +59,7 @@ def announce(hive: Hive) -> discovery.Announcer | None:
         rbee_version=__version__,
         protocol_version=PROTOCOL_VERSION,
         backends="cpu",
+        key=hive.keys.public if hive.keys is not None else "",
         cluster=discovery.cluster(),
     )
     return discovery.Announcer(announcement, addresses)

@@ -28,10 +28,12 @@ from typing import Any
 
 import psutil
 import zmq
+from zmq.auth.thread import ThreadAuthenticator
 
 from rbee import __version__, log
 from rbee.catalog import Catalog, ModelEntry
 from rbee.errors import (
+    AccessDenied,
     AllSlotsBusy,
     Canceled,
     HiveDraining,
@@ -39,11 +41,13 @@ from rbee.errors import (
     InternalError,
     InvalidRequest,
     JobNotFound,
+    ModelNotFound,
     RbeeError,
     WorkerCrashed,
     WorkerNotFound,
 )
 from rbee.hive.pool import Event, WorkerPool
+from rbee.hive.pulls import Finished, Pulls, describe_progress
 from rbee.hive.registry import (
     JobRecord,
     Limits,
@@ -53,6 +57,8 @@ from rbee.hive.registry import (
     pick_idle,
     plan_worker,
 )
+from rbee.hub.download import DownloadManager
+from rbee.hub.refs import is_hub_reference, parse_reference
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
     KEEP_ALIVE_DEFAULT,
@@ -71,7 +77,9 @@ from rbee.protocol.messages import (
     JobAccepted,
     ListWorkers,
     ModelInfo,
+    ModelPulled,
     Progress,
+    PullModel,
     RunJob,
     StartJob,
     Status,
@@ -82,7 +90,15 @@ from rbee.protocol.messages import (
     WorkerInfo,
     WorkerList,
 )
-from rbee.transport.sockets import LOCAL_HWM, STREAM_HWM, RouterServer, bind_endpoint, new_socket
+from rbee.transport.keys import AuthorizedKeys, fingerprint, load_or_create
+from rbee.transport.sockets import (
+    LOCAL_HWM,
+    STREAM_HWM,
+    RouterServer,
+    bind_endpoint,
+    curve_server,
+    new_socket,
+)
 
 POLL_INTERVAL_S = 0.1
 SUBSCRIBE_TIMEOUT_S = 4.0  # under the keeper's 5 s wait for a reply
@@ -112,11 +128,45 @@ class HiveConfig:
     limits: Limits = field(default_factory=Limits)
     keep_alive_s: float = 300.0
     drain_grace_s: float = DRAIN_GRACE_S
+    secure: bool = False  # CURVE even on loopback (always on for any other address)
 
     @property
     def loopback_only(self) -> bool:
         """Development mode: nothing but this machine can reach the hive."""
         return self.host in LOOPBACK_HOSTS
+
+
+ADMIN_FRAMES = (PullModel, StopWorker)
+
+
+class _KeyCheck:
+    """The ZAP callback: a CURVE client gets in only with an authorized key (runs on the
+    authenticator's thread, so it has its own view of the file)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.keys = AuthorizedKeys(data_dir)
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        return bool(self.keys.role(key.decode("ascii", "replace")))
+
+
+class NeedsPull(Exception):
+    """A Hub reference that is not in the catalog yet (raised by ``Hive._resolve``)."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__(reference)
+        self.reference = reference
+
+
+def _pulled(entry: ModelEntry, downloaded: bool) -> ModelPulled:
+    return ModelPulled(
+        name=entry.name,
+        reference=entry.reference,
+        path=entry.path,
+        size_bytes=entry.size_bytes,
+        sha256=entry.sha256,
+        downloaded=downloaded,
+    )
 
 
 class Hive:
@@ -128,20 +178,41 @@ class Hive:
         self.catalog = Catalog(config.data_dir / "catalog.db")
         self.catalog.ensure_default()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.secure = config.secure or not config.loopback_only
+        self.authorized = AuthorizedKeys(config.data_dir)
+        self.keys = load_or_create(config.data_dir) if self.secure else None
+        self.auth: ThreadAuthenticator | None = None
         front = new_socket(self.ctx, zmq.ROUTER)
+        self.xpub = new_socket(self.ctx, zmq.XPUB)
+        if self.keys is not None:
+            self.auth = ThreadAuthenticator(self.ctx)
+            self.auth.start()
+            self.auth.configure_curve_callback("*", _KeyCheck(config.data_dir))
+            for sock in (front, self.xpub):
+                curve_server(sock, self.keys.public, self.keys.secret)
+            logger.info(
+                "CURVE on: only authorized keys get in",
+                key=self.keys.fingerprint,
+                authorized=len(self.authorized.roles()),
+            )
+        else:
+            logger.info("development mode: loopback only, no keys", host=config.host)
         self.front_endpoint = bind_endpoint(front, config.host, config.port)
-        self.front = RouterServer(front)
+        self.front = RouterServer(front, curve=self.secure)
+        self.role = "admin"  # of the request being handled (loop thread only)
         back = new_socket(self.ctx, zmq.ROUTER)
         back_endpoint = bind_endpoint(back, "127.0.0.1", 0)
         self.xsub = new_socket(self.ctx, zmq.XSUB)
         self.xsub.setsockopt(zmq.RCVHWM, LOCAL_HWM)
         xsub_endpoint = bind_endpoint(self.xsub, "127.0.0.1", 0)
         self.xsub.send(b"\x01")  # subscribe to every worker's every frame
-        self.xpub = new_socket(self.ctx, zmq.XPUB)
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.SNDHWM, STREAM_HWM)
         self.stream_endpoint = bind_endpoint(self.xpub, config.host, config.stream_port)
         self.pool = WorkerPool(RouterServer(back), back_endpoint, xsub_endpoint)
+        manager = DownloadManager(config.data_dir / "models")
+        manager.clean_stale_parts()
+        self.pulls = Pulls(manager)
         self.jobs: dict[str, JobRecord] = {}
         self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a worker or a subscription
         self.subscribers: Counter[str] = Counter()
@@ -155,6 +226,7 @@ class Hive:
             Hello: self.on_hello,
             Status: self.on_status,
             EnsureWorker: self.on_ensure_worker,
+            PullModel: self.on_pull_model,
             StartJob: self.on_start_job,
             Cancel: self.on_cancel,
             ListWorkers: self.on_list_workers,
@@ -233,6 +305,14 @@ class Hive:
         try:
             if handler is None:
                 raise InvalidRequest(f"a hive does not accept {frame.TYPE} frames from keepers")
+            self.role = self.authorized.role(incoming.user) if self.secure else "admin"
+            if not self.role:
+                raise AccessDenied(
+                    f"the key {fingerprint(incoming.user)} is no longer authorized on {self.node}",
+                    suggestion="pair again: `rbee hive pair` there, `rbee pair NODE CODE` here",
+                )
+            if type(frame) in ADMIN_FRAMES:
+                self._require_admin(frame.TYPE)
             handler(incoming.identity, rid, frame)
         except RbeeError as exc:
             self.front.reply_error(incoming.identity, rid, exc)
@@ -243,6 +323,13 @@ class Hive:
             )
 
     # ------------------------------------------------------------------ keeper requests
+
+    def _require_admin(self, what: str) -> None:
+        if self.role != "admin":
+            raise AccessDenied(
+                f"{what} needs the admin role; this keeper's key has the {self.role} role",
+                suggestion="on the hive: `rbee hive authorize KEY --role admin`",
+            )
 
     def on_hello(self, who: bytes, rid: int, frame: Hello) -> None:
         """Health and versions."""
@@ -303,15 +390,30 @@ class Hive:
     def _resolve(self, reference: str) -> ModelEntry:
         if self.draining:
             raise HiveDraining(f"hive {self.node} is shutting down", retry_after_s=RETRY_AFTER_S)
-        entry = self.catalog.resolve(reference, allow_files=self.config.loopback_only)
+        if is_hub_reference(reference):
+            canonical = parse_reference(reference).canonical()
+            entry = self.catalog.find_reference(canonical)
+            if entry is None or not Path(entry.path).is_file():
+                raise NeedsPull(canonical)
+        else:
+            entry = self.catalog.resolve(reference, allow_files=not self.secure)
         if self.catalog.get(entry.name) is not None:  # file: and synthetic: models have no row
             self.catalog.touch(entry.name)
         return entry
 
     def on_ensure_worker(self, who: bytes, rid: int, frame: EnsureWorker) -> None:
         """Reuse an idle worker holding the model, join one loading it, spawn one, or name a
-        busy one (the job will queue)."""
-        entry = self._resolve(frame.model)
+        busy one (the job will queue); a Hub model not here yet is downloaded first."""
+        try:
+            entry = self._resolve(frame.model)
+        except NeedsPull as need:
+            self._require_admin(f"downloading {need.reference}")
+            self.pulls.join(need.reference, who, rid, "ensure", frame.n_ctx)
+            self.front.send(who, Progress(phase="download", message=need.reference), rid)
+            return
+        self._ensure(who, rid, entry, frame.n_ctx)
+
+    def _ensure(self, who: bytes, rid: int, entry: ModelEntry, n_ctx: int) -> None:
         plan = plan_worker(self.pool.records(), entry.path, self.config.limits, self._fits(entry))
         if plan.action in ("reuse", "queue"):
             assert plan.worker is not None
@@ -329,7 +431,7 @@ class Hive:
         if plan.action == "spawn":
             if plan.evict is not None:
                 self.pool.stop(plan.evict, f"making room for {entry.name}")
-            worker = self._spawn(entry, frame.n_ctx)
+            worker = self._spawn(entry, n_ctx)
             message = f"spawned worker {worker.worker_id} (pid {worker.pid}) for {entry.name}"
         else:
             assert plan.worker is not None
@@ -337,6 +439,60 @@ class Hive:
             message = f"waiting for worker {worker.worker_id}, already loading {entry.name}"
         worker.waiters.append((who, rid))
         self.front.send(who, Progress(phase="spawn", message=message), rid)
+
+    def on_pull_model(self, who: bytes, rid: int, frame: PullModel) -> None:
+        """Download a Hub model into the catalog (at once if it is already here)."""
+        if not is_hub_reference(frame.reference):
+            raise InvalidRequest(
+                f"{frame.reference!r} is not a Hugging Face reference",
+                suggestion="use hf:ORG/REPO, hf:ORG/REPO:QUANT or hf:ORG/REPO/FILE.gguf",
+            )
+        try:
+            entry = self._resolve(frame.reference)
+        except NeedsPull as need:
+            self.pulls.join(need.reference, who, rid, "pull")
+            self.front.send(who, Progress(phase="download", message=need.reference), rid)
+            return
+        self.front.send(who, _pulled(entry, downloaded=False), rid)
+
+    def _on_pull_finished(self, done: Finished) -> None:
+        if done.error is not None:
+            for who, rid, _, _ in done.pull.waiters:
+                self.front.reply_error(who, rid, done.error)
+            return
+        total = sum(f.size for f in done.files)
+        finished = Progress(phase="download", done=total, total=total, message="verified")
+        for who, rid, _, _ in done.pull.waiters:
+            self.front.send(who, finished, rid)
+        first = done.files[0]
+        known = self.catalog.find_path(first.path)
+        if known is not None:  # another spelling of a model already here
+            for who, rid, purpose, n_ctx in done.pull.waiters:
+                self._after_pull(who, rid, purpose, n_ctx, known, downloaded=False)
+            return
+        entry = self.catalog.add_pulled(
+            first.path,
+            reference=first.reference,
+            repo=first.repo,
+            file=first.filename,
+            revision=first.commit,
+            sha256=first.sha256,
+            size_bytes=total,
+        )
+        logger.info("pulled", model=entry.name, reference=entry.reference, bytes=entry.size_bytes)
+        for who, rid, purpose, n_ctx in done.pull.waiters:
+            self._after_pull(who, rid, purpose, n_ctx, entry, downloaded=True)
+
+    def _after_pull(
+        self, who: bytes, rid: int, purpose: str, n_ctx: int, entry: ModelEntry, downloaded: bool
+    ) -> None:
+        if purpose == "pull":
+            self.front.send(who, _pulled(entry, downloaded=downloaded), rid)
+            return
+        try:
+            self._ensure(who, rid, entry, n_ctx)
+        except RbeeError as exc:
+            self.front.reply_error(who, rid, exc)
 
     def _fits(self, entry: ModelEntry) -> bool:
         """Whether one more worker of this model fits in free RAM (weights + margin)."""
@@ -377,7 +533,13 @@ class Hive:
             if self.draining:
                 raise HiveDraining(f"hive {self.node} is shutting down")
         else:
-            entry = self._resolve(frame.model)
+            try:
+                entry = self._resolve(frame.model)
+            except NeedsPull as need:
+                raise ModelNotFound(
+                    f"{need.reference} is not downloaded on {self.node} yet",
+                    suggestion=f"`rbee models pull {need.reference}` (or run it with rbee infer)",
+                ) from None
             model, path = entry.name, entry.path
         if len(self.queue) >= self.config.limits.max_queue:
             raise AllSlotsBusy(
@@ -449,7 +611,7 @@ class Hive:
             if coming:
                 continue
             try:
-                entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
+                entry = self.catalog.resolve(job.model, allow_files=not self.secure)
             except RbeeError:
                 continue
             plan = plan_worker(records, job.model_path, self.config.limits, self._fits(entry))
@@ -641,6 +803,17 @@ class Hive:
         """Reap workers, unload idle ones, keep waiting keepers informed, trim old jobs, drain."""
         for event in self.pool.reap(now):
             self._on_worker_event(event)
+        for done in self.pulls.finished():
+            self._on_pull_finished(done)
+        for pull in self.pulls.due_progress(now):
+            progress = Progress(
+                phase="download",
+                done=pull.done_bytes,
+                total=pull.total_bytes,
+                message=describe_progress(pull),
+            )
+            for who, rid, _, _ in pull.waiters:
+                self.front.send(who, progress, rid)
         for worker in idle_expired(self.pool.records(), now):
             self.pool.stop(worker, f"idle for its keep-alive of {worker.keep_alive_s:g} s")
         for worker in self.pool.records():
@@ -672,6 +845,9 @@ class Hive:
             self.stopped = True
 
     def _close(self) -> None:
+        self.pulls.close()
+        if self.auth is not None:
+            self.auth.stop()
         total = len(self.pool.workers)
         if total:  # the loop ended early (an exception): force what is left
             for worker in self.pool.records():

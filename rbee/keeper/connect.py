@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import zmq
 
+from rbee.errors import AccessDenied, HiveKeyChanged, RbeeError
 from rbee.keeper.choose import IDLE, choose
-from rbee.keeper.link import HELLO_TIMEOUTS_S, HiveLink, hello, open_ephemeral, parse_node
+from rbee.keeper.link import HELLO_TIMEOUTS_S, HiveLink, hello, open_ephemeral, open_link
 from rbee.keeper.survey import HiveView, local_view, survey
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX
 
-INFER_BROWSE_S = 0.6
+INFER_BROWSE_S = 0.8  # the longest a request waits for LAN answers when none come
 
 
 def connect(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None, model: str) -> HiveLink:
@@ -51,19 +52,28 @@ def _here(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, why: str) -> Hive
 
 
 def _open(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> HiveLink:
-    client, reply = hello(ctx, view.host, view.port, HELLO_TIMEOUTS_S)
+    client, reply = hello(ctx, view.host, view.port, HELLO_TIMEOUTS_S, view.curve)
     return HiveLink(ctx, client, view.host, reply)
 
 
 def _named(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
     """``--node``: a discovered node name (exact), else HOST[:PORT]."""
-    host, port = parse_node(node)
     if ":" not in node and not node.replace(".", "").isdigit():
-        named = [v for v in survey(ctx, include_local=False) if v.name == node]
+        named = [v for v in survey(ctx, browse_s=2.0, include_local=False) if v.name == node]
+        if named and named[0].error_code in ("HIVE_KEY_CHANGED", "NOT_PAIRED"):
+            raise _refusal(named[0])
         if named:
-            host, port = named[0].host, named[0].port
-    client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
-    return HiveLink(ctx, client, host, reply)
+            return _open(ctx, named[0])
+    return open_link(ctx, node)
+
+
+def _refusal(view: HiveView) -> RbeeError:
+    if view.error_code == "HIVE_KEY_CHANGED":
+        return HiveKeyChanged(view.error, suggestion=f"`rbee keys forget {view.name}`, then pair")
+    return AccessDenied(
+        f"this keeper has not paired with {view.name}",
+        suggestion=f"on {view.name}: `rbee hive pair`; here: `rbee pair {view.name} CODE`",
+    )
 
 
 def _clone_warning(view: HiveView) -> str:

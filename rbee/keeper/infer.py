@@ -18,7 +18,6 @@ import zmq
 from rbee.errors import (
     AllSlotsBusy,
     Canceled,
-    HiveLost,
     HiveUnreachable,
     RbeeError,
     WorkerCrashed,
@@ -88,6 +87,17 @@ class Reporter:
         self.err.write(f"[{name}] {text}\n")
         self.err.flush()
 
+    def download(self, done: float, total: float, detail: str) -> None:
+        """Download progress: a live line on a terminal, a line per 10% otherwise."""
+        pct = int(done * 100 / total) if total else 0
+        step = pct if self.tty else pct // 10 * 10
+        if step == self.last_step:
+            return
+        self.last_step = step
+        line = f"[download] {pct:3d}% {done / 1e6:,.0f}/{total / 1e6:,.0f} MB, {detail}"
+        self.err.write(f"\r{line}\x1b[K" if self.tty else f"{line}\n")
+        self.err.flush()
+
     def loading(self, fraction: float) -> None:
         """Loading progress: a live percentage on a terminal, a line per quarter otherwise."""
         pct = int(fraction * 100)
@@ -137,10 +147,7 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
     except HiveUnreachable as exc:
         if link is None:
             raise
-        raise HiveLost(
-            f"hive {link.hello.node} stopped answering: {exc.message}",
-            suggestion="check that the hive is still running (`rbee ps`)",
-        ) from None
+        raise link.lost(exc) from None
     finally:
         if link is not None:
             link.close()
@@ -154,6 +161,10 @@ def ensure_worker(link: HiveLink, model: str, report: Reporter) -> WorkerAssigne
         if isinstance(frame, Progress):
             if frame.phase == "loading":
                 report.loading(frame.done / frame.total if frame.total else 0.0)
+            elif frame.phase == "download" and frame.total:
+                report.download(frame.done, frame.total, frame.message)
+            elif frame.phase == "download":
+                report.phase("download", f"pulling {frame.message}")
             else:
                 report.phase("worker" if frame.phase == "spawn" else frame.phase, frame.message)
         elif isinstance(frame, WorkerAssigned):
@@ -201,7 +212,7 @@ def stream_job(
 ) -> None:
     """Subscribe, start the job, print tokens as they come; Ctrl-C cancels the job."""
     job_id = "j-" + uuid.uuid4().hex[:16]
-    sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM)
+    sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM, link.curve)
     sub.subscribe(job_id)  # before StartJob: the hive waits for it, so no token is missed
     try:
         try:

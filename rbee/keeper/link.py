@@ -15,17 +15,19 @@ from typing import IO
 
 import zmq
 
-from rbee.errors import HiveUnreachable, InvalidRequest, VersionMismatch
+from rbee.errors import HiveLost, HiveUnreachable, InvalidRequest, VersionMismatch
 from rbee.paths import data_dir, hive_port, self_command
 from rbee.process import child_env
 from rbee.protocol.messages import PROTOCOL_VERSION, Hello, HelloReply
-from rbee.transport.sockets import DealerClient, tcp_endpoint
+from rbee.transport.keys import KnownHives, load_or_create
+from rbee.transport.sockets import Curve, DealerClient, tcp_endpoint
 
 HELLO_TIMEOUTS_S = (1.0, 2.0, 3.5)  # bounded retries: all of them fit well within 10 s
 RETRY_BACKOFF_S = 0.25
 EPHEMERAL_READY_TIMEOUT_S = 30.0
 EPHEMERAL_STOP_TIMEOUT_S = 15.0
 READY_PREFIX = "RBEE_HIVE_READY"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass
@@ -41,9 +43,21 @@ class HiveLink:
     notes: list[str] = field(default_factory=list)
 
     @property
+    def curve(self) -> Curve | None:
+        """The CURVE settings of this connection (None: a loopback hive in development mode)."""
+        return self.client.curve
+
+    @property
     def stream_endpoint(self) -> str:
         """Where this hive publishes token streams."""
         return tcp_endpoint(self.host, self.hello.stream_port)
+
+    def lost(self, exc: HiveUnreachable) -> HiveLost:
+        """The error for a hive that stopped answering in the middle of a request."""
+        return HiveLost(
+            f"hive {self.hello.node} stopped answering: {exc.message}",
+            suggestion="check that the hive is still running (`rbee nodes`)",
+        )
 
     def close(self) -> None:
         """Close the connection; an ephemeral hive is stopped and waited for."""
@@ -77,12 +91,16 @@ def _port(text: str, node: str) -> int:
 
 
 def hello(
-    ctx: zmq.Context[zmq.Socket[bytes]], host: str, port: int, timeouts: tuple[float, ...]
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    host: str,
+    port: int,
+    timeouts: tuple[float, ...],
+    curve: Curve | None = None,
 ) -> tuple[DealerClient, HelloReply]:
     """Say Hello with bounded retries (a fresh socket each time); HiveUnreachable at the end."""
     endpoint = tcp_endpoint(host, port)
     for attempt, timeout in enumerate(timeouts):
-        client = DealerClient(ctx, endpoint)
+        client = DealerClient(ctx, endpoint, curve)
         try:
             reply = client.request(Hello(client="keeper"), timeout)
         except HiveUnreachable:
@@ -105,17 +123,34 @@ def hello(
             )
         return client, reply
     total = sum(timeouts) + sum(RETRY_BACKOFF_S * 2**i for i in range(len(timeouts) - 1))
+    hint = f"start one there with `rbee hive`, or check the address and that port {port} is open"
+    if curve is None and host not in LOOPBACK:
+        hint += "; a hive on the LAN answers only keepers it has paired with (`rbee pair`)"
     raise HiveUnreachable(
         f"no hive answered at {host}:{port} after {len(timeouts)} tries ({total:.1f} s)",
-        suggestion=f"start one there with `rbee hive`, or check the address and that port {port} "
-        "is open",
+        suggestion=hint,
     )
+
+
+def curve_for(endpoint: str, node_id: str = "", key: str = "", name: str = "") -> Curve | None:
+    """CURVE settings to reach a hive: by its announced key (checked against the pinned one)
+    or by the key pinned for its address; None when this keeper has not paired with it."""
+    known_hives = KnownHives(data_dir())
+    if key:
+        known = known_hives.check(node_id, key, endpoint, name or endpoint)
+    else:
+        known = known_hives.find(address=endpoint)
+    if known is None:
+        return None
+    mine = load_or_create(data_dir())
+    return Curve(public=mine.public, secret=mine.secret, server=known.key)
 
 
 def open_link(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
     """Connect to the hive at ``node`` (HOST[:PORT]) with bounded retries."""
     host, port = parse_node(node)
-    client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
+    curve = curve_for(tcp_endpoint(host, port).removeprefix("tcp://"))
+    client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S, curve)
     return HiveLink(ctx, client, host, reply)
 
 

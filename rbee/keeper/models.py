@@ -6,9 +6,15 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+import zmq
+
 from rbee.catalog import Catalog, ModelEntry
+from rbee.errors import HiveUnreachable
 from rbee.keeper.nodes import size, table
-from rbee.paths import catalog_path
+from rbee.paths import catalog_path, data_dir
+from rbee.protocol.messages import ModelPulled, Progress, PullModel
+
+PULL_WAIT_S = 5.0  # the hive reports a download's progress twice a second
 
 
 def import_model(path: str, name: str | None, out: TextIO = sys.stdout) -> ModelEntry:
@@ -55,10 +61,56 @@ def list_models(out: TextIO = sys.stdout) -> list[ModelEntry]:
 
 
 def remove_model(name: str, out: TextIO = sys.stdout) -> None:
-    """Forget a model; its file is left where it is."""
+    """Forget a model. A file rbee downloaded is deleted; an imported file is kept."""
     catalog = Catalog(catalog_path())
     try:
         entry = catalog.remove(name)
     finally:
         catalog.close()
-    out.write(f"removed {entry.name} from the catalog (the file {entry.path} was kept)\n")
+    path = Path(entry.path)
+    if entry.provider == "hf" and path.is_relative_to(data_dir() / "models"):
+        for part in path.parent.glob(split_glob(path.name)):
+            part.unlink(missing_ok=True)
+        out.write(f"removed {entry.name} and deleted its download {path}\n")
+    else:
+        out.write(f"removed {entry.name} from the catalog (the file {entry.path} was kept)\n")
+
+
+def split_glob(filename: str) -> str:
+    """A pattern matching every part of a split GGUF (or just the file itself)."""
+    stem, sep, _ = filename.rpartition("-00001-of-")
+    return f"{stem}-0*-of-*.gguf" if sep else filename
+
+
+def pull_model(reference: str, node: str | None, err: TextIO = sys.stderr) -> None:
+    """`rbee models pull REF`: download a Hub model into a hive's catalog, with progress."""
+    from rbee.keeper.connect import connect
+    from rbee.keeper.infer import Reporter
+
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    report = Reporter(err)
+    try:
+        link = connect(ctx, node, reference)
+        try:
+            for note in link.notes:
+                report.phase("hive", note)
+            rid = link.client.send(PullModel(reference=reference))
+            for frame in link.client.replies(rid, PULL_WAIT_S):
+                if isinstance(frame, Progress) and frame.total:
+                    report.download(frame.done, frame.total, frame.message)
+                elif isinstance(frame, Progress):
+                    report.phase("download", f"pulling {frame.message} on {link.hello.node}")
+                elif isinstance(frame, ModelPulled):
+                    verb = "downloaded" if frame.downloaded else "already had"
+                    report.phase(
+                        "done",
+                        f"{link.hello.node} {verb} {frame.reference} as {frame.name} "
+                        f"({size(frame.size_bytes)}, sha256 {frame.sha256[:12]}…)",
+                    )
+                    return
+        except HiveUnreachable as exc:
+            raise link.lost(exc) from None
+        finally:
+            link.close()
+    finally:
+        ctx.destroy(linger=0)

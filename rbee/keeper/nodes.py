@@ -87,8 +87,18 @@ def list_nodes(
         r = _record(v)
         free = f"{size(r['ram_free_bytes'])}" if r["ram_free_bytes"] is not None else "-"
         version = f"{r['rbee_version'] or '?'}/p{r['protocol_version']}"
-        rows.append([v.name, v.endpoint, version, r["backends"], free, str(len(r["workers"])),
-                     str(len(r["models"])), r["state"]])  # fmt: skip
+        rows.append(
+            [
+                v.name,
+                v.endpoint,
+                version,
+                r["backends"],
+                free,
+                str(len(r["workers"])),
+                str(len(r["models"])),
+                r["state"],
+            ]
+        )
     table(rows, out)
     return views
 
@@ -117,8 +127,19 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
     rows = [["NODE", "WORKER", "MODEL", "STATE", "BACKEND", "PID", "RSS", "JOBS", "IDLE FOR"]]
     for name, w in found:
         idle = f"{time.time() - w.last_activity:.0f} s" if w.state == "idle" else "-"
-        rows.append([name, w.worker_id, w.model, w.state, f"{w.backend}:{w.device}", str(w.pid),
-                     size(w.rss_bytes), str(w.jobs_served), idle])  # fmt: skip
+        rows.append(
+            [
+                name,
+                w.worker_id,
+                w.model,
+                w.state,
+                f"{w.backend}:{w.device}",
+                str(w.pid),
+                size(w.rss_bytes),
+                str(w.jobs_served),
+                idle,
+            ]
+        )
     table(rows, out)
 
 
@@ -129,8 +150,11 @@ def stop_worker(worker_id: str, node: str | None, out: TextIO = sys.stdout) -> N
         target = node
         if target is None:
             views = survey(ctx, browse_s=NODES_BROWSE_S)
-            owners = [v for v in views if v.status and any(w.worker_id == worker_id
-                                                           for w in v.status.workers)]  # fmt: skip
+            owners = [
+                v
+                for v in views
+                if v.status and any(w.worker_id == worker_id for w in v.status.workers)
+            ]
             target = owners[0].endpoint if owners else "127.0.0.1"
         link = open_link(ctx, target)
         try:

@@ -13,10 +13,10 @@ import zmq
 from rbee import discovery
 from rbee.errors import RbeeError
 from rbee.keeper.choose import Candidate
-from rbee.keeper.link import parse_node
+from rbee.keeper.link import curve_for, parse_node
 from rbee.paths import hive_port
 from rbee.protocol.messages import Hello, HelloReply, HiveStatus, Status
-from rbee.transport.sockets import DealerClient, tcp_endpoint
+from rbee.transport.sockets import Curve, DealerClient, tcp_endpoint
 
 SURVEY_TIMEOUT_S = 1.0
 
@@ -34,6 +34,7 @@ class HiveView:
     error: str = ""
     error_code: str = ""
     cloned_id: bool = False
+    curve: Curve | None = None
 
     @property
     def name(self) -> str:
@@ -102,7 +103,19 @@ def _ask(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> None:
     if view.source == "local" and not _listening(view.host, view.port):
         view.error = "nothing listens there"
         return
-    client = DealerClient(ctx, tcp_endpoint(view.host, view.port))
+    a = view.announcement
+    try:
+        if a is not None and a.key:
+            view.curve = curve_for(view.endpoint, a.node_id, a.key, a.node)
+            if view.curve is None:
+                view.error, view.error_code = f"not paired: `rbee pair {a.node} CODE`", "NOT_PAIRED"
+                return
+        else:
+            view.curve = curve_for(view.endpoint)
+    except RbeeError as exc:  # HIVE_KEY_CHANGED
+        view.error, view.error_code = exc.message, exc.code
+        return
+    client = DealerClient(ctx, tcp_endpoint(view.host, view.port), view.curve)
     try:
         hello = client.request(Hello(client="keeper"), SURVEY_TIMEOUT_S)
         status = client.request(Status(), SURVEY_TIMEOUT_S)

@@ -2,9 +2,10 @@
 
 Three conversations use these frames:
 
-* keeper ⇄ hive (DEALER → ROUTER): requests (Hello, Status, EnsureWorker, StartJob, Cancel,
-  ListWorkers, StopWorker, FetchFrames) and their replies; a long request (EnsureWorker) gets
-  Progress frames before its final reply. Any request may be answered with Error.
+* keeper ⇄ hive (DEALER → ROUTER): requests (Hello, Status, EnsureWorker, PullModel, StartJob,
+  Cancel, ListWorkers, StopWorker, FetchFrames) and their replies; a long request (EnsureWorker,
+  PullModel, StartJob) gets Progress frames before its final reply. Any request may be answered
+  with Error.
 * hive ⇄ worker (worker DEALER → hive's local ROUTER): WorkerLoading, WorkerReady, Heartbeat
   and WorkerFailed up; RunJob, CancelJob and StopRequest down.
 * worker → hive → keeper (PUB/SUB, topic = job id): Token frames with a sequence number, then
@@ -24,6 +25,8 @@ PROTOCOL_VERSION = 1
 MAX_PROMPT_CHARS = 1024 * 1024
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_STRINGS = 16
+MAX_CHAT_MESSAGES = 256
+CHAT_ROLES = ("system", "user", "assistant")
 ID_CHARS = 64
 STATES = ("loading", "idle", "busy", "stopping")
 STOP_REASONS = ("eos", "length", "stop", "canceled")
@@ -42,8 +45,20 @@ class Frame(Record):
 # --------------------------------------------------------------------------- shared records
 
 
+class ChatMessage(Record):
+    """One turn of a conversation; the worker renders them all with the model's chat template."""
+
+    role: str = spec(choices=CHAT_ROLES)
+    content: str = spec(max_len=MAX_PROMPT_CHARS)
+
+
 class GenerateParams(Record):
-    """What to generate: the prompt and the sampling settings a keeper may choose."""
+    """What to generate: the prompt and the sampling settings a keeper may choose.
+
+    ``messages``, when given, is the conversation the chat template renders instead of a single
+    user turn holding ``prompt``; ``prompt`` then carries a flattened form of it for models
+    without a template.
+    """
 
     prompt: str = spec(max_len=MAX_PROMPT_CHARS)
     max_tokens: int = spec(default=256, min=1, max=MAX_TOKENS_LIMIT)
@@ -54,6 +69,7 @@ class GenerateParams(Record):
     stop: list[str] = spec(default_factory=list, max_len=MAX_STOP_STRINGS)
     raw: bool = spec(default=False)
     ignore_eos: bool = spec(default=False)
+    messages: list[ChatMessage] = spec(default_factory=list, max_len=MAX_CHAT_MESSAGES)
 
 
 class WorkerInfo(Record):
@@ -160,6 +176,25 @@ class WorkerAssigned(Frame):
 
 
 KEEP_ALIVE_DEFAULT = -2.0  # keep_alive_s: the hive's default; -1 forever; 0 unload at once
+
+
+class PullModel(Frame):
+    """Download a model from the Hub into the hive's catalog (Progress frames, then ModelPulled)."""
+
+    TYPE = "pull_model"
+    reference: str = spec(max_len=4096)
+
+
+class ModelPulled(Frame):
+    """Final reply to PullModel: the model is verified and in the catalog."""
+
+    TYPE = "model_pulled"
+    name: str = spec(max_len=256)
+    reference: str = spec(max_len=4096)
+    path: str = spec(max_len=4096)
+    size_bytes: int = spec(min=0)
+    sha256: str = spec(max_len=64)
+    downloaded: bool
 
 
 class StartJob(Frame):
@@ -308,6 +343,43 @@ class StopRequest(Frame):
     TYPE = "stop_request"
 
 
+# --------------------------------------------------------------------------- pairing
+
+
+class PairHello(Frame):
+    """Keeper → pairing hive: the first SPAKE2 message (derived from the one-time code)."""
+
+    TYPE = "pair_hello"
+    msg: bytes = spec(max_len=128)
+
+
+class PairHelloReply(Frame):
+    """Pairing hive → keeper: the hive's SPAKE2 message."""
+
+    TYPE = "pair_hello_reply"
+    msg: bytes = spec(max_len=128)
+
+
+class PairConfirm(Frame):
+    """Keeper → pairing hive: the keeper's public key, MACed with the shared SPAKE2 key."""
+
+    TYPE = "pair_confirm"
+    key: str = spec(max_len=40)
+    mac: bytes = spec(max_len=64)
+
+
+class PairAccepted(Frame):
+    """Pairing hive → keeper: the hive's key and identity, MACed with the shared key."""
+
+    TYPE = "pair_accepted"
+    key: str = spec(max_len=40)
+    node_id: str = spec(max_len=64)
+    node: str = spec(max_len=256)
+    role: str = spec(choices=("infer", "admin"))
+    router_port: int = spec(min=1, max=65535)
+    mac: bytes = spec(max_len=64)
+
+
 # --------------------------------------------------------------------------- stream frames
 
 
@@ -355,6 +427,8 @@ FRAME_TYPES: dict[str, type[Frame]] = {
         EnsureWorker,
         Progress,
         WorkerAssigned,
+        PullModel,
+        ModelPulled,
         StartJob,
         JobAccepted,
         Cancel,
@@ -365,6 +439,10 @@ FRAME_TYPES: dict[str, type[Frame]] = {
         FramesReply,
         Ack,
         Error,
+        PairHello,
+        PairHelloReply,
+        PairConfirm,
+        PairAccepted,
         WorkerLoading,
         WorkerReady,
         WorkerFailed,

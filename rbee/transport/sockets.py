@@ -13,12 +13,21 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
-from rbee.errors import HiveUnreachable, RbeeError, VersionMismatch, error_from_code
+from rbee.errors import (
+    AccessDenied,
+    HiveKeyChanged,
+    HiveUnreachable,
+    RbeeError,
+    VersionMismatch,
+    error_from_code,
+)
 from rbee.protocol.codec import MAX_FRAME_BYTES, Envelope, decode, encode
 from rbee.protocol.messages import Error, Frame
 
 LINGER_MS = 0
+AUTH_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
 STREAM_HWM = 10_000
 LOCAL_HWM = 0  # unlimited on the worker → hive hop: it must never drop a token
 
@@ -57,29 +66,61 @@ def connect(sock: zmq.Socket[bytes], endpoint: str) -> None:
 
 
 @dataclass(frozen=True)
+class Curve:
+    """CURVE settings for a client socket: our key pair and the server's public key."""
+
+    public: str
+    secret: str
+    server: str
+
+
+def curve_server(sock: zmq.Socket[bytes], public: str, secret: str) -> None:
+    """Make ``sock`` a CURVE server (encrypted; clients are checked by the ZAP handler)."""
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public.encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret.encode())
+
+
+def curve_client(sock: zmq.Socket[bytes], curve: Curve | None) -> None:
+    """Make ``sock`` a CURVE client of the server whose key is ``curve.server`` (None: plain)."""
+    if curve is None:
+        return
+    sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server.encode())
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public.encode())
+    sock.setsockopt(zmq.CURVE_SECRETKEY, curve.secret.encode())
+
+
+@dataclass(frozen=True)
 class Incoming:
-    """A frame a ROUTER received, with the peer identity to answer."""
+    """A frame a ROUTER received, with the peer identity to answer and, on a CURVE socket,
+    the peer's public key (the ZAP User-Id; "" on a plain socket)."""
 
     identity: bytes
     envelope: Envelope
+    user: str = ""
 
 
 class RouterServer:
     """The serving side of request/reply. Malformed frames get an Error reply and are counted."""
 
-    def __init__(self, sock: zmq.Socket[bytes]) -> None:
+    def __init__(self, sock: zmq.Socket[bytes], curve: bool = False) -> None:
         self.sock = sock
+        self.curve = curve
         self.dropped = 0
 
     def recv(self) -> Incoming | None:
         """Read one waiting frame; None if it was malformed (already answered or dropped)."""
-        parts = self.sock.recv_multipart(zmq.NOBLOCK)
+        parts = self.sock.recv_multipart(zmq.NOBLOCK, copy=False)
         if len(parts) != 2:
             self.dropped += 1
             return None
-        identity, data = parts
+        identity, data = parts[0].bytes, parts[1].bytes
         try:
-            return Incoming(identity, decode(data))
+            user = parts[1].get("User-Id") if self.curve else ""
+        except zmq.ZMQError:
+            user = ""
+        try:
+            return Incoming(identity, decode(data), str(user or ""))
         except RbeeError as exc:
             self.dropped += 1
             self.reply_error(identity, 0, exc)
@@ -126,15 +167,48 @@ class DealerClient:
 
     _rids = itertools.count(1)
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None = None
+    ) -> None:
         self.ctx = ctx
         self.endpoint = endpoint
+        self.curve = curve
         self.sock = new_socket(ctx, zmq.DEALER)
+        curve_client(self.sock, curve)
+        # Watch the handshake: a refused key, or a hive that wants keys, is an error at once.
+        self.monitor = self.sock.get_monitor_socket(AUTH_EVENTS)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
+        self._poller.register(self.monitor, zmq.POLLIN)
         connect(self.sock, endpoint)
 
     def close(self) -> None:
         """Close the socket; pending frames are discarded."""
+        self.sock.disable_monitor()
+        self.monitor.close(LINGER_MS)
         self.sock.close(LINGER_MS)
+
+    def _refused(self) -> RbeeError | None:
+        """Why the hive refused our CURVE handshake, if it did."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                return AccessDenied(
+                    f"{self.endpoint} refused this keeper's key",
+                    suggestion="pair with the hive (`rbee hive pair` there, `rbee pair` here)",
+                )
+            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and self.curve is None:
+                return AccessDenied(
+                    f"{self.endpoint} only talks to keepers it has paired with",
+                    suggestion="pair with the hive (`rbee hive pair` there, `rbee pair` here)",
+                )
+            if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+                return HiveKeyChanged(
+                    f"the CURVE handshake with {self.endpoint} failed: it does not hold the key "
+                    "this keeper pinned for it",
+                    suggestion="`rbee keys forget NODE` and pair again if it was reinstalled",
+                )
+        return None
 
     def send(self, frame: Frame) -> int:
         """Send a request and return its request id."""
@@ -152,7 +226,13 @@ class DealerClient:
             deadline = time.monotonic() + timeout_s
             while True:
                 left_ms = int((deadline - time.monotonic()) * 1000)
-                if left_ms <= 0 or not self.sock.poll(left_ms):
+                ready = dict(self._poller.poll(max(left_ms, 0)))
+                refused = self._refused() if self.monitor in ready else None
+                if refused is not None:
+                    raise refused
+                if self.sock not in ready:
+                    if time.monotonic() < deadline:
+                        continue  # a monitor event that was no refusal
                     raise HiveUnreachable(
                         f"no answer from {self.endpoint} within {timeout_s:.1f} s",
                         suggestion="check that `rbee hive` runs there and the port is reachable",
@@ -176,9 +256,16 @@ class DealerClient:
 class StreamSubscriber:
     """The keeper's end of a token stream (SUB)."""
 
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, hwm: int) -> None:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        hwm: int,
+        curve: Curve | None = None,
+    ) -> None:
         self.sock = new_socket(ctx, zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
+        curve_client(self.sock, curve)
         connect(self.sock, endpoint)
 
     def subscribe(self, topic: str) -> None:

@@ -122,7 +122,8 @@ class Engine:
         return bool(self.template)
 
     def prompt_tokens(self, params: GenerateParams) -> list[int]:
-        """Tokenize as create_completion (raw) or create_chat_completion (chat) would."""
+        """Tokenize as create_completion (raw) or create_chat_completion (chat) would; a chat is
+        ``params.messages`` when given, else one user turn holding the prompt."""
         if params.raw or not self.template:
             return list(self.llama.tokenize(params.prompt.encode(), add_bos=True, special=True))
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -135,7 +136,10 @@ class Engine:
             bos_token=self.llama._model.token_get_text(bos) if bos >= 0 else "",
             stop_token_ids=[eos],
         )
-        result = fmt(messages=[{"role": "user", "content": params.prompt}])
+        messages: list[Any] = [m.to_wire() for m in params.messages] or [
+            {"role": "user", "content": params.prompt}
+        ]
+        result = fmt(messages=messages)
         return list(
             self.llama.tokenize(
                 result.prompt.encode(), add_bos=not result.added_special, special=True

@@ -48,9 +48,12 @@ class Keeper:
 
     def __init__(self, env: dict[str, str], *args: str) -> None:
         self.proc = subprocess.Popen(
-            rbee_cmd("infer", *args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            rbee_cmd("infer", *args),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         self.lines: list[str] = []
         self.chunks: list[str] = []
         assert self.proc.stderr is not None and self.proc.stdout is not None
@@ -174,8 +177,9 @@ def test_sigterm_drains_then_stops(rbee_env: dict[str, str]) -> None:
         keeper.wait_for("[inference]")
         hive.send_signal(signal.SIGTERM)
         time.sleep(0.3)
-        refused = run_rbee("infer", "--node", f"127.0.0.1:{rbee_env['RBEE_HIVE_PORT']}", *SHORT,
-                           env=rbee_env)  # fmt: skip
+        refused = run_rbee(
+            "infer", "--node", f"127.0.0.1:{rbee_env['RBEE_HIVE_PORT']}", *SHORT, env=rbee_env
+        )
         assert refused.returncode == ExitCode.BUSY and "HIVE_DRAINING" in refused.stderr
         code, _, err = keeper.finish()
         assert code == 0 and "200 tokens" in err, "the running job finished within the grace"
@@ -212,8 +216,10 @@ def test_fifty_concurrent_keepers_on_two_workers(rbee_env: dict[str, str]) -> No
         warm = [Keeper(rbee_env, *SHORT) for _ in range(4)]  # both workers loaded, heap warm
         assert all(k.finish()[0] == 0 for k in warm)
         before = psutil.Process(hive.pid).memory_info().rss
-        keepers = [Keeper(rbee_env, "--raw", "-t", "0", "--ignore-eos", "-n", "16", f"Story {i}:")
-                   for i in range(50)]  # fmt: skip
+        keepers = [
+            Keeper(rbee_env, "--raw", "-t", "0", "--ignore-eos", "-n", "16", f"Story {i}:")
+            for i in range(50)
+        ]
         results = [k.finish(timeout=400) for k in keepers]
         after = psutil.Process(hive.pid).memory_info().rss
     done = busy = 0
@@ -225,7 +231,9 @@ def test_fifty_concurrent_keepers_on_two_workers(rbee_env: dict[str, str]) -> No
         else:
             assert code == ExitCode.BUSY and "ALL_SLOTS_BUSY" in err, err
             busy += 1
-    print(f"50 keepers: {done} completed with all 16 tokens, {busy} told busy; "
-          f"hive RSS {before >> 20} MiB before, {after >> 20} MiB after")  # fmt: skip
+    print(
+        f"50 keepers: {done} completed with all 16 tokens, {busy} told busy; "
+        f"hive RSS {before >> 20} MiB before, {after >> 20} MiB after"
+    )
     assert done + busy == 50 and done > 0
     assert after <= before * 1.10, f"hive RSS grew from {before} to {after}"

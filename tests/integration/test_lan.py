@@ -33,14 +33,20 @@ def env_for(host: Host, base: dict[str, str], tmp_path: Path, name: str) -> dict
 def rbee_on(
     host: Host, env: dict[str, str], *args: str, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(host.argv([sys.executable, "-m", "rbee", *args]), env=env,
-                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        host.argv([sys.executable, "-m", "rbee", *args]),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @contextmanager
 def hive_on(host: Host, env: dict[str, str], name: str) -> Iterator[subprocess.Popen[str]]:
-    argv = host.argv([sys.executable, "-m", "rbee", "hive", "--host", "0.0.0.0",
-                      "--node-name", name])  # fmt: skip
+    argv = host.argv(
+        [sys.executable, "-m", "rbee", "hive", "--host", "0.0.0.0", "--node-name", name]
+    )
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
     try:
         yield proc
@@ -96,13 +102,15 @@ def test_hives_are_found_and_serve_across_the_lan(
         assert "alpha" in table.stdout and f"{h2.address}:7830" in table.stdout
 
         # The choice follows the model: only beta's catalog has it.
-        ran = rbee_on(h3, keeper, "infer", "-m", "only-on-beta", "-t", "0", "-n", "32",
-                      "Why is the sky blue?")  # fmt: skip
+        ran = rbee_on(
+            h3, keeper, "infer", "-m", "only-on-beta", "-t", "0", "-n", "32", "Why is the sky blue?"
+        )
         assert ran.returncode == 0, ran.stderr
         assert f"[hive] chose beta ({h2.address}:7830): its catalog has only-on-beta" in ran.stderr
         assert "[done] 32 tokens" in ran.stderr and len(ran.stdout.split()) >= 15
-        again = rbee_on(h3, keeper, "infer", "-m", "only-on-beta", "-t", "0", "-n", "32",
-                        "Why is the sky blue?")  # fmt: skip
+        again = rbee_on(
+            h3, keeper, "infer", "-m", "only-on-beta", "-t", "0", "-n", "32", "Why is the sky blue?"
+        )
         assert "an idle worker there already holds only-on-beta" in again.stderr, again.stderr
         assert again.stdout == ran.stdout
 
@@ -152,5 +160,9 @@ def test_versions_and_unknown_nodes(lan: Lan, rbee_env: dict[str, str], tmp_path
         wait_listed(h3, keeper, {"alpha"})
         by_name = rbee_on(h3, keeper, "infer", "--node", "alpha", "-t", "0", "-n", "4", "Hi")
         assert by_name.returncode == 0 and h1.address in by_name.stderr, by_name.stderr
+        # Without multicast (another pool here), a seed host is asked directly.
+        seeded = {**keeper, "RBEE_CLUSTER": "elsewhere", "RBEE_SEEDS": h1.address}
+        listed = nodes(h3, seeded)
+        assert [(n["name"], n["source"]) for n in listed] == [("alpha", "seed")]
     empty = rbee_on(h3, keeper, "nodes")
     assert "no hives found" in empty.stdout

@@ -41,10 +41,15 @@ def future_hive(rbee_env: dict[str, str]) -> Iterator[int]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     announcement = discovery.Announcement(
-        node="future", node_id="f" * 32, address="127.0.0.1", port=port,
-        stream_port=free_port(), rbee_version="9.0.0", protocol_version=FUTURE_PROTOCOL,
+        node="future",
+        node_id="f" * 32,
+        address="127.0.0.1",
+        port=port,
+        stream_port=free_port(),
+        rbee_version="9.0.0",
+        protocol_version=FUTURE_PROTOCOL,
         cluster=os.environ["RBEE_CLUSTER"],
-    )  # fmt: skip
+    )
     announcer = discovery.Announcer(announcement, ["127.0.0.1"])
     try:
         yield port

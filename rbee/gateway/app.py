@@ -1,0 +1,266 @@
+"""The HTTP routes: OpenAI's endpoints over rbee jobs.
+
+A streaming request is answered with an HTTP error (404, 400, 429 …) when the job fails before
+it starts, as OpenAI does; the status is committed to 200 once a worker takes the job or the
+keep-alive interval passes without an answer (a model downloading or loading). From then on a
+wait is filled with keep-alive comments, so clients with read timeouts keep listening, and a late
+failure arrives as an ``error`` event, which the OpenAI clients raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import anyio.to_thread
+import zmq
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from rbee import __version__, log
+from rbee.errors import RbeeError
+from rbee.gateway.auth import BearerAuth
+from rbee.gateway.errors import error_body, http_error
+from rbee.gateway.jobs import READY_TIMEOUT_S, Failed, Finished, Job, Jobs, Started, Text, Waiting
+from rbee.gateway.listing import list_models
+from rbee.gateway.params import BadParameter, Kind, parse_call
+from rbee.gateway.shapes import KEEP_ALIVE_EVENT, Shaper, sse
+from rbee.keeper.infer import InferRequest
+from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
+
+KEEPALIVE_INTERVAL_S = 5.0  # well under the read timeouts of HTTP clients and proxies (≥ 30 s)
+MAX_BODY_BYTES = 8 * 1024 * 1024  # a whole prompt fits (1 MiB of text, JSON-escaped)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+logger = log.get(__name__)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """How the gateway serves; ``main`` fills it from the command line."""
+
+    node: str | None = None  # pin every request to this hive (HOST[:PORT] or node name)
+    api_keys: tuple[str, ...] = ()
+    allow_local_models: bool = True  # file: and synthetic: references (loopback binds only)
+    keepalive_s: float = KEEPALIVE_INTERVAL_S
+    ready_timeout_s: float = READY_TIMEOUT_S
+    worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT
+
+
+def error_response(exc: RbeeError) -> JSONResponse:
+    """An rbee error as OpenAI's error body with the fitting status."""
+    status, body, headers = http_error(exc)
+    return JSONResponse(body, status, headers)
+
+
+class Gateway:
+    """The routes and what they share: one zmq.Context and the jobs in flight."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.jobs = Jobs(self.ctx, config.ready_timeout_s)
+
+    def app(self) -> Starlette:
+        """The ASGI application."""
+        return Starlette(
+            routes=[
+                Route("/health", self.health, methods=["GET"]),
+                Route("/v1/models", self.models, methods=["GET"]),
+                Route("/v1/models/{model:path}", self.model, methods=["GET"]),
+                Route("/v1/chat/completions", self.chat, methods=["POST"]),
+                Route("/v1/completions", self.completion, methods=["POST"]),
+            ],
+            middleware=[Middleware(BearerAuth, keys=self.config.api_keys)],
+            exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
+            lifespan=self._lifespan,
+        )
+
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, _app: Starlette) -> AsyncIterator[None]:
+        yield
+        left = await anyio.to_thread.run_sync(self.jobs.stop_all)
+        if left:
+            logger.warning("jobs still running at shutdown", count=left)
+        self.ctx.destroy(linger=0)
+
+    # ------------------------------------------------------------------ routes
+
+    async def health(self, request: Request) -> Response:
+        """Liveness: the gateway answers (hives are asked by the other routes)."""
+        return JSONResponse(
+            {"status": "ok", "rbee_version": __version__, "protocol_version": PROTOCOL_VERSION}
+        )
+
+    async def models(self, request: Request) -> Response:
+        """The models of every hive in reach."""
+        try:
+            listing = await anyio.to_thread.run_sync(list_models, self.ctx, self.config.node)
+        except RbeeError as exc:
+            return error_response(exc)
+        return JSONResponse(listing)
+
+    async def model(self, request: Request) -> Response:
+        """One model of the list, or 404."""
+        response = await self.models(request)
+        if response.status_code != 200:
+            return response
+        wanted = request.path_params["model"]
+        for entry in json.loads(bytes(response.body))["data"]:
+            if entry["id"] == wanted:
+                return JSONResponse(entry)
+        body = error_body(
+            f"no hive in reach holds {wanted}", "invalid_request_error", "MODEL_NOT_FOUND", "model"
+        )
+        return JSONResponse(body, 404)
+
+    async def chat(self, request: Request) -> Response:
+        """POST /v1/chat/completions."""
+        return await self._complete(request, "chat")
+
+    async def completion(self, request: Request) -> Response:
+        """POST /v1/completions."""
+        return await self._complete(request, "completion")
+
+    # ------------------------------------------------------------------ completions
+
+    async def _complete(self, request: Request, kind: Kind) -> Response:
+        try:
+            body = await _read_json(request)
+            call = parse_call(kind, body, allow_local_models=self.config.allow_local_models)
+            job = self.jobs.start(
+                InferRequest(
+                    call.model, call.params, self.config.node, self.config.worker_keep_alive_s
+                )
+            )
+        except RbeeError as exc:
+            return error_response(exc)
+        response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + job.job_id.removeprefix("j-")
+        shaper = Shaper(kind, call.model, response_id, call.include_usage)
+        logger.info("request", endpoint=kind, model=call.model, stream=call.stream, job=job.job_id)
+        try:
+            if call.stream:
+                return await self._stream(job, shaper)
+            return await self._whole(request, job, shaper)
+        except BaseException:
+            job.cancel()  # the server is stopping, or a bug: never leave a worker generating
+            raise
+
+    async def _whole(self, request: Request, job: Job, shaper: Shaper) -> Response:
+        """Collect the whole answer; a client that hangs up meanwhile cancels the job."""
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
+        pieces: list[str] = []
+        try:
+            while True:
+                event = await job.next(self.config.keepalive_s)
+                if isinstance(event, Text):
+                    pieces.append(event.text)
+                elif isinstance(event, Finished):
+                    _log_served(job, event)
+                    return JSONResponse(shaper.response("".join(pieces), event.done, job.where))
+                elif isinstance(event, Failed):
+                    return error_response(event.error)
+        finally:
+            watcher.cancel()
+
+    async def _stream(self, job: Job, shaper: Shaper) -> Response:
+        """Wait (up to one keep-alive interval) for the job to start or fail, then stream."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.keepalive_s
+        first: list[Text | Started] = []
+        while not first and (left := deadline - loop.time()) > 0:
+            event = await job.next(left)
+            if event is None:
+                break
+            if isinstance(event, Failed):
+                return error_response(event.error)
+            if isinstance(event, Text | Started):
+                first.append(event)
+            # a Finished event cannot come before Started; Waiting only says it is coming
+        return StreamingResponse(
+            self._events(job, shaper, first), media_type="text/event-stream", headers=SSE_HEADERS
+        )
+
+    async def _events(
+        self, job: Job, shaper: Shaper, first: list[Text | Started]
+    ) -> AsyncIterator[bytes]:
+        """The SSE body. Starlette cancels it when the client disconnects; ``finally`` then
+        stops the job, whose thread closes its subscription and sends Cancel."""
+        try:
+            if opening := shaper.opening():
+                yield opening
+            for event in first:
+                if isinstance(event, Text):
+                    yield shaper.delta(event.text)
+            while True:
+                next_event = await job.next(self.config.keepalive_s)
+                if next_event is None:
+                    yield KEEP_ALIVE_EVENT
+                elif isinstance(next_event, Text):
+                    yield shaper.delta(next_event.text)
+                elif isinstance(next_event, Finished):
+                    _log_served(job, next_event)
+                    yield shaper.closing(next_event.done)
+                    return
+                elif isinstance(next_event, Failed):
+                    yield sse(http_error(next_event.error)[1])
+                    return
+                elif isinstance(next_event, Waiting | Started):
+                    continue
+        finally:
+            job.cancel()
+
+
+async def _read_json(request: Request) -> Any:
+    """The body as JSON, read with a size cap."""
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > MAX_BODY_BYTES:
+            raise BadParameter(None, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB")
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadParameter(None, f"the request body is not valid JSON: {exc}") from None
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    job.cancel()
+
+
+def _log_served(job: Job, event: Finished) -> None:
+    done = event.done
+    logger.info(
+        "served",
+        job=job.job_id,
+        node=job.where.get("node"),
+        worker=job.where.get("worker_id"),
+        tokens=done.tokens,
+        prompt_tokens=done.prompt_tokens,
+        stop=done.stop_reason,
+    )
+
+
+async def _http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = "NOT_FOUND" if exc.status_code == 404 else None
+    body = error_body(
+        f"{request.method} {request.url.path}: {exc.detail}", "invalid_request_error", code
+    )
+    return JSONResponse(body, exc.status_code, exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> Response:
+    logger.exception("request failed", path=request.url.path)
+    body = error_body(f"internal error: {type(exc).__name__}", "server_error", "INTERNAL")
+    return JSONResponse(body, 500)

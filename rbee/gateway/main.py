@@ -1,0 +1,194 @@
+"""`rbee serve`: check the listen address against the key rules, bind, serve until a signal.
+
+On loopback the gateway needs no key: whoever can reach it can already run `rbee infer`. On any
+other address it refuses to start without API keys, so a LAN never gets an open endpoint by
+accident. uvicorn serves; the first SIGINT/SIGTERM stops taking requests, ends the answers in
+flight with HIVE_DRAINING and cancels their jobs on the workers; a second one stops at once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+from types import FrameType
+
+import uvicorn
+
+from rbee import log
+from rbee.errors import ExitCode, HiveDraining, InvalidRequest
+from rbee.gateway.app import KEEPALIVE_INTERVAL_S, Gateway, GatewayConfig
+from rbee.gateway.auth import KEYS_ENV, is_loopback, load_keys
+from rbee.gateway.jobs import READY_TIMEOUT_S
+from rbee.protocol.messages import KEEP_ALIVE_DEFAULT
+
+DEFAULT_LISTEN = "127.0.0.1:7833"
+DEFAULT_PORT = 7833
+GRACEFUL_SHUTDOWN_S = 5  # for answers to reach their clients once their jobs are stopped
+DRAIN_RETRY_AFTER_S = 5.0
+
+logger = log.get(__name__)
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``HOST[:PORT]`` or ``[V6]:PORT`` → host and port (port 0: any free one)."""
+    m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|([^:\[\]]+)(?::(\d{1,5}))?", listen)
+    host = m and (m.group(1) or m.group(3))
+    port = int((m.group(2) or m.group(4) or DEFAULT_PORT) if m else -1)
+    if not host or not 0 <= port < 65536:
+        raise InvalidRequest(
+            f"--listen {listen!r} is not HOST[:PORT]",
+            suggestion="e.g. 127.0.0.1:7833 or [::1]:7833",
+        )
+    return host, port
+
+
+class Server:
+    """A bound gateway: ``serve`` blocks until ``request_stop`` or a signal."""
+
+    def __init__(self, host: str, port: int, config: GatewayConfig) -> None:
+        self.config = config
+        self.gateway = Gateway(config)
+        self.sock = _bind(host, port)
+        self.host = host
+        self.port = int(self.sock.getsockname()[1])
+        self.uvicorn = _Uvicorn(
+            self.gateway,
+            uvicorn.Config(
+                self.gateway.app(),
+                log_level="warning",
+                access_log=False,  # request lines are logged by the gateway, without headers
+                lifespan="on",
+                http="h11",  # pure Python, no optional extras: the same in a venv and a bundle
+                loop="asyncio",
+                ws="none",
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+                server_header=False,
+            ),
+        )
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use (``…/v1`` for OpenAI clients)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def serve(self) -> None:
+        """Serve on the bound socket until stopped."""
+        try:
+            self.uvicorn.run(sockets=[self.sock])
+        finally:
+            self.sock.close()
+
+    def request_stop(self) -> None:
+        """Stop serving (thread-safe)."""
+        self.uvicorn.should_exit = True
+
+
+class _Uvicorn(uvicorn.Server):
+    """uvicorn, plus ending the answers in flight when it stops (rather than waiting for them,
+    then cutting them off with a traceback), minus re-raising the stopping signal once it has
+    shut down (which would end `rbee serve` by that signal instead of exit code 0)."""
+
+    def __init__(self, gateway: Gateway, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.gateway = gateway
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """Answer every request in flight with HIVE_DRAINING (503: retry elsewhere) and cancel
+        its job, then let uvicorn close the connections."""
+        self.gateway.jobs.interrupt_all(
+            HiveDraining("the gateway is shutting down", retry_after_s=DRAIN_RETRY_AFTER_S)
+        )
+        await super().shutdown(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        """First signal: stop gracefully; second: stop now."""
+        if self.should_exit:
+            self.force_exit = True
+        self.should_exit = True
+
+
+def prepare(
+    listen: str = DEFAULT_LISTEN,
+    *,
+    node: str | None = None,
+    api_keys_file: str | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    keepalive_s: float = KEEPALIVE_INTERVAL_S,
+    worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT,
+) -> Server:
+    """Check the key rules and bind; raises InvalidRequest or AccessDenied instead of starting
+    an open gateway on the network."""
+    host, port = parse_listen(listen)
+    keys = load_keys(api_keys_file)
+    loopback = is_loopback(host)
+    if not loopback and not keys:
+        raise InvalidRequest(
+            f"refusing to listen on {host} without API keys: anyone on the network could use it",
+            suggestion=f"give --api-keys-file (mode 600, one key a line) or set {KEYS_ENV}, "
+            "or listen on 127.0.0.1",
+        )
+    config = GatewayConfig(
+        node=node,
+        api_keys=keys,
+        allow_local_models=loopback,
+        keepalive_s=keepalive_s,
+        ready_timeout_s=ready_timeout_s,
+        worker_keep_alive_s=worker_keep_alive_s,
+    )
+    return Server(host, port, config)
+
+
+def run(
+    listen: str = DEFAULT_LISTEN,
+    *,
+    node: str | None = None,
+    api_keys_file: str | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+    worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT,
+) -> int:
+    """`rbee serve`: run the gateway until SIGINT/SIGTERM; the exit code."""
+    server = prepare(
+        listen,
+        node=node,
+        api_keys_file=api_keys_file,
+        ready_timeout_s=ready_timeout_s,
+        worker_keep_alive_s=worker_keep_alive_s,
+    )
+    keys = server.config.api_keys
+    logger.info(
+        "gateway listening",
+        url=server.url,
+        openai_base_url=server.url + "/v1",
+        auth=f"{len(keys)} API keys" if keys else "none (loopback only)",
+        node=node or "chosen per request",
+    )
+    server.serve()
+    logger.info("gateway stopped")
+    return ExitCode.OK
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, bound before serving so port 0 (tests) yields a known port."""
+    family = socket.AF_INET6 if _is_v6(host) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError as exc:
+        sock.close()
+        raise InvalidRequest(
+            f"cannot listen on {host}:{port}: {exc.strerror}",
+            suggestion="pick another --listen address or port",
+        ) from None
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+def _is_v6(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).version == 6
+    except ValueError:
+        return False

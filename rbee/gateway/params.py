@@ -1,0 +1,268 @@
+"""An OpenAI request body → a ``Call``: what to generate and how to answer, validated up front.
+
+Everything a worker can honour maps onto GenerateParams; what it cannot (several choices,
+logprobs, tools, penalties …) is refused with a 400 naming the parameter, as the OpenAI API
+refuses values it does not support, so a client never gets silently different behaviour.
+Fields that change nothing about the output (``user``, ``metadata``, ``store`` …) are ignored.
+Two extensions that llama.cpp's and vLLM's servers accept too: ``top_k`` and ``ignore_eos``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from rbee.errors import InvalidRequest
+from rbee.protocol.messages import (
+    FILE_PREFIX,
+    MAX_PROMPT_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_TOKENS_LIMIT,
+    SYNTHETIC_PREFIX,
+    ChatMessage,
+    GenerateParams,
+)
+
+COMPLETION_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
+CHAT_MAX_TOKENS_DEFAULT = MAX_TOKENS_LIMIT  # OpenAI's chat has none: generate to the context's end
+TEMPERATURE_MAX = 2.0  # OpenAI's range; GenerateParams would take up to 5
+SEED_MAX = 2**32 - 1
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+Kind = Literal["chat", "completion"]
+
+
+class BadParameter(InvalidRequest):
+    """A request field the gateway cannot honour; ``param`` names it for OpenAI's error body."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class Turn:
+    """One message of a chat, as the protocol's ChatMessage will carry it."""
+
+    role: str  # system | user | assistant
+    content: str
+
+
+@dataclass(frozen=True)
+class Call:
+    """A validated request: the model, the generation, and the shape of the answer."""
+
+    kind: Kind
+    model: str
+    params: GenerateParams
+    stream: bool = False
+    include_usage: bool = False
+
+
+def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
+    """Validate a /v1/chat/completions or /v1/completions body; BadParameter names what's wrong.
+
+    ``allow_local_models`` admits ``file:`` and ``synthetic:`` references: only a gateway bound
+    to loopback may pass them on, so nobody on the network can make a hive open a path.
+    """
+    if not isinstance(body, dict):
+        raise BadParameter(None, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadParameter("model", "model is required (a model name, see GET /v1/models)")
+    if model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)) and not allow_local_models:
+        raise BadParameter("model", f"{model.split(':')[0]}: models are served on loopback only")
+    _refuse_unsupported(body)
+    stream = _bool(body, "stream")
+    options = body.get("stream_options")
+    if options is not None and not stream:
+        raise BadParameter("stream_options", "stream_options is only allowed when stream is true")
+    if options is not None and not isinstance(options, dict):
+        raise BadParameter("stream_options", "stream_options must be an object")
+    include_usage = bool(options and _bool(options, "include_usage", "stream_options."))
+    if kind == "chat":
+        prompt = chat_prompt(_turns(body.get("messages")))
+        default_max = CHAT_MAX_TOKENS_DEFAULT
+    else:
+        prompt = {"prompt": _completion_prompt(body.get("prompt")), "raw": True}
+        default_max = COMPLETION_MAX_TOKENS_DEFAULT
+    params = GenerateParams(
+        **prompt,
+        max_tokens=_max_tokens(body, default_max),
+        temperature=_number(body, "temperature", 1.0, 0.0, TEMPERATURE_MAX),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0),
+        top_k=int(_number(body, "top_k", 40, 0, 1000, integer=True)),
+        seed=int(_number(body, "seed", -1, -1, SEED_MAX, integer=True)),
+        stop=_stop(body.get("stop")),
+        ignore_eos=_bool(body, "ignore_eos"),
+    )
+    return Call(kind, model, params, stream, include_usage)
+
+
+def chat_prompt(turns: list[Turn]) -> dict[str, Any]:
+    """The GenerateParams fields that carry a conversation to the worker's chat template:
+    the turns themselves, and a flattened prompt for models without a template."""
+    return {
+        "prompt": flatten(turns),
+        "messages": [ChatMessage(role=t.role, content=t.content) for t in turns],
+    }
+
+
+def flatten(turns: list[Turn]) -> str:
+    """One prompt standing for a conversation: the lone user message, else labelled turns."""
+    if len(turns) == 1 and turns[0].role == "user":
+        return turns[0].content
+    return "\n\n".join(f"{t.role.capitalize()}: {t.content}" for t in turns)
+
+
+# ------------------------------------------------------------------ parameters refused
+
+
+def _refuse_unsupported(body: dict[str, Any]) -> None:
+    """Both endpoints refuse one set: a field of the other endpoint is refused the same way."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise BadParameter("n", f"n must be 1: rbee generates one choice per request (got {n!r})")
+    best_of = body.get("best_of")
+    if best_of is not None and best_of != 1:
+        raise BadParameter("best_of", "best_of must be 1: rbee generates one choice per request")
+    refused = {
+        "logprobs": "logprobs are not supported",
+        "top_logprobs": "top_logprobs are not supported",
+        "tools": "tool calls are not supported",
+        "functions": "function calls are not supported",
+        "logit_bias": "logit_bias is not supported",
+        "echo": "echo is not supported",
+        "suffix": "suffix is not supported",
+        "audio": "audio output is not supported",
+        "prediction": "predicted outputs are not supported",
+    }
+    for name, why in refused.items():
+        if body.get(name) not in (None, False, "", [], {}):
+            raise BadParameter(name, why)
+    choice = body.get("tool_choice", body.get("function_call"))
+    if choice not in (None, "none"):
+        raise BadParameter("tool_choice", "tool calls are not supported")
+    fmt = body.get("response_format")
+    if fmt is not None and fmt != {"type": "text"}:
+        raise BadParameter("response_format", "only the text response format is supported")
+    modalities = body.get("modalities")
+    if modalities not in (None, ["text"]):
+        raise BadParameter("modalities", "only text output is supported")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = _number(body, name, 0.0, -2.0, 2.0)
+        if value != 0:
+            raise BadParameter(name, f"{name} is not supported (only 0)")
+
+
+# ------------------------------------------------------------------ prompt
+
+
+def _turns(messages: Any) -> list[Turn]:
+    if not isinstance(messages, list) or not messages:
+        raise BadParameter("messages", "messages must be a non-empty list")
+    turns = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise BadParameter(where, f"{where} must be an object")
+        role = m.get("role")
+        if role not in ROLES:
+            raise BadParameter(
+                f"{where}.role",
+                f"{where}.role must be system, developer, user or assistant (got {role!r})",
+            )
+        if m.get("tool_calls") or m.get("function_call"):
+            raise BadParameter(f"{where}.tool_calls", "tool calls are not supported")
+        turns.append(Turn(ROLES[role], _content(m.get("content"), f"{where}.content")))
+    if sum(len(t.content) for t in turns) > MAX_PROMPT_CHARS:
+        raise BadParameter("messages", f"the messages exceed {MAX_PROMPT_CHARS} characters")
+    return turns
+
+
+def _content(content: Any, where: str) -> str:
+    """A message's text: a string, or a list of text parts (other parts are refused)."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise BadParameter(where, f"{where} must be a string or a list of text parts")
+    texts = []
+    for part in content:
+        if not isinstance(part, dict) or part.get("type") != "text":
+            kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+            raise BadParameter(where, f"{where}: only text parts are supported (got {kind!r})")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise BadParameter(where, f"{where}: a text part needs a text string")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _completion_prompt(prompt: Any) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        raise BadParameter(
+            "prompt", "prompt must be one string (batches and token arrays are not supported)"
+        )
+    if not isinstance(prompt, str) or not prompt:
+        raise BadParameter("prompt", "prompt must be a non-empty string")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise BadParameter("prompt", f"prompt exceeds {MAX_PROMPT_CHARS} characters")
+    return prompt
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def _max_tokens(body: dict[str, Any], default: int) -> int:
+    newer = body.get("max_completion_tokens") is not None  # OpenAI's newer name wins
+    name = "max_completion_tokens" if newer else "max_tokens"
+    return int(_number(body, name, default, 1, MAX_TOKENS_LIMIT, integer=True))
+
+
+def _number(
+    body: dict[str, Any],
+    name: str,
+    default: float,
+    low: float,
+    high: float,
+    *,
+    integer: bool = False,
+) -> float:
+    value = body.get(name)
+    if value is None:
+        return default
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
+        raise BadParameter(name, f"{name} must be {'an integer' if integer else 'a number'}")
+    if not low <= value <= high:
+        raise BadParameter(name, f"{name} must be between {_num(low)} and {_num(high)}")
+    return float(value)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+def _bool(body: dict[str, Any], name: str, prefix: str = "") -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise BadParameter(prefix + name, f"{prefix}{name} must be true or false")
+    return value
+
+
+def _stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    items = [stop] if isinstance(stop, str) else stop
+    if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
+        raise BadParameter("stop", "stop must be a string or a list of strings")
+    if len(items) > MAX_STOP_STRINGS:
+        raise BadParameter("stop", f"stop takes at most {MAX_STOP_STRINGS} strings")
+    return [s for s in items if s]

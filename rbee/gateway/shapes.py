@@ -1,0 +1,116 @@
+"""Answers in OpenAI's shape: whole responses, stream chunks as server-sent events, and the
+keep-alive comment and end marker, byte for byte as the OpenAI API sends them.
+
+Streams are ``data: {json}\\n\\n`` events ending with ``data: [DONE]\\n\\n``. A chat stream opens
+with a chunk whose delta carries the role; every stream closes with a chunk carrying the
+finish_reason, then (``stream_options.include_usage``) a chunk with empty choices and the usage.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from rbee.gateway.params import Kind
+from rbee.protocol.messages import Done
+
+DONE_EVENT = b"data: [DONE]\n\n"
+KEEP_ALIVE_EVENT = b": keep-alive\n\n"
+FINISH_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "canceled": "stop"}
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    """One server-sent event carrying a JSON payload."""
+    text = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))  # compact, as OpenAI's
+    return b"data: " + text.encode() + b"\n\n"
+
+
+def usage(done: Done) -> dict[str, int]:
+    """OpenAI's usage object: the worker's own token counts."""
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.tokens,
+        "total_tokens": done.prompt_tokens + done.tokens,
+    }
+
+
+@dataclass
+class Shaper:
+    """Builds every piece of one response, sharing its id, creation time and model name."""
+
+    kind: Kind
+    model: str
+    response_id: str
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    # ------------------------------------------------------------------ whole responses
+
+    def response(self, text: str, done: Done, where: dict[str, str]) -> dict[str, Any]:
+        """A non-streaming answer; ``where`` (node, worker, job) goes in an ``rbee`` field."""
+        reason = FINISH_REASONS[done.stop_reason]
+        if self.kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": reason,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+            obj = "text_completion"
+        return {
+            **self._head(obj),
+            "choices": [choice],
+            "usage": usage(done),
+            "rbee": where,
+        }
+
+    # ------------------------------------------------------------------ stream events
+
+    def opening(self) -> bytes:
+        """The first event: a chat announces the assistant's role; a completion says nothing."""
+        if self.kind != "chat":
+            return b""
+        return self._chunk({"role": "assistant", "content": ""}, None)
+
+    def delta(self, text: str) -> bytes:
+        """An event adding ``text``."""
+        if self.kind == "chat":
+            return self._chunk({"content": text}, None)
+        return self._chunk(text, None)
+
+    def closing(self, done: Done) -> bytes:
+        """The finish_reason event, the usage event if asked for, and the end marker."""
+        reason = FINISH_REASONS[done.stop_reason]
+        last = self._chunk({} if self.kind == "chat" else "", reason)
+        if self.include_usage:
+            last += sse({**self._head(self._chunk_object), "choices": [], "usage": usage(done)})
+        return last + DONE_EVENT
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+
+    def _chunk(self, delta: dict[str, Any] | str, reason: str | None) -> bytes:
+        if isinstance(delta, dict):
+            choice: dict[str, Any] = {"index": 0, "delta": delta}
+        else:
+            choice = {"text": delta, "index": 0}
+        choice.update(logprobs=None, finish_reason=reason)
+        payload = {**self._head(self._chunk_object), "choices": [choice]}
+        if self.include_usage:
+            payload["usage"] = None
+        return sse(payload)
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {
+            "id": self.response_id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": None,
+        }

@@ -1,0 +1,112 @@
+"""Downloads the hive runs in the background: one per model, shared by everyone who asks.
+
+A pull runs on its own thread (huggingface_hub and the transfer block); its progress and its
+result come back through a queue that the loop thread drains, so sockets stay on the loop thread.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from rbee import log
+from rbee.errors import InternalError, RbeeError
+from rbee.hub.download import DownloadManager, PulledFile
+
+PROGRESS_EVERY_S = 0.5
+
+logger = log.get(__name__)
+
+
+@dataclass(eq=False)
+class Pull:
+    """One download and who waits for it (``purpose``: "ensure" a worker, or just "pull")."""
+
+    reference: str
+    waiters: list[tuple[bytes, int, str, int]] = field(default_factory=list)  # who, rid, why, n_ctx
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done_bytes: int = 0
+    total_bytes: int = 0
+    rate: float = 0.0
+    eta_s: float | None = None
+    told_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A pull ended: its files, or the error that stopped it."""
+
+    pull: Pull
+    files: list[PulledFile]
+    error: RbeeError | None
+
+
+class Pulls:
+    """The hive's downloads."""
+
+    def __init__(self, manager: DownloadManager) -> None:
+        self.manager = manager
+        self.active: dict[str, Pull] = {}
+        self.results: queue.Queue[Finished] = queue.Queue()
+
+    def join(self, reference: str, who: bytes, rid: int, purpose: str, n_ctx: int = 0) -> Pull:
+        """Wait for ``reference`` (a canonical hf: reference), starting its download if needed."""
+        pull = self.active.get(reference)
+        if pull is None:
+            pull = Pull(reference)
+            self.active[reference] = pull
+            threading.Thread(
+                target=self._run, args=(pull,), name=f"pull {reference}", daemon=True
+            ).start()
+            logger.info("pull started", reference=reference)
+        pull.waiters.append((who, rid, purpose, n_ctx))
+        return pull
+
+    def _run(self, pull: Pull) -> None:
+        def progress(done: int, total: int, rate: float, eta: float | None) -> None:
+            pull.done_bytes, pull.total_bytes, pull.rate, pull.eta_s = done, total, rate, eta
+
+        try:
+            files = self.manager.pull(pull.reference, progress, pull.cancel)
+            self.results.put(Finished(pull, files, None))
+        except RbeeError as exc:
+            self.results.put(Finished(pull, [], exc))
+        except Exception as exc:  # a bug must reach the waiting keepers, not vanish
+            logger.exception("pull failed", reference=pull.reference)
+            self.results.put(Finished(pull, [], InternalError(f"{type(exc).__name__}: {exc}")))
+
+    def finished(self) -> list[Finished]:
+        """Pulls that ended since the last call (called on the loop thread)."""
+        out: list[Finished] = []
+        while True:
+            try:
+                item = self.results.get_nowait()
+            except queue.Empty:
+                return out
+            self.active.pop(item.pull.reference, None)
+            out.append(item)
+
+    def due_progress(self, now: float) -> list[Pull]:
+        """Pulls whose waiters should hear how far they got."""
+        due = [
+            p for p in self.active.values() if p.total_bytes and now - p.told_at >= PROGRESS_EVERY_S
+        ]
+        for p in due:
+            p.told_at = now
+        return due
+
+    def close(self) -> None:
+        """Stop every transfer (part files stay for the next start)."""
+        for pull in self.active.values():
+            pull.cancel.set()
+        self.manager.close()
+
+
+def describe_progress(pull: Pull) -> str:
+    """``12.3 MB/s, ETA 42 s`` for people."""
+    rate = f"{pull.rate / 1e6:.1f} MB/s"
+    if pull.eta_s is None:
+        return rate
+    eta = f"{pull.eta_s:.0f} s" if pull.eta_s < 120 else f"{pull.eta_s / 60:.0f} min"
+    return f"{rate}, ETA {eta}"

@@ -1,0 +1,108 @@
+"""The node choice is a pure function: these tests need no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from rbee.keeper.choose import IDLE, Candidate, choose
+from rbee.protocol.messages import HiveStatus, ModelInfo, WorkerInfo
+
+GIB = 2**30
+M = "smollm2-135m-instruct"
+
+
+def model(name: str = M, size: int = 100 * 2**20) -> ModelInfo:
+    return ModelInfo(
+        name=name,
+        path=f"/m/{name}.gguf",
+        size_bytes=size,
+        architecture="llama",
+        quantization="Q4_1",
+        context_length=8192,
+        parameter_count=1,
+    )
+
+
+def worker(name: str = M, state: str = "idle") -> WorkerInfo:
+    return WorkerInfo(
+        worker_id="w-1",
+        model=name,
+        backend="cpu",
+        device="cpu",
+        pid=1,
+        state=state,
+        last_activity=1.0,
+    )
+
+
+def hive(
+    name: str,
+    free_gib: float,
+    models: list[ModelInfo],
+    workers: list[WorkerInfo] = (),
+    proto: int = 1,
+    draining: bool = False,
+    max_workers: int = 4,
+    queue: int = 0,
+) -> Candidate:
+    status = HiveStatus(
+        node=name,
+        rbee_version="0.1.0",
+        protocol_version=proto,
+        workers=list(workers),
+        models=models,
+        cpu_count=2,
+        ram_total_bytes=64 * GIB,
+        ram_free_bytes=int(free_gib * GIB),
+        disk_free_bytes=GIB,
+        queue_length=queue,
+        max_workers=max_workers,
+    )
+    return Candidate(name, f"{name}:7830", proto, status, draining)
+
+
+def test_an_idle_worker_wins_over_free_memory() -> None:
+    warm = hive("warm", 1, [model()], [worker()])
+    roomy = hive("roomy", 30, [model()])
+    choice = choose([roomy, warm], M)
+    assert choice is not None and choice.candidate.name == "warm"
+    assert choice.reason == f"{IDLE} {M}"
+
+
+def test_the_models_home_with_room_wins_and_more_free_memory_breaks_ties() -> None:
+    small = hive("small", 2, [model()])
+    big = hive("big", 8, [model()])
+    elsewhere = hive("elsewhere", 60, [model("other")])
+    choice = choose([small, elsewhere, big], M)
+    assert choice is not None and choice.candidate.name == "big"
+    assert "its catalog has" in choice.reason and "8.0 GiB free" in choice.reason
+
+
+def test_a_home_without_room_is_used_only_to_queue() -> None:
+    full = hive("full", 8, [model()], [worker(state="busy")], max_workers=1, queue=3)
+    fuller = hive("fuller", 8, [model()], [worker(state="busy")], max_workers=1, queue=5)
+    choice = choose([fuller, full], M)
+    assert choice is not None and choice.candidate.name == "full" and "queue" in choice.reason
+    tiny = hive("tiny", 0.1, [model(size=GIB)])
+    choice = choose([tiny], M)
+    assert choice is not None and "queue" in choice.reason
+
+
+def test_pullable_models_go_to_the_most_free_memory() -> None:
+    choice = choose([hive("a", 3, []), hive("b", 9, [])], "hf:org/repo")
+    assert choice is not None and choice.candidate.name == "b" and "to pull" in choice.reason
+    assert choose([hive("a", 3, [])], "not-pullable") is None
+
+
+@pytest.mark.parametrize("bad", ["proto", "draining", "silent"])
+def test_unusable_hives_are_never_chosen(bad: str) -> None:
+    good = hive("good", 1, [model()])
+    if bad == "proto":
+        other = hive("other", 50, [model()], [worker()], proto=2)
+    elif bad == "draining":
+        other = hive("other", 50, [model()], [worker()], draining=True)
+    else:
+        other = Candidate("other", "other:7830", 1, None)
+    choice = choose([other, good], M)
+    assert choice is not None and choice.candidate.name == "good"
+    assert choose([other], M) is None
