@@ -22,7 +22,7 @@ INFER_BROWSE_S = 0.8  # the longest a request waits for LAN answers when none co
 def connect(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None, model: str) -> HiveLink:
     """Open a link to the hive that should run ``model``; its notes say which and why."""
     if node:
-        return _named(ctx, node)
+        return open_named(ctx, node)
     here = local_view(ctx)
     if model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)):  # only this machine can run these
         return _here(ctx, here, "the model is a local file") if here else open_ephemeral(ctx)
@@ -56,7 +56,7 @@ def _open(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> HiveLink:
     return HiveLink(ctx, client, view.host, reply)
 
 
-def _named(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
+def open_named(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
     """``--node``: a discovered node name (exact), else HOST[:PORT]."""
     if ":" not in node and not node.replace(".", "").isdigit():
         named = [v for v in survey(ctx, browse_s=2.0, include_local=False) if v.name == node]

@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 import zmq
 
-from rbee.keeper.link import open_link
+from rbee.keeper.connect import open_named
 from rbee.keeper.survey import HiveView, survey
 from rbee.protocol.messages import PROTOCOL_VERSION, ListWorkers, StopWorker, WorkerInfo, WorkerList
 
@@ -109,7 +109,7 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
     try:
         found: list[tuple[str, WorkerInfo]] = []
         if node:
-            link = open_link(ctx, node)
+            link = open_named(ctx, node)
             try:
                 reply = link.client.request(ListWorkers(), REQUEST_TIMEOUT_S)
                 assert isinstance(reply, WorkerList)
@@ -156,7 +156,7 @@ def stop_worker(worker_id: str, node: str | None, out: TextIO = sys.stdout) -> N
                 if v.status and any(w.worker_id == worker_id for w in v.status.workers)
             ]
             target = owners[0].endpoint if owners else "127.0.0.1"
-        link = open_link(ctx, target)
+        link = open_named(ctx, target)
         try:
             link.client.request(StopWorker(worker_id=worker_id), REQUEST_TIMEOUT_S)
         finally:

@@ -28,6 +28,7 @@ MAX_STOP_STRINGS = 16
 MAX_CHAT_MESSAGES = 256
 CHAT_ROLES = ("system", "user", "assistant")
 ID_CHARS = 64
+ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # job, worker and node ids: nothing path-like
 STATES = ("loading", "idle", "busy", "stopping")
 STOP_REASONS = ("eos", "length", "stop", "canceled")
 
@@ -75,14 +76,14 @@ class GenerateParams(Record):
 class WorkerInfo(Record):
     """One entry of a hive's worker registry, as shown to keepers."""
 
-    worker_id: str = spec(max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     model: str = spec(max_len=1024)
     backend: str = spec(max_len=32)
     device: str = spec(max_len=64)
     pid: int = spec(min=0)
     state: str = spec(choices=STATES)
     last_activity: float = spec(min=0)
-    job_id: str = spec(default="", max_len=ID_CHARS)
+    job_id: str = spec(default="", max_len=ID_CHARS, pattern=f"|{ID_PATTERN}")
     rss_bytes: int = spec(default=0, min=0)
     jobs_served: int = spec(default=0, min=0)
     keep_alive_s: float = spec(default=0.0, min=-1.0)
@@ -168,7 +169,7 @@ class WorkerAssigned(Frame):
     """Final reply to EnsureWorker: this worker holds the model (busy: a job will queue for it)."""
 
     TYPE = "worker_assigned"
-    worker_id: str = spec(max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     model: str = spec(max_len=1024)
     reused: bool
     load_s: float = spec(min=0)
@@ -205,10 +206,10 @@ class StartJob(Frame):
     """
 
     TYPE = "start_job"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     model: str = spec(max_len=4096)
     params: GenerateParams
-    worker_id: str = spec(default="", max_len=ID_CHARS)
+    worker_id: str = spec(default="", max_len=ID_CHARS, pattern=f"|{ID_PATTERN}")
     keep_alive_s: float = spec(default=KEEP_ALIVE_DEFAULT, min=-2.0, max=365 * 86400.0)
 
 
@@ -216,15 +217,15 @@ class JobAccepted(Frame):
     """Final reply to StartJob: the job runs on ``worker_id``; tokens follow on the stream."""
 
     TYPE = "job_accepted"
-    job_id: str = spec(max_len=ID_CHARS)
-    worker_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+    worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
 
 
 class Cancel(Frame):
     """Stop a job; harmless when the job already ended."""
 
     TYPE = "cancel"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
 
 
 class ListWorkers(Frame):
@@ -244,14 +245,14 @@ class StopWorker(Frame):
     """Unload a worker (graceful, then forced)."""
 
     TYPE = "stop_worker"
-    worker_id: str = spec(max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
 
 
 class FetchFrames(Frame):
     """Ask for a job's stream frames from ``from_seq`` on (fills gaps PUB/SUB dropped)."""
 
     TYPE = "fetch_frames"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     from_seq: int = spec(default=0, min=0)
 
 
@@ -259,7 +260,7 @@ class FramesReply(Frame):
     """Encoded stream frames of one job, in order; ``finished`` once the terminal one is in."""
 
     TYPE = "frames_reply"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     frames: list[bytes] = spec(default_factory=list, max_len=MAX_TOKENS_LIMIT + 1)
     finished: bool = spec(default=False)
 
@@ -289,7 +290,7 @@ class WorkerLoading(Frame):
     """Worker → hive: how far loading the model has got (0..1)."""
 
     TYPE = "worker_loading"
-    worker_id: str = spec(max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     fraction: float = spec(min=0.0, max=1.0)
     message: str = spec(default="", max_len=1024)
 
@@ -298,7 +299,7 @@ class WorkerReady(Frame):
     """Worker → hive: the readiness callback; the model is loaded and the stream is live."""
 
     TYPE = "worker_ready"
-    worker_id: str = spec(max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     pid: int = spec(min=0)
     n_ctx: int = spec(min=0)
     has_chat_template: bool
@@ -309,7 +310,7 @@ class WorkerFailed(Frame):
     """Worker → hive: loading failed; the worker exits after sending this."""
 
     TYPE = "worker_failed"
-    worker_id: str = spec(max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     code: str = spec(max_len=64)
     message: str = spec(max_len=16 * 1024)
 
@@ -318,15 +319,15 @@ class Heartbeat(Frame):
     """Worker → hive, every HEARTBEAT_INTERVAL_S: still alive."""
 
     TYPE = "heartbeat"
-    worker_id: str = spec(max_len=ID_CHARS)
-    job_id: str = spec(default="", max_len=ID_CHARS)
+    worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+    job_id: str = spec(default="", max_len=ID_CHARS, pattern=f"|{ID_PATTERN}")
 
 
 class RunJob(Frame):
     """Hive → worker: generate; the keeper's subscription is already in place."""
 
     TYPE = "run_job"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     params: GenerateParams
 
 
@@ -334,7 +335,7 @@ class CancelJob(Frame):
     """Hive → worker: stop the job at the next token."""
 
     TYPE = "cancel_job"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
 
 
 class StopRequest(Frame):
@@ -387,7 +388,7 @@ class Token(Frame):
     """One generated token; ``text`` is what it adds (may be empty mid UTF-8 sequence)."""
 
     TYPE = "token"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     seq: int = spec(min=0)
     text: str = spec(max_len=4096)
     token_id: int = spec(default=-1, min=-1)
@@ -397,7 +398,7 @@ class Done(Frame):
     """Terminal frame: the job finished; ``seq`` equals the number of Token frames."""
 
     TYPE = "done"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     seq: int = spec(min=0)
     tokens: int = spec(min=0)
     prompt_tokens: int = spec(min=0)
@@ -411,7 +412,7 @@ class StreamError(Frame):
     """Terminal frame: the job failed with ``code``; ``seq`` equals the Token frames sent."""
 
     TYPE = "stream_error"
-    job_id: str = spec(max_len=ID_CHARS)
+    job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     seq: int = spec(min=0)
     code: str = spec(max_len=64)
     message: str = spec(max_len=16 * 1024)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -32,6 +33,7 @@ class Limits:
     max: float | None = None
     max_len: int | None = None
     choices: tuple[str, ...] | None = None
+    pattern: re.Pattern[str] | None = None
 
 
 def spec(
@@ -42,9 +44,12 @@ def spec(
     max: float | None = None,
     max_len: int | None = None,
     choices: tuple[str, ...] | None = None,
+    pattern: str | None = None,
 ) -> Any:
-    """Declare a field with its limits; ``max_len`` counts characters, bytes or list items."""
-    meta = {"limits": Limits(min=min, max=max, max_len=max_len, choices=choices)}
+    """Declare a field with its limits; ``max_len`` counts characters, bytes or list items;
+    ``pattern`` is a regular expression the whole text must match."""
+    compiled = re.compile(pattern) if pattern else None
+    meta = {"limits": Limits(min=min, max=max, max_len=max_len, choices=choices, pattern=compiled)}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -171,6 +176,8 @@ def _check_scalar(value: Any, tp: Any, limits: Limits, path: str, problems: Prob
             problems.add(path, f"must be at most {cap} long (got {len(value)})")
         elif limits.choices is not None and value not in limits.choices:
             problems.add(path, f"must be one of {', '.join(limits.choices)} (got {value!r})")
+        elif limits.pattern is not None and not limits.pattern.fullmatch(str(value)):
+            problems.add(path, f"has characters it may not have (got {value!r:.40})")
         return
     raise TypeError(f"unsupported field type {tp!r} at {path}")  # a schema bug, not bad input
 

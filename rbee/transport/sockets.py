@@ -27,7 +27,14 @@ from rbee.protocol.codec import MAX_FRAME_BYTES, Envelope, decode, encode
 from rbee.protocol.messages import Error, Frame
 
 LINGER_MS = 0
-AUTH_EVENTS = zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+AUTH_EVENTS = (
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_CONNECTED
+    | zmq.EVENT_DISCONNECTED
+)
+FAILED_HANDSHAKES = 2  # a CURVE server that drops us this often does not hold the pinned key
 STREAM_HWM = 10_000
 LOCAL_HWM = 0  # unlimited on the worker → hive hop: it must never drop a token
 
@@ -177,6 +184,7 @@ class DealerClient:
         curve_client(self.sock, curve)
         # Watch the handshake: a refused key, or a hive that wants keys, is an error at once.
         self.monitor = self.sock.get_monitor_socket(AUTH_EVENTS)
+        self._shaken, self._drops = False, 0
         self._poller = zmq.Poller()
         self._poller.register(self.sock, zmq.POLLIN)
         self._poller.register(self.monitor, zmq.POLLIN)
@@ -192,6 +200,16 @@ class DealerClient:
         """Why the hive refused our CURVE handshake, if it did."""
         while self.monitor.poll(0):
             event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._shaken = True
+            elif event == zmq.EVENT_DISCONNECTED and not self._shaken and self.curve:
+                self._drops += 1  # the server could not decrypt our hello: a different key
+                if self._drops >= FAILED_HANDSHAKES:
+                    return HiveKeyChanged(
+                        f"{self.endpoint} cannot complete the CURVE handshake: it does not hold "
+                        "the key this keeper pinned for it",
+                        suggestion="`rbee keys forget NODE` and pair again if it was reinstalled",
+                    )
             if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 return AccessDenied(
                     f"{self.endpoint} refused this keeper's key",
