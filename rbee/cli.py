@@ -7,11 +7,12 @@ and turns an RbeeError into a message on stderr and its documented exit code.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from rbee import __version__
+from rbee import __version__, config
 from rbee.catalog import DEFAULT_MODEL
 from rbee.errors import Canceled, ExitCode, InvalidRequest, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
@@ -85,21 +86,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     hive = sub.add_parser("hive", help="run this machine's hive daemon")
+    env = os.environ.get
     hive.add_argument(
         "--host",
-        default="127.0.0.1",
+        default=env("RBEE_HIVE_HOST", "127.0.0.1"),
         help="address to listen on (default: 127.0.0.1, loopback only)",
     )
     hive.add_argument("--port", type=int, default=hive_port(), help="request port (ROUTER)")
     hive.add_argument(
         "--stream-port", type=int, default=stream_port(), help="token stream port (XPUB)"
     )
-    hive.add_argument("--node-name", default="", help="name shown to keepers (default: hostname)")
-    hive.add_argument("--max-workers", type=int, default=4, help="workers at once (default 4)")
+    hive.add_argument(
+        "--node-name", default=env("RBEE_NODE_NAME", ""), help="name shown to keepers (hostname)"
+    )
+    hive.add_argument(
+        "--max-workers", type=int, default=int(env("RBEE_MAX_WORKERS", "4")), help="(default 4)"
+    )
     hive.add_argument(
         "--max-workers-per-model", type=int, default=1, help="workers of one model (default 1)"
     )
-    hive.add_argument("--max-queue", type=int, default=16, help="jobs waiting (default 16)")
+    hive.add_argument(
+        "--max-queue", type=int, default=int(env("RBEE_MAX_QUEUE", "16")), help="(default 16)"
+    )
     hive.add_argument(
         "--keep-alive",
         type=parse_duration,
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     hive.add_argument(
         "--secure",
         action="store_true",
+        default=bool(env("RBEE_SECURE")),
         help="use CURVE keys even on loopback (always on when listening on any other address)",
     )
     hive.add_argument("--ephemeral", action="store_true", help=argparse.SUPPRESS)
@@ -217,6 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     msub.add_parser("list", help="list the catalog")
     rm = msub.add_parser("rm", help="forget a model (the file is kept)")
     rm.add_argument("name")
+
+    cfg = sub.add_parser("config", help="configuration: file, environment and flags")
+    cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    cfg_sub.add_parser("show", help="every setting's effective value and where it came from")
 
     ps = sub.add_parser("ps", help="list the workers of every hive in reach")
     ps.add_argument("--node", help="HOST[:PORT]: only this hive")
@@ -394,8 +407,16 @@ def run_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run one mode, and return the process exit code."""
+    try:
+        sources = config.apply()  # file < environment < flags: flags take defaults from it
+    except RbeeError as exc:
+        sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
+        return exc.exit_code
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "config":
+        print(config.show(sources), end="")
+        return ExitCode.OK
     if args.version:
         print(version_text())
         return ExitCode.OK

@@ -21,7 +21,7 @@ def data_dir() -> Path:
     """The directory holding the catalog and downloaded models (created on demand)."""
     explicit = os.environ.get("RBEE_DATA_DIR")
     if explicit:
-        base = Path(explicit)
+        base = Path(explicit).expanduser()
     else:
         xdg = os.environ.get("XDG_DATA_HOME")
         base = (Path(xdg) if xdg else Path.home() / ".local" / "share") / "rbee"

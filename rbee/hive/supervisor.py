@@ -3,6 +3,11 @@
 A worker is this same program run again (`rbee worker …`), so spawning works unchanged from a
 PyInstaller binary. Its stderr is read by a thread that keeps the last lines (shown to the keeper
 when loading fails) and re-logs every line tagged with the worker id.
+
+Each worker sees exactly its own device: a CUDA worker gets CUDA_VISIBLE_DEVICES set to its
+GPU's UUID (NVML and CUDA may number GPUs differently, a UUID means the same GPU to both), and a
+CPU worker gets it empty, so a CUDA build of llama.cpp neither offloads a CPU worker's big
+matrix products to a GPU nor takes a CUDA context's memory on one.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from rbee import log
+from rbee.gpu import CUDA_VISIBLE_DEVICES
 from rbee.paths import self_command
 from rbee.process import child_env
 
@@ -47,10 +53,27 @@ class WorkerProcess:
         return "\n".join(self.tail)
 
 
-def spawn_worker(
-    worker_id: str, model_path: str, control: str, stream: str, n_ctx: int
-) -> WorkerProcess:
-    """Start `rbee worker` for one model; it connects back to ``control`` and ``stream``."""
+def device_env(backend: str, device: str = "", uuid: str = "") -> dict[str, str]:
+    """The variables that confine a worker to its device (see the module docstring).
+
+    ``device`` is the GPU's NVML index, ``uuid`` its NVML UUID; without a UUID the index is
+    used, with CUDA told to number devices in PCI bus order as NVML does.
+    """
+    if backend != "cuda":
+        return {CUDA_VISIBLE_DEVICES: ""}
+    return {CUDA_VISIBLE_DEVICES: uuid or device or "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def worker_argv(
+    worker_id: str,
+    model_path: str,
+    control: str,
+    stream: str,
+    n_ctx: int,
+    backend: str = "cpu",
+    device: str = "",
+) -> list[str]:
+    """`rbee worker …` for one model (``--backend``/``--device`` only off the CPU default)."""
     argv = [
         *self_command(),
         "worker",
@@ -67,12 +90,29 @@ def spawn_worker(
         "--hive-pid",
         str(os.getpid()),
     ]
+    if backend != "cpu":
+        argv += ["--backend", backend, "--device", device or "0"]
+    return argv
+
+
+def spawn_worker(
+    worker_id: str,
+    model_path: str,
+    control: str,
+    stream: str,
+    n_ctx: int,
+    backend: str = "cpu",
+    device: str = "",
+    uuid: str = "",
+) -> WorkerProcess:
+    """Start `rbee worker` for one model on one device; it connects back to ``control`` and
+    ``stream``. ``device``/``uuid``: the CUDA GPU (NVML index and UUID) for ``backend="cuda"``."""
     proc = subprocess.Popen(
-        argv,
+        worker_argv(worker_id, model_path, control, stream, n_ctx, backend, device),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=child_env(),
+        env=child_env(device_env(backend, device, uuid)),
     )
     wp = WorkerProcess(worker_id=worker_id, proc=proc)
     wp.reader = threading.Thread(

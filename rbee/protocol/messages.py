@@ -31,6 +31,8 @@ ID_CHARS = 64
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # job, worker and node ids: nothing path-like
 STATES = ("loading", "idle", "busy", "stopping")
 STOP_REASONS = ("eos", "length", "stop", "canceled")
+BACKENDS = ("cpu", "cuda")  # what a worker can run on; Metal is documented in rbee/gpu.py only
+DEVICE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # a device index ("0") or an NVML UUID ("GPU-…")
 
 # Model references besides catalog names; both only for a hive that listens on loopback alone.
 FILE_PREFIX = "file:"  # file:/absolute/path.gguf
@@ -73,8 +75,31 @@ class GenerateParams(Record):
     messages: list[ChatMessage] = spec(default_factory=list, max_len=MAX_CHAT_MESSAGES)
 
 
+class DeviceInfo(Record):
+    """One device a hive can run workers on, as detected (rbee.gpu) when the status was asked.
+
+    The CPU is always listed (``index`` 0, memory = RAM). A CUDA GPU is listed whenever NVML sees
+    it; ``usable`` is false when this hive's llama.cpp build cannot offload to it, and ``note``
+    says why, so `rbee nodes` can show a GPU that a CPU-only build would silently ignore.
+    """
+
+    backend: str = spec(choices=("cpu", "cuda", "metal"))
+    index: int = spec(min=0, max=1024)
+    uuid: str = spec(default="", max_len=96)
+    name: str = spec(default="", max_len=256)
+    total_bytes: int = spec(default=0, min=0)
+    free_bytes: int = spec(default=0, min=0)
+    cores: int = spec(default=0, min=0)
+    usable: bool = spec(default=True)
+    note: str = spec(default="", max_len=256)
+
+
 class WorkerInfo(Record):
-    """One entry of a hive's worker registry, as shown to keepers."""
+    """One entry of a hive's worker registry, as shown to keepers.
+
+    ``device`` is "cpu" or a CUDA device index; ``vram_bytes`` is what the worker's process holds
+    on that GPU (NVML), ``estimate_bytes`` what the hive expected it to need before loading.
+    """
 
     worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     model: str = spec(max_len=1024)
@@ -87,6 +112,8 @@ class WorkerInfo(Record):
     rss_bytes: int = spec(default=0, min=0)
     jobs_served: int = spec(default=0, min=0)
     keep_alive_s: float = spec(default=0.0, min=-1.0)
+    vram_bytes: int = spec(default=0, min=0)
+    estimate_bytes: int = spec(default=0, min=0)
 
 
 class ModelInfo(Record):
@@ -144,15 +171,22 @@ class HiveStatus(Frame):
     disk_free_bytes: int = spec(min=0)
     queue_length: int = spec(default=0, min=0)
     max_workers: int = spec(default=0, min=0)
+    devices: list[DeviceInfo] = spec(default_factory=list, max_len=64)
 
 
 class EnsureWorker(Frame):
-    """Get an idle worker holding ``model``: reuse one, or spawn and wait for it to load."""
+    """Get an idle worker holding ``model``: reuse one, or spawn and wait for it to load.
+
+    ``backend`` "cuda" puts every layer on one GPU: ``device`` (an index or an NVML UUID), or the
+    GPU with the most free memory when empty. A hive that cannot do that answers
+    BACKEND_UNAVAILABLE; it never runs the model on the CPU instead.
+    """
 
     TYPE = "ensure_worker"
     model: str = spec(max_len=4096)
-    backend: str = spec(default="cpu", choices=("cpu",))
+    backend: str = spec(default="cpu", choices=BACKENDS)
     n_ctx: int = spec(default=0, min=0, max=1 << 20)
+    device: str = spec(default="", max_len=96, pattern=f"|{DEVICE_PATTERN}")
 
 
 class Progress(Frame):
@@ -296,7 +330,11 @@ class WorkerLoading(Frame):
 
 
 class WorkerReady(Frame):
-    """Worker → hive: the readiness callback; the model is loaded and the stream is live."""
+    """Worker → hive: the readiness callback; the model is loaded and the stream is live.
+
+    It also says what the worker really got, measured after loading: the backend and device it
+    runs on, how many layers llama.cpp put on the GPU, its RSS and its process's GPU memory.
+    """
 
     TYPE = "worker_ready"
     worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
@@ -304,6 +342,11 @@ class WorkerReady(Frame):
     n_ctx: int = spec(min=0)
     has_chat_template: bool
     load_s: float = spec(min=0)
+    backend: str = spec(default="cpu", choices=BACKENDS)
+    device: str = spec(default="cpu", max_len=96)
+    gpu_layers: int = spec(default=0, min=0)
+    rss_bytes: int = spec(default=0, min=0)
+    vram_bytes: int = spec(default=0, min=0)
 
 
 class WorkerFailed(Frame):

@@ -4,6 +4,10 @@ Generation drives ``Llama.generate()`` (the engine's own speed) with rbee's incr
 UTF-8-safe detokenizer instead of ``create_completion``, whose per-token Python work can cost most
 of the engine's speed (shared/GPU.md). Prompts are tokenized exactly as llama-cpp-python's own
 completion and chat functions do, so greedy output matches them token for token.
+
+Backends: ``cpu`` loads no layer on a GPU; ``cuda`` loads every layer on one GPU (split mode
+none, ``main_gpu`` as CUDA numbers the devices this process sees). A CUDA request on a build
+without GPU support raises BACKEND_UNAVAILABLE: llama.cpp itself would quietly run on the CPU.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -19,7 +24,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-from rbee.errors import InvalidModel, InvalidRequest
+from rbee.errors import BackendUnavailable, InvalidModel, InvalidRequest
 from rbee.protocol.messages import SYNTHETIC_PREFIX, GenerateParams
 
 DEFAULT_MAX_CTX = 4096
@@ -28,10 +33,14 @@ LLAMA_LOG_LINES = 20
 GGML_LOG_WARN = 3  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
 GGML_LOG_CONT = 5
 
+ALL_LAYERS = -1  # llama-cpp-python's n_gpu_layers for "every layer"
+OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+
 ProgressFn = Callable[[float], None]
 
 LLAMA_LOG: deque[str] = deque(maxlen=LLAMA_LOG_LINES)  # llama.cpp's latest warnings and errors
 _log_state = {"keep": False}
+_offloaded = {"layers": 0, "of": 0}  # from llama.cpp's "offloaded N/M layers to GPU" line
 _log_callback: Any = None  # the ctypes callback must outlive every call into llama.cpp
 
 
@@ -90,18 +99,32 @@ class StopMatcher:
 class Engine:
     """One loaded model. Not thread-safe: one generation at a time, from one thread."""
 
-    def __init__(self, model_path: str, n_ctx: int, on_progress: ProgressFn) -> None:
-        """Load ``model_path`` with a context of ``n_ctx`` tokens (0: DEFAULT_MAX_CTX)."""
+    def __init__(
+        self,
+        model_path: str,
+        n_ctx: int,
+        on_progress: ProgressFn,
+        backend: str = "cpu",
+        main_gpu: int = 0,
+    ) -> None:
+        """Load ``model_path`` with a context of ``n_ctx`` tokens (0: DEFAULT_MAX_CTX) on
+        ``backend``; for ``cuda``, every layer goes to GPU ``main_gpu``."""
         try:
             import llama_cpp
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise InvalidModel(f"llama-cpp-python is not importable: {exc}") from None
         self._llama_cpp = llama_cpp
+        self.backend = backend
         capture_llama_log(llama_cpp)
+        placement = gpu_params(llama_cpp, backend, main_gpu)
+        _offloaded.update(layers=0, of=0)
         with _load_progress(llama_cpp, on_progress):
             try:
                 self.llama: Any = llama_cpp.Llama(
-                    model_path=model_path, n_ctx=n_ctx or DEFAULT_MAX_CTX, verbose=False
+                    model_path=model_path,
+                    n_ctx=n_ctx or DEFAULT_MAX_CTX,
+                    verbose=False,
+                    **placement,
                 )
             except (ValueError, RuntimeError, OSError) as exc:
                 said = "".join(LLAMA_LOG).strip()
@@ -110,6 +133,11 @@ class Engine:
                     + (f"\nllama.cpp said:\n{said}" if said else "")
                 ) from None
         self.template: str = self.llama.metadata.get("tokenizer.chat_template", "")
+        self.gpu_layers = _offloaded["layers"] if backend == "cuda" else 0
+        if backend == "cuda" and _offloaded["of"] and self.gpu_layers < _offloaded["of"]:
+            raise BackendUnavailable(
+                f"llama.cpp put only {self.gpu_layers} of {_offloaded['of']} layers on the GPU"
+            )
 
     @property
     def n_ctx(self) -> int:
@@ -242,12 +270,33 @@ class SyntheticEngine:
         outcome.decode_s = time.perf_counter() - started - outcome.ttft_s
 
 
-def open_engine(model_path: str, n_ctx: int, on_progress: ProgressFn) -> Engine | SyntheticEngine:
-    """The engine for a model path: llama.cpp, or the synthetic stand-in."""
+def open_engine(
+    model_path: str, n_ctx: int, on_progress: ProgressFn, backend: str = "cpu", main_gpu: int = 0
+) -> Engine | SyntheticEngine:
+    """The engine for a model path: llama.cpp, or the synthetic stand-in (which ignores the
+    backend: it computes nothing)."""
     if model_path.startswith(SYNTHETIC_PREFIX):
         on_progress(1.0)
         return SyntheticEngine(model_path)
-    return Engine(model_path, n_ctx, on_progress)
+    return Engine(model_path, n_ctx, on_progress, backend, main_gpu)
+
+
+def gpu_params(llama_cpp: Any, backend: str, main_gpu: int) -> dict[str, Any]:
+    """``Llama()``'s placement arguments for a backend; refuses CUDA on a CPU-only build."""
+    if backend == "cpu":
+        return {"n_gpu_layers": 0}
+    if backend != "cuda":
+        raise BackendUnavailable(f"a worker cannot run on the {backend} backend")
+    if not llama_cpp.llama_supports_gpu_offload():
+        raise BackendUnavailable(
+            "this llama.cpp build has no GPU support, so it cannot run a model on CUDA",
+            suggestion="install the CUDA build of llama-cpp-python (packaging/cuda/build.sh)",
+        )
+    return {
+        "n_gpu_layers": ALL_LAYERS,
+        "main_gpu": main_gpu,
+        "split_mode": int(llama_cpp.LLAMA_SPLIT_MODE_NONE),
+    }
 
 
 def capture_llama_log(llama_cpp: Any) -> None:
@@ -265,6 +314,10 @@ def capture_llama_log(llama_cpp: Any) -> None:
         _log_state["keep"] = keep
         if keep:
             LLAMA_LOG.append(text.decode("utf-8", "replace"))
+        elif b"offloaded" in text:  # the one info line that says where the layers went
+            found = OFFLOADED.search(text.decode("utf-8", "replace"))
+            if found:
+                _offloaded.update(layers=int(found[1]), of=int(found[2]))
 
     _log_callback = llama_cpp.llama_log_callback(on_log)
     llama_cpp.llama_log_set(_log_callback, ctypes.c_void_p(0))

@@ -10,6 +10,10 @@ Two threads, each owning its sockets (a ZeroMQ rule):
   into the void; the hop to the hive has no high-water mark, so none is dropped either.
 
 The threads talk over an inproc PAIR (frames up) and a queue plus per-job events (jobs down).
+
+A CUDA worker is started with CUDA_VISIBLE_DEVICES naming its one GPU (rbee.hive.supervisor), so
+inside it that GPU is CUDA device 0 whatever its index on the machine; ``--device`` keeps the
+machine's (NVML's) index, which is what the worker reports and what NVML measures.
 """
 
 from __future__ import annotations
@@ -19,12 +23,14 @@ import queue
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
 
+import psutil
 import zmq
 
-from rbee import log
+from rbee import gpu, log
 from rbee.errors import InvalidModel, RbeeError
 from rbee.process import die_with_parent
 from rbee.protocol.codec import decode, encode
@@ -65,6 +71,41 @@ class WorkerArgs:
     stream: str
     n_ctx: int
     hive_pid: int
+    backend: str = "cpu"
+    device: str = ""  # a CUDA device's NVML index (the machine's numbering); "" on the CPU
+
+
+def main_gpu(device: str, environ: Mapping[str, str]) -> int:
+    """The CUDA device number llama.cpp should use in this process.
+
+    When CUDA_VISIBLE_DEVICES names exactly one GPU, that GPU is device 0 here; otherwise
+    (a worker started by hand) the index given is used as it is.
+    """
+    visible = environ.get(gpu.CUDA_VISIBLE_DEVICES)
+    if visible is not None and len([v for v in visible.split(",") if v.strip()]) == 1:
+        return 0
+    return int(device) if device.isdigit() else 0
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What the loaded worker really holds: RSS, and its process's memory on its GPU."""
+
+    rss_bytes: int
+    vram_bytes: int
+
+
+def measure_usage(backend: str, device: str, used_before: int | None) -> Usage:
+    """RSS from the OS; GPU memory from NVML's per-process accounting, or, where NVML hides
+    processes (another PID namespace), the growth of the device's used memory while loading."""
+    rss = psutil.Process().memory_info().rss
+    if backend != "cuda":
+        return Usage(rss_bytes=rss, vram_bytes=0)
+    vram = gpu.process_vram_bytes(os.getpid())
+    if vram is None and device.isdigit() and used_before is not None:
+        used_after = gpu.device_used_bytes(int(device))
+        vram = max(0, used_after - used_before) if used_after is not None else None
+    return Usage(rss_bytes=rss, vram_bytes=vram or 0)
 
 
 class Generator(threading.Thread):
@@ -106,8 +147,34 @@ class Generator(threading.Thread):
                 last[0] = fraction
                 up.send(encode(WorkerLoading(worker_id=wid, fraction=fraction)))
 
-        logger.info("loading model", path=self.args.model_path, n_ctx=self.args.n_ctx)
-        engine = open_engine(self.args.model_path, self.args.n_ctx, on_progress)
+        args = self.args
+        logger.info(
+            "loading model",
+            path=args.model_path,
+            n_ctx=args.n_ctx,
+            backend=args.backend,
+            device=args.device,
+            cuda_visible_devices=os.environ.get(gpu.CUDA_VISIBLE_DEVICES),
+        )
+        cuda = args.backend == "cuda"
+        used_before = gpu.device_used_bytes(int(args.device)) if cuda and args.device else None
+        engine = open_engine(
+            args.model_path,
+            args.n_ctx,
+            on_progress,
+            args.backend,
+            main_gpu(args.device, os.environ),
+        )
+        load_s = time.perf_counter() - started
+        usage = measure_usage(args.backend, args.device, used_before)
+        gpu_layers = engine.gpu_layers if isinstance(engine, Engine) else 0
+        logger.info(
+            "model loaded",
+            load_s=round(load_s, 3),
+            gpu_layers=gpu_layers,
+            rss_mib=usage.rss_bytes >> 20,
+            vram_mib=usage.vram_bytes >> 20,
+        )
         if not pub.poll(int(SUBSCRIBE_TIMEOUT_S * 1000)):
             raise InvalidModel("the hive's stream never subscribed to this worker")
         pub.recv()  # the hive's subscribe-to-everything
@@ -118,7 +185,12 @@ class Generator(threading.Thread):
                     pid=os.getpid(),
                     n_ctx=engine.n_ctx,
                     has_chat_template=engine.has_chat_template,
-                    load_s=time.perf_counter() - started,
+                    load_s=load_s,
+                    backend=args.backend,
+                    device=args.device if cuda else "cpu",
+                    gpu_layers=gpu_layers,
+                    rss_bytes=usage.rss_bytes,
+                    vram_bytes=usage.vram_bytes,
                 )
             )
         )

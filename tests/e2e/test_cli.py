@@ -178,3 +178,17 @@ def test_hello_to_nothing_is_bounded() -> None:
         hello(ctx, "127.0.0.1", free_port(), (0.2, 0.2))
     assert time.monotonic() - started < 2
     ctx.term()
+
+
+def test_config_file_environment_and_errors(rbee_env: dict[str, str], tmp_path: Path) -> None:
+    path = tmp_path / "config.toml"
+    path.write_text('[hive]\nmax_queue = 3\nnode_name = "from-file"\n[log]\nlevel = "debug"\n')
+    env = {**rbee_env, "RBEE_CONFIG": str(path), "RBEE_NODE_NAME": "from-env"}
+    shown = run_rbee("config", "show", env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert f"hive.max_queue = 3    ({path}; RBEE_MAX_QUEUE)" in shown.stdout
+    assert "hive.node_name = from-env    (environment; RBEE_NODE_NAME)" in shown.stdout
+    path.write_text("[hive]\nmax_queue = -1\n")
+    bad = run_rbee("hive", env=env)
+    assert bad.returncode == ExitCode.USAGE
+    assert str(path) in bad.stderr and "hive.max_queue: expected a whole number" in bad.stderr

@@ -4,6 +4,7 @@ real workers, real model. Keepers run on the third host and find the others by m
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -72,6 +73,32 @@ def wait_listed(host: Host, env: dict[str, str], names: set[str]) -> list[dict[s
         time.sleep(0.2)
 
 
+def pair(
+    hive: Host,
+    hive_env: dict[str, str],
+    keeper: Host,
+    keeper_env: dict[str, str],
+    code_used: str | None = None,
+    role: str = "infer",
+    name: str = "alpha",
+) -> subprocess.CompletedProcess[str]:
+    """`rbee hive pair` on the hive, `rbee pair NAME CODE` on the keeper (the real flow)."""
+    rbee = [sys.executable, "-m", "rbee"]
+    argv = hive.argv(
+        [*rbee, "hive", "pair", "--node-name", name, "--role", role, "--timeout", "20s"]
+    )
+    server = subprocess.Popen(argv, env=hive_env, stdout=subprocess.PIPE, text=True)
+    assert server.stdout is not None
+    first = server.stdout.readline()
+    code = re.search(r"\d{4}-\d{4}", first)
+    assert code is not None, first
+    result = rbee_on(keeper, keeper_env, "pair", name, code_used or code.group(0))
+    if code_used is not None:
+        server.send_signal(signal.SIGTERM)
+    server.wait(20)
+    return result
+
+
 @pytest.fixture
 def lan() -> Iterator[Lan]:
     with Lan.create(3) as lan:
@@ -88,7 +115,10 @@ def test_hives_are_found_and_serve_across_the_lan(
     imported = rbee_on(h2, env2, "models", "import", str(model_path), "--name", "only-on-beta")
     assert imported.returncode == 0, imported.stderr
     with hive_on(h1, env1, "alpha"), hive_on(h2, env2, "beta"):
-        listed = wait_listed(h3, keeper, {"alpha", "beta"})
+        wait_listed(h3, keeper, {"alpha", "beta"})
+        for host, env, name in ((h1, env1, "alpha"), (h2, env2, "beta")):
+            assert pair(host, env, h3, keeper, name=name).returncode == 0
+        listed = nodes(h3, keeper)
         by_name = {n["name"]: n for n in listed}
         assert set(by_name) == {"alpha", "beta"}, listed
         assert by_name["alpha"]["address"] == f"{h1.address}:7830"
@@ -127,6 +157,8 @@ def test_a_sigkilled_hive_is_not_chosen(lan: Lan, rbee_env: dict[str, str], tmp_
     keeper = env_for(h3, rbee_env, tmp_path, "keeper")
     with hive_on(h1, env1, "alpha") as alpha, hive_on(h2, env2, "beta"):
         wait_listed(h3, keeper, {"alpha", "beta"})
+        for host, env, name in ((h1, env1, "alpha"), (h2, env2, "beta")):
+            assert pair(host, env, h3, keeper, name=name).returncode == 0
         warm = rbee_on(h3, keeper, "infer", "--node", "alpha", "-t", "0", "-n", "4", "Hi")
         assert warm.returncode == 0 and f"{h1.address}" in warm.stderr, warm.stderr
         alpha.send_signal(signal.SIGKILL)
@@ -150,14 +182,17 @@ def test_a_hive_started_after_the_keeper_is_found(
     time.sleep(0.5)
     with hive_on(h1, env_for(h1, rbee_env, tmp_path, "alpha"), "late"):
         out, _ = browsing.communicate(timeout=30)
-    assert [n["name"] for n in json.loads(out)] == ["late"]
+    listed = json.loads(out)
+    assert [n["name"] for n in listed] == ["late"] and "not paired" in listed[0]["state"]
 
 
 def test_versions_and_unknown_nodes(lan: Lan, rbee_env: dict[str, str], tmp_path: Path) -> None:
     h1, _, h3 = lan.hosts
     keeper = env_for(h3, rbee_env, tmp_path, "keeper")
-    with hive_on(h1, env_for(h1, rbee_env, tmp_path, "alpha"), "alpha"):
+    env1 = env_for(h1, rbee_env, tmp_path, "alpha")
+    with hive_on(h1, env1, "alpha"):
         wait_listed(h3, keeper, {"alpha"})
+        assert pair(h1, env1, h3, keeper).returncode == 0
         by_name = rbee_on(h3, keeper, "infer", "--node", "alpha", "-t", "0", "-n", "4", "Hi")
         assert by_name.returncode == 0 and h1.address in by_name.stderr, by_name.stderr
         # Without multicast (another pool here), a seed host is asked directly.

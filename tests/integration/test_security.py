@@ -5,17 +5,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from rbee.errors import ExitCode
-from tests.integration.test_lan import env_for, hive_on, nodes, rbee_on, wait_listed
-from tests.lan import Host, Lan, available, leftover_namespaces
+from tests.integration.test_lan import env_for, hive_on, nodes, pair, rbee_on, wait_listed
+from tests.lan import Lan, available, leftover_namespaces
 
 pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "LAN available")
 
@@ -25,44 +22,6 @@ def lan() -> Iterator[Lan]:
     with Lan.create(2, subnet=3) as lan:
         yield lan
     assert leftover_namespaces(lan.tag) == []
-
-
-def pair(
-    hive: Host,
-    hive_env: dict[str, str],
-    keeper: Host,
-    keeper_env: dict[str, str],
-    code_used: str | None = None,
-    role: str = "infer",
-) -> subprocess.CompletedProcess[str]:
-    """`rbee hive pair` on the hive, `rbee pair alpha CODE` on the keeper."""
-    argv = hive.argv(
-        [
-            sys.executable,
-            "-m",
-            "rbee",
-            "hive",
-            "pair",
-            "--node-name",
-            "alpha",
-            "--role",
-            role,
-            "--timeout",
-            "20s",
-        ]
-    )
-    server = subprocess.Popen(argv, env=hive_env, stdout=subprocess.PIPE, text=True)
-    assert server.stdout is not None
-    first = server.stdout.readline()
-    code = re.search(r"\d{4}-\d{4}", first)
-    assert code is not None, first
-    result = rbee_on(keeper, keeper_env, "pair", "alpha", code_used or code.group(0))
-    if code_used is None:
-        server.wait(20)
-    else:
-        server.send_signal(signal.SIGTERM)
-        server.wait(20)
-    return result
 
 
 def test_closed_by_default_then_paired(

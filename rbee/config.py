@@ -1,0 +1,163 @@
+"""Configuration: one TOML file, overridden by RBEE_* environment variables, overridden by flags.
+
+The file is ``$RBEE_CONFIG`` if set, else ``/etc/rbee/config.toml`` for root (the system hive),
+else ``$XDG_CONFIG_HOME/rbee/config.toml`` (``~/.config/rbee/config.toml``). Every setting has
+one environment variable; the file's values are exported into the environment of the process
+(unless the variable is already set), so the rest of rbee reads one place, flags take their
+defaults from it, and `rbee config show` can say where each value came from. An unknown key or a
+bad value fails at start with the file, the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rbee.errors import InvalidRequest
+
+
+def _port(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
+        raise ValueError("a port number, 1-65535")
+    return str(value)
+
+
+def _count(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError("a whole number ≥ 0")
+    return str(value)
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError("a non-empty string")
+    return value
+
+
+def _text_list(value: Any) -> str:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("a list of strings")
+    return ",".join(value)
+
+
+def _level(value: Any) -> str:
+    if value not in ("debug", "info", "warning", "error"):
+        raise ValueError('one of "debug", "info", "warning", "error"')
+    return str(value)
+
+
+def _bool(value: Any) -> str:
+    if not isinstance(value, bool):
+        raise ValueError("true or false")
+    return "1" if value else ""
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One configurable value: its place in the file, its variable and how it is checked."""
+
+    section: str
+    key: str
+    env: str
+    check: Callable[[Any], str]
+    default: str
+    help: str
+
+
+SETTINGS = (
+    Setting(
+        "paths", "data_dir", "RBEE_DATA_DIR", _text, "~/.local/share/rbee", "catalog, models, keys"
+    ),
+    Setting("hive", "host", "RBEE_HIVE_HOST", _text, "127.0.0.1", "address the hive listens on"),
+    Setting("hive", "port", "RBEE_HIVE_PORT", _port, "7830", "request port"),
+    Setting("hive", "stream_port", "RBEE_STREAM_PORT", _port, "7831", "token stream port"),
+    Setting("hive", "node_name", "RBEE_NODE_NAME", _text, "(hostname)", "name shown to keepers"),
+    Setting("hive", "max_workers", "RBEE_MAX_WORKERS", _count, "4", "workers at once"),
+    Setting("hive", "max_queue", "RBEE_MAX_QUEUE", _count, "16", "jobs waiting"),
+    Setting("hive", "secure", "RBEE_SECURE", _bool, "false", "CURVE even on loopback"),
+    Setting(
+        "lan",
+        "mdns_interfaces",
+        "RBEE_MDNS_INTERFACES",
+        _text_list,
+        "(real interfaces)",
+        "where to announce and browse",
+    ),
+    Setting("lan", "seeds", "RBEE_SEEDS", _text_list, "", "HOST[:PORT] of hives to ask directly"),
+    Setting("lan", "cluster", "RBEE_CLUSTER", _text, "default", "the pool this machine is in"),
+    Setting("log", "level", "RBEE_LOG_LEVEL", _level, "info", "debug, info, warning, error"),
+)
+
+
+def config_path() -> Path:
+    """The configuration file this process reads (it need not exist)."""
+    explicit = os.environ.get("RBEE_CONFIG")
+    if explicit:
+        return Path(explicit)
+    if os.geteuid() == 0:
+        return Path("/etc/rbee/config.toml")
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "rbee" / "config.toml"
+
+
+def read_file(path: Path) -> dict[str, str]:
+    """The file's settings as environment values; InvalidRequest naming file, key, expectation."""
+    if not path.exists():
+        return {}
+    try:
+        data = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"{path}: not valid TOML ({exc})") from None
+    by_place = {(s.section, s.key): s for s in SETTINGS}
+    values: dict[str, str] = {}
+    problems = []
+    for section, table in data.items():
+        if not isinstance(table, dict):
+            problems.append(f"{section}: expected a [{section}] table")
+            continue
+        for key, value in table.items():
+            setting = by_place.get((section, key))
+            if setting is None:
+                known = ", ".join(f"{s.section}.{s.key}" for s in SETTINGS)
+                problems.append(f"{section}.{key}: unknown setting (known: {known})")
+                continue
+            try:
+                values[setting.env] = setting.check(value)
+            except ValueError as exc:
+                problems.append(f"{section}.{key}: expected {exc} (got {value!r})")
+    if problems:
+        raise InvalidRequest(f"{path}: " + "; ".join(problems), suggestion="fix or remove them")
+    return values
+
+
+def apply(path: Path | None = None) -> dict[str, str]:
+    """Export the file's values into this process's environment (set variables win);
+    returns the environment variable → source map for `rbee config show`."""
+    path = path or config_path()
+    sources = {s.env: "environment" for s in SETTINGS if s.env in os.environ}
+    for env, value in read_file(path).items():
+        if env not in os.environ:
+            os.environ[env] = value
+            sources[env] = str(path)
+    return sources
+
+
+def show(sources: dict[str, str], flags: dict[str, object] | None = None) -> str:
+    """Every setting's effective value and where it came from."""
+    lines = [f"# {config_path()}"]
+    for s in SETTINGS:
+        flag = (flags or {}).get(s.key)
+        if flag is not None:
+            value, source = str(flag), "flag"
+        elif s.env in os.environ:
+            value, source = os.environ[s.env], sources.get(s.env, "environment")
+        else:
+            value, source = s.default, "default"
+        lines.append(f"{s.section}.{s.key} = {value}    ({source}; {s.env})")
+    return "\n".join(lines) + "\n"

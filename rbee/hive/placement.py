@@ -1,0 +1,318 @@
+"""Where a worker runs and whether its model fits there: pure decisions, tested without a GPU.
+
+The hive asks two questions before it spawns a worker:
+
+1. **Which device?** ``choose_device`` turns a request (``cpu``, or ``cuda`` with an optional
+   index or UUID) and the machine's Inventory (rbee.gpu) into a Placement. A request this hive
+   cannot honour (a build without GPU support, no GPU, a device that does not exist) raises
+   BACKEND_UNAVAILABLE listing what does exist. It never falls back to the CPU: a person who
+   asked for a GPU and silently got a CPU would wait ten times longer and not know why.
+2. **Does it fit?** ``estimate_memory`` adds up what llama.cpp will allocate, read from the GGUF
+   header alone (the model is not loaded): the weights (the file's size, an upper bound: the
+   token embeddings stay in RAM even with every layer on the GPU), the KV cache for the context,
+   llama.cpp's compute buffer for its worst-case batch, and the backend's own runtime (the CUDA
+   context and cuBLAS on a GPU; the interpreter and libraries on the CPU). ``check_fits``
+   refuses with INSUFFICIENT_VRAM or INSUFFICIENT_RAM, needed vs free in MiB, instead of
+   letting llama.cpp run out of memory halfway through a load.
+
+The compute-buffer formula follows llama.cpp's graph reservation without flash attention (the
+llama-cpp-python default): the larger of the logits of a full batch and the attention scores of a
+full batch against the whole context. On the CPU it matches llama.cpp's reported buffer exactly
+for the default model (99.4 MiB at 2048 tokens, 166.4 MiB at 8192); GPU_RESULTS.md compares the
+whole estimate with what the worker's process really held on an H100.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from rbee.errors import BackendUnavailable, InsufficientRam, InsufficientVram
+from rbee.gguf import GGUFError, read_gguf_info
+from rbee.gpu import CudaDevice, Inventory
+
+MIB = 1 << 20
+KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type for K and V is f16
+KV_CELL_PADDING = 256  # llama.cpp rounds the KV cache's cells up; count the worst case
+N_UBATCH = 512  # llama-cpp-python's default physical batch, the graph llama.cpp reserves for
+F32_BYTES = 4
+CUDA_RUNTIME_BYTES = 640 * MIB  # CUDA context, cuBLAS handle and workspace, kernels (measured)
+CPU_RUNTIME_BYTES = 0  # the worker's baseline RSS exists before the model: not the model's cost
+UNKNOWN_SHAPE_MARGIN_BYTES = 256 * MIB  # a header without the shape keys: weights + this
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one worker runs: the backend, and for CUDA the GPU (NVML index and UUID)."""
+
+    backend: str  # "cpu" | "cuda"
+    device: str  # "cpu", or the CUDA device's NVML index as text (WorkerRecord.device)
+    uuid: str = ""  # what CUDA_VISIBLE_DEVICES names for a CUDA worker
+    name: str = "cpu"
+    free_bytes: int = 0
+
+    @property
+    def index(self) -> int:
+        """The NVML index of a CUDA device (-1 on the CPU)."""
+        return int(self.device) if self.backend == "cuda" else -1
+
+    @property
+    def label(self) -> str:
+        """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
+        return "cpu" if self.backend == "cpu" else f"cuda:{self.device} ({self.name})"
+
+    @property
+    def memory_kind(self) -> str:
+        """What memory it draws on, for messages."""
+        return "RAM" if self.backend == "cpu" else "GPU memory"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a transformer that size its KV cache and compute buffer."""
+
+    n_layers: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    head_dim_k: int
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a worker is expected to allocate, by part, in bytes."""
+
+    weights_bytes: int
+    kv_bytes: int
+    compute_bytes: int
+    runtime_bytes: int
+    n_ctx: int
+    shape_known: bool = True
+
+    @property
+    def total_bytes(self) -> int:
+        """Everything together."""
+        return self.weights_bytes + self.kv_bytes + self.compute_bytes + self.runtime_bytes
+
+    @property
+    def model_bytes(self) -> int:
+        """What the model itself adds (the total less the runtime)."""
+        return self.total_bytes - self.runtime_bytes
+
+    def describe(self) -> str:
+        """``1,066 MiB (weights 98 + KV cache 90 + compute 99 + runtime 640, 4096 tokens)``."""
+        parts = f"weights {self.weights_bytes // MIB} + KV cache {self.kv_bytes // MIB} + " + (
+            f"compute {self.compute_bytes // MIB}"
+            if self.shape_known
+            else f"margin {self.compute_bytes // MIB} (shape unknown)"
+        )
+        if self.runtime_bytes:
+            parts += f" + runtime {self.runtime_bytes // MIB}"
+        return f"{mib(self.total_bytes)} MiB ({parts}, {self.n_ctx} tokens)"
+
+
+def mib(n: int) -> str:
+    """Bytes as whole MiB with thousands separators."""
+    return f"{n // MIB:,}"
+
+
+# --------------------------------------------------------------------------- device choice
+
+
+def choose_device(
+    inventory: Inventory, backend: str, device: str = "", node: str = ""
+) -> Placement:
+    """The device a worker for this request runs on, or BACKEND_UNAVAILABLE.
+
+    ``device`` for ``cuda``: an NVML index ("0") or a UUID (a unique prefix will do); empty
+    picks the GPU with the most free memory (the lowest index on a tie). For ``cpu`` it must be
+    empty, "cpu" or "0".
+    """
+    where = f" on {node}" if node else ""
+    if backend == "cpu":
+        if device not in ("", "cpu", "0"):
+            raise BackendUnavailable(
+                f"the cpu backend has no device {device!r}{where}; it has: {inventory.describe()}",
+                suggestion="leave out --device for the CPU, or add --backend cuda",
+            )
+        return Placement(backend="cpu", device="cpu", free_bytes=inventory.cpu.ram_free_bytes)
+    if backend != "cuda":
+        raise BackendUnavailable(
+            f"no {backend} backend{where}; it has: {', '.join(inventory.backends)}",
+            suggestion="use --backend cpu or --backend cuda",
+        )
+    if not inventory.gpu_offload:
+        raise BackendUnavailable(
+            f"this hive's llama.cpp build has no GPU support{where}, so it cannot run a model "
+            f"on CUDA; it has: {inventory.describe()}",
+            suggestion="install the CUDA build of llama-cpp-python (packaging/cuda/build.sh) "
+            "and restart the hive, or use --backend cpu",
+        )
+    usable = [d for d in inventory.cuda if not d.note]
+    if not usable:
+        reason = inventory.cuda_note or "NVML lists no GPU"
+        raise BackendUnavailable(
+            f"no usable CUDA GPU{where} ({reason}); it has: {inventory.describe()}",
+            suggestion="use --backend cpu, or another node (`rbee nodes` shows their backends)",
+        )
+    if device:
+        chosen = _match(usable, device)
+        if chosen is None:
+            have = ", ".join(f"{d.index} ({d.uuid})" for d in usable)
+            raise BackendUnavailable(
+                f"no CUDA device {device!r}{where}; it has: {have}",
+                suggestion="name a device by its index or UUID (`rbee nodes` lists them), "
+                "or leave out --device to take the GPU with the most free memory",
+            )
+    else:
+        chosen = max(usable, key=lambda d: (d.free_bytes, -d.index))
+    return Placement(
+        backend="cuda",
+        device=str(chosen.index),
+        uuid=chosen.uuid,
+        name=chosen.name,
+        free_bytes=chosen.free_bytes,
+    )
+
+
+def _match(devices: list[CudaDevice], wanted: str) -> CudaDevice | None:
+    """The device an index or a UUID (or its unique prefix) names, else None."""
+    if wanted.isdigit():
+        return next((d for d in devices if d.index == int(wanted)), None)
+    key = wanted.lower().removeprefix("gpu-")
+    hits = [d for d in devices if len(key) >= 4 and _bare_uuid(d).startswith(key)]
+    return hits[0] if len(hits) == 1 else None
+
+
+def _bare_uuid(device: CudaDevice) -> str:
+    return device.uuid.lower().removeprefix("gpu-")
+
+
+def serves(worker_backend: str, worker_device: str, placement: Placement, device: str) -> bool:
+    """Whether a worker already placed on (backend, device) answers this request.
+
+    With no device named, any worker of the backend does; with one named, it must be that GPU.
+    """
+    if worker_backend != placement.backend:
+        return False
+    return not device or placement.backend == "cpu" or worker_device == placement.device
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def model_shape(metadata: Mapping[str, object]) -> ModelShape | None:
+    """The shape from a GGUF header's keys (``llama.block_count`` …), or None if absent."""
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str) or not arch:
+        return None
+
+    def number(key: str, default: int | None = None) -> int | None:
+        value = metadata.get(f"{arch}.{key}", default)
+        return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+    n_layers = number("block_count")
+    n_embd = number("embedding_length")
+    n_head = number("attention.head_count")
+    if not n_layers or not n_embd or not n_head:
+        return None
+    n_head_kv = number("attention.head_count_kv", n_head) or n_head
+    head_dim = n_embd // n_head
+    vocab = number("vocab_size")
+    if vocab is None:  # rbee.gguf records an array as its length: the token list's size
+        tokens = metadata.get("tokenizer.ggml.tokens")
+        vocab = tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else 0
+    return ModelShape(
+        n_layers=n_layers,
+        n_embd=n_embd,
+        n_head=n_head,
+        n_head_kv=n_head_kv,
+        head_dim_k=number("attention.key_length", head_dim) or head_dim,
+        head_dim_v=number("attention.value_length", head_dim) or head_dim,
+        n_ff=number("feed_forward_length", 4 * n_embd) or 4 * n_embd,
+        n_vocab=vocab,
+    )
+
+
+def kv_cells(n_ctx: int) -> int:
+    """The KV cache's cell count for a context (rounded up as llama.cpp may)."""
+    return -(-n_ctx // KV_CELL_PADDING) * KV_CELL_PADDING
+
+
+def kv_cache_bytes(shape: ModelShape, n_ctx: int) -> int:
+    """K and V for every layer and cell: n_ctx × n_layers × n_head_kv × head_dim, K plus V, f16."""
+    per_cell = shape.n_layers * shape.n_head_kv * (shape.head_dim_k + shape.head_dim_v)
+    return kv_cells(n_ctx) * per_cell * KV_BYTES_PER_ELEMENT
+
+
+def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
+    """llama.cpp's compute buffer for a full batch, without flash attention.
+
+    The graph allocator reuses memory, so the buffer is its largest live set: either the
+    logits of every token of the batch (n_vocab wide) or one layer's attention scores and mask
+    (n_ctx × (n_head + 1) per token), each next to a few hidden-state-sized tensors.
+    """
+    u = min(n_ubatch, max(1, n_ctx))
+    logits = u * (shape.n_vocab + 3 * shape.n_embd)
+    attention = u * (kv_cells(n_ctx) * (shape.n_head + 1) + 3 * shape.n_embd + shape.n_ff)
+    return F32_BYTES * max(logits, attention)
+
+
+def estimate(
+    metadata: Mapping[str, object] | None, file_bytes: int, n_ctx: int, backend: str
+) -> MemoryEstimate:
+    """The memory one worker needs for a model with this header and size, at ``n_ctx`` tokens."""
+    runtime = CUDA_RUNTIME_BYTES if backend == "cuda" else CPU_RUNTIME_BYTES
+    shape = model_shape(metadata) if metadata is not None else None
+    if shape is None:
+        return MemoryEstimate(
+            weights_bytes=file_bytes,
+            kv_bytes=0,
+            compute_bytes=UNKNOWN_SHAPE_MARGIN_BYTES,
+            runtime_bytes=runtime,
+            n_ctx=n_ctx,
+            shape_known=False,
+        )
+    return MemoryEstimate(
+        weights_bytes=file_bytes,
+        kv_bytes=kv_cache_bytes(shape, n_ctx),
+        compute_bytes=compute_bytes(shape, n_ctx),
+        runtime_bytes=runtime,
+        n_ctx=n_ctx,
+    )
+
+
+def estimate_for_file(path: str, n_ctx: int, backend: str) -> MemoryEstimate:
+    """``estimate`` for a model file, reading only its header (a synthetic model needs nothing)."""
+    try:
+        size = os.path.getsize(path)
+        metadata: Mapping[str, object] | None = read_gguf_info(path).metadata
+    except (OSError, GGUFError):
+        size, metadata = 0, None
+    if not size:
+        return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False)
+    return estimate(metadata, size, n_ctx, backend)
+
+
+def check_fits(needed: MemoryEstimate, placement: Placement, model: str, node: str = "") -> None:
+    """Refuse a worker that would not fit in the placement's free memory, saying both numbers."""
+    if needed.total_bytes <= placement.free_bytes:
+        return
+    where = f" on {node}" if node else ""
+    text = (
+        f"{model} needs about {needed.describe()} of {placement.memory_kind} on "
+        f"{placement.label}; {mib(placement.free_bytes)} MiB are free{where}"
+    )
+    if placement.backend == "cpu":
+        raise InsufficientRam(
+            text, suggestion="stop other workers (`rbee ps`) or use a smaller quantization"
+        )
+    raise InsufficientVram(
+        text,
+        suggestion="stop other workers on that GPU (`rbee ps`), name another one with --device, "
+        "or use a smaller quantization",
+    )

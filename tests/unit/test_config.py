@@ -1,0 +1,59 @@
+"""Configuration precedence (file < environment < flags) and every kind of config error."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from rbee import config
+from rbee.errors import InvalidRequest
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    for s in config.SETTINGS:
+        monkeypatch.delenv(s.env, raising=False)
+    path = tmp_path / "config.toml"
+    monkeypatch.setenv("RBEE_CONFIG", str(path))
+    return path
+
+
+def test_file_then_environment_then_flags(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    clean_env.write_text('[hive]\nport = 9100\nmax_queue = 3\n[lan]\nseeds = ["a:1", "b"]\n')
+    monkeypatch.setenv("RBEE_MAX_QUEUE", "5")
+    sources = config.apply()
+    assert os.environ["RBEE_HIVE_PORT"] == "9100" and sources["RBEE_HIVE_PORT"] == str(clean_env)
+    assert os.environ["RBEE_MAX_QUEUE"] == "5" and sources["RBEE_MAX_QUEUE"] == "environment"
+    assert os.environ["RBEE_SEEDS"] == "a:1,b"
+    shown = config.show(sources, {"max_queue": 7})
+    assert f"hive.port = 9100    ({clean_env}; RBEE_HIVE_PORT)" in shown
+    assert "hive.max_queue = 7    (flag; RBEE_MAX_QUEUE)" in shown
+    assert "log.level = info    (default; RBEE_LOG_LEVEL)" in shown
+
+
+def test_no_file_is_fine(clean_env: Path) -> None:
+    assert config.apply() == {}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[hive]\nprot = 1\n", "hive.prot: unknown setting"),
+        ("[hive]\nport = 70000\n", "hive.port: expected a port number, 1-65535 (got 70000)"),
+        ('[hive]\nport = "7830"\n', "hive.port: expected a port number"),
+        ("[hive]\nsecure = 1\n", "hive.secure: expected true or false"),
+        ('[log]\nlevel = "loud"\n', "log.level: expected one of"),
+        ("[lan]\nseeds = [1]\n", "lan.seeds: expected a list of strings"),
+        ('hive = "x"\n', "hive: expected a [hive] table"),
+        ("[hive\n", "not valid TOML"),
+    ],
+)
+def test_each_error_names_file_key_and_expectation(
+    clean_env: Path, text: str, expected: str
+) -> None:
+    clean_env.write_text(text)
+    with pytest.raises(InvalidRequest) as err:
+        config.apply()
+    assert str(clean_env) in err.value.message and expected in err.value.message
