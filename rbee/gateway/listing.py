@@ -17,7 +17,7 @@ from rbee.keeper.link import open_link
 from rbee.keeper.nodes import REQUEST_TIMEOUT_S
 from rbee.keeper.survey import survey
 from rbee.paths import catalog_path
-from rbee.protocol.messages import HiveStatus, ModelInfo, Status
+from rbee.protocol.messages import HiveStatus, Status
 
 LIST_BROWSE_S = 0.6  # as long as `rbee infer` browses before choosing
 
@@ -49,18 +49,7 @@ def _local_catalog() -> list[tuple[str, str, HiveStatus]]:
         entries = catalog.entries()
     finally:
         catalog.close()
-    models = [
-        ModelInfo(
-            name=e.name,
-            path=e.path,
-            size_bytes=e.size_bytes,
-            architecture=e.architecture,
-            quantization=e.quantization,
-            context_length=e.context_length,
-            parameter_count=e.parameter_count,
-        )
-        for e in entries
-    ]
+    models = [e.info() for e in entries]
     status = HiveStatus(
         node="ephemeral",
         rbee_version="",

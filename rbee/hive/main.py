@@ -11,7 +11,8 @@ import signal
 import sys
 
 from rbee import __version__, discovery, log
-from rbee.hive.server import Hive, HiveConfig
+from rbee.hive.server import Hive
+from rbee.hive.settings import HiveConfig
 from rbee.process import die_with_parent
 from rbee.protocol.messages import PROTOCOL_VERSION
 

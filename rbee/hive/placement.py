@@ -24,6 +24,7 @@ whole estimate with what the worker's process really held on an H100.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -103,8 +104,8 @@ class MemoryEstimate:
         """What the model itself adds (the total less the runtime)."""
         return self.total_bytes - self.runtime_bytes
 
-    def describe(self) -> str:
-        """``1,066 MiB (weights 98 + KV cache 90 + compute 99 + runtime 640, 4096 tokens)``."""
+    def breakdown(self) -> str:
+        """``weights 98 + KV cache 90 + compute 99 + runtime 640 MiB, 4096 tokens``."""
         parts = f"weights {self.weights_bytes // MIB} + KV cache {self.kv_bytes // MIB} + " + (
             f"compute {self.compute_bytes // MIB}"
             if self.shape_known
@@ -112,7 +113,11 @@ class MemoryEstimate:
         )
         if self.runtime_bytes:
             parts += f" + runtime {self.runtime_bytes // MIB}"
-        return f"{mib(self.total_bytes)} MiB ({parts}, {self.n_ctx} tokens)"
+        return f"{parts} MiB, {self.n_ctx} tokens"
+
+    def describe(self) -> str:
+        """``1,066 MiB (weights 98 + KV cache 90 + compute 99 + runtime 640 MiB, 4096 tokens)``."""
+        return f"{mib(self.total_bytes)} MiB ({self.breakdown()})"
 
 
 def mib(n: int) -> str:
@@ -266,8 +271,15 @@ def estimate(
     metadata: Mapping[str, object] | None, file_bytes: int, n_ctx: int, backend: str
 ) -> MemoryEstimate:
     """The memory one worker needs for a model with this header and size, at ``n_ctx`` tokens."""
-    runtime = CUDA_RUNTIME_BYTES if backend == "cuda" else CPU_RUNTIME_BYTES
     shape = model_shape(metadata) if metadata is not None else None
+    return estimate_shape(shape, file_bytes, n_ctx, backend)
+
+
+def estimate_shape(
+    shape: ModelShape | None, file_bytes: int, n_ctx: int, backend: str
+) -> MemoryEstimate:
+    """``estimate`` from a shape already read (None: the header did not say)."""
+    runtime = CUDA_RUNTIME_BYTES if backend == "cuda" else CPU_RUNTIME_BYTES
     if shape is None:
         return MemoryEstimate(
             weights_bytes=file_bytes,
@@ -287,15 +299,28 @@ def estimate(
 
 
 def estimate_for_file(path: str, n_ctx: int, backend: str) -> MemoryEstimate:
-    """``estimate`` for a model file, reading only its header (a synthetic model needs nothing)."""
+    """``estimate`` for a model file, reading only its header (a synthetic model needs nothing).
+
+    Walking a header with a 50,000-token vocabulary takes about 0.1 s, so the shape is cached
+    per file (path, size and modification time): a warm request pays only a stat.
+    """
     try:
-        size = os.path.getsize(path)
-        metadata: Mapping[str, object] | None = read_gguf_info(path).metadata
-    except (OSError, GGUFError):
-        size, metadata = 0, None
-    if not size:
+        stat = os.stat(path)
+    except OSError:
         return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False)
-    return estimate(metadata, size, n_ctx, backend)
+    if not stat.st_size:
+        return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False)
+    shape = _file_shape(path, stat.st_size, stat.st_mtime_ns)
+    return estimate_shape(shape, stat.st_size, n_ctx, backend)
+
+
+@functools.lru_cache(maxsize=64)
+def _file_shape(path: str, size: int, mtime_ns: int) -> ModelShape | None:
+    """The shape in a file's header; the size and time only key the cache."""
+    try:
+        return model_shape(read_gguf_info(path).metadata)
+    except GGUFError:
+        return None
 
 
 def check_fits(needed: MemoryEstimate, placement: Placement, model: str, node: str = "") -> None:
@@ -304,8 +329,9 @@ def check_fits(needed: MemoryEstimate, placement: Placement, model: str, node: s
         return
     where = f" on {node}" if node else ""
     text = (
-        f"{model} needs about {needed.describe()} of {placement.memory_kind} on "
-        f"{placement.label}; {mib(placement.free_bytes)} MiB are free{where}"
+        f"{model} needs about {mib(needed.total_bytes)} MiB of {placement.memory_kind} on "
+        f"{placement.label} ({needed.breakdown()}); {mib(placement.free_bytes)} MiB are "
+        f"free{where}"
     )
     if placement.backend == "cpu":
         raise InsufficientRam(

@@ -22,7 +22,6 @@ import socket
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,61 +30,45 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from rbee import __version__, log
-from rbee.catalog import Catalog, ModelEntry
+from rbee.catalog import Catalog
 from rbee.errors import (
     AccessDenied,
-    AllSlotsBusy,
-    Canceled,
     HiveDraining,
-    InsufficientRam,
     InternalError,
     InvalidRequest,
-    JobNotFound,
-    ModelNotFound,
     RbeeError,
     WorkerCrashed,
     WorkerNotFound,
 )
+from rbee.hive.jobs import JobDesk
 from rbee.hive.pool import Event, WorkerPool
-from rbee.hive.pulls import Finished, Pulls, describe_progress
+from rbee.hive.provision import Provisioner
+from rbee.hive.pulls import Pulls, describe_progress
 from rbee.hive.registry import (
     JobRecord,
-    Limits,
     WorkerRecord,
     expired_jobs,
     idle_expired,
-    pick_idle,
-    plan_worker,
 )
+from rbee.hive.settings import HiveConfig
 from rbee.hub.download import DownloadManager
-from rbee.hub.refs import is_hub_reference, parse_reference
-from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
-    KEEP_ALIVE_DEFAULT,
     PROTOCOL_VERSION,
     Ack,
     Cancel,
-    CancelJob,
-    Done,
     EnsureWorker,
     FetchFrames,
     Frame,
-    FramesReply,
     Hello,
     HelloReply,
     HiveStatus,
-    JobAccepted,
     ListWorkers,
-    ModelInfo,
-    ModelPulled,
     Progress,
     PullModel,
-    RunJob,
     StartJob,
     Status,
     StopWorker,
     StreamError,
-    Token,
     WorkerAssigned,
     WorkerInfo,
     WorkerList,
@@ -115,27 +98,6 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 logger = log.get(__name__)
 
 
-@dataclass(frozen=True)
-class HiveConfig:
-    """How a hive runs: where it listens and what it may do."""
-
-    host: str
-    port: int
-    stream_port: int
-    data_dir: Path
-    node: str = ""
-    ephemeral: bool = False
-    limits: Limits = field(default_factory=Limits)
-    keep_alive_s: float = 300.0
-    drain_grace_s: float = DRAIN_GRACE_S
-    secure: bool = False  # CURVE even on loopback (always on for any other address)
-
-    @property
-    def loopback_only(self) -> bool:
-        """Development mode: nothing but this machine can reach the hive."""
-        return self.host in LOOPBACK_HOSTS
-
-
 ADMIN_FRAMES = (PullModel, StopWorker)
 
 
@@ -150,26 +112,7 @@ class _KeyCheck:
         return bool(self.keys.role(key.decode("ascii", "replace")))
 
 
-class NeedsPull(Exception):
-    """A Hub reference that is not in the catalog yet (raised by ``Hive._resolve``)."""
-
-    def __init__(self, reference: str) -> None:
-        super().__init__(reference)
-        self.reference = reference
-
-
-def _pulled(entry: ModelEntry, downloaded: bool) -> ModelPulled:
-    return ModelPulled(
-        name=entry.name,
-        reference=entry.reference,
-        path=entry.path,
-        size_bytes=entry.size_bytes,
-        sha256=entry.sha256,
-        downloaded=downloaded,
-    )
-
-
-class Hive:
+class Hive(JobDesk, Provisioner):
     """A hive: its sockets, its workers and its jobs."""
 
     def __init__(self, config: HiveConfig) -> None:
@@ -233,16 +176,6 @@ class Hive:
             StopWorker: self.on_stop_worker,
             FetchFrames: self.on_fetch_frames,
         }
-
-    @property
-    def workers(self) -> dict[str, WorkerRecord]:
-        """The worker registry (id → record)."""
-        return self.pool.workers
-
-    @property
-    def draining(self) -> bool:
-        """Whether the hive is shutting down (it takes no new work)."""
-        return self.draining_since > 0
 
     # ------------------------------------------------------------------ loop
 
@@ -346,18 +279,7 @@ class Hive:
     def on_status(self, who: bytes, rid: int, frame: Status) -> None:
         """Workers, catalog and free resources."""
         memory = psutil.virtual_memory()
-        models = [
-            ModelInfo(
-                name=e.name,
-                path=e.path,
-                size_bytes=e.size_bytes,
-                architecture=e.architecture,
-                quantization=e.quantization,
-                context_length=e.context_length,
-                parameter_count=e.parameter_count,
-            )
-            for e in self.catalog.entries()
-        ]
+        models = [e.info() for e in self.catalog.entries()]
         status = HiveStatus(
             node=self.node,
             rbee_version=__version__,
@@ -387,276 +309,6 @@ class Hive:
             infos.append(w.info(rss))
         return infos
 
-    def _resolve(self, reference: str) -> ModelEntry:
-        if self.draining:
-            raise HiveDraining(f"hive {self.node} is shutting down", retry_after_s=RETRY_AFTER_S)
-        if is_hub_reference(reference):
-            canonical = parse_reference(reference).canonical()
-            entry = self.catalog.find_reference(canonical)
-            if entry is None or not Path(entry.path).is_file():
-                raise NeedsPull(canonical)
-        else:
-            entry = self.catalog.resolve(reference, allow_files=not self.secure)
-        if self.catalog.get(entry.name) is not None:  # file: and synthetic: models have no row
-            self.catalog.touch(entry.name)
-        return entry
-
-    def on_ensure_worker(self, who: bytes, rid: int, frame: EnsureWorker) -> None:
-        """Reuse an idle worker holding the model, join one loading it, spawn one, or name a
-        busy one (the job will queue); a Hub model not here yet is downloaded first."""
-        try:
-            entry = self._resolve(frame.model)
-        except NeedsPull as need:
-            self._require_admin(f"downloading {need.reference}")
-            self.pulls.join(need.reference, who, rid, "ensure", frame.n_ctx)
-            self.front.send(who, Progress(phase="download", message=need.reference), rid)
-            return
-        self._ensure(who, rid, entry, frame.n_ctx)
-
-    def _ensure(self, who: bytes, rid: int, entry: ModelEntry, n_ctx: int) -> None:
-        plan = plan_worker(self.pool.records(), entry.path, self.config.limits, self._fits(entry))
-        if plan.action in ("reuse", "queue"):
-            assert plan.worker is not None
-            assigned = WorkerAssigned(
-                worker_id=plan.worker.worker_id,
-                model=plan.worker.model,
-                reused=True,
-                load_s=0,
-                busy=plan.action == "queue",
-            )
-            self.front.send(who, assigned, rid)
-            return
-        if plan.action == "busy":
-            self._refuse_busy(entry)
-        if plan.action == "spawn":
-            if plan.evict is not None:
-                self.pool.stop(plan.evict, f"making room for {entry.name}")
-            worker = self._spawn(entry, n_ctx)
-            message = f"spawned worker {worker.worker_id} (pid {worker.pid}) for {entry.name}"
-        else:
-            assert plan.worker is not None
-            worker = plan.worker
-            message = f"waiting for worker {worker.worker_id}, already loading {entry.name}"
-        worker.waiters.append((who, rid))
-        self.front.send(who, Progress(phase="spawn", message=message), rid)
-
-    def on_pull_model(self, who: bytes, rid: int, frame: PullModel) -> None:
-        """Download a Hub model into the catalog (at once if it is already here)."""
-        if not is_hub_reference(frame.reference):
-            raise InvalidRequest(
-                f"{frame.reference!r} is not a Hugging Face reference",
-                suggestion="use hf:ORG/REPO, hf:ORG/REPO:QUANT or hf:ORG/REPO/FILE.gguf",
-            )
-        try:
-            entry = self._resolve(frame.reference)
-        except NeedsPull as need:
-            self.pulls.join(need.reference, who, rid, "pull")
-            self.front.send(who, Progress(phase="download", message=need.reference), rid)
-            return
-        self.front.send(who, _pulled(entry, downloaded=False), rid)
-
-    def _on_pull_finished(self, done: Finished) -> None:
-        if done.error is not None:
-            for who, rid, _, _ in done.pull.waiters:
-                self.front.reply_error(who, rid, done.error)
-            return
-        total = sum(f.size for f in done.files)
-        finished = Progress(phase="download", done=total, total=total, message="verified")
-        for who, rid, _, _ in done.pull.waiters:
-            self.front.send(who, finished, rid)
-        first = done.files[0]
-        known = self.catalog.find_path(first.path)
-        if known is not None:  # another spelling of a model already here
-            for who, rid, purpose, n_ctx in done.pull.waiters:
-                self._after_pull(who, rid, purpose, n_ctx, known, downloaded=False)
-            return
-        entry = self.catalog.add_pulled(
-            first.path,
-            reference=first.reference,
-            repo=first.repo,
-            file=first.filename,
-            revision=first.commit,
-            sha256=first.sha256,
-            size_bytes=total,
-        )
-        logger.info("pulled", model=entry.name, reference=entry.reference, bytes=entry.size_bytes)
-        for who, rid, purpose, n_ctx in done.pull.waiters:
-            self._after_pull(who, rid, purpose, n_ctx, entry, downloaded=True)
-
-    def _after_pull(
-        self, who: bytes, rid: int, purpose: str, n_ctx: int, entry: ModelEntry, downloaded: bool
-    ) -> None:
-        if purpose == "pull":
-            self.front.send(who, _pulled(entry, downloaded=downloaded), rid)
-            return
-        try:
-            self._ensure(who, rid, entry, n_ctx)
-        except RbeeError as exc:
-            self.front.reply_error(who, rid, exc)
-
-    def _fits(self, entry: ModelEntry) -> bool:
-        """Whether one more worker of this model fits in free RAM (weights + margin)."""
-        return entry.size_bytes + MEMORY_MARGIN_BYTES <= psutil.virtual_memory().available
-
-    def _refuse_busy(self, entry: ModelEntry) -> None:
-        if not self._fits(entry) and not any(
-            w.model_path == entry.path for w in self.pool.records()
-        ):
-            free = psutil.virtual_memory().available
-            raise InsufficientRam(
-                f"{entry.name} needs about {(entry.size_bytes + MEMORY_MARGIN_BYTES) >> 20} MiB "
-                f"of RAM; {free >> 20} MiB are free on {self.node}",
-                suggestion="stop other workers (`rbee ps`) or use a smaller quantization",
-            )
-        raise AllSlotsBusy(
-            f"all {self.config.limits.max_workers} workers of {self.node} are busy",
-            retry_after_s=RETRY_AFTER_S,
-            suggestion="try again shortly",
-        )
-
-    def _spawn(self, entry: ModelEntry, n_ctx: int) -> WorkerRecord:
-        ctx = n_ctx or min(entry.context_length or DEFAULT_CTX_TOKENS, DEFAULT_CTX_TOKENS)
-        worker = self.pool.spawn(entry.name, entry.path, ctx)
-        worker.keep_alive_s = self.config.keep_alive_s
-        return worker
-
-    def on_start_job(self, who: bytes, rid: int, frame: StartJob) -> None:
-        """Queue the job; it starts on an idle worker holding the model once the keeper's
-        subscription is seen. The final reply (JobAccepted) comes when it starts."""
-        if frame.job_id in self.jobs:
-            raise InvalidRequest(f"job id {frame.job_id} is already in use")
-        preferred = self.workers.get(frame.worker_id)
-        if frame.worker_id and preferred is None:
-            raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
-        if preferred is not None:
-            model, path = preferred.model, preferred.model_path
-            if self.draining:
-                raise HiveDraining(f"hive {self.node} is shutting down")
-        else:
-            try:
-                entry = self._resolve(frame.model)
-            except NeedsPull as need:
-                raise ModelNotFound(
-                    f"{need.reference} is not downloaded on {self.node} yet",
-                    suggestion=f"`rbee models pull {need.reference}` (or run it with rbee infer)",
-                ) from None
-            model, path = entry.name, entry.path
-        if len(self.queue) >= self.config.limits.max_queue:
-            raise AllSlotsBusy(
-                f"the queue of {self.node} is full ({len(self.queue)} jobs waiting)",
-                retry_after_s=RETRY_AFTER_S,
-                suggestion="try again shortly",
-            )
-        keep_alive = frame.keep_alive_s
-        job = JobRecord(
-            job_id=frame.job_id,
-            model=model,
-            model_path=path,
-            keeper=who,
-            rid=rid,
-            params=frame.params,
-            keep_alive_s=self.config.keep_alive_s
-            if keep_alive == KEEP_ALIVE_DEFAULT
-            else keep_alive,
-            preferred_worker=frame.worker_id,
-        )
-        self.jobs[job.job_id] = job
-        self.queue.append(job)
-        self._schedule(time.monotonic())
-
-    def _schedule(self, now: float) -> None:
-        """Start queued jobs on idle workers (FIFO per model); keep waiting keepers informed."""
-        for job in list(self.queue):
-            if self.subscribers[job.job_id] == 0:
-                if now - job.queued_at > SUBSCRIBE_TIMEOUT_S:
-                    self._fail_queued(
-                        job,
-                        InvalidRequest(
-                            f"the keeper did not subscribe to {job.job_id} within "
-                            f"{SUBSCRIBE_TIMEOUT_S:.0f} s"
-                        ),
-                    )
-                continue
-            worker = pick_idle(self.pool.records(), job.model_path, job.preferred_worker)
-            if worker is not None:
-                self._dispatch(job, worker)
-            elif now - job.queued_at > QUEUE_WAIT_S:
-                self._fail_queued(
-                    job,
-                    AllSlotsBusy(
-                        f"waited {QUEUE_WAIT_S:.0f} s in the queue of {self.node}",
-                        retry_after_s=RETRY_AFTER_S,
-                    ),
-                )
-        self._scale_for_queue()
-        waiting = [j for j in self.queue if self.subscribers[j.job_id] > 0]
-        for position, job in enumerate(waiting, start=1):
-            if position != job.told_position or now - job.told_at >= PROGRESS_EVERY_S:
-                job.told_position, job.told_at = position, now
-                note = f"position {position} of {len(waiting)}"
-                queued = Progress(phase="queued", done=position, total=len(waiting), message=note)
-                self.front.send(job.keeper, queued, job.rid)
-
-    def _scale_for_queue(self) -> None:
-        """A queued job whose model has no worker coming may get a new one (within limits)."""
-        if self.draining:
-            return
-        for job in self.queue:
-            records = self.pool.records()
-            coming = [
-                w
-                for w in records
-                if w.model_path == job.model_path and w.state in ("idle", "loading")
-            ]
-            if coming:
-                continue
-            try:
-                entry = self.catalog.resolve(job.model, allow_files=not self.secure)
-            except RbeeError:
-                continue
-            plan = plan_worker(records, job.model_path, self.config.limits, self._fits(entry))
-            if plan.action == "spawn":
-                if plan.evict is not None:
-                    self.pool.stop(plan.evict, f"making room for {entry.name}")
-                self._spawn(entry, 0)
-
-    def _dispatch(self, job: JobRecord, worker: WorkerRecord) -> None:
-        self.queue.remove(job)
-        job.dispatched, job.worker_id = True, worker.worker_id
-        worker.state, worker.job_id = "busy", job.job_id
-        worker.last_activity = time.time()
-        self.front.send(
-            job.keeper, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id), job.rid
-        )
-        self.pool.send(worker, RunJob(job_id=job.job_id, params=job.params))
-
-    def _fail_queued(self, job: JobRecord, error: RbeeError) -> None:
-        self.queue.remove(job)
-        self.front.reply_error(job.keeper, job.rid, error)
-        job.frames.append(
-            encode(StreamError(job_id=job.job_id, seq=0, code=error.code, message=error.message))
-        )
-        job.finished_at = time.monotonic()
-
-    def on_cancel(self, who: bytes, rid: int, frame: Cancel) -> None:
-        """Stop a job at its next token; canceling a finished job is harmless."""
-        job = self.jobs.get(frame.job_id)
-        if job is None:
-            raise JobNotFound(f"no job {frame.job_id} on {self.node}")
-        detail = "finished" if job.finished else "canceling"
-        self._cancel(job)
-        self.front.send(who, Ack(detail=detail), rid)
-
-    def _cancel(self, job: JobRecord) -> None:
-        if job.finished:
-            return
-        if job.dispatched:
-            worker = self.workers.get(job.worker_id)
-            if worker is not None:
-                self.pool.send(worker, CancelJob(job_id=job.job_id))
-        else:
-            self._fail_queued(job, Canceled(f"job {job.job_id} was canceled while queued"))
-
     def on_stop_worker(self, who: bytes, rid: int, frame: StopWorker) -> None:
         """Ask a worker to exit (its running job is canceled first)."""
         worker = self.workers.get(frame.worker_id)
@@ -670,73 +322,6 @@ class Hive:
         if job is not None:
             self._cancel(job)
         self.pool.stop(worker, reason)
-
-    def on_fetch_frames(self, who: bytes, rid: int, frame: FetchFrames) -> None:
-        """Resend a job's frames from a sequence number on (the gap-filling path)."""
-        job = self.jobs.get(frame.job_id)
-        if job is None:
-            raise JobNotFound(f"no job {frame.job_id} on {self.node} (finished long ago?)")
-        end = min(len(job.frames), frame.from_seq + MAX_FRAMES_PER_REPLY)
-        frames = job.frames[frame.from_seq : end]
-        finished = job.finished and end == len(job.frames)
-        self.front.send(who, FramesReply(job_id=job.job_id, frames=frames, finished=finished), rid)
-
-    # ------------------------------------------------------------------ streams
-
-    def _on_stream(self) -> None:
-        parts = self.xsub.recv_multipart(zmq.NOBLOCK)
-        try:
-            if len(parts) != 2:
-                raise InvalidRequest("stream frames have two parts")
-            frame = decode(parts[1]).frame
-            if not isinstance(frame, Token | Done | StreamError):
-                raise InvalidRequest(f"{frame.TYPE} is no stream frame")
-        except RbeeError as exc:
-            self.dropped_stream_frames += 1
-            logger.warning("dropped a bad stream frame", error=str(exc))
-            return
-        job = self.jobs.get(frame.job_id)
-        if job is None or job.finished or frame.seq != len(job.frames):
-            self.dropped_stream_frames += 1
-            return
-        if isinstance(frame, Token):
-            job.frames.append(parts[1])
-            self.xpub.send_multipart(parts, zmq.NOBLOCK)  # drops at the HWM; FetchFrames heals
-        else:
-            self._finish(job, frame, parts[1])
-
-    def _finish(self, job: JobRecord, terminal: Frame, data: bytes | None = None) -> None:
-        """Record and publish a job's one terminal frame; its worker becomes idle."""
-        data = data if data is not None else encode(terminal)
-        job.frames.append(data)
-        job.finished_at = time.monotonic()
-        self.xpub.send_multipart([job.job_id.encode(), data], zmq.NOBLOCK)
-        worker = self.workers.get(job.worker_id)
-        if worker is not None and worker.job_id == job.job_id:
-            worker.jobs_served += 1
-            if worker.state == "busy":
-                worker.became_idle(time.monotonic(), job.keep_alive_s)
-            else:
-                worker.job_id = ""
-        self._schedule(time.monotonic())
-
-    def _on_subscription(self) -> None:
-        data = self.xpub.recv(zmq.NOBLOCK)
-        if not data:
-            return
-        topic = data[1:].decode("utf-8", "replace")
-        if data[0] == 1:
-            self.subscribers[topic] += 1
-            if topic in self.jobs:
-                self._schedule(time.monotonic())
-        elif data[0] == 0 and self.subscribers[topic] > 0:
-            self.subscribers[topic] -= 1
-            if self.subscribers[topic] == 0:
-                del self.subscribers[topic]
-                job = self.jobs.get(topic)
-                if job is not None and not job.finished:
-                    logger.info("keeper went away; canceling its job", job=topic)
-                    self._cancel(job)
 
     # ------------------------------------------------------------------ workers
 

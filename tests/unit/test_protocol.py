@@ -384,7 +384,7 @@ def test_wrong_type_for_list_and_text() -> None:
 @pytest.mark.parametrize(
     ("cls", "kwargs", "expected"),
     [
-        (EnsureWorker, {"model": "m", "backend": "cuda"}, "backend must be one of cpu"),
+        (EnsureWorker, {"model": "m", "backend": "metal"}, "backend must be one of cpu"),
         (
             Done,
             {

@@ -1,0 +1,159 @@
+"""6: the same request through llama-cpp-python's own OpenAI server, rbee's OpenAI gateway and
+`rbee infer`: tokens/s and time to first token side by side.
+
+The request: the default model, bench/stream_efficiency.py's raw prompt, greedy, 256 tokens
+(the model does not end this text earlier, so no side needs to ignore end-of-sequence). Both
+servers are warm (model loaded, one request served) and answer POST /v1/completions with
+``stream: true``; one client (httpx) times both the same way: TTFT from sending the request to
+the first event carrying text, tokens/s as 255 ÷ the time from the first to the last text event.
+`rbee infer` reports its own (summary line: the keeper's request start → first token). Both
+engines run llama.cpp with the same defaults (threads, batch, a 4096-token context). Needs
+llama-cpp-python's server extras (fastapi, sse-starlette, starlette-context,
+pydantic-settings), which this module checks for.
+
+    python bench/peers.py [--reps 5]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+from common import (
+    PY,
+    RBEE,
+    Row,
+    default_model,
+    free_port,
+    infer_argv,
+    run_one,
+    running_hive,
+    standalone,
+    stop,
+)
+from stream_efficiency import PROMPT
+
+TOKENS = 256
+SERVER_EXTRAS = ("fastapi", "sse_starlette", "starlette_context", "pydantic_settings")
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], env: dict[str, str] | None, port: int, path: str) -> Iterator[str]:
+    """Start an HTTP server on ``port``; yield its base URL once GET ``path`` answers 200."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:  # not a pipe: a chatty server would block on it
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    said = log.read().decode(errors="replace")[-3000:]
+                    raise SystemExit(f"{' '.join(argv[1:3])} did not start:\n{said}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(base + path, timeout=1).status_code == 200:
+                        break
+                time.sleep(0.2)
+            yield base
+        finally:
+            stop(proc)  # type: ignore[arg-type]
+
+
+def completion(base: str, model: str) -> tuple[float, float]:
+    """One streamed completion: (tokens/s after the first, ms to the first text)."""
+    import httpx
+
+    body = {
+        "model": model,
+        "prompt": PROMPT,
+        "max_tokens": TOKENS,
+        "temperature": 0,
+        "stream": True,
+    }
+    times: list[float] = []
+    finish = None
+    with httpx.Client(timeout=120) as client:
+        started = time.perf_counter()
+        with client.stream("POST", f"{base}/v1/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                for choice in json.loads(line[6:]).get("choices", []):
+                    if choice.get("text"):
+                        times.append(time.perf_counter())
+                    finish = choice.get("finish_reason") or finish
+    if finish != "length" or len(times) < TOKENS // 2:
+        raise SystemExit(f"{base}: finish_reason {finish}, {len(times)} text events")
+    return (TOKENS - 1) / (times[-1] - times[0]), (times[0] - started) * 1000
+
+
+def run(reps: int) -> list[Row]:
+    """Interleaved repetitions: llama_cpp.server, rbee's gateway, `rbee infer`."""
+    if missing := [m for m in SERVER_EXTRAS if importlib.util.find_spec(m) is None]:
+        raise SystemExit(
+            f"llama_cpp.server needs {', '.join(missing)}: "
+            ".venv/bin/pip install sse-starlette starlette-context pydantic-settings fastapi"
+        )
+    model = str(default_model())
+    peer_port, gateway_port = free_port(), free_port()
+    peer_argv = [PY, "-m", "llama_cpp.server", "--model", model, "--n_ctx", "4096"]
+    peer_argv += ["--host", "127.0.0.1", "--port", str(peer_port)]
+    gateway_argv = [*RBEE, "serve", "--listen", f"127.0.0.1:{gateway_port}"]
+    cli = infer_argv("--raw", "-t", "0", "-n", str(TOKENS), PROMPT)
+    peer, gateway, infer = [], [], []
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        running_hive(tmp) as hive,
+        serving(peer_argv, None, peer_port, "/v1/models") as peer_url,
+        serving(gateway_argv, hive.env, gateway_port, "/health") as gateway_url,
+    ):
+        completion(peer_url, "peer")  # warm: the first request of each
+        completion(gateway_url, "smollm2-135m-instruct")  # loads rbee's worker
+        for _ in range(reps):
+            peer.append(completion(peer_url, "peer"))
+            gateway.append(completion(gateway_url, "smollm2-135m-instruct"))
+            summary = run_one(cli, hive.env).summary()
+            infer.append((summary.tokens_per_s, float(summary.first_token_ms)))
+    rows = []
+    for label, side in (("rbee gateway", gateway), ("`rbee infer`", infer)):
+        rows.append(
+            Row(
+                "6",
+                f"peers: {label} ÷ llama_cpp.server, tokens/s",
+                [s[0] / p[0] for s, p in zip(side, peer, strict=True)],
+                rbee=[s[0] for s in side],
+                baseline=[p[0] for p in peer],
+                op="≥",
+                target=1.0,
+                digits=3,
+            )
+        )
+        rows.append(
+            Row(
+                "6",
+                f"peers: {label} − llama_cpp.server, time to first token",
+                [s[1] - p[1] for s, p in zip(side, peer, strict=True)],
+                unit="ms",
+                rbee=[s[1] for s in side],
+                baseline=[p[1] for p in peer],
+                op="≤",
+                target=0,
+                note="HTTP: request sent → first text event; `rbee infer`: its summary line"
+                if label == "rbee gateway"
+                else "",
+            )
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(standalone(run, 5))

@@ -1,0 +1,255 @@
+"""The hive's jobs: a bounded FIFO queue in front of the workers, dispatch once the keeper's
+subscription is seen, and the relay that keeps every stream frame for gap-filling fetches."""
+
+from __future__ import annotations
+
+import time
+
+import zmq
+
+from rbee import log
+from rbee.errors import (
+    AllSlotsBusy,
+    Canceled,
+    HiveDraining,
+    InvalidRequest,
+    JobNotFound,
+    ModelNotFound,
+    RbeeError,
+    WorkerNotFound,
+)
+from rbee.hive.provision import NeedsPull
+from rbee.hive.registry import JobRecord, WorkerRecord, pick_idle, plan_worker
+from rbee.hive.settings import RETRY_AFTER_S, HiveState
+from rbee.protocol.codec import decode, encode
+from rbee.protocol.messages import (
+    KEEP_ALIVE_DEFAULT,
+    Ack,
+    Cancel,
+    CancelJob,
+    Done,
+    FetchFrames,
+    Frame,
+    FramesReply,
+    JobAccepted,
+    Progress,
+    RunJob,
+    StartJob,
+    StreamError,
+    Token,
+)
+
+SUBSCRIBE_TIMEOUT_S = 4.0  # under the keeper's 5 s wait for a reply
+PROGRESS_EVERY_S = 1.0  # a waiting keeper hears from the hive at least this often
+QUEUE_WAIT_S = 300.0
+MAX_FRAMES_PER_REPLY = 8192
+
+logger = log.get(__name__)
+
+
+class JobDesk(HiveState):
+    """The hive's job queue and stream relay (a part of ``Hive``)."""
+
+    def on_start_job(self, who: bytes, rid: int, frame: StartJob) -> None:
+        """Queue the job; it starts on an idle worker holding the model once the keeper's
+        subscription is seen. The final reply (JobAccepted) comes when it starts."""
+        if frame.job_id in self.jobs:
+            raise InvalidRequest(f"job id {frame.job_id} is already in use")
+        preferred = self.workers.get(frame.worker_id)
+        if frame.worker_id and preferred is None:
+            raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
+        if preferred is not None:
+            model, path = preferred.model, preferred.model_path
+            if self.draining:
+                raise HiveDraining(f"hive {self.node} is shutting down")
+        else:
+            try:
+                entry = self._resolve(frame.model)
+            except NeedsPull as need:
+                raise ModelNotFound(
+                    f"{need.reference} is not downloaded on {self.node} yet",
+                    suggestion=f"`rbee models pull {need.reference}` (or run it with rbee infer)",
+                ) from None
+            model, path = entry.name, entry.path
+        if len(self.queue) >= self.config.limits.max_queue:
+            raise AllSlotsBusy(
+                f"the queue of {self.node} is full ({len(self.queue)} jobs waiting)",
+                retry_after_s=RETRY_AFTER_S,
+                suggestion="try again shortly",
+            )
+        keep_alive = frame.keep_alive_s
+        job = JobRecord(
+            job_id=frame.job_id,
+            model=model,
+            model_path=path,
+            keeper=who,
+            rid=rid,
+            params=frame.params,
+            keep_alive_s=self.config.keep_alive_s
+            if keep_alive == KEEP_ALIVE_DEFAULT
+            else keep_alive,
+            preferred_worker=frame.worker_id,
+        )
+        self.jobs[job.job_id] = job
+        self.queue.append(job)
+        self._schedule(time.monotonic())
+
+    def _schedule(self, now: float) -> None:
+        """Start queued jobs on idle workers (FIFO per model); keep waiting keepers informed."""
+        for job in list(self.queue):
+            if self.subscribers[job.job_id] == 0:
+                if now - job.queued_at > SUBSCRIBE_TIMEOUT_S:
+                    self._fail_queued(
+                        job,
+                        InvalidRequest(
+                            f"the keeper did not subscribe to {job.job_id} within "
+                            f"{SUBSCRIBE_TIMEOUT_S:.0f} s"
+                        ),
+                    )
+                continue
+            worker = pick_idle(self.pool.records(), job.model_path, job.preferred_worker)
+            if worker is not None:
+                self._dispatch(job, worker)
+            elif now - job.queued_at > QUEUE_WAIT_S:
+                self._fail_queued(
+                    job,
+                    AllSlotsBusy(
+                        f"waited {QUEUE_WAIT_S:.0f} s in the queue of {self.node}",
+                        retry_after_s=RETRY_AFTER_S,
+                    ),
+                )
+        self._scale_for_queue()
+        waiting = [j for j in self.queue if self.subscribers[j.job_id] > 0]
+        for position, job in enumerate(waiting, start=1):
+            if position != job.told_position or now - job.told_at >= PROGRESS_EVERY_S:
+                job.told_position, job.told_at = position, now
+                note = f"position {position} of {len(waiting)}"
+                queued = Progress(phase="queued", done=position, total=len(waiting), message=note)
+                self.front.send(job.keeper, queued, job.rid)
+
+    def _scale_for_queue(self) -> None:
+        """A queued job whose model has no worker coming may get a new one (within limits)."""
+        if self.draining:
+            return
+        for job in self.queue:
+            records = self.pool.records()
+            coming = [
+                w
+                for w in records
+                if w.model_path == job.model_path and w.state in ("idle", "loading")
+            ]
+            if coming:
+                continue
+            try:
+                entry = self.catalog.resolve(job.model, allow_files=not self.secure)
+            except RbeeError:
+                continue
+            plan = plan_worker(records, job.model_path, self.config.limits, self._fits(entry))
+            if plan.action == "spawn":
+                if plan.evict is not None:
+                    self.pool.stop(plan.evict, f"making room for {entry.name}")
+                self._spawn(entry, 0)
+
+    def _dispatch(self, job: JobRecord, worker: WorkerRecord) -> None:
+        self.queue.remove(job)
+        job.dispatched, job.worker_id = True, worker.worker_id
+        worker.state, worker.job_id = "busy", job.job_id
+        worker.last_activity = time.time()
+        self.front.send(
+            job.keeper, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id), job.rid
+        )
+        self.pool.send(worker, RunJob(job_id=job.job_id, params=job.params))
+
+    def _fail_queued(self, job: JobRecord, error: RbeeError) -> None:
+        self.queue.remove(job)
+        self.front.reply_error(job.keeper, job.rid, error)
+        job.frames.append(
+            encode(StreamError(job_id=job.job_id, seq=0, code=error.code, message=error.message))
+        )
+        job.finished_at = time.monotonic()
+
+    def on_cancel(self, who: bytes, rid: int, frame: Cancel) -> None:
+        """Stop a job at its next token; canceling a finished job is harmless."""
+        job = self.jobs.get(frame.job_id)
+        if job is None:
+            raise JobNotFound(f"no job {frame.job_id} on {self.node}")
+        detail = "finished" if job.finished else "canceling"
+        self._cancel(job)
+        self.front.send(who, Ack(detail=detail), rid)
+
+    def _cancel(self, job: JobRecord) -> None:
+        if job.finished:
+            return
+        if job.dispatched:
+            worker = self.workers.get(job.worker_id)
+            if worker is not None:
+                self.pool.send(worker, CancelJob(job_id=job.job_id))
+        else:
+            self._fail_queued(job, Canceled(f"job {job.job_id} was canceled while queued"))
+
+    def on_fetch_frames(self, who: bytes, rid: int, frame: FetchFrames) -> None:
+        """Resend a job's frames from a sequence number on (the gap-filling path)."""
+        job = self.jobs.get(frame.job_id)
+        if job is None:
+            raise JobNotFound(f"no job {frame.job_id} on {self.node} (finished long ago?)")
+        end = min(len(job.frames), frame.from_seq + MAX_FRAMES_PER_REPLY)
+        frames = job.frames[frame.from_seq : end]
+        finished = job.finished and end == len(job.frames)
+        self.front.send(who, FramesReply(job_id=job.job_id, frames=frames, finished=finished), rid)
+
+    # ------------------------------------------------------------------ streams
+
+    def _on_stream(self) -> None:
+        parts = self.xsub.recv_multipart(zmq.NOBLOCK)
+        try:
+            if len(parts) != 2:
+                raise InvalidRequest("stream frames have two parts")
+            frame = decode(parts[1]).frame
+            if not isinstance(frame, Token | Done | StreamError):
+                raise InvalidRequest(f"{frame.TYPE} is no stream frame")
+        except RbeeError as exc:
+            self.dropped_stream_frames += 1
+            logger.warning("dropped a bad stream frame", error=str(exc))
+            return
+        job = self.jobs.get(frame.job_id)
+        if job is None or job.finished or frame.seq != len(job.frames):
+            self.dropped_stream_frames += 1
+            return
+        if isinstance(frame, Token):
+            job.frames.append(parts[1])
+            self.xpub.send_multipart(parts, zmq.NOBLOCK)  # drops at the HWM; FetchFrames heals
+        else:
+            self._finish(job, frame, parts[1])
+
+    def _finish(self, job: JobRecord, terminal: Frame, data: bytes | None = None) -> None:
+        """Record and publish a job's one terminal frame; its worker becomes idle."""
+        data = data if data is not None else encode(terminal)
+        job.frames.append(data)
+        job.finished_at = time.monotonic()
+        self.xpub.send_multipart([job.job_id.encode(), data], zmq.NOBLOCK)
+        worker = self.workers.get(job.worker_id)
+        if worker is not None and worker.job_id == job.job_id:
+            worker.jobs_served += 1
+            if worker.state == "busy":
+                worker.became_idle(time.monotonic(), job.keep_alive_s)
+            else:
+                worker.job_id = ""
+        self._schedule(time.monotonic())
+
+    def _on_subscription(self) -> None:
+        data = self.xpub.recv(zmq.NOBLOCK)
+        if not data:
+            return
+        topic = data[1:].decode("utf-8", "replace")
+        if data[0] == 1:
+            self.subscribers[topic] += 1
+            if topic in self.jobs:
+                self._schedule(time.monotonic())
+        elif data[0] == 0 and self.subscribers[topic] > 0:
+            self.subscribers[topic] -= 1
+            if self.subscribers[topic] == 0:
+                del self.subscribers[topic]
+                job = self.jobs.get(topic)
+                if job is not None and not job.finished:
+                    logger.info("keeper went away; canceling its job", job=topic)
+                    self._cancel(job)

@@ -1,0 +1,101 @@
+"""Backends and devices through a real hive: what runs here, on a machine without a GPU.
+
+NEEDS THE HIVE WIRING of issue 10 (EnsureWorker.backend/device handled in rbee/hive/server.py,
+`--backend/--device` in rbee/cli.py and rbee/keeper/infer.py, devices in the status). The CUDA
+success path cannot run here; packaging/cuda/prove_h100.sh runs it on an H100 (GPU_RESULTS.md).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psutil
+import pytest
+
+from rbee.errors import BackendUnavailable, InsufficientRam
+from rbee.gpu import detect
+from rbee.hive.placement import MIB, estimate_for_file
+from rbee.protocol.messages import (
+    EnsureWorker,
+    HiveStatus,
+    ListWorkers,
+    Status,
+    StopWorker,
+    WorkerAssigned,
+    WorkerList,
+)
+from rbee.transport.sockets import DealerClient
+from tests.helpers import hive_in_thread, keeper, run_rbee
+
+MODEL = "smollm2-135m-instruct"
+LOAD_TIMEOUT_S = 60.0
+HUGE_CTX = 1 << 20  # a context whose KV cache and compute buffer no test machine has RAM for
+
+pytestmark = pytest.mark.skipif(
+    detect().backends != ("cpu",), reason="these tests are for a hive that has only the CPU"
+)
+
+
+def ensure(client: DealerClient, **fields: object) -> WorkerAssigned:
+    """EnsureWorker until its final answer (an error raises as its RbeeError)."""
+    rid = client.send(EnsureWorker(model=MODEL, **fields))  # type: ignore[arg-type]
+    for frame in client.replies(rid, LOAD_TIMEOUT_S):
+        if isinstance(frame, WorkerAssigned):
+            return frame
+    raise AssertionError("unreachable")
+
+
+def test_cuda_on_a_gpu_less_hive_is_backend_unavailable(tmp_path: Path) -> None:
+    with hive_in_thread(tmp_path) as hive, keeper(hive) as (client, _):
+        with pytest.raises(BackendUnavailable) as err:
+            ensure(client, backend="cuda")
+        assert "cpu (" in err.value.message  # it lists what exists
+        with pytest.raises(BackendUnavailable):
+            ensure(client, backend="cuda", device="7")
+        with pytest.raises(BackendUnavailable, match="cpu backend has no device '3'"):
+            ensure(client, device="3")
+        assert not hive.workers  # nothing was spawned, least of all a CPU worker
+
+
+def test_status_lists_the_cpu_device(tmp_path: Path) -> None:
+    with hive_in_thread(tmp_path) as hive, keeper(hive) as (client, _):
+        status = client.request(Status(), 5)
+        assert isinstance(status, HiveStatus)
+        cpu = status.devices[0]
+        assert (cpu.backend, cpu.usable) == ("cpu", True)
+        assert cpu.cores >= 1 and cpu.free_bytes > 0
+        assert all(d.backend != "cuda" or not d.usable for d in status.devices)
+
+
+def test_a_context_that_cannot_fit_is_insufficient_ram(tmp_path: Path, model_path: Path) -> None:
+    needed = estimate_for_file(str(model_path), HUGE_CTX, "cpu")
+    if needed.total_bytes < psutil.virtual_memory().available:
+        pytest.skip("this machine has the RAM for the huge context")
+    with hive_in_thread(tmp_path) as hive, keeper(hive) as (client, _):
+        with pytest.raises(InsufficientRam, match=r"MiB of RAM on cpu; [\d,]+ MiB are free"):
+            ensure(client, n_ctx=HUGE_CTX)
+        assert not hive.workers
+
+
+@pytest.mark.model
+def test_a_cpu_worker_reports_its_device_estimate_and_rss(tmp_path: Path, model_path: Path) -> None:
+    with hive_in_thread(tmp_path) as hive, keeper(hive) as (client, _):
+        assigned = ensure(client, backend="cpu")
+        reply = client.request(ListWorkers(), 5)
+        assert isinstance(reply, WorkerList)
+        (info,) = reply.workers
+        assert (info.backend, info.device, info.vram_bytes) == ("cpu", "cpu", 0)
+        expected = estimate_for_file(str(model_path), 4096, "cpu")
+        assert info.estimate_bytes == expected.total_bytes
+        # The worker's whole RSS (interpreter, libraries, model) is above the model's part and,
+        # for this small model, within a few hundred MiB of it.
+        assert expected.model_bytes * 0.5 < info.rss_bytes < expected.model_bytes + 600 * MIB
+        client.request(StopWorker(worker_id=assigned.worker_id), 5)
+
+
+def test_rbee_infer_backend_cuda_exits_7(rbee_env: dict[str, str]) -> None:
+    result = run_rbee("infer", "--backend", "cuda", "-n", "4", "hi", env=rbee_env, timeout=60)
+    assert result.returncode == 7, result.stderr
+    assert "error: BACKEND_UNAVAILABLE:" in result.stderr
+    assert "hint:" in result.stderr
+    assert result.stdout == ""
