@@ -66,14 +66,16 @@ class Keeper:
 
     @staticmethod
     def _read(pipe: IO[str], into: list[str]) -> None:
-        for line in pipe:
-            into.append(line)
+        """Everything the pipe gives, as it comes (tokens arrive without newlines)."""
+        while chunk := pipe.read(1):
+            into.append(chunk)
 
     def wait_for(self, text: str, timeout: float = 60) -> str:
         """The first stderr line containing ``text``."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in self.lines:
+            seen = "".join(self.lines)
+            for line in seen[: seen.rfind("\n") + 1].splitlines():  # complete lines only
                 if text in line:
                     return line
             if self.proc.poll() is not None and not self._readers[0].is_alive():
@@ -98,7 +100,9 @@ def test_worker_killed_mid_stream(rbee_env: dict[str, str]) -> None:
         keeper = Keeper(rbee_env, *LONG)
         pid = worker_pid(keeper.wait_for("spawned worker"))
         keeper.wait_for("[inference]")
-        time.sleep(1.0)
+        deadline = time.monotonic() + 30
+        while len("".join(keeper.chunks).split()) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)  # some text printed before the crash
         os.kill(pid, signal.SIGKILL)
         code, out, err = keeper.finish()
         assert code == ExitCode.FAILURE, err
@@ -157,15 +161,16 @@ def test_a_queued_job_runs_after_the_first(rbee_env: dict[str, str]) -> None:
 
 
 def test_keep_alive_zero_and_expiry(rbee_env: dict[str, str]) -> None:
-    with running_hive(rbee_env, "--keep-alive", "1s"):
+    port = rbee_env["RBEE_HIVE_PORT"]
+    with running_hive(rbee_env, "--keep-alive", "4s"):
         once = run_rbee("infer", "--keep-alive", "0", *SHORT, env=rbee_env)
         assert once.returncode == 0, once.stderr
         pid = int(PIDS.findall(once.stderr)[0])
         assert_gone([pid])
         kept = run_rbee("infer", *SHORT, env=rbee_env)
         pid = int(PIDS.findall(kept.stderr)[0])
-        assert str(pid) in run_rbee("ps", env=rbee_env).stdout
-        time.sleep(2.5)
+        assert str(pid) in run_rbee("ps", "--node", f"127.0.0.1:{port}", env=rbee_env).stdout
+        time.sleep(5)
         assert_gone([pid])
         assert run_rbee("ps", env=rbee_env).stdout == "no workers\n"
 

@@ -7,6 +7,8 @@ its CPU, without raising.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -226,3 +228,14 @@ def test_worker_argv_names_the_backend_only_off_the_cpu() -> None:
     assert "--backend" not in cpu  # a CPU worker's command line is what it always was
     cuda = worker_argv("w-1", "/m.gguf", "tcp://c", "tcp://s", 2048, "cuda", "1")
     assert cuda[-4:] == ["--backend", "cuda", "--device", "1"]
+
+
+def test_the_worker_loads_llama_cpp_before_zmq() -> None:
+    """With pyzmq loaded first, a CUDA build of llama.cpp crashed in std::regex (GPU_RESULTS.md);
+    a CPU build does not mind, so only this test guards the order on a machine without a GPU."""
+    code = (
+        "import sys, rbee.cli, rbee.worker.main; m = list(sys.modules); "
+        "print(m.index('llama_cpp') < m.index('zmq'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
