@@ -141,7 +141,7 @@ class JobDesk(HiveState):
             if coming:
                 continue
             try:
-                entry = self.catalog.resolve(job.model, allow_files=not self.secure)
+                entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
             except RbeeError:
                 continue
             plan = plan_worker(records, job.model_path, self.config.limits, self._fits(entry))

@@ -59,7 +59,7 @@ class Provisioner(HiveState):
             if entry is None or not Path(entry.path).is_file():
                 raise NeedsPull(canonical)
         else:
-            entry = self.catalog.resolve(reference, allow_files=not self.secure)
+            entry = self.catalog.resolve(reference, allow_files=self.config.loopback_only)
         if self.catalog.get(entry.name) is not None:  # file: and synthetic: models have no row
             self.catalog.touch(entry.name)
         return entry
