@@ -36,7 +36,8 @@ test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup
-	$(BIN)/python bench/stream_efficiency.py
+	$(BIN)/python -m pip install --quiet fastapi sse-starlette starlette-context pydantic-settings
+	$(BIN)/python bench/run_all.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info bench/results

@@ -41,12 +41,25 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def port_is_free(port: int) -> bool:
+    """Whether a loopback TCP port can be bound now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
 def isolated_env(data_dir: str | Path) -> dict[str, str]:
     """The environment of one run: its own data directory, ports and cluster, loopback mDNS."""
+    port = free_port()
+    while not port_is_free(port + 2):  # `rbee hive pair` listens on the hive's port + 2
+        port = free_port()
     env = {
         **os.environ,
         "RBEE_DATA_DIR": str(data_dir),
-        "RBEE_HIVE_PORT": str(free_port()),
+        "RBEE_HIVE_PORT": str(port),
         "RBEE_STREAM_PORT": str(free_port()),
         "RBEE_MDNS_INTERFACES": "127.0.0.1",
         "RBEE_CLUSTER": f"bench-{uuid.uuid4().hex[:12]}",
@@ -85,39 +98,27 @@ class Hive:
 
 @contextlib.contextmanager
 def running_hive(data_dir: str | Path, *args: str) -> Iterator[Hive]:
-    """`rbee hive ARGS` in an isolated environment, ready (it answers Hello) when yielded."""
+    """`rbee hive ARGS` in an isolated environment, ready (it says so in its log) when yielded."""
     env = isolated_env(data_dir)
     log = Path(data_dir) / "hive.log"
     with log.open("wb") as log_file:
         proc = subprocess.Popen([*RBEE, "hive", *args], env=env, stderr=log_file)
     try:
-        wait_for_hive(proc, int(env["RBEE_HIVE_PORT"]), log)
+        wait_for_hive(proc, log)
         yield Hive(proc, env, log)
     finally:
         stop(proc)
 
 
-def wait_for_hive(proc: subprocess.Popen[bytes], port: int, log: Path) -> None:
-    """Say Hello (the keeper's own call) until the hive answers; fail with its log if it dies."""
-    import zmq
-
-    from rbee.errors import RbeeError
-    from rbee.keeper.link import hello
-
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit(f"the hive exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(RbeeError):
-                client, _ = hello(ctx, "127.0.0.1", port, (0.5,))
-                client.close()
-                return
-            time.sleep(0.1)
-        raise SystemExit(f"the hive did not answer within 30 s:\n{log.read_text()[-3000:]}")
-    finally:
-        ctx.destroy(linger=0)
+def wait_for_hive(proc: subprocess.Popen[bytes], log: Path, timeout: float = 30) -> None:
+    """Wait for the hive's "hive ready" log line (it serves from then on, with or without
+    CURVE); fail with its log if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while '"hive ready"' not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            said = log.read_text(errors="replace")[-3000:]
+            raise SystemExit(f"the hive did not start (exit code {proc.poll()}):\n{said}")
+        time.sleep(0.05)
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -247,28 +248,29 @@ def parse_summary(stderr: str, returncode: int | None, what: str) -> Summary:
     )
 
 
-def run_all(
-    argvs: Sequence[list[str]], env: dict[str, str] | None, timeout: float = 300
-) -> list[Run]:
-    """Start every command at once and read all their output as it comes, timestamped."""
+def run_one(
+    argv: list[str], env: dict[str, str] | None, timeout: float = 300, stdout: bool = True
+) -> Run:
+    """Run a command, reading its stderr and (unless not ``stdout``: then it goes to /dev/null,
+    and reading it costs no CPU) its stdout as they come, timestamped."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(
+        argv,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if stdout else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    run = Run(list(argv), started)
     sel = selectors.DefaultSelector()
-    runs, procs = [], []
-    for argv in argvs:
-        started = time.perf_counter()
-        proc = subprocess.Popen(
-            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
-        run = Run(list(argv), started)
-        assert proc.stdout is not None and proc.stderr is not None
-        sel.register(proc.stdout, selectors.EVENT_READ, run.out)
-        sel.register(proc.stderr, selectors.EVENT_READ, run.err)
-        runs.append(run)
-        procs.append(proc)
+    for pipe, sink in ((proc.stdout, run.out), (proc.stderr, run.err)):
+        if pipe is not None:
+            sel.register(pipe, selectors.EVENT_READ, sink)
     deadline = time.monotonic() + timeout
     try:
         while sel.get_map():
             if time.monotonic() > deadline:
-                raise SystemExit(f"timed out after {timeout:.0f} s: {runs[0].name}")
+                raise SystemExit(f"timed out after {timeout:.0f} s: {run.name}")
             for key, _ in sel.select(1.0):
                 data = os.read(key.fd, 1 << 16)
                 if data:
@@ -277,17 +279,10 @@ def run_all(
                     sel.unregister(key.fileobj)
                     key.fileobj.close()  # type: ignore[union-attr]
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-    for run, proc in zip(runs, procs, strict=True):
+        if proc.poll() is None:
+            proc.kill()
         run.returncode = proc.wait()
-    return runs
-
-
-def run_one(argv: list[str], env: dict[str, str] | None, timeout: float = 300) -> Run:
-    """One command, its output timestamped."""
-    return run_all([argv], env, timeout)[0]
+    return run
 
 
 def infer_argv(*args: str) -> list[str]:
@@ -453,7 +448,11 @@ def machine() -> dict[str, str]:
         engine = f"llama-cpp-python {llama_cpp.__version__}"
     except ImportError:  # pragma: no cover
         engine = "llama-cpp-python missing"
+    git = ["git", "-C", str(Path(__file__).resolve().parent)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True).stdout
     return {
+        "commit": commit.stdout.strip() + (" (working tree modified)" if dirty.strip() else ""),
         "cpu": f"{cpu}, {os.cpu_count()} cpus ({platform.machine()})",
         "memory": f"{psutil.virtual_memory().total / 2**30:.1f} GiB",
         "os": platform.platform(),

@@ -27,8 +27,8 @@ import warm
 from common import Row, machine, markdown, table
 
 BENCHES = {  # name: (module, default repetitions)
-    "warm": (warm, 5),
-    "cold": (cold, 5),
+    "warm": (warm, 7),
+    "cold": (cold, 7),  # the noisiest: three interpreters and a model load per run
     "transport": (transport, 5),
     "concurrency": (concurrency, 3),
     "peers": (peers, 5),

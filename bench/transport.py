@@ -1,8 +1,9 @@
 """4: the token stream, worker → hive → keeper, with rbee's synthetic engine as the source.
 
-* Throughput: `rbee infer -m synthetic:0 -n 20000` through a running hive (warm worker), frames/s
-  from the keeper's summary line, against bench/raw_relay.py: the same three hops and processes
-  in bare pyzmq (a zmq.proxy relay, msgpack frames of the same shape), the floor of this design.
+* Throughput: `rbee infer -m synthetic:0 -n 20000 > /dev/null` through a running hive (warm
+  worker), frames/s from the keeper's summary line, against bench/raw_relay.py: the same three
+  hops and processes in bare pyzmq (a zmq.proxy relay, msgpack frames of the same shape), the
+  floor of this design.
 * Per-frame latency: a Token frame carries no send time, so it is estimated from a paced source
   (`synthetic:1000`, one frame per ms on a fixed schedule): each frame's arrival on the keeper's
   stdout minus its scheduled time, less the smallest such value of the stream. That is the delay
@@ -13,14 +14,18 @@
 * Per-frame Python cost: building and encoding a Token with rbee's codec, and decoding it, in
   this process, against plain msgpack of the same dict (the budget at 50,000 frames/s is 20 µs
   per frame per process, and three processes touch every frame).
-* With CURVE: a slot, see CURVE_HIVE_ARGS.
+* With CURVE: the same, interleaved, through a second hive started with `--secure` (CURVE on
+  loopback, as on every LAN hive), the keeper paired with it the way a person does it
+  (`rbee hive pair` prints a one-time code, `rbee pair` uses it).
 
     python bench/transport.py [--reps 5]
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
+import subprocess
 import sys
 import tempfile
 import timeit
@@ -28,6 +33,8 @@ from pathlib import Path
 
 from common import (
     PY,
+    RBEE,
+    Hive,
     Row,
     Run,
     infer_argv,
@@ -43,10 +50,7 @@ FRAMES = 20_000
 PACED_RATE = 1000
 PACED_FRAMES = 2000
 RAW = [PY, str(Path(__file__).with_name("raw_relay.py"))]
-# CURVE (issue 5) is being built while this is written. When a hive can run with CURVE on
-# loopback, put its flags (and whatever the keeper needs) here: the throughput and latency rows
-# are then measured again with them and shown as "with CURVE".
-CURVE_HIVE_ARGS: list[str] | None = None
+MODES = {"": (), " with CURVE": ("--secure",)}  # label: the hive's flags
 
 
 def delays_ms(run: Run, rate: float, n: int) -> list[float]:
@@ -88,91 +92,119 @@ def codec_us() -> dict[str, float]:
     }
 
 
-def measure(reps: int, hive_args: list[str], label: str) -> list[Row]:
-    """Throughput and latency rows, rbee with ``hive_args`` against the raw relay."""
-    fast = infer_argv("-m", "synthetic:0", "-n", str(FRAMES), "--raw", "x")
-    paced = infer_argv("-m", f"synthetic:{PACED_RATE}", "-n", str(PACED_FRAMES), "--raw", "x")
-    rbee_fps, raw_fps, rbee_lat, raw_lat, one_way = [], [], [], [], []
-    with tempfile.TemporaryDirectory() as tmp, running_hive(tmp, *hive_args) as hive:
-        run_one(fast, hive.env).summary()  # spawn the synthetic workers
-        run_one(paced, hive.env).summary()
-        for _ in range(reps):
-            raw_fps.append(run_one([*RAW, "0", str(FRAMES)], None).summary().tokens_per_s)
-            done = run_one(fast, hive.env)
-            assert done.summary().tokens == FRAMES
-            rbee_fps.append(done.summary().tokens_per_s)
-            raw = run_one([*RAW, str(PACED_RATE), str(PACED_FRAMES)], None)
-            raw_lat.append(delays_ms(raw, PACED_RATE, PACED_FRAMES))
-            one_way.append(raw_one_way_ms(raw))
-            done = run_one(paced, hive.env)
-            assert done.summary().tokens == PACED_FRAMES
-            rbee_lat.append(delays_ms(done, PACED_RATE, PACED_FRAMES))
-    rows = [
-        Row(
-            "4",
-            f"transport{label}: frames/s, synthetic:0 → `rbee infer`",
-            rbee_fps,
-            rbee=rbee_fps,
-            baseline=raw_fps,
-            op="≥",
-            target=50_000,
-            digits=0,
-            raw_digits=0,
-            note=f"{FRAMES:,} frames; baseline: bench/raw_relay.py (bare pyzmq, same hops)",
-        ),
-        Row(
-            "4",
-            f"transport{label}: frames/s, rbee ÷ bare pyzmq relay",
-            [r / b for r, b in zip(rbee_fps, raw_fps, strict=True)],
-            rbee=rbee_fps,
-            baseline=raw_fps,
-            digits=3,
-            raw_digits=0,
-        ),
-    ]
-    for q in (50, 99):
-        rbee_q = [percentile(d, q) for d in rbee_lat]
-        raw_q = [percentile(d, q) for d in raw_lat]
-        rows.append(
-            Row(
-                "4",
-                f"transport{label}: per-frame delay p{q} at {PACED_RATE}/s, rbee − bare relay",
-                [r - b for r, b in zip(rbee_q, raw_q, strict=True)],
-                unit="ms",
-                rbee=rbee_q,
-                baseline=raw_q,
-                digits=2,
-                raw_digits=2,
-                note=(
-                    "delay beyond the stream's fastest frame (no send time in Token); the bare "
-                    f"relay's true one-way latency: p50 {median([o[0] for o in one_way]):.2f} ms, "
-                    f"p99 {median([o[1] for o in one_way]):.2f} ms"
-                )
-                if q == 99
-                else "",
-            )
-        )
-    return rows
+def pair(hive: Hive) -> None:
+    """Pair this run's keeper with a `--secure` hive, as a person does (the keeper shares the
+    hive's data directory here, so its key is the hive's own)."""
+    port = hive.env["RBEE_HIVE_PORT"]
+    with subprocess.Popen(
+        [*RBEE, "hive", "pair", "--host", "127.0.0.1", "--port", port, "--role", "admin"],
+        env=hive.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    ) as pairing:
+        assert pairing.stdout is not None
+        code = re.search(r"\d{4}-\d{4}", pairing.stdout.readline())
+        if code is None:
+            raise SystemExit("`rbee hive pair` printed no code")
+        argv = [*RBEE, "pair", f"127.0.0.1:{port}", code.group(0)]
+        subprocess.run(argv, env=hive.env, check=True, capture_output=True, timeout=60)
+        pairing.wait(30)
 
 
 def run(reps: int) -> list[Row]:
-    """Without CURVE, the CURVE slot, and the per-frame codec cost."""
-    rows = measure(reps, [], "")
-    if CURVE_HIVE_ARGS is None:
+    """Plain and CURVE hives against the bare relay, interleaved; then the codec's cost."""
+    fast = infer_argv("-m", "synthetic:0", "-n", str(FRAMES), "--raw", "x")
+    paced = infer_argv("-m", f"synthetic:{PACED_RATE}", "-n", str(PACED_FRAMES), "--raw", "x")
+    fps: dict[str, list[float]] = {label: [] for label in MODES}
+    lat: dict[str, list[list[float]]] = {label: [] for label in MODES}
+    raw_fps, raw_lat, one_way = [], [], []
+    with contextlib.ExitStack() as stack:
+        hives = {}
+        for label, flags in MODES.items():
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            hive = stack.enter_context(running_hive(tmp, *flags))
+            if "--secure" in flags:
+                pair(hive)
+            run_one(fast, hive.env).summary()  # spawn the synthetic workers
+            run_one(paced, hive.env).summary()
+            hives[label] = hive
+        for _ in range(reps):
+            raw_fast = run_one([*RAW, "0", str(FRAMES)], None, stdout=False)
+            raw_fps.append(raw_fast.summary().tokens_per_s)
+            for label, hive in hives.items():
+                summary = run_one(fast, hive.env, stdout=False).summary()
+                assert summary.tokens == FRAMES
+                fps[label].append(summary.tokens_per_s)
+            raw = run_one([*RAW, str(PACED_RATE), str(PACED_FRAMES)], None)
+            raw_lat.append(delays_ms(raw, PACED_RATE, PACED_FRAMES))
+            one_way.append(raw_one_way_ms(raw))
+            for label, hive in hives.items():
+                lat[label].append(delays_ms(run_one(paced, hive.env), PACED_RATE, PACED_FRAMES))
+    rows = []
+    for label in MODES:
         rows.append(
             Row(
                 "4",
-                "transport with CURVE: frames/s and delays",
-                [],
+                f"transport{label}: frames/s, synthetic:0 → `rbee infer`",
+                fps[label],
+                rbee=fps[label],
+                baseline=raw_fps,
                 op="≥",
                 target=50_000,
-                note="SLOT: not measured, CURVE is not in yet; set CURVE_HIVE_ARGS in "
-                "bench/transport.py",
+                digits=0,
+                raw_digits=0,
+                note=""
+                if label
+                else f"{FRAMES:,} frames; baseline: bench/raw_relay.py (bare pyzmq, same hops)",
             )
         )
-    else:
-        rows += measure(reps, CURVE_HIVE_ARGS, " with CURVE")
+    plain, curve = MODES
+    rows.append(ratio_row("frames/s, rbee ÷ bare pyzmq relay", fps[plain], raw_fps))
+    rows.append(ratio_row("frames/s, CURVE ÷ plain", fps[curve], fps[plain]))
+    for q in (50, 99):
+        raw_q = [percentile(d, q) for d in raw_lat]
+        plain_q = [percentile(d, q) for d in lat[plain]]
+        rows.append(delay_row(f"p{q}, rbee − bare relay", plain_q, raw_q))
+        if q == 99:
+            rows[-1].note = (
+                "delay beyond the stream's fastest frame (no send time in Token); the bare "
+                f"relay's true one-way latency: p50 {median([o[0] for o in one_way]):.2f} ms, "
+                f"p99 {median([o[1] for o in one_way]):.2f} ms"
+            )
+    for q in (50, 99):
+        plain_q = [percentile(d, q) for d in lat[plain]]
+        curve_q = [percentile(d, q) for d in lat[curve]]
+        rows.append(delay_row(f"p{q}, CURVE − plain", curve_q, plain_q))
+    return rows + codec_rows(reps)
+
+
+def ratio_row(name: str, rbee: list[float], baseline: list[float]) -> Row:
+    """A frames/s ratio."""
+    figure = [r / b for r, b in zip(rbee, baseline, strict=True)]
+    return Row(
+        "4", f"transport: {name}", figure, rbee=rbee, baseline=baseline, digits=3, raw_digits=0
+    )
+
+
+def delay_row(name: str, rbee: list[float], baseline: list[float]) -> Row:
+    """A per-frame delay difference."""
+    return Row(
+        "4",
+        f"transport: per-frame delay at {PACED_RATE}/s, {name}",
+        [r - b for r, b in zip(rbee, baseline, strict=True)],
+        unit="ms",
+        rbee=rbee,
+        baseline=baseline,
+        digits=2,
+        raw_digits=2,
+    )
+
+
+def codec_rows(reps: int) -> list[Row]:
+    """µs per frame of rbee's codec against plain msgpack."""
     costs = [codec_us() for _ in range(reps)]
+    rows = []
     for what in ("encode", "decode"):
         rbee = [c[f"rbee_{what}"] for c in costs]
         raw = [c[f"raw_{what}"] for c in costs]

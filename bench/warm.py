@@ -12,7 +12,9 @@ the baseline):
 * the same command timed from its launch to its first byte on stdout (what a person waits for,
   interpreter start-up included);
 * this process as the keeper (``rbee.keeper``'s own connect, ensure_worker and stream_job):
-  each phase timed, and StartJob (with the subscription before it) → first Token frame.
+  each phase timed, and StartJob (with the subscription before it) → first Token frame;
+* the same with the synthetic engine (`synthetic:0`, no model to run): StartJob → first Token
+  minus the engine's own time to its first token (from the Done frame), rbee's cost alone.
 
     python bench/warm.py [--reps 5]
 """
@@ -42,8 +44,9 @@ TOKENS = 256
 PROBE_TOKENS = 8
 
 
-def keeper_probe(env: dict[str, str]) -> dict[str, float]:
-    """One warm request made by this process with the keeper's calls; each phase in ms."""
+def keeper_probe(env: dict[str, str], model: str = "") -> dict[str, float]:
+    """One warm request made by this process with the keeper's calls (default model unless
+    ``model``); each phase in ms."""
     import zmq
 
     from rbee.catalog import DEFAULT_MODEL
@@ -54,7 +57,7 @@ def keeper_probe(env: dict[str, str]) -> dict[str, float]:
     params = GenerateParams(
         prompt=PROMPT, max_tokens=PROBE_TOKENS, temperature=0.0, raw=True, ignore_eos=True
     )
-    request = InferRequest(DEFAULT_MODEL, params)
+    request = InferRequest(model or DEFAULT_MODEL, params)
     err = TimedWriter()
     report = Reporter(err)  # type: ignore[arg-type]
     result = InferResult()
@@ -91,10 +94,12 @@ def run(reps: int) -> list[Row]:
     base: list[tuple[float, float]] = []
     cli: list[tuple[float, float, float]] = []
     probes: list[dict[str, float]] = []
+    bare: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory() as tmp, running_hive(tmp) as hive:
         run_one(infer_argv("--raw", "-t", "0", "-n", "16", PROMPT), hive.env).summary()  # load
         in_process(llama, 16)
         keeper_probe(hive.env)
+        keeper_probe(hive.env, "synthetic:0")  # spawns the synthetic worker
         for _ in range(reps):
             base.append(in_process(llama, TOKENS))
             done = run_one(argv, hive.env)
@@ -102,6 +107,7 @@ def run(reps: int) -> list[Row]:
             assert summary.tokens == TOKENS, done.err.text
             cli.append((summary.tokens_per_s, summary.first_token_ms, done.first_output_ms()))
             probes.append(keeper_probe(hive.env))
+            bare.append(keeper_probe(hive.env, "synthetic:0"))
     del llama
     ttft = [b[1] for b in base]
     phases: dict[str, Any] = {k: round(median([p[k] for p in probes]), 1) for k in probes[0]}
@@ -140,6 +146,20 @@ def run(reps: int) -> list[Row]:
             target=5,
             note="phases (median ms): "
             + ", ".join(f"{k.removesuffix('_ms')} {v}" for k, v in phases.items()),
+        ),
+        Row(
+            "2",
+            "warm TTFT, no engine: StartJob → first Token, synthetic:0 − its engine",
+            [b["start_job_to_first_token_ms"] - b["worker_ttft_ms"] for b in bare],
+            unit="ms",
+            rbee=[b["start_job_to_first_token_ms"] for b in bare],
+            baseline=[b["worker_ttft_ms"] for b in bare],
+            op="≤",
+            target=5,
+            digits=2,
+            raw_digits=2,
+            note="rbee's own cost on the way to the first token: subscribe, StartJob, dispatch, "
+            "two hops",
         ),
         Row(
             "2",
