@@ -16,7 +16,7 @@ from rbee import __version__, config
 from rbee.catalog import DEFAULT_MODEL
 from rbee.errors import Canceled, ExitCode, InvalidRequest, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
-from rbee.protocol.messages import FILE_PREFIX, KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
+from rbee.protocol.messages import BACKENDS, FILE_PREFIX, KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
 
 
 def version_text() -> str:
@@ -76,6 +76,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep generating past end-of-sequence (benchmarks)",
     )
     infer.add_argument("--node", help="HOST[:PORT] of the hive to use (default: this machine)")
+    infer.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="cpu",
+        help="cpu, or cuda: every layer on one GPU, never a silent CPU run (default: cpu)",
+    )
+    infer.add_argument(
+        "--device",
+        default="",
+        metavar="N|UUID",
+        help="the GPU for --backend cuda: index or UUID (default: the one with most free memory)",
+    )
     infer.add_argument(
         "--keep-alive",
         type=parse_duration,
@@ -214,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--stream", required=True)
     worker.add_argument("--n-ctx", type=int, default=0)
     worker.add_argument("--hive-pid", type=int, required=True)
+    worker.add_argument("--backend", choices=BACKENDS, default="cpu")
+    worker.add_argument("--device", default="", help="a CUDA device's NVML index")
 
     models = sub.add_parser("models", help="this machine's model catalog")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
@@ -304,6 +318,8 @@ def run_command(args: argparse.Namespace) -> int:
                 args.stream,
                 args.n_ctx,
                 args.hive_pid,
+                backend=args.backend,
+                device=args.device,
             )
         )
     if args.command == "hive" and args.hive_command in ("pair", "authorize", "revoke", "keys"):
@@ -378,6 +394,8 @@ def run_command(args: argparse.Namespace) -> int:
             params=params,
             node=args.node,
             keep_alive_s=args.keep_alive,
+            backend=args.backend,
+            device=args.device,
         )
         run_infer(request)
         return ExitCode.OK

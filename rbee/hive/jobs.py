@@ -18,6 +18,7 @@ from rbee.errors import (
     RbeeError,
     WorkerNotFound,
 )
+from rbee.hive import placement
 from rbee.hive.provision import NeedsPull
 from rbee.hive.registry import JobRecord, WorkerRecord, pick_idle, plan_worker
 from rbee.hive.settings import RETRY_AFTER_S, HiveState
@@ -89,6 +90,8 @@ class JobDesk(HiveState):
             if keep_alive == KEEP_ALIVE_DEFAULT
             else keep_alive,
             preferred_worker=frame.worker_id,
+            backend=preferred.backend if preferred is not None else "",
+            device=preferred.device if preferred is not None else "",
         )
         self.jobs[job.job_id] = job
         self.queue.append(job)
@@ -107,7 +110,9 @@ class JobDesk(HiveState):
                         ),
                     )
                 continue
-            worker = pick_idle(self.pool.records(), job.model_path, job.preferred_worker)
+            worker = pick_idle(
+                self.pool.records(), job.model_path, job.preferred_worker, serves=job.runs_on
+            )
             if worker is not None:
                 self._dispatch(job, worker)
             elif now - job.queued_at > QUEUE_WAIT_S:
@@ -136,19 +141,25 @@ class JobDesk(HiveState):
             coming = [
                 w
                 for w in records
-                if w.model_path == job.model_path and w.state in ("idle", "loading")
+                if w.model_path == job.model_path
+                and w.state in ("idle", "loading")
+                and job.runs_on(w)
             ]
             if coming:
                 continue
             try:
                 entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
+                where = self._place(job.backend or "cpu", job.device)
             except RbeeError:
                 continue
-            plan = plan_worker(records, job.model_path, self.config.limits, self._fits(entry))
+            ctx = self._context(entry, 0)
+            needed = placement.estimate_for_file(entry.path, ctx, where.backend)
+            fits = needed.total_bytes <= where.free_bytes
+            plan = plan_worker(records, job.model_path, self.config.limits, fits, job.runs_on)
             if plan.action == "spawn":
                 if plan.evict is not None:
                     self.pool.stop(plan.evict, f"making room for {entry.name}")
-                self._spawn(entry, 0)
+                self._spawn(entry, 0, where, needed)
 
     def _dispatch(self, job: JobRecord, worker: WorkerRecord) -> None:
         self.queue.remove(job)

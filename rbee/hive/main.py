@@ -10,7 +10,7 @@ from __future__ import annotations
 import signal
 import sys
 
-from rbee import __version__, discovery, log
+from rbee import __version__, discovery, gpu, log
 from rbee.hive.server import Hive
 from rbee.hive.settings import HiveConfig
 from rbee.process import die_with_parent
@@ -59,7 +59,7 @@ def announce(hive: Hive) -> discovery.Announcer | None:
         stream_port=int(hive.stream_endpoint.rsplit(":", 1)[1]),
         rbee_version=__version__,
         protocol_version=PROTOCOL_VERSION,
-        backends="cpu",
+        backends=gpu.detect().announce_text(),
         key=hive.keys.public if hive.keys is not None else "",
         cluster=discovery.cluster(),
     )

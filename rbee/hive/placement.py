@@ -38,7 +38,7 @@ KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type for K and V is f16
 KV_CELL_PADDING = 256  # llama.cpp rounds the KV cache's cells up; count the worst case
 N_UBATCH = 512  # llama-cpp-python's default physical batch, the graph llama.cpp reserves for
 F32_BYTES = 4
-CUDA_RUNTIME_BYTES = 640 * MIB  # CUDA context, cuBLAS handle and workspace, kernels (measured)
+CUDA_RUNTIME_BYTES = 600 * MIB  # CUDA context, cuBLAS, kernels: 587-589 MiB on an H100
 CPU_RUNTIME_BYTES = 0  # the worker's baseline RSS exists before the model: not the model's cost
 UNKNOWN_SHAPE_MARGIN_BYTES = 256 * MIB  # a header without the shape keys: weights + this
 
@@ -105,7 +105,7 @@ class MemoryEstimate:
         return self.total_bytes - self.runtime_bytes
 
     def breakdown(self) -> str:
-        """``weights 98 + KV cache 90 + compute 99 + runtime 640 MiB, 4096 tokens``."""
+        """``weights 98 + KV cache 90 + compute 99 + runtime 600 MiB, 4096 tokens``."""
         parts = f"weights {self.weights_bytes // MIB} + KV cache {self.kv_bytes // MIB} + " + (
             f"compute {self.compute_bytes // MIB}"
             if self.shape_known
@@ -116,7 +116,7 @@ class MemoryEstimate:
         return f"{parts} MiB, {self.n_ctx} tokens"
 
     def describe(self) -> str:
-        """``1,066 MiB (weights 98 + KV cache 90 + compute 99 + runtime 640 MiB, 4096 tokens)``."""
+        """``1,026 MiB (weights 98 + KV cache 90 + compute 99 + runtime 600 MiB, 4096 tokens)``."""
         return f"{mib(self.total_bytes)} MiB ({self.breakdown()})"
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from rbee import log
 from rbee.errors import LoadingTimeout, RbeeError, WorkerStartFailed
+from rbee.hive.placement import Placement
 from rbee.hive.registry import WorkerRecord
 from rbee.hive.supervisor import TERM_GRACE_S, WorkerProcess, signal_worker, spawn_worker
 from rbee.protocol.messages import (
@@ -58,14 +59,36 @@ class WorkerPool:
         """Every worker the hive knows, stopping ones included."""
         return list(self.workers.values())
 
-    def spawn(self, model: str, path: str, n_ctx: int) -> WorkerRecord:
-        """Start a worker process for one model; it reports back on the local ROUTER."""
+    def spawn(
+        self, model: str, path: str, n_ctx: int, where: Placement | None = None
+    ) -> WorkerRecord:
+        """Start a worker process for one model on one device (the CPU unless ``where`` says);
+        it reports back on the local ROUTER."""
+        where = where or Placement(backend="cpu", device="cpu")
         worker_id = "w-" + uuid.uuid4().hex[:8]
-        proc = spawn_worker(worker_id, path, self.control, self.stream, n_ctx)
-        record = WorkerRecord(worker_id=worker_id, model=model, model_path=path, pid=proc.pid)
+        proc = spawn_worker(
+            worker_id,
+            path,
+            self.control,
+            self.stream,
+            n_ctx,
+            backend=where.backend,
+            device=where.device if where.backend == "cuda" else "",
+            uuid=where.uuid,
+        )
+        record = WorkerRecord(
+            worker_id=worker_id,
+            model=model,
+            model_path=path,
+            pid=proc.pid,
+            backend=where.backend,
+            device=where.device,
+        )
         self.workers[worker_id] = record
         self.procs[worker_id] = proc
-        logger.info("worker spawned", worker=worker_id, model=model, pid=proc.pid)
+        logger.info(
+            "worker spawned", worker=worker_id, model=model, pid=proc.pid, device=where.label
+        )
         return record
 
     def send(self, worker: WorkerRecord, frame: Frame) -> None:
@@ -95,8 +118,19 @@ class WorkerPool:
             events.append(Event("loading", worker))
         elif isinstance(frame, WorkerReady) and worker.state == "loading":
             worker.state, worker.load_s = "idle", frame.load_s
+            worker.vram_bytes, worker.gpu_layers = frame.vram_bytes, frame.gpu_layers
             worker.last_activity = time.time()
-            logger.info("worker ready", worker=worker.worker_id, load_s=round(frame.load_s, 3))
+            logger.info(
+                "worker ready",
+                worker=worker.worker_id,
+                load_s=round(frame.load_s, 3),
+                backend=frame.backend,
+                device=frame.device,
+                gpu_layers=frame.gpu_layers,
+                rss_mib=frame.rss_bytes >> 20,
+                vram_mib=frame.vram_bytes >> 20,
+                estimate_mib=worker.estimate_bytes >> 20,
+            )
             events.append(Event("ready", worker))
         elif isinstance(frame, WorkerFailed):
             error = _start_failed(worker, f"{frame.code}: {frame.message}", "")

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import psutil
-
-from rbee import log
+from rbee import gpu, log
 from rbee.catalog import ModelEntry
-from rbee.errors import AllSlotsBusy, HiveDraining, InsufficientRam, InvalidRequest, RbeeError
+from rbee.errors import AllSlotsBusy, HiveDraining, InvalidRequest, RbeeError
+from rbee.hive import placement
+from rbee.hive.placement import MemoryEstimate, Placement
 from rbee.hive.pulls import Finished
 from rbee.hive.registry import WorkerRecord, plan_worker
 from rbee.hive.settings import RETRY_AFTER_S, HiveState
@@ -23,7 +23,6 @@ from rbee.protocol.messages import (
 )
 
 DEFAULT_CTX_TOKENS = 4096
-MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
 
 logger = log.get(__name__)
 
@@ -66,18 +65,43 @@ class Provisioner(HiveState):
 
     def on_ensure_worker(self, who: bytes, rid: int, frame: EnsureWorker) -> None:
         """Reuse an idle worker holding the model, join one loading it, spawn one, or name a
-        busy one (the job will queue); a Hub model not here yet is downloaded first."""
+        busy one (the job will queue); a Hub model not here yet is downloaded first. A backend
+        or device this hive lacks is refused before anything is downloaded."""
+        self._place(frame.backend, frame.device)
         try:
             entry = self._resolve(frame.model)
         except NeedsPull as need:
             self._require_admin(f"downloading {need.reference}")
             self.pulls.join(need.reference, who, rid, "ensure", frame.n_ctx)
+            self.wants[(who, rid)] = (frame.backend, frame.device)
             self.front.send(who, Progress(phase="download", message=need.reference), rid)
             return
-        self._ensure(who, rid, entry, frame.n_ctx)
+        self._ensure(who, rid, entry, frame.n_ctx, frame.backend, frame.device)
 
-    def _ensure(self, who: bytes, rid: int, entry: ModelEntry, n_ctx: int) -> None:
-        plan = plan_worker(self.pool.records(), entry.path, self.config.limits, self._fits(entry))
+    def _place(self, backend: str, device: str) -> Placement:
+        """The device for a request now, or BACKEND_UNAVAILABLE; the CPU skips GPU detection."""
+        if backend == "cpu" and not device:
+            return placement.choose_device(gpu.Inventory(cpu=gpu.cpu_info()), "cpu")
+        return placement.choose_device(gpu.detect(), backend, device, self.node)
+
+    def _ensure(
+        self,
+        who: bytes,
+        rid: int,
+        entry: ModelEntry,
+        n_ctx: int,
+        backend: str = "cpu",
+        device: str = "",
+    ) -> None:
+        where = self._place(backend, device)
+        needed = placement.estimate_for_file(entry.path, self._context(entry, n_ctx), backend)
+        plan = plan_worker(
+            self.pool.records(),
+            entry.path,
+            self.config.limits,
+            needed.total_bytes <= where.free_bytes,
+            serves=lambda w: placement.serves(w.backend, w.device, where, device),
+        )
         if plan.action in ("reuse", "queue"):
             assert plan.worker is not None
             assigned = WorkerAssigned(
@@ -90,12 +114,15 @@ class Provisioner(HiveState):
             self.front.send(who, assigned, rid)
             return
         if plan.action == "busy":
-            self._refuse_busy(entry)
+            self._refuse_busy(entry, where, needed)
         if plan.action == "spawn":
             if plan.evict is not None:
                 self.pool.stop(plan.evict, f"making room for {entry.name}")
-            worker = self._spawn(entry, n_ctx)
-            message = f"spawned worker {worker.worker_id} (pid {worker.pid}) for {entry.name}"
+            worker = self._spawn(entry, n_ctx, where, needed)
+            message = (
+                f"spawned worker {worker.worker_id} (pid {worker.pid}) for {entry.name} on "
+                f"{where.label}; it needs about {needed.describe()}"
+            )
         else:
             assert plan.worker is not None
             worker = plan.worker
@@ -152,33 +179,38 @@ class Provisioner(HiveState):
         if purpose == "pull":
             self.front.send(who, _pulled(entry, downloaded=downloaded), rid)
             return
+        backend, device = self.wants.pop((who, rid), ("cpu", ""))
         try:
-            self._ensure(who, rid, entry, n_ctx)
+            self._ensure(who, rid, entry, n_ctx, backend, device)
         except RbeeError as exc:
             self.front.reply_error(who, rid, exc)
 
-    def _fits(self, entry: ModelEntry) -> bool:
-        """Whether one more worker of this model fits in free RAM (weights + margin)."""
-        return entry.size_bytes + MEMORY_MARGIN_BYTES <= psutil.virtual_memory().available
-
-    def _refuse_busy(self, entry: ModelEntry) -> None:
-        if not self._fits(entry) and not any(
-            w.model_path == entry.path for w in self.pool.records()
+    def _refuse_busy(self, entry: ModelEntry, where: Placement, needed: MemoryEstimate) -> None:
+        """INSUFFICIENT_VRAM/RAM when the model does not fit and no worker of it runs there;
+        else every slot is busy."""
+        if not any(
+            w.model_path == entry.path and placement.serves(w.backend, w.device, where, "")
+            for w in self.pool.records()
         ):
-            free = psutil.virtual_memory().available
-            raise InsufficientRam(
-                f"{entry.name} needs about {(entry.size_bytes + MEMORY_MARGIN_BYTES) >> 20} MiB "
-                f"of RAM; {free >> 20} MiB are free on {self.node}",
-                suggestion="stop other workers (`rbee ps`) or use a smaller quantization",
-            )
+            placement.check_fits(needed, where, entry.name, self.node)
         raise AllSlotsBusy(
             f"all {self.config.limits.max_workers} workers of {self.node} are busy",
             retry_after_s=RETRY_AFTER_S,
             suggestion="try again shortly",
         )
 
-    def _spawn(self, entry: ModelEntry, n_ctx: int) -> WorkerRecord:
-        ctx = n_ctx or min(entry.context_length or DEFAULT_CTX_TOKENS, DEFAULT_CTX_TOKENS)
-        worker = self.pool.spawn(entry.name, entry.path, ctx)
+    def _context(self, entry: ModelEntry, n_ctx: int) -> int:
+        """The context a worker loads with: as asked, else the model's own up to 4096 tokens."""
+        return n_ctx or min(entry.context_length or DEFAULT_CTX_TOKENS, DEFAULT_CTX_TOKENS)
+
+    def _spawn(
+        self,
+        entry: ModelEntry,
+        n_ctx: int,
+        where: Placement | None = None,
+        needed: MemoryEstimate | None = None,
+    ) -> WorkerRecord:
+        worker = self.pool.spawn(entry.name, entry.path, self._context(entry, n_ctx), where)
         worker.keep_alive_s = self.config.keep_alive_s
+        worker.estimate_bytes = needed.total_bytes if needed is not None else 0
         return worker

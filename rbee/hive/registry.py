@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from rbee.protocol.messages import GenerateParams, WorkerInfo
 
 JOB_RETENTION_S = 300.0
 MAX_FINISHED_JOBS = 256
+
+Serves = Callable[["WorkerRecord"], bool]  # whether a worker runs where a request wants
+
+
+def _anywhere(worker: WorkerRecord) -> bool:
+    return True
 
 
 @dataclass(eq=False)
@@ -41,8 +48,11 @@ class WorkerRecord:
     jobs_served: int = 0
     keep_alive_s: float = 300.0
     idle_deadline: float = math.inf
+    vram_bytes: int = 0  # measured by the worker once loaded (NVML, its own process)
+    estimate_bytes: int = 0  # what the hive expected it to need (rbee.hive.placement)
+    gpu_layers: int = 0
 
-    def info(self, rss_bytes: int = 0) -> WorkerInfo:
+    def info(self, rss_bytes: int = 0, vram_bytes: int | None = None) -> WorkerInfo:
         """The wire form shown to keepers."""
         return WorkerInfo(
             worker_id=self.worker_id,
@@ -56,6 +66,8 @@ class WorkerRecord:
             rss_bytes=rss_bytes,
             jobs_served=self.jobs_served,
             keep_alive_s=self.keep_alive_s,
+            vram_bytes=self.vram_bytes if vram_bytes is None else vram_bytes,
+            estimate_bytes=self.estimate_bytes,
         )
 
     def became_idle(self, now: float, keep_alive_s: float) -> None:
@@ -78,6 +90,8 @@ class JobRecord:
     params: GenerateParams
     keep_alive_s: float
     preferred_worker: str = ""
+    backend: str = ""  # where the job may run ("": anywhere), from its preferred worker
+    device: str = ""
     worker_id: str = ""
     queued_at: float = field(default_factory=time.monotonic)
     dispatched: bool = False
@@ -90,6 +104,11 @@ class JobRecord:
     def finished(self) -> bool:
         """Whether the terminal frame is in."""
         return self.finished_at > 0
+
+    def runs_on(self, worker: WorkerRecord) -> bool:
+        """Whether the job may run on ``worker``: anywhere, or where its preferred worker runs
+        (a job sent to a GPU worker never lands on a CPU worker holding the same model)."""
+        return not self.backend or (worker.backend, worker.device) == (self.backend, self.device)
 
 
 @dataclass(frozen=True)
@@ -111,40 +130,51 @@ class Plan:
 
 
 def pick_idle(
-    workers: list[WorkerRecord], model_path: str, prefer: str = ""
+    workers: list[WorkerRecord], model_path: str, prefer: str = "", serves: Serves = _anywhere
 ) -> WorkerRecord | None:
-    """The idle worker holding ``model_path``: ``prefer`` if idle, else the most recently used
-    one (its caches are warm)."""
-    idle = [w for w in workers if w.state == "idle" and w.model_path == model_path]
+    """The idle worker holding ``model_path`` where ``serves`` says: ``prefer`` if idle, else
+    the most recently used one (its caches are warm)."""
+    idle = [w for w in workers if w.state == "idle" and w.model_path == model_path and serves(w)]
     preferred = [w for w in idle if w.worker_id == prefer]
     return preferred[0] if preferred else max(idle, key=lambda w: w.last_activity, default=None)
 
 
-def pick_loading(workers: list[WorkerRecord], model_path: str) -> WorkerRecord | None:
+def pick_loading(
+    workers: list[WorkerRecord], model_path: str, serves: Serves = _anywhere
+) -> WorkerRecord | None:
     """A worker already loading ``model_path``: a second request waits for it, not a new one."""
-    return next((w for w in workers if w.state == "loading" and w.model_path == model_path), None)
+    return next(
+        (w for w in workers if w.state == "loading" and w.model_path == model_path and serves(w)),
+        None,
+    )
 
 
-def plan_worker(workers: list[WorkerRecord], model_path: str, limits: Limits, fits: bool) -> Plan:
-    """Decide how to get a worker for ``model_path``.
+def plan_worker(
+    workers: list[WorkerRecord],
+    model_path: str,
+    limits: Limits,
+    fits: bool,
+    serves: Serves = _anywhere,
+) -> Plan:
+    """Decide how to get a worker for ``model_path`` on the device ``serves`` accepts.
 
     ``fits``: whether one more worker of this model fits in free memory. Order: an idle worker;
     one already loading; a new one while under both limits and it fits; a new one in place of
-    the least recently used idle worker of another model; else a busy worker of this model (the
-    job queues); else busy.
+    the least recently used idle worker of another model (or device); else a busy worker of this
+    model (the job queues); else busy.
     """
-    idle = pick_idle(workers, model_path)
+    idle = pick_idle(workers, model_path, serves=serves)
     if idle is not None:
         return Plan("reuse", idle)
-    loading = pick_loading(workers, model_path)
+    loading = pick_loading(workers, model_path, serves)
     if loading is not None:
         return Plan("wait", loading)
     live = [w for w in workers if w.state != "stopping"]
-    same = [w for w in live if w.model_path == model_path]
+    same = [w for w in live if w.model_path == model_path and serves(w)]
     if len(same) < limits.max_workers_per_model and fits:
         if len(live) < limits.max_workers:
             return Plan("spawn")
-        others_idle = [w for w in live if w.state == "idle" and w.model_path != model_path]
+        others_idle = [w for w in live if w.state == "idle" and w not in same]
         if others_idle:
             return Plan("spawn", evict=min(others_idle, key=lambda w: w.last_activity))
     if same:

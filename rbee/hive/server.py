@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,7 +30,7 @@ import psutil
 import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
-from rbee import __version__, log
+from rbee import __version__, gpu, log
 from rbee.catalog import Catalog
 from rbee.errors import (
     AccessDenied,
@@ -165,6 +166,9 @@ class Hive(JobDesk, Provisioner):
         self.stopped = False
         self.workers_at_drain = 0
         self.stopped_cleanly = 0
+        self.wants = {}
+        # Whether llama.cpp can offload is asked once, off the loop (importing it takes 0.2-1 s).
+        threading.Thread(target=gpu.llama_gpu_offload, name="gpu-probe", daemon=True).start()
         self.handlers: dict[type[Frame], Callable[[bytes, int, Any], None]] = {
             Hello: self.on_hello,
             Status: self.on_status,
@@ -292,6 +296,7 @@ class Hive(JobDesk, Provisioner):
             disk_free_bytes=psutil.disk_usage(str(self.config.data_dir)).free,
             queue_length=len(self.queue),
             max_workers=self.config.limits.max_workers,
+            devices=gpu.detect().device_infos(),
         )
         self.front.send(who, status, rid)
 
@@ -306,7 +311,8 @@ class Hive(JobDesk, Provisioner):
                 rss = psutil.Process(w.pid).memory_info().rss
             except psutil.Error:
                 rss = 0
-            infos.append(w.info(rss))
+            vram = gpu.process_vram_bytes(w.pid) if w.backend == "cuda" else None
+            infos.append(w.info(rss, vram))
         return infos
 
     def on_stop_worker(self, who: bytes, rid: int, frame: StopWorker) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import zmq
 
 from rbee.catalog import Catalog, ModelEntry
+from rbee.hive.placement import MemoryEstimate, Placement
 from rbee.hive.pool import WorkerPool
 from rbee.hive.pulls import Pulls
 from rbee.hive.registry import JobRecord, Limits, WorkerRecord
@@ -66,6 +67,7 @@ class HiveState:
     role: str
     draining_since: float
     dropped_stream_frames: int
+    wants: dict[tuple[bytes, int], tuple[str, str]]  # (who, rid) of a pull → backend, device
 
     @property
     def workers(self) -> dict[str, WorkerRecord]:
@@ -80,7 +82,14 @@ class HiveState:
     if TYPE_CHECKING:  # provided by the parts; declared for the type checker only
 
         def _resolve(self, reference: str) -> ModelEntry: ...
-        def _fits(self, entry: ModelEntry) -> bool: ...
-        def _spawn(self, entry: ModelEntry, n_ctx: int) -> WorkerRecord: ...
+        def _place(self, backend: str, device: str) -> Placement: ...
+        def _context(self, entry: ModelEntry, n_ctx: int) -> int: ...
+        def _spawn(
+            self,
+            entry: ModelEntry,
+            n_ctx: int,
+            where: Placement | None = None,
+            needed: MemoryEstimate | None = None,
+        ) -> WorkerRecord: ...
         def _require_admin(self, what: str) -> None: ...
         def _schedule(self, now: float) -> None: ...

@@ -55,6 +55,8 @@ class InferRequest:
     params: GenerateParams
     node: str | None = None
     keep_alive_s: float = KEEP_ALIVE_DEFAULT
+    backend: str = "cpu"
+    device: str = ""  # a GPU index or UUID for backend "cuda" ("": the hive picks)
 
 
 @dataclass
@@ -131,7 +133,9 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
         result = InferResult()
         for attempt in range(BUSY_ATTEMPTS):
             try:
-                assigned = ensure_worker(link, request.model, report)
+                assigned = ensure_worker(
+                    link, request.model, report, request.backend, request.device
+                )
                 result.worker_id, result.reused = assigned.worker_id, assigned.reused
                 stream_job(link, request, assigned, result, report, out, started)
                 break
@@ -154,9 +158,12 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
         ctx.destroy(linger=0)  # never waits on a socket an error path left open
 
 
-def ensure_worker(link: HiveLink, model: str, report: Reporter) -> WorkerAssigned:
-    """Phases reuse/spawn, registration and loading: get a worker holding the model."""
-    rid = link.client.send(EnsureWorker(model=model))
+def ensure_worker(
+    link: HiveLink, model: str, report: Reporter, backend: str = "cpu", device: str = ""
+) -> WorkerAssigned:
+    """Phases reuse/spawn, registration and loading: get a worker holding the model, on the
+    backend (and GPU) asked for."""
+    rid = link.client.send(EnsureWorker(model=model, backend=backend, device=device))
     for frame in link.client.replies(rid, WAIT_TIMEOUT_S):
         if isinstance(frame, Progress):
             if frame.phase == "loading":

@@ -11,7 +11,15 @@ import zmq
 
 from rbee.keeper.connect import open_named
 from rbee.keeper.survey import HiveView, survey
-from rbee.protocol.messages import PROTOCOL_VERSION, ListWorkers, StopWorker, WorkerInfo, WorkerList
+from rbee.protocol.messages import (
+    PROTOCOL_VERSION,
+    DeviceInfo,
+    HiveStatus,
+    ListWorkers,
+    StopWorker,
+    WorkerInfo,
+    WorkerList,
+)
 
 NODES_BROWSE_S = 1.5
 REQUEST_TIMEOUT_S = 5.0
@@ -58,13 +66,36 @@ def _record(v: HiveView) -> dict[str, Any]:
         "node_id": a.node_id if a else None,
         "rbee_version": v.hello.rbee_version if v.hello else (a.rbee_version if a else None),
         "protocol_version": v.candidate().protocol_version,
-        "backends": a.backends if a else "cpu",
+        "backends": a.backends if a else _backends(s),
+        "devices": [d.to_wire() for d in s.devices] if s else [],
         "ram_free_bytes": s.ram_free_bytes if s else None,
         "ram_total_bytes": s.ram_total_bytes if s else None,
         "workers": [w.to_wire() for w in s.workers] if s else [],
         "models": [m.name for m in s.models] if s else [],
         "queue_length": s.queue_length if s else None,
     }
+
+
+def _backends(status: HiveStatus | None) -> str:
+    """Backends from a status (a hive reached without its announcement, e.g. RBEE_SEEDS)."""
+    cuda = status is not None and any(d.backend == "cuda" and d.usable for d in status.devices)
+    return "cpu,cuda" if cuda else "cpu"
+
+
+def _gpus(status: HiveStatus) -> str:
+    """``1× NVIDIA H100 80GB HBM3, 84.5 GB free`` per kind of GPU; unusable ones say why."""
+    gpus = [d for d in status.devices if d.backend == "cuda"]
+    if not gpus:
+        return "-"
+    kinds: dict[str, list[DeviceInfo]] = {}
+    for d in gpus:
+        kinds.setdefault(d.name, []).append(d)
+    parts = []
+    for name, same in kinds.items():
+        free = size(sum(d.free_bytes for d in same))
+        unusable = next((d.note for d in same if not d.usable), "")
+        parts.append(f"{len(same)}× {name}, {free} free" + (f" ({unusable})" if unusable else ""))
+    return "; ".join(parts)
 
 
 def list_nodes(
@@ -82,7 +113,9 @@ def list_nodes(
     if not views:
         out.write("no hives found (is `rbee hive` running? RBEE_SEEDS lists hosts to ask)\n")
         return views
-    rows = [["NAME", "ADDRESS", "VERSION", "BACKENDS", "FREE RAM", "WORKERS", "MODELS", "STATE"]]
+    rows = [
+        ["NAME", "ADDRESS", "VERSION", "BACKENDS", "FREE RAM", "GPUS", "WORKERS", "MODELS", "STATE"]
+    ]
     for v in views:
         r = _record(v)
         free = f"{size(r['ram_free_bytes'])}" if r["ram_free_bytes"] is not None else "-"
@@ -94,6 +127,7 @@ def list_nodes(
                 version,
                 r["backends"],
                 free,
+                _gpus(v.status) if v.status else "-",
                 str(len(r["workers"])),
                 str(len(r["models"])),
                 r["state"],
@@ -124,7 +158,12 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
     if not found:
         out.write("no workers\n")
         return
-    rows = [["NODE", "WORKER", "MODEL", "STATE", "BACKEND", "PID", "RSS", "JOBS", "IDLE FOR"]]
+    rows = [
+        [
+            *("NODE", "WORKER", "MODEL", "STATE", "BACKEND", "PID", "RSS"),
+            *("VRAM", "ESTIMATE", "JOBS", "IDLE FOR"),
+        ]
+    ]
     for name, w in found:
         idle = f"{time.time() - w.last_activity:.0f} s" if w.state == "idle" else "-"
         rows.append(
@@ -136,6 +175,8 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
                 f"{w.backend}:{w.device}",
                 str(w.pid),
                 size(w.rss_bytes),
+                size(w.vram_bytes) if w.backend == "cuda" else "-",
+                size(w.estimate_bytes) if w.estimate_bytes else "-",
                 str(w.jobs_served),
                 idle,
             ]

@@ -7,8 +7,6 @@ its CPU, without raising.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -16,10 +14,12 @@ from typing import Any
 import pytest
 
 from rbee import gpu
-from rbee.errors import BackendUnavailable
+from rbee.errors import BackendUnavailable, InvalidRequest
 from rbee.hive.supervisor import device_env, worker_argv
+from rbee.protocol.codec import encode
+from rbee.protocol.messages import Token
 from rbee.worker.engine import ALL_LAYERS, gpu_params
-from rbee.worker.main import main_gpu
+from rbee.worker.main import TokenFrames, main_gpu
 
 GIB = 1 << 30
 H100_UUID = "GPU-1b2c3d4e-0000-1111-2222-333344445555"
@@ -230,12 +230,10 @@ def test_worker_argv_names_the_backend_only_off_the_cpu() -> None:
     assert cuda[-4:] == ["--backend", "cuda", "--device", "1"]
 
 
-def test_the_worker_loads_llama_cpp_before_zmq() -> None:
-    """With pyzmq loaded first, a CUDA build of llama.cpp crashed in std::regex (GPU_RESULTS.md);
-    a CPU build does not mind, so only this test guards the order on a machine without a GPU."""
-    code = (
-        "import sys, rbee.cli, rbee.worker.main; m = list(sys.modules); "
-        "print(m.index('llama_cpp') < m.index('zmq'))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
+def test_fast_token_frames_are_the_codecs_bytes() -> None:
+    frames = TokenFrames("j-0123456789abcdef")
+    for seq, text, token_id in [(0, "", -1), (7, " héllo", 1234), (9, "x" * 2000, 5)]:
+        expected = encode(Token(job_id="j-0123456789abcdef", seq=seq, text=text, token_id=token_id))
+        assert frames.encode(seq, text, token_id) == expected
+    with pytest.raises(InvalidRequest):
+        TokenFrames("../etc")
