@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rbee", description="Run GGUF language models on the machines you already own."
     )
     parser.add_argument("--version", action="store_true", help="print versions and exit")
+    parser.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        help="log detail for this command and the processes it starts (also RBEE_LOG_LEVEL)",
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     infer = sub.add_parser("infer", help="generate text, streamed to stdout")
@@ -241,6 +246,10 @@ def build_parser() -> argparse.ArgumentParser:
     rm = msub.add_parser("rm", help="forget a model (the file is kept)")
     rm.add_argument("name")
 
+    logs = sub.add_parser("logs", help="a hive's or a worker's recent log lines")
+    logs.add_argument("target", nargs="?", help="node name, HOST[:PORT] or worker id (w-…)")
+    logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
+
     cfg = sub.add_parser("config", help="configuration: file, environment and flags")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     cfg_sub.add_parser("show", help="every setting's effective value and where it came from")
@@ -414,6 +423,9 @@ def run_command(args: argparse.Namespace) -> int:
     if args.command == "ps":
         nodes.list_workers(args.node)
         return ExitCode.OK
+    if args.command == "logs":
+        nodes.show_logs(args.target, args.follow)
+        return ExitCode.OK
     if args.command == "nodes":
         nodes.list_nodes(args.json, args.timeout)
         return ExitCode.OK
@@ -432,6 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return exc.exit_code
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.log_level:
+        os.environ["RBEE_LOG_LEVEL"] = args.log_level  # children (hive, workers) inherit it
     if args.command == "config":
         print(config.show(sources), end="")
         return ExitCode.OK

@@ -6,12 +6,50 @@ a terminal (systemd's journal, a hive reading its worker's pipe) and readable li
 
 from __future__ import annotations
 
+import itertools
+import json as jsonlib
 import logging
 import os
 import sys
+import threading
+from collections import deque
+from collections.abc import MutableMapping
 from typing import Any
 
 import structlog
+
+RECENT_LINES = 2000
+
+
+class Recent:
+    """The process's latest log lines (JSON), numbered, for `rbee logs` to fetch from a hive."""
+
+    def __init__(self, size: int = RECENT_LINES) -> None:
+        self.lines: deque[tuple[int, str, str]] = deque(maxlen=size)  # (seq, worker, json)
+        self._seq = itertools.count(1)
+        self._lock = threading.Lock()  # the stderr relay threads log too
+
+    def __call__(
+        self, logger: Any, method: str, event: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        """A structlog processor: keep a copy, pass the event on unchanged."""
+        line = jsonlib.dumps(event, default=str)
+        with self._lock:
+            self.lines.append((next(self._seq), str(event.get("worker", "")), line))
+        return event
+
+    def since(self, after: int, worker: str = "", limit: int = 500) -> tuple[list[str], int]:
+        """Lines numbered after ``after`` (of one worker if given) and the last number seen."""
+        with self._lock:
+            picked = [
+                (n, line) for n, w, line in self.lines if n > after and (not worker or w == worker)
+            ]
+            last = self.lines[-1][0] if self.lines else after
+        picked = picked[-limit:]
+        return [line for _, line in picked], max(last, after)
+
+
+RECENT = Recent()
 
 
 def configure(component: str, *, json: bool | None = None, level: str | None = None) -> None:
@@ -30,6 +68,7 @@ def configure(component: str, *, json: bool | None = None, level: str | None = N
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            RECENT,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(

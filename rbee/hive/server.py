@@ -60,10 +60,12 @@ from rbee.protocol.messages import (
     EnsureWorker,
     FetchFrames,
     Frame,
+    GetLogs,
     Hello,
     HelloReply,
     HiveStatus,
     ListWorkers,
+    LogLines,
     Progress,
     PullModel,
     StartJob,
@@ -99,7 +101,7 @@ LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 logger = log.get(__name__)
 
 
-ADMIN_FRAMES = (PullModel, StopWorker)
+ADMIN_FRAMES = (PullModel, StopWorker, GetLogs)
 
 
 class _KeyCheck:
@@ -179,6 +181,7 @@ class Hive(JobDesk, Provisioner):
             ListWorkers: self.on_list_workers,
             StopWorker: self.on_stop_worker,
             FetchFrames: self.on_fetch_frames,
+            GetLogs: self.on_get_logs,
         }
 
     # ------------------------------------------------------------------ loop
@@ -260,6 +263,11 @@ class Hive(JobDesk, Provisioner):
             )
 
     # ------------------------------------------------------------------ keeper requests
+
+    def on_get_logs(self, who: bytes, rid: int, frame: GetLogs) -> None:
+        """Recent log lines of the hive and its workers (`rbee logs`)."""
+        lines, last = log.RECENT.since(frame.after, frame.worker_id, frame.limit)
+        self.front.send(who, LogLines(lines=lines, last=last), rid)
 
     def _require_admin(self, what: str) -> None:
         if self.role != "admin":

@@ -14,8 +14,10 @@ from rbee.keeper.survey import HiveView, survey
 from rbee.protocol.messages import (
     PROTOCOL_VERSION,
     DeviceInfo,
+    GetLogs,
     HiveStatus,
     ListWorkers,
+    LogLines,
     StopWorker,
     WorkerInfo,
     WorkerList,
@@ -23,6 +25,7 @@ from rbee.protocol.messages import (
 
 NODES_BROWSE_S = 1.5
 REQUEST_TIMEOUT_S = 5.0
+FOLLOW_INTERVAL_S = 1.0
 
 
 def size(n: float) -> str:
@@ -205,3 +208,52 @@ def stop_worker(worker_id: str, node: str | None, out: TextIO = sys.stdout) -> N
         out.write(f"stopping {worker_id} on {link.hello.node}\n")
     finally:
         ctx.destroy(linger=0)  # never waits on a socket an error path left open
+
+
+def show_logs(target: str | None, follow: bool, out: TextIO = sys.stdout) -> None:
+    """`rbee logs [NODE|WORKER] [-f]`: a hive's (or one of its workers') recent log lines."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    worker = target if target and target.startswith("w-") else ""
+    try:
+        node = None if worker else target
+        if worker:
+            views = survey(ctx, browse_s=NODES_BROWSE_S)
+            owners = [
+                v
+                for v in views
+                if v.status and any(w.worker_id == worker for w in v.status.workers)
+            ]
+            node = owners[0].endpoint if owners else None
+        link = open_named(ctx, node or "127.0.0.1")
+        try:
+            after = 0
+            while True:
+                request = GetLogs(after=after, worker_id=worker)
+                reply = link.client.request(request, REQUEST_TIMEOUT_S)
+                assert isinstance(reply, LogLines)
+                for line in reply.lines:
+                    out.write(render_log_line(line) + "\n")
+                out.flush()
+                after = reply.last
+                if not follow:
+                    return
+                time.sleep(FOLLOW_INTERVAL_S)
+        finally:
+            link.close()
+    finally:
+        ctx.destroy(linger=0)
+
+
+def render_log_line(line: str) -> str:
+    """A JSON log line as one readable line: time, level, worker, event, details."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return line
+    when = str(record.pop("timestamp", ""))[11:23]
+    level = str(record.pop("level", ""))
+    event = str(record.pop("event", ""))
+    record.pop("component", None)
+    worker = str(record.pop("worker", ""))
+    details = " ".join(f"{k}={v}" for k, v in record.items())
+    return " ".join(p for p in (when, f"{level:7}", worker, event, details) if p)

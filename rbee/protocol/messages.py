@@ -299,6 +299,23 @@ class FramesReply(Frame):
     finished: bool = spec(default=False)
 
 
+class GetLogs(Frame):
+    """Ask a hive for its recent log lines (its own and its workers'), after a line number."""
+
+    TYPE = "get_logs"
+    after: int = spec(default=0, min=0)
+    worker_id: str = spec(default="", max_len=ID_CHARS, pattern=f"|{ID_PATTERN}")
+    limit: int = spec(default=500, min=1, max=5000)
+
+
+class LogLines(Frame):
+    """Reply to GetLogs: JSON log lines in order, and the number of the last line there is."""
+
+    TYPE = "log_lines"
+    lines: list[str] = spec(default_factory=list, max_len=5000)
+    last: int = spec(default=0, min=0)
+
+
 class Ack(Frame):
     """A request was carried out and has nothing else to say."""
 
@@ -481,6 +498,8 @@ FRAME_TYPES: dict[str, type[Frame]] = {
         StopWorker,
         FetchFrames,
         FramesReply,
+        GetLogs,
+        LogLines,
         Ack,
         Error,
         PairHello,

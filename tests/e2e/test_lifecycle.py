@@ -242,3 +242,19 @@ def test_fifty_concurrent_keepers_on_two_workers(rbee_env: dict[str, str]) -> No
     )
     assert done + busy == 50 and done > 0
     assert after <= before * 1.10, f"hive RSS grew from {before} to {after}"
+
+
+def test_logs_of_a_hive_and_of_one_worker(rbee_env: dict[str, str]) -> None:
+    with running_hive(rbee_env):
+        ran = run_rbee("--log-level", "debug", "infer", *SHORT, env=rbee_env)
+        assert ran.returncode == 0, ran.stderr
+        worker = re.search(r"spawned worker (w-\w+)", ran.stderr)
+        assert worker is not None
+        hive_logs = run_rbee("logs", env=rbee_env)
+        assert hive_logs.returncode == 0, hive_logs.stderr
+        assert "hive ready" in hive_logs.stdout and "worker ready" in hive_logs.stdout
+        only = run_rbee("logs", worker.group(1), env=rbee_env)
+        assert only.returncode == 0 and "loading model" in only.stdout
+        lines = only.stdout.splitlines()
+        assert lines and all(worker.group(1) in line for line in lines), only.stdout
+        assert "hive ready" not in only.stdout
