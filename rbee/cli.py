@@ -13,10 +13,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rbee import __version__, config
-from rbee.catalog import DEFAULT_MODEL
 from rbee.errors import Canceled, ExitCode, InvalidRequest, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
-from rbee.protocol.messages import BACKENDS, FILE_PREFIX, KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
+from rbee.protocol.messages import (
+    BACKENDS,
+    DEFAULT_MODEL,
+    FILE_PREFIX,
+    KEEP_ALIVE_DEFAULT,
+    PROTOCOL_VERSION,
+)
 
 
 def version_text() -> str:

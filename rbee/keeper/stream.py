@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from rbee.errors import HiveLost, HiveUnreachable, ProtocolError, RbeeError
+from rbee.errors import HiveLost, HiveUnreachable, ProtocolError, RbeeError, error_from_code
 from rbee.protocol.codec import decode
 from rbee.protocol.messages import Done, FetchFrames, FramesReply, StreamError, Token
 from rbee.transport.sockets import DealerClient, StreamSubscriber
@@ -88,6 +88,4 @@ class JobStream:
 
 def describe(frame: StreamError) -> RbeeError:
     """The exception a terminal error frame stands for."""
-    from rbee.errors import error_from_code
-
     return error_from_code(frame.code, frame.message)

