@@ -17,6 +17,7 @@ from rbee.process import die_with_parent
 from rbee.protocol.messages import PROTOCOL_VERSION
 
 READY_PREFIX = "RBEE_HIVE_READY"
+REANNOUNCE_CHECK_S = 30.0  # how often the hive looks whether its announcement is still true
 ANY_HOSTS = ("0.0.0.0", "::", "")
 
 logger = log.get(__name__)
@@ -51,16 +52,22 @@ def announce(hive: Hive) -> discovery.Announcer | None:
     if not addresses:
         logger.info("not announced on mDNS", host=host, mdns_interfaces=available)
         return None
-    announcement = discovery.Announcement(
-        node=hive.node,
-        node_id=discovery.node_id(hive.config.data_dir),
-        address=addresses[0],
-        port=int(hive.front_endpoint.rsplit(":", 1)[1]),
-        stream_port=int(hive.stream_endpoint.rsplit(":", 1)[1]),
-        rbee_version=__version__,
-        protocol_version=PROTOCOL_VERSION,
-        backends=gpu.detect().announce_text(),
-        key=hive.keys.public if hive.keys is not None else "",
-        cluster=discovery.cluster(),
-    )
-    return discovery.Announcer(announcement, addresses)
+    node_id = discovery.node_id(hive.config.data_dir)
+
+    def describe() -> discovery.Announcement:
+        return discovery.Announcement(
+            node=hive.node,
+            node_id=node_id,
+            address=addresses[0],
+            port=int(hive.front_endpoint.rsplit(":", 1)[1]),
+            stream_port=int(hive.stream_endpoint.rsplit(":", 1)[1]),
+            rbee_version=__version__,
+            protocol_version=PROTOCOL_VERSION,
+            backends=gpu.detect().announce_text(),
+            key=hive.keys.public if hive.keys is not None else "",
+            cluster=discovery.cluster(),
+        )
+
+    announcer = discovery.Announcer(describe(), addresses)
+    announcer.follow(describe, REANNOUNCE_CHECK_S)
+    return announcer

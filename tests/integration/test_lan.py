@@ -186,6 +186,22 @@ def test_a_hive_started_after_the_keeper_is_found(
     assert [n["name"] for n in listed] == ["late"] and "not paired" in listed[0]["state"]
 
 
+def test_a_cloned_node_id_is_reported(lan: Lan, rbee_env: dict[str, str], tmp_path: Path) -> None:
+    """Two machines with one node id (a copied disk) and one name are both listed and flagged."""
+    h1, h2, h3 = lan.hosts
+    env1, env2 = env_for(h1, rbee_env, tmp_path, "one"), env_for(h2, rbee_env, tmp_path, "two")
+    for env in (env1, env2):
+        Path(env["RBEE_DATA_DIR"]).mkdir(parents=True)
+        (Path(env["RBEE_DATA_DIR"]) / "node_id").write_text("c" * 32 + "\n")
+    keeper = env_for(h3, rbee_env, tmp_path, "keeper")
+    with hive_on(h1, env1, "twin"), hive_on(h2, env2, "twin"):
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while len(listed := nodes(h3, keeper)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert sorted(str(n["address"]) for n in listed) == [f"{h1.address}:7830", f"{h2.address}:7830"]
+    assert all("CLONED NODE ID" in str(n["state"]) for n in listed), listed
+
+
 def test_versions_and_unknown_nodes(lan: Lan, rbee_env: dict[str, str], tmp_path: Path) -> None:
     h1, _, h3 = lan.hosts
     keeper = env_for(h3, rbee_env, tmp_path, "keeper")
