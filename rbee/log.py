@@ -50,6 +50,21 @@ class Recent:
 
 
 RECENT = Recent()
+_PROCESS: dict[str, Any] = {}
+
+
+def _process_fields(
+    logger: Any, method: str, event: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    for key, value in _PROCESS.items():
+        event.setdefault(key, value)
+    return event
+
+
+def bind(**fields: Any) -> None:
+    """Fields every later line of this process carries, from every thread (structlog's
+    contextvars start empty in each new thread): the component, the node, the worker id."""
+    _PROCESS.update(fields)
 
 
 def configure(component: str, *, json: bool | None = None, level: str | None = None) -> None:
@@ -65,6 +80,7 @@ def configure(component: str, *, json: bool | None = None, level: str | None = N
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _process_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
@@ -77,7 +93,7 @@ def configure(component: str, *, json: bool | None = None, level: str | None = N
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
-    structlog.contextvars.bind_contextvars(component=component)
+    bind(component=component)
 
 
 def get(name: str) -> Any:

@@ -20,7 +20,6 @@ import time
 import uuid
 from dataclasses import dataclass
 
-import structlog
 import zmq
 
 from rbee import log
@@ -186,7 +185,6 @@ class Job:
             )
 
     def _run(self) -> None:
-        structlog.contextvars.bind_contextvars(component="gateway")  # contextvars are per thread
         link: HiveLink | None = None
         try:
             link = connect(self.ctx, self.request.node, self.request.model)

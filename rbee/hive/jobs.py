@@ -95,6 +95,7 @@ class JobDesk(HiveState):
         )
         self.jobs[job.job_id] = job
         self.queue.append(job)
+        logger.info("job queued", job=job.job_id, model=model, waiting=len(self.queue))
         self._schedule(time.monotonic())
 
     def _schedule(self, now: float) -> None:
@@ -166,6 +167,8 @@ class JobDesk(HiveState):
         job.dispatched, job.worker_id = True, worker.worker_id
         worker.state, worker.job_id = "busy", job.job_id
         worker.last_activity = time.time()
+        waited_ms = round((time.monotonic() - job.queued_at) * 1000)
+        logger.info("job started", job=job.job_id, worker=worker.worker_id, waited_ms=waited_ms)
         self.front.send(
             job.keeper, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id), job.rid
         )
@@ -173,6 +176,7 @@ class JobDesk(HiveState):
 
     def _fail_queued(self, job: JobRecord, error: RbeeError) -> None:
         self.queue.remove(job)
+        logger.info("job failed", job=job.job_id, code=error.code, error=error.message)
         self.front.reply_error(job.keeper, job.rid, error)
         job.frames.append(
             encode(StreamError(job_id=job.job_id, seq=0, code=error.code, message=error.message))
@@ -238,6 +242,23 @@ class JobDesk(HiveState):
         job.frames.append(data)
         job.finished_at = time.monotonic()
         self.xpub.send_multipart([job.job_id.encode(), data], zmq.NOBLOCK)
+        if isinstance(terminal, Done):
+            logger.info(
+                "job finished",
+                job=job.job_id,
+                worker=job.worker_id,
+                tokens=terminal.tokens,
+                stop_reason=terminal.stop_reason,
+                seconds=round(job.finished_at - job.queued_at, 3),
+            )
+        elif isinstance(terminal, StreamError):
+            logger.info(
+                "job failed",
+                job=job.job_id,
+                worker=job.worker_id,
+                code=terminal.code,
+                error=terminal.message[:200],
+            )
         worker = self.workers.get(job.worker_id)
         if worker is not None and worker.job_id == job.job_id:
             worker.jobs_served += 1

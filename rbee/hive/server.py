@@ -121,6 +121,7 @@ class Hive(JobDesk, Provisioner):
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
         self.node = config.node or socket.gethostname()
+        log.bind(node=self.node)
         self.catalog = Catalog(config.data_dir / "catalog.db")
         self.catalog.ensure_default()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()

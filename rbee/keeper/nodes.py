@@ -253,7 +253,8 @@ def render_log_line(line: str) -> str:
     when = str(record.pop("timestamp", ""))[11:23]
     level = str(record.pop("level", ""))
     event = str(record.pop("event", ""))
-    record.pop("component", None)
+    for known in ("component", "node"):  # the same on every line of one hive
+        record.pop(known, None)
     worker = str(record.pop("worker", ""))
     details = " ".join(f"{k}={v}" for k, v in record.items())
     return " ".join(p for p in (when, f"{level:7}", worker, event, details) if p)

@@ -255,7 +255,7 @@ class Generator(threading.Thread):
                 job_id=job.job_id, seq=seq, code=exc.code, message=exc.message[:MAX_MESSAGE_CHARS]
             )
         except Exception as exc:  # llama.cpp failures must still end the stream
-            logger.exception("generation failed", job_id=job.job_id)
+            logger.exception("generation failed", job=job.job_id)
             terminal = StreamError(
                 job_id=job.job_id,
                 seq=seq,
@@ -342,15 +342,8 @@ def run(args: WorkerArgs) -> int:
     faulthandler.enable(all_threads=True)  # a crash inside llama.cpp leaves a Python stack
     die_with_parent()
     log.configure("worker")
-    structlog_bind(args.worker_id)
+    log.bind(worker=args.worker_id)
     worker = Worker(args)
     signal.signal(signal.SIGTERM, worker.request_stop)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal goes to the hive first
     return worker.run()
-
-
-def structlog_bind(worker_id: str) -> None:
-    """Tag every log line of this process with its worker id."""
-    import structlog
-
-    structlog.contextvars.bind_contextvars(worker=worker_id)

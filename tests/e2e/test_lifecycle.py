@@ -253,6 +253,12 @@ def test_logs_of_a_hive_and_of_one_worker(rbee_env: dict[str, str]) -> None:
         hive_logs = run_rbee("logs", env=rbee_env)
         assert hive_logs.returncode == 0, hive_logs.stderr
         assert "hive ready" in hive_logs.stdout and "worker ready" in hive_logs.stdout
+        # One job's events carry its id and its worker's, so a request can be followed through.
+        finished = re.search(r"(w-\w+) job finished job=(\S+) tokens=\d+", hive_logs.stdout)
+        assert finished is not None and finished.group(1) == worker.group(1), hive_logs.stdout
+        job = finished.group(2)
+        assert f"job queued job={job} model=" in hive_logs.stdout
+        assert f"{worker.group(1)} job started job={job}" in hive_logs.stdout
         only = run_rbee("logs", worker.group(1), env=rbee_env)
         assert only.returncode == 0 and "loading model" in only.stdout
         lines = only.stdout.splitlines()
