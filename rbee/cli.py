@@ -444,10 +444,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run one mode, and return the process exit code."""
     try:
         sources = config.apply()  # file < environment < flags: flags take defaults from it
+        parser = build_parser()
     except RbeeError as exc:
         sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
+        if exc.suggestion:
+            sys.stderr.write(f"hint: {exc.suggestion}\n")
         return exc.exit_code
-    parser = build_parser()
     args = parser.parse_args(argv)
     if args.log_level:
         os.environ["RBEE_LOG_LEVEL"] = args.log_level  # children (hive, workers) inherit it

@@ -54,7 +54,7 @@ def _level(value: Any) -> str:
 
 def _bool(value: Any) -> str:
     if not isinstance(value, bool):
-        raise ValueError("true or false")
+        raise ValueError("true or false (in the environment also 1/0, yes/no, on/off)")
     return "1" if value else ""
 
 
@@ -136,9 +136,45 @@ def read_file(path: Path) -> dict[str, str]:
     return values
 
 
+ENV_TRUE = ("1", "true", "yes", "on")
+ENV_FALSE = ("0", "false", "no", "off")
+
+
+def _from_env(setting: Setting, text: str) -> Any:
+    """An environment variable's text as the file would hold it, for the same check."""
+    text = text.strip()
+    if setting.check in (_port, _count):
+        return int(text) if text.isascii() and text.isdigit() else text
+    if setting.check is _bool:
+        lowered = text.lower()
+        return True if lowered in ENV_TRUE else False if lowered in ENV_FALSE else text
+    if setting.check is _text_list:
+        return [item.strip() for item in text.split(",") if item.strip()]
+    if setting.check is _level:
+        return text.lower()
+    return text
+
+
+def check_environment() -> None:
+    """Check every set RBEE_* variable like a file value and store it normalised (so that
+    RBEE_SECURE=0 means off); InvalidRequest naming each bad variable and what was expected."""
+    problems = []
+    for setting in SETTINGS:
+        text = os.environ.get(setting.env, "")
+        if not text.strip():
+            continue  # set but empty: the default
+        try:
+            os.environ[setting.env] = setting.check(_from_env(setting, text))
+        except ValueError as exc:
+            problems.append(f"{setting.env}={text!r}: expected {exc}")
+    if problems:
+        raise InvalidRequest("; ".join(problems), suggestion="fix or unset them")
+
+
 def apply(path: Path | None = None) -> dict[str, str]:
-    """Export the file's values into this process's environment (set variables win);
+    """Check the environment, then export the file's values into it (set variables win);
     returns the environment variable → source map for `rbee config show`."""
+    check_environment()
     path = path or config_path()
     sources = {s.env: "environment" for s in SETTINGS if s.env in os.environ}
     for env, value in read_file(path).items():
@@ -157,6 +193,8 @@ def show(sources: dict[str, str], flags: dict[str, object] | None = None) -> str
             value, source = str(flag), "flag"
         elif s.env in os.environ:
             value, source = os.environ[s.env], sources.get(s.env, "environment")
+            if s.check is _bool:
+                value = "true" if value else "false"
         else:
             value, source = s.default, "default"
         lines.append(f"{s.section}.{s.key} = {value}    ({source}; {s.env})")

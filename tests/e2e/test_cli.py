@@ -192,3 +192,8 @@ def test_config_file_environment_and_errors(rbee_env: dict[str, str], tmp_path: 
     bad = run_rbee("hive", env=env)
     assert bad.returncode == ExitCode.USAGE
     assert str(path) in bad.stderr and "hive.max_queue: expected a whole number" in bad.stderr
+    path.unlink()
+    bad_env = run_rbee("nodes", env={**env, "RBEE_HIVE_PORT": "0", "RBEE_MAX_WORKERS": "x"})
+    assert bad_env.returncode == ExitCode.USAGE and "Traceback" not in bad_env.stderr
+    assert "RBEE_HIVE_PORT='0': expected a port number" in bad_env.stderr, bad_env.stderr
+    assert "RBEE_MAX_WORKERS='x'" in bad_env.stderr and "hint: fix or unset them" in bad_env.stderr

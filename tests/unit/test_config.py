@@ -57,3 +57,38 @@ def test_each_error_names_file_key_and_expectation(
     with pytest.raises(InvalidRequest) as err:
         config.apply()
     assert str(clean_env) in err.value.message and expected in err.value.message
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "stored"),
+    [
+        ("RBEE_SECURE", "0", ""),
+        ("RBEE_SECURE", "off", ""),
+        ("RBEE_SECURE", "Yes", "1"),
+        ("RBEE_LOG_LEVEL", "DEBUG", "debug"),
+        ("RBEE_SEEDS", " a:1 , b ", "a:1,b"),
+        ("RBEE_HIVE_PORT", " 9100", "9100"),
+    ],
+)
+def test_environment_values_are_checked_and_normalised(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, name: str, text: str, stored: str
+) -> None:
+    monkeypatch.setenv(name, text)
+    config.apply()
+    assert os.environ[name] == stored
+
+
+def test_each_bad_environment_value_is_named(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RBEE_HIVE_PORT", "0")
+    monkeypatch.setenv("RBEE_MAX_WORKERS", "four")
+    monkeypatch.setenv("RBEE_SECURE", "maybe")
+    monkeypatch.setenv("RBEE_LOG_LEVEL", "loud")
+    with pytest.raises(InvalidRequest) as err:
+        config.apply()
+    message = err.value.message
+    assert "RBEE_HIVE_PORT='0': expected a port number, 1-65535" in message
+    assert "RBEE_MAX_WORKERS='four': expected a whole number" in message
+    assert "RBEE_SECURE='maybe': expected true or false" in message
+    assert "RBEE_LOG_LEVEL='loud': expected one of" in message
