@@ -12,7 +12,14 @@ import zmq
 
 from rbee.errors import AccessDenied, HiveKeyChanged, RbeeError
 from rbee.keeper.choose import IDLE, choose
-from rbee.keeper.link import HELLO_TIMEOUTS_S, HiveLink, hello, open_ephemeral, open_link
+from rbee.keeper.link import (
+    HELLO_TIMEOUTS_S,
+    HiveLink,
+    check_version,
+    hello,
+    open_ephemeral,
+    open_link,
+)
 from rbee.keeper.survey import HiveView, local_view, survey
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX
 
@@ -20,29 +27,41 @@ INFER_BROWSE_S = 0.8  # the longest a request waits for LAN answers when none co
 
 
 def connect(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None, model: str) -> HiveLink:
-    """Open a link to the hive that should run ``model``; its notes say which and why."""
+    """Open a link to the hive that should run ``model``; its notes say which and why.
+
+    The connections that asked hives Hello and Status stay open, and the chosen one carries
+    the request: no second handshake, and the status tells whether a worker is idle.
+    """
     if node:
         return open_named(ctx, node)
     here = local_view(ctx)
-    if model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)):  # only this machine can run these
-        return _here(ctx, here, "the model is a local file") if here else open_ephemeral(ctx)
-    warm = choose([here.candidate()], model) if here is not None else None
-    if here is not None and warm is not None and warm.reason.startswith(IDLE):
-        return _here(ctx, here, warm.reason)  # nothing beats a warm worker on this machine
-    views = survey(ctx, browse_s=INFER_BROWSE_S)
-    notes = [_clone_warning(v) for v in views if v.cloned_id]
-    notes += [
-        f"skipping {v.name}: {v.error}" for v in views if v.hello is None and v.source != "local"
-    ]
-    choice = choose([v.candidate() for v in views], model)
-    if choice is not None:
-        view = next(v for v in views if v.endpoint == choice.candidate.endpoint)
-        link = _open(ctx, view)
-        link.notes = [*notes, f"chose {view.name} ({view.endpoint}): {choice.reason}"]
+    views: list[HiveView] = []
+    try:
+        if model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)):  # only this machine can run these
+            return _here(ctx, here, "the model is a local file") if here else open_ephemeral(ctx)
+        warm = choose([here.candidate()], model) if here is not None else None
+        if here is not None and warm is not None and warm.reason.startswith(IDLE):
+            return _here(ctx, here, warm.reason)  # nothing beats a warm worker on this machine
+        views = survey(ctx, browse_s=INFER_BROWSE_S, keep=True)
+        notes = [_clone_warning(v) for v in views if v.cloned_id]
+        notes += [
+            f"skipping {v.name}: {v.error}"
+            for v in views
+            if v.hello is None and v.source != "local"
+        ]
+        choice = choose([v.candidate() for v in views], model)
+        if choice is not None:
+            view = next(v for v in views if v.endpoint == choice.candidate.endpoint)
+            link = _open(ctx, view)
+            link.notes = [*notes, f"chose {view.name} ({view.endpoint}): {choice.reason}"]
+            return link
+        link = _here(ctx, here, "no hive in reach holds the model") if here else open_ephemeral(ctx)
+        link.notes = notes + link.notes
         return link
-    link = _here(ctx, here, "no hive in reach holds the model") if here else open_ephemeral(ctx)
-    link.notes = notes + link.notes
-    return link
+    finally:
+        for unused in [here, *views]:
+            if unused is not None:
+                unused.close()  # the chosen view's connection now belongs to the link
 
 
 def _here(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, why: str) -> HiveLink:
@@ -52,6 +71,11 @@ def _here(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, why: str) -> Hive
 
 
 def _open(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> HiveLink:
+    """A link over the view's open connection if it has one (taken from it), else a new one."""
+    if view.client is not None and view.hello is not None:
+        check_version(view.hello)
+        client, view.client = view.client, None
+        return HiveLink(ctx, client, view.host, view.hello, status=view.status)
     client, reply = hello(ctx, view.host, view.port, HELLO_TIMEOUTS_S, view.curve)
     return HiveLink(ctx, client, view.host, reply)
 

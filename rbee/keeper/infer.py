@@ -21,6 +21,7 @@ from rbee.errors import (
     HiveUnreachable,
     RbeeError,
     WorkerCrashed,
+    WorkerNotFound,
 )
 from rbee.keeper.connect import connect
 from rbee.keeper.link import HiveLink
@@ -132,19 +133,27 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
         )
         result = InferResult()
         for attempt in range(BUSY_ATTEMPTS):
+            job_id = "j-" + uuid.uuid4().hex[:16]
+            # Subscribed before asking for a worker: the hive waits for the subscription before
+            # it dispatches, and the connection is made while the worker is found.
+            sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM, link.curve)
+            sub.subscribe(job_id)
             try:
-                assigned = ensure_worker(
-                    link, request.model, report, request.backend, request.device
-                )
+                assigned = worker_for(link, request, report)
                 result.worker_id, result.reused = assigned.worker_id, assigned.reused
-                stream_job(link, request, assigned, result, report, out, started)
+                stream_job(link, request, assigned, result, report, out, started, sub, job_id)
                 break
+            except WorkerNotFound:
+                if attempt + 1 == BUSY_ATTEMPTS:
+                    raise  # the idle worker seen a moment ago is gone: ask the hive for one
             except AllSlotsBusy as busy:
                 if attempt + 1 == BUSY_ATTEMPTS:
                     raise
                 wait = max(busy.retry_after_s, BUSY_BACKOFF_S * 2**attempt)
                 report.phase("busy", f"{busy.message}; retrying in {wait:.1f} s")
                 time.sleep(wait)
+            finally:
+                sub.close()
         result.total_s = time.monotonic() - started
         summarize(result, report)
         return result
@@ -156,6 +165,23 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
         if link is not None:
             link.close()
         ctx.destroy(linger=0)  # never waits on a socket an error path left open
+
+
+def worker_for(link: HiveLink, request: InferRequest, report: Reporter) -> WorkerAssigned:
+    """The worker for this request: an idle one the hive's status showed while the keeper chose
+    it (StartJob goes to it with no EnsureWorker round trip), else whatever EnsureWorker gives.
+    The status is used once: a retry asks the hive."""
+    status, link.status = link.status, None
+    for w in status.workers if status is not None else []:
+        if (
+            w.model == request.model
+            and w.state == "idle"
+            and w.backend == request.backend
+            and request.device in ("", w.device)
+        ):
+            report.phase("worker", f"reusing idle worker {w.worker_id} ({w.model})")
+            return WorkerAssigned(worker_id=w.worker_id, model=w.model, reused=True, load_s=0.0)
+    return ensure_worker(link, request.model, report, request.backend, request.device)
 
 
 def ensure_worker(
@@ -216,11 +242,11 @@ def stream_job(
     report: Reporter,
     out: TextIO,
     started: float,
+    sub: StreamSubscriber,
+    job_id: str,
 ) -> None:
-    """Subscribe, start the job, print tokens as they come; Ctrl-C cancels the job."""
-    job_id = "j-" + uuid.uuid4().hex[:16]
-    sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM, link.curve)
-    sub.subscribe(job_id)  # before StartJob: the hive waits for it, so no token is missed
+    """Start the job (``sub`` already subscribed to ``job_id``), print tokens as they come;
+    Ctrl-C cancels the job."""
     try:
         try:
             worker_id = start_job(link, request, assigned, job_id, report)
@@ -245,7 +271,6 @@ def stream_job(
             cancel(link, job_id)
             raise Canceled(f"canceled after {result.tokens} tokens") from None
     finally:
-        sub.close()
         if result.text and not result.text.endswith("\n"):
             out.write("\n")
             out.flush()

@@ -18,7 +18,7 @@ import zmq
 from rbee.errors import HiveLost, HiveUnreachable, InvalidRequest, VersionMismatch
 from rbee.paths import data_dir, hive_port, self_command
 from rbee.process import child_env
-from rbee.protocol.messages import PROTOCOL_VERSION, Hello, HelloReply
+from rbee.protocol.messages import PROTOCOL_VERSION, Hello, HelloReply, HiveStatus
 from rbee.transport.keys import KnownHives, load_or_create
 from rbee.transport.sockets import Curve, DealerClient, tcp_endpoint
 
@@ -41,6 +41,7 @@ class HiveLink:
     ephemeral: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
     notes: list[str] = field(default_factory=list)
+    status: HiveStatus | None = None  # what the hive said while the keeper chose it (read once)
 
     @property
     def curve(self) -> Curve | None:
@@ -114,13 +115,11 @@ def hello(
         if not isinstance(reply, HelloReply):
             client.close()
             raise HiveUnreachable(f"{endpoint} answered Hello with {reply.TYPE}")
-        if reply.protocol_version != PROTOCOL_VERSION:
+        try:
+            check_version(reply)
+        except VersionMismatch:
             client.close()
-            raise VersionMismatch(
-                f"hive {reply.node} speaks protocol {reply.protocol_version}, "
-                f"this keeper speaks {PROTOCOL_VERSION}",
-                suggestion="install the same rbee version on both machines",
-            )
+            raise
         return client, reply
     total = sum(timeouts) + sum(RETRY_BACKOFF_S * 2**i for i in range(len(timeouts) - 1))
     hint = f"start one there with `rbee hive`, or check the address and that port {port} is open"
@@ -130,6 +129,16 @@ def hello(
         f"no hive answered at {host}:{port} after {len(timeouts)} tries ({total:.1f} s)",
         suggestion=hint,
     )
+
+
+def check_version(reply: HelloReply) -> None:
+    """VERSION_MISMATCH naming both versions when the hive speaks another protocol."""
+    if reply.protocol_version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"hive {reply.node} speaks protocol {reply.protocol_version}, "
+            f"this keeper speaks {PROTOCOL_VERSION}",
+            suggestion="install the same rbee version on both machines",
+        )
 
 
 def curve_for(endpoint: str, node_id: str = "", key: str = "", name: str = "") -> Curve | None:

@@ -35,6 +35,13 @@ class HiveView:
     error_code: str = ""
     cloned_id: bool = False
     curve: Curve | None = None
+    client: DealerClient | None = None  # kept open when asked to: the request can go on it
+
+    def close(self) -> None:
+        """Close a kept connection (harmless when there is none)."""
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
     @property
     def name(self) -> str:
@@ -64,8 +71,10 @@ def survey(
     *,
     browse_s: float = discovery.BROWSE_TIMEOUT_S,
     include_local: bool = True,
+    keep: bool = False,
 ) -> list[HiveView]:
-    """Every hive in reach, asked in parallel; unanswered ones carry an error."""
+    """Every hive in reach, asked in parallel; unanswered ones carry an error. With ``keep``
+    each answering hive's connection stays open (the caller closes the views)."""
     views: dict[tuple[str, int], HiveView] = {}
     for a in discovery.browse(timeout_s=browse_s) if browse_s > 0 else []:
         views.setdefault((a.address, a.port), HiveView(a.address, a.port, "mdns", a))
@@ -74,20 +83,27 @@ def survey(
         views.setdefault((host, port), HiveView(host, port, "seed"))
     if include_local:
         views.setdefault(("127.0.0.1", hive_port()), HiveView("127.0.0.1", hive_port(), "local"))
-    threads = [threading.Thread(target=_ask, args=(ctx, v), daemon=True) for v in views.values()]
+    threads = [
+        threading.Thread(target=_ask, args=(ctx, v, keep), daemon=True) for v in views.values()
+    ]
     for t in threads:
         t.start()
     for t in threads:
         t.join(SURVEY_TIMEOUT_S * 2 + 1)
     answered = [v for v in views.values() if v.hello is not None or v.source != "local"]
-    return sorted(_dedupe_and_flag(answered), key=lambda v: v.name)
+    unique = _dedupe_and_flag(answered)
+    kept = {id(v) for v in unique}
+    for v in views.values():
+        if id(v) not in kept:
+            v.close()
+    return sorted(unique, key=lambda v: v.name)
 
 
 def local_view(ctx: zmq.Context[zmq.Socket[bytes]]) -> HiveView | None:
     """This machine's hive, if one listens on the hive port (a refused connection is instant,
-    so a machine without a hive pays nothing for asking)."""
+    so a machine without a hive pays nothing for asking); its connection is kept open."""
     view = HiveView("127.0.0.1", hive_port(), "local")
-    _ask(ctx, view)
+    _ask(ctx, view, keep=True)
     return view if view.hello is not None else None
 
 
@@ -99,7 +115,7 @@ def _listening(host: str, port: int) -> bool:
         return False
 
 
-def _ask(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> None:
+def _ask(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, keep: bool = False) -> None:
     if view.source == "local" and not _listening(view.host, view.port):
         view.error = "nothing listens there"
         return
@@ -116,15 +132,20 @@ def _ask(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> None:
         view.error, view.error_code = exc.message, exc.code
         return
     client = DealerClient(ctx, tcp_endpoint(view.host, view.port), view.curve)
+    kept = False
     try:
-        hello = client.request(Hello(client="keeper"), SURVEY_TIMEOUT_S)
-        status = client.request(Status(), SURVEY_TIMEOUT_S)
+        asked = client.send(Hello(client="keeper")), client.send(Status())  # one round trip
+        hello = next(client.replies(asked[0], SURVEY_TIMEOUT_S))
+        status = next(client.replies(asked[1], SURVEY_TIMEOUT_S))
         if isinstance(hello, HelloReply) and isinstance(status, HiveStatus):
             view.hello, view.status = hello, status
+            if keep:
+                view.client, kept = client, True
     except RbeeError as exc:
         view.error, view.error_code = exc.message, exc.code
     finally:
-        client.close()
+        if not kept:
+            client.close()
 
 
 def _dedupe_and_flag(views: list[HiveView]) -> list[HiveView]:

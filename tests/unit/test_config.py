@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -12,12 +13,16 @@ from rbee.errors import InvalidRequest
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
+    """No RBEE_* settings; config.apply() writes into os.environ, so all of it is restored."""
+    saved = dict(os.environ)
     for s in config.SETTINGS:
         monkeypatch.delenv(s.env, raising=False)
     path = tmp_path / "config.toml"
     monkeypatch.setenv("RBEE_CONFIG", str(path))
-    return path
+    yield path
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_file_then_environment_then_flags(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
