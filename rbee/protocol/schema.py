@@ -9,8 +9,10 @@ so an error names all of them at once.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import re
+import sys
 import types
 import typing
 from collections.abc import Callable
@@ -100,11 +102,28 @@ def _to_wire(value: Any) -> Any:
     return value
 
 
+_RESOLVED: dict[tuple[str, str], Any] = {}  # (module, annotation text) → the type it names
+
+
 def hints(cls: type[Record]) -> dict[str, Any]:
-    """Resolved field annotations of a record class, cached on the class."""
+    """Resolved field annotations of a record class, cached on the class.
+
+    Annotations are text (``from __future__ import annotations``); each distinct text is
+    evaluated once per module. typing.get_type_hints did the same work per class at ~0.2 ms
+    each, which a fresh keeper paid on its first frames.
+    """
     cached = cls.__dict__.get("_hints")
     if cached is None:
-        cached = typing.get_type_hints(cls)
+        cached = {}
+        for klass in reversed(cls.__mro__):
+            module = klass.__module__
+            for name, annotation in inspect.get_annotations(klass).items():
+                if isinstance(annotation, str):
+                    key = (module, annotation)
+                    if key not in _RESOLVED:
+                        _RESOLVED[key] = eval(annotation, vars(sys.modules[module]))
+                    annotation = _RESOLVED[key]
+                cached[name] = annotation
         cls._hints = cached
     return cached
 
