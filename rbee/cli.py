@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="use CURVE keys even on loopback (always on when listening on any other address)",
     )
     hive.add_argument("--ephemeral", action="store_true", help=argparse.SUPPRESS)
+    hive.add_argument("--preload", default="", help=argparse.SUPPRESS)
     hive_actions = hive.add_subparsers(dest="hive_command", metavar="ACTION")
     hinst = hive_actions.add_parser("install", help="install this binary as a systemd service")
     hinst.add_argument(
@@ -381,6 +382,7 @@ def run_command(args: argparse.Namespace) -> int:
             data_dir=data_dir(),
             node=args.node_name,
             ephemeral=args.ephemeral,
+            preload=args.preload,
             limits=limits,
             keep_alive_s=args.keep_alive,
             secure=args.secure,

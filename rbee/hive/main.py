@@ -29,6 +29,8 @@ def run(config: HiveConfig) -> int:
     if config.ephemeral:
         die_with_parent()
     hive = Hive(config)
+    if config.preload:
+        hive.preload(config.preload)
     signal.signal(signal.SIGTERM, hive.request_stop)
     signal.signal(signal.SIGINT, hive.request_stop)
     announcer = None if config.ephemeral else announce(hive)

@@ -78,6 +78,29 @@ class Provisioner(HiveState):
             return
         self._ensure(who, rid, entry, frame.n_ctx, frame.backend, frame.device)
 
+    def preload(self, reference: str) -> None:
+        """Start loading a CPU worker for a model nobody asked for yet: an ephemeral hive does
+        this for the model its keeper is about to ask for, so the load overlaps the keeper's
+        LAN survey. A model that needs a download or does not fit waits for the request,
+        which says why."""
+        try:
+            entry = self._resolve(reference)
+            where = self._place("cpu", "")
+            needed = placement.estimate_for_file(entry.path, self._context(entry, 0), "cpu")
+            plan = plan_worker(
+                self.pool.records(),
+                entry.path,
+                self.config.limits,
+                needed.total_bytes <= where.free_bytes,
+                serves=lambda w: w.backend == "cpu",
+            )
+            if plan.action != "spawn" or plan.evict is not None:
+                return
+            worker = self._spawn(entry, 0, where, needed)
+            logger.info("preloading", model=entry.name, worker=worker.worker_id)
+        except (NeedsPull, RbeeError) as exc:
+            logger.info("not preloaded", model=reference, reason=str(exc))
+
     def _place(self, backend: str, device: str) -> Placement:
         """The device for a request now, or BACKEND_UNAVAILABLE; the CPU skips GPU detection."""
         if backend == "cpu" and not device:
@@ -126,7 +149,10 @@ class Provisioner(HiveState):
         else:
             assert plan.worker is not None
             worker = plan.worker
-            message = f"waiting for worker {worker.worker_id}, already loading {entry.name}"
+            message = (
+                f"waiting for worker {worker.worker_id} (pid {worker.pid}), already loading "
+                f"{entry.name}"
+            )
         worker.waiters.append((who, rid))
         self.front.send(who, Progress(phase="spawn", message=message), rid)
 

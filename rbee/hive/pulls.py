@@ -9,10 +9,14 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rbee import log
 from rbee.errors import InternalError, RbeeError
-from rbee.hub.download import DownloadManager, PulledFile
+
+if TYPE_CHECKING:
+    from rbee.hub.download import DownloadManager, PulledFile
 
 PROGRESS_EVERY_S = 0.5
 
@@ -43,12 +47,25 @@ class Finished:
 
 
 class Pulls:
-    """The hive's downloads."""
+    """The hive's downloads. The download manager (httpx, huggingface_hub: ~0.15 s of
+    imports) is made at the first pull, so a hive that never downloads starts without it."""
 
-    def __init__(self, manager: DownloadManager) -> None:
-        self.manager = manager
+    def __init__(self, models_dir: Path, manager: DownloadManager | None = None) -> None:
+        self.models_dir = models_dir
+        self._manager = manager
+        self._manager_lock = threading.Lock()  # pull threads make it
         self.active: dict[str, Pull] = {}
         self.results: queue.Queue[Finished] = queue.Queue()
+
+    @property
+    def manager(self) -> DownloadManager:
+        """The download manager, made on first use."""
+        with self._manager_lock:
+            if self._manager is None:
+                from rbee.hub.download import DownloadManager
+
+                self._manager = DownloadManager(self.models_dir)
+            return self._manager
 
     def join(self, reference: str, who: bytes, rid: int, purpose: str, n_ctx: int = 0) -> Pull:
         """Wait for ``reference`` (a canonical hf: reference), starting its download if needed."""
@@ -100,7 +117,9 @@ class Pulls:
         """Stop every transfer (part files stay for the next start)."""
         for pull in self.active.values():
             pull.cancel.set()
-        self.manager.close()
+        with self._manager_lock:
+            if self._manager is not None:
+                self._manager.close()
 
 
 def describe_progress(pull: Pull) -> str:

@@ -52,7 +52,7 @@ from rbee.hive.registry import (
     idle_expired,
 )
 from rbee.hive.settings import HiveConfig
-from rbee.hub.download import DownloadManager
+from rbee.hub.layout import clean_stale_parts
 from rbee.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -157,9 +157,8 @@ class Hive(JobDesk, Provisioner):
         self.xpub.setsockopt(zmq.SNDHWM, STREAM_HWM)
         self.stream_endpoint = bind_endpoint(self.xpub, config.host, config.stream_port)
         self.pool = WorkerPool(RouterServer(back), back_endpoint, xsub_endpoint)
-        manager = DownloadManager(config.data_dir / "models")
-        manager.clean_stale_parts()
-        self.pulls = Pulls(manager)
+        clean_stale_parts(config.data_dir / "models")  # left by downloads cut short
+        self.pulls = Pulls(config.data_dir / "models")
         self.jobs: dict[str, JobRecord] = {}
         self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a worker or a subscription
         self.subscribers: Counter[str] = Counter()

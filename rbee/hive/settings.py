@@ -37,6 +37,7 @@ class HiveConfig:
     data_dir: Path
     node: str = ""
     ephemeral: bool = False
+    preload: str = ""  # a model whose worker starts loading at once (an ephemeral hive's)
     limits: Limits = field(default_factory=Limits)
     keep_alive_s: float = 300.0
     drain_grace_s: float = DRAIN_GRACE_S

@@ -22,7 +22,6 @@ Errors map as follows (everything else huggingface_hub raises stays a bug, i.e. 
 from __future__ import annotations
 
 import os
-import re
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -42,19 +41,13 @@ from huggingface_hub.hf_api import RepoSibling
 
 from rbee import __version__
 from rbee.errors import AccessDenied, Canceled, DownloadFailed, ModelNotFound, RbeeError
+from rbee.hub.files import COMMIT, TOKEN_SUGGESTION, RemoteFile, http_status_error
 from rbee.hub.refs import DEFAULT_REVISION, reference_problems
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 API_TIMEOUT_S = 30.0  # one metadata request, connect and read
 API_ATTEMPTS = 3  # metadata requests tried before a retryable failure is reported
 API_BACKOFF_S = 1.0  # wait before the second attempt; doubles after each
-TOKEN_SUGGESTION = (
-    "set HF_TOKEN to a Hugging Face token that may read the repo, and accept the model's "
-    "license on its Hub page if it is gated"
-)
-
-_COMMIT = re.compile(r"[0-9a-f]{40}")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def hub_endpoint() -> str:
@@ -65,48 +58,6 @@ def hub_endpoint() -> str:
 def hub_token() -> str | None:
     """The Hub token huggingface_hub would use now (``HF_TOKEN``, then its token file)."""
     return get_token()
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """One file of a repo, pinned to a commit: where to fetch it and how to check it.
-
-    ``sha256`` is the Hub's LFS hash; for a file kept in git it is None and ``blob_id`` (the git
-    blob sha1) is what the transfer verifies. Building one validates every field, so its names
-    are safe to use in URLs and local paths.
-    """
-
-    repo: str
-    filename: str
-    commit: str
-    size: int
-    sha256: str | None
-    url: str
-    blob_id: str | None = None
-
-    def __post_init__(self) -> None:
-        problems = reference_problems(self.repo, None, None, None)
-        problems += reference_problems("a/b", None, self.filename, None)
-        if not _COMMIT.fullmatch(self.commit):
-            problems.append(f"commit {self.commit!r} is not a 40-digit hex sha")
-        if self.size < 0:
-            problems.append(f"negative size {self.size}")
-        if self.sha256 is not None and not _SHA256.fullmatch(self.sha256):
-            problems.append(f"sha256 {self.sha256!r} is not 64 hex digits")
-        if self.blob_id is not None and not _COMMIT.fullmatch(self.blob_id):
-            problems.append(f"blob id {self.blob_id!r} is not 40 hex digits")
-        if self.sha256 is None and self.blob_id is None:
-            problems.append("the Hub gave neither a sha256 nor a blob id to verify it with")
-        if problems:
-            raise DownloadFailed(
-                f"the Hub described {self.repo}/{self.filename} unusably: {'; '.join(problems)}",
-                retryable=False,
-            )
-
-    @property
-    def key(self) -> tuple[str, str, str]:
-        """What makes two requests the same transfer: repo, commit and file."""
-        return (self.repo, self.commit, self.filename)
 
 
 @dataclass(frozen=True)
@@ -177,7 +128,7 @@ class HubClient:
         repo = repo_id if isinstance(repo_id, str) else asked
         if reference_problems(repo, None, None, None):
             repo = asked  # the Hub named the repo oddly; keep the name we validated
-        if not isinstance(sha, str) or not _COMMIT.fullmatch(sha):
+        if not isinstance(sha, str) or not COMMIT.fullmatch(sha):
             raise DownloadFailed(f"the Hub gave no commit for {asked} (sha: {sha!r})")
         files: dict[str, RemoteFile] = {}
         unusable: dict[str, str] = {}
@@ -236,13 +187,3 @@ def translate_hub_error(
     if isinstance(exc, ValueError):  # a malformed answer (bad JSON, missing fields)
         return DownloadFailed(f"the Hub's answer about {repo} is malformed: {exc}", retryable=False)
     raise exc
-
-
-def http_status_error(status: int, what: str, detail: str = "") -> RbeeError:
-    """The rbee error for an HTTP error status from the Hub or its file storage."""
-    text = f"the Hub answered HTTP {status} for {what}" + (f" ({detail})" if detail else "")
-    if status == 404:
-        return ModelNotFound(text)
-    if status in (401, 403):
-        return AccessDenied(text, suggestion=TOKEN_SUGGESTION)
-    return DownloadFailed(text, retryable=status == 429 or status >= 500)

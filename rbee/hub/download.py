@@ -18,12 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import httpx2
 
 from rbee import __version__, log
 from rbee.errors import Canceled, InternalError, RbeeError
-from rbee.hub.client import HubClient, RemoteFile, hub_token
+from rbee.hub.files import RemoteFile
 from rbee.hub.layout import (
     STALE_PART_AGE_S,
     check_disk,
@@ -34,6 +35,9 @@ from rbee.hub.layout import (
 )
 from rbee.hub.refs import choose_gguf, parse_reference
 from rbee.hub.transfer import FileTransfer, ProgressFn
+
+if TYPE_CHECKING:
+    from rbee.hub.client import HubClient
 
 WAIT_POLL_S = 0.1  # how often a caller waiting on a transfer checks its cancel event
 CLOSE_TIMEOUT_S = 10.0  # close(): the wait for each transfer thread
@@ -118,6 +122,8 @@ class DownloadManager:
 
         ``hub`` defaults to a client for the environment's HF_ENDPOINT and HF_TOKEN (read now).
         """
+        from rbee.hub.client import HubClient  # huggingface_hub: only when a pull starts
+
         ref = parse_reference(reference)
         hub = hub or HubClient()
         snapshot = hub.snapshot(ref.repo, ref.revision_or_default, cancel)
@@ -176,7 +182,10 @@ class DownloadManager:
             shared = self._transfers.get(remote.key)
             if shared is None:
                 dest = local_path(self.models_dir, remote)
-                token = token if token is not None else hub_token()
+                if token is None:
+                    from rbee.hub.client import hub_token
+
+                    token = hub_token()
                 shared = _Shared(remote, dest, self._http, token, self._finished)
                 self._transfers[remote.key] = shared
                 self._running.add(shared)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.errors import InsufficientDisk, InvalidRequest, RbeeError
-from rbee.hub.client import RemoteFile
+from rbee.hub.files import RemoteFile
 
 HUB_DIR = "hf"  # under models_dir: everything rbee.hub writes
 PART_SUFFIX = ".part"

@@ -40,7 +40,7 @@ import httpx2
 
 from rbee import log
 from rbee.errors import Canceled, ChecksumMismatch, DownloadFailed, InsufficientDisk, RbeeError
-from rbee.hub.client import RemoteFile, http_status_error
+from rbee.hub.files import RemoteFile, http_status_error
 from rbee.hub.layout import (
     check_disk,
     identity,

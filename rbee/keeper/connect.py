@@ -8,41 +8,62 @@ hive, or to an ephemeral hive started for the one request.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import threading
+import time
+
 import zmq
 
 from rbee.errors import AccessDenied, HiveKeyChanged, RbeeError
 from rbee.keeper.choose import IDLE, choose
 from rbee.keeper.link import (
     HELLO_TIMEOUTS_S,
+    EphemeralHive,
     HiveLink,
     check_version,
     hello,
-    open_ephemeral,
     open_link,
 )
 from rbee.keeper.survey import HiveView, local_view, survey
+from rbee.paths import data_dir
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX
 
 INFER_BROWSE_S = 0.8  # the longest a request waits for LAN answers when none come
+LAN_MEMORY = "lan.json"  # what the last survey found, in the data directory
 
 
-def connect(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None, model: str) -> HiveLink:
+def connect(
+    ctx: zmq.Context[zmq.Socket[bytes]], node: str | None, model: str, preload: bool = True
+) -> HiveLink:
     """Open a link to the hive that should run ``model``; its notes say which and why.
 
     The connections that asked hives Hello and Status stay open, and the chosen one carries
-    the request: no second handshake, and the status tells whether a worker is idle.
+    the request: no second handshake, and the status tells whether a worker is idle. With no
+    hive on this machine, and none on the LAN the last time this machine looked, an ephemeral
+    hive starts at once (loading ``model``'s worker if ``preload``) while the LAN is surveyed;
+    it is stopped again if a hive there is the better choice.
     """
     if node:
         return open_named(ctx, node)
     here = local_view(ctx)
+    local_only = model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX))  # only this machine runs these
+    spare = None
+    if here is None and (local_only or not lan_had_hives()):
+        spare = EphemeralHive(preload=model if preload else "")
     views: list[HiveView] = []
     try:
-        if model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)):  # only this machine can run these
-            return _here(ctx, here, "the model is a local file") if here else open_ephemeral(ctx)
+        if local_only:
+            if here is not None:
+                return _here(ctx, here, "the model is a local file")
+            assert spare is not None  # started above: nothing else can run this model
+            ephemeral, spare = spare, None
+            return ephemeral.link(ctx)
         warm = choose([here.candidate()], model) if here is not None else None
         if here is not None and warm is not None and warm.reason.startswith(IDLE):
             return _here(ctx, here, warm.reason)  # nothing beats a warm worker on this machine
         views = survey(ctx, browse_s=INFER_BROWSE_S, keep=True)
+        remember_lan(views)
         notes = [_clone_warning(v) for v in views if v.cloned_id]
         notes += [
             f"skipping {v.name}: {v.error}"
@@ -55,13 +76,40 @@ def connect(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None, model: str) -
             link = _open(ctx, view)
             link.notes = [*notes, f"chose {view.name} ({view.endpoint}): {choice.reason}"]
             return link
-        link = _here(ctx, here, "no hive in reach holds the model") if here else open_ephemeral(ctx)
+        if here is not None:
+            link = _here(ctx, here, "no hive in reach holds the model")
+        else:
+            ephemeral, spare = spare or EphemeralHive(preload=model if preload else ""), None
+            link = ephemeral.link(ctx)
         link.notes = notes + link.notes
         return link
     finally:
         for unused in [here, *views]:
             if unused is not None:
                 unused.close()  # the chosen view's connection now belongs to the link
+        if spare is not None:  # started for nothing: let it go without waiting for it
+            threading.Thread(target=spare.stop, name="spare-hive", daemon=True).start()
+
+
+def lan_had_hives() -> bool:
+    """Whether this machine's last survey found a hive elsewhere (a keeper that never looked
+    assumes not: most first runs are on one machine)."""
+    try:
+        seen = json.loads((data_dir() / LAN_MEMORY).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(seen, dict) and bool(seen.get("hives"))
+
+
+def remember_lan(views: list[HiveView]) -> None:
+    """Note how many hives elsewhere answered (best effort: a read-only data dir is fine)."""
+    others = sum(1 for v in views if v.source != "local" and v.hello is not None)
+    path = data_dir() / LAN_MEMORY
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"hives": others, "at": round(time.time())}))
+        tmp.replace(path)
 
 
 def _here(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, why: str) -> HiveLink:

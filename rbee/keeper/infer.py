@@ -122,7 +122,8 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     link: HiveLink | None = None
     try:
-        link = connect(ctx, request.node, request.model)
+        cpu = request.backend == "cpu" and not request.device
+        link = connect(ctx, request.node, request.model, preload=cpu)
         for note in link.notes:
             report.phase("hive", note)
         hello = link.hello

@@ -163,53 +163,58 @@ def open_link(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
     return HiveLink(ctx, client, host, reply)
 
 
-def open_ephemeral(ctx: zmq.Context[zmq.Socket[bytes]]) -> HiveLink:
+class EphemeralHive:
+    """`rbee hive --ephemeral` on free loopback ports for one request: launched at once, its
+    readiness waited for only when the request needs it (so its start-up, and the loading of a
+    ``preload`` model, overlap the keeper's LAN survey); ``stop`` if it is not needed after all."""
+
+    def __init__(self, preload: str = "") -> None:
+        self.log_path = data_dir() / "ephemeral-hive.log"
+        argv = [*self_command(), "hive", "--ephemeral", "--host", "127.0.0.1"]
+        argv += ["--port", "0", "--stream-port", "0"]
+        if preload:
+            argv += ["--preload", preload]
+        with self.log_path.open("wb") as log_file:
+            self.proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log_file,
+                env=child_env(),
+            )
+
+    def link(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> HiveLink:
+        """Wait for the hive's readiness line and connect; HiveUnreachable with its log's tail
+        when it did not start (it is stopped then)."""
+        try:
+            assert self.proc.stdout is not None
+            parts = _read_line(self.proc.stdout, EPHEMERAL_READY_TIMEOUT_S).split()
+            if len(parts) != 3 or parts[0] != READY_PREFIX:
+                tail = self.log_path.read_text(errors="replace")[-2000:]
+                raise HiveUnreachable(
+                    f"the ephemeral hive did not start (exit code {self.proc.poll()}):\n{tail}",
+                    suggestion=f"the full log is {self.log_path}",
+                    retryable=False,
+                )
+            host, port = parse_node(parts[1].removeprefix("tcp://"))
+            client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
+        except BaseException:
+            self.stop()
+            raise
+        note = (
+            f"no hive running here; started an ephemeral one (pid {self.proc.pid}, "
+            f"log {self.log_path})"
+        )
+        return HiveLink(ctx, client, host, reply, self.proc, self.log_path, notes=[note])
+
+    def stop(self) -> None:
+        """Stop it and wait (also when it never became ready)."""
+        stop_ephemeral(self.proc)
+
+
+def open_ephemeral(ctx: zmq.Context[zmq.Socket[bytes]], preload: str = "") -> HiveLink:
     """Start an ephemeral hive for one request and connect to it."""
-    proc, log_path, router, _stream = start_ephemeral()
-    try:
-        host, port = parse_node(router.removeprefix("tcp://"))
-        client, reply = hello(ctx, host, port, HELLO_TIMEOUTS_S)
-    except BaseException:
-        stop_ephemeral(proc)
-        raise
-    note = f"no hive running here; started an ephemeral one (pid {proc.pid}, log {log_path})"
-    return HiveLink(ctx, client, host, reply, proc, log_path, notes=[note])
-
-
-def start_ephemeral() -> tuple[subprocess.Popen[bytes], Path, str, str]:
-    """Start `rbee hive --ephemeral` on free loopback ports and wait for its readiness line."""
-    log_path = data_dir() / "ephemeral-hive.log"
-    argv = [
-        *self_command(),
-        "hive",
-        "--ephemeral",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--stream-port",
-        "0",
-    ]
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            env=child_env(),
-        )
-    assert proc.stdout is not None
-    line = _read_line(proc.stdout, EPHEMERAL_READY_TIMEOUT_S)
-    parts = line.split()
-    if len(parts) != 3 or parts[0] != READY_PREFIX:
-        stop_ephemeral(proc)
-        tail = log_path.read_text(errors="replace")[-2000:]
-        raise HiveUnreachable(
-            f"the ephemeral hive did not start (exit code {proc.poll()}):\n{tail}",
-            suggestion=f"the full log is {log_path}",
-            retryable=False,
-        )
-    return proc, log_path, parts[1], parts[2]
+    return EphemeralHive(preload).link(ctx)
 
 
 def _read_line(pipe: IO[bytes], timeout_s: float) -> str:

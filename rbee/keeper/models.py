@@ -90,7 +90,7 @@ def pull_model(reference: str, node: str | None, err: TextIO = sys.stderr) -> No
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     report = Reporter(err)
     try:
-        link = connect(ctx, node, reference)
+        link = connect(ctx, node, reference, preload=False)
         try:
             for note in link.notes:
                 report.phase("hive", note)

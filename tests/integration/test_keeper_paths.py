@@ -79,7 +79,7 @@ def test_a_worker_gone_since_the_status_is_replaced(
                 break
             assert time.monotonic() < deadline, listed
             time.sleep(0.05)
-        monkeypatch.setattr(infer, "connect", lambda *_: link)  # the stale status, on purpose
+        monkeypatch.setattr(infer, "connect", lambda *_, **__: link)  # the stale status, on purpose
         result, said = run()
     finally:
         ctx.destroy(linger=0)

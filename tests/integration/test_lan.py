@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rbee.errors import ExitCode
@@ -99,6 +100,23 @@ def pair(
     return result
 
 
+def spares_running(data_dir: str, grace_s: float = 5.0) -> list[int]:
+    """Ephemeral hives of the keeper using ``data_dir`` still running after ``grace_s``."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        alive = []
+        for proc in psutil.process_iter(["cmdline"]):
+            try:
+                ephemeral = "--ephemeral" in (proc.info["cmdline"] or [])
+                if ephemeral and proc.environ().get("RBEE_DATA_DIR") == data_dir:
+                    alive.append(proc.pid)
+            except psutil.Error:
+                continue
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.1)
+
+
 @pytest.fixture
 def lan() -> Iterator[Lan]:
     with Lan.create(3) as lan:
@@ -138,6 +156,14 @@ def test_hives_are_found_and_serve_across_the_lan(
         assert ran.returncode == 0, ran.stderr
         assert f"[hive] chose beta ({h2.address}:7830): its catalog has only-on-beta" in ran.stderr
         assert "[done] 32 tokens" in ran.stderr and len(ran.stdout.split()) >= 15
+        # A keeper that never looked assumes a one-machine setup: it started an ephemeral hive
+        # at once (here, in vain) and now knows better for the next request.
+        spare_log = Path(keeper["RBEE_DATA_DIR"]) / "ephemeral-hive.log"
+        assert "not preloaded" in spare_log.read_text(), "the model is only on beta"
+        assert spares_running(keeper["RBEE_DATA_DIR"]) == []
+        memory = json.loads((Path(keeper["RBEE_DATA_DIR"]) / "lan.json").read_text())
+        assert memory["hives"] == 2
+        spare_log.unlink()
         again = rbee_on(
             h3, keeper, "infer", "-m", "only-on-beta", "-t", "0", "-n", "32", "Why is the sky blue?"
         )
@@ -147,6 +173,7 @@ def test_hives_are_found_and_serve_across_the_lan(
         # The default model is on both; an idle worker on neither: more free RAM wins (either).
         anywhere = rbee_on(h3, keeper, "infer", "-t", "0", "-n", "8", "Hello")
         assert anywhere.returncode == 0 and "[hive] chose " in anywhere.stderr, anywhere.stderr
+        assert not spare_log.exists(), "the LAN had hives last time: no ephemeral hive"
         ps = rbee_on(h3, keeper, "ps")
         assert "beta" in ps.stdout and "only-on-beta" in ps.stdout
 

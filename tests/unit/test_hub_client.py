@@ -14,7 +14,8 @@ from huggingface_hub.errors import (
 )
 
 from rbee.errors import AccessDenied, DownloadFailed, ModelNotFound
-from rbee.hub.client import RemoteFile, hub_endpoint, translate_hub_error
+from rbee.hub.client import hub_endpoint, translate_hub_error
+from rbee.hub.files import RemoteFile
 
 
 def remote(**kw: object) -> RemoteFile:

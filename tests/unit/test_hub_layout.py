@@ -11,7 +11,7 @@ import pytest
 
 from rbee.errors import InsufficientDisk, InvalidRequest
 from rbee.hub import layout
-from rbee.hub.client import RemoteFile
+from rbee.hub.files import RemoteFile
 from rbee.hub.layout import (
     check_disk,
     clean_stale_parts,
