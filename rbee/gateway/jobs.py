@@ -31,9 +31,17 @@ from rbee.errors import (
     InternalError,
     RbeeError,
     Timeout,
+    WorkerNotFound,
 )
 from rbee.keeper.connect import connect
-from rbee.keeper.infer import InferRequest, Reporter, cancel, ensure_worker, start_job
+from rbee.keeper.infer import (
+    InferRequest,
+    Reporter,
+    cancel,
+    ensure_worker,
+    start_job,
+    worker_for,
+)
 from rbee.keeper.link import HiveLink
 from rbee.keeper.stream import JobStream, describe
 from rbee.protocol.messages import Done, StreamError, Token, WorkerAssigned
@@ -187,13 +195,20 @@ class Job:
     def _run(self) -> None:
         link: HiveLink | None = None
         try:
-            link = connect(self.ctx, self.request.node, self.request.model)
+            request = self.request
+            link = connect(self.ctx, request.node, request.model, request.backend, request.device)
             self.where["node"] = link.hello.node
             for note in link.notes:
                 logger.info("route", job=self.job_id, note=note)
             self.check()
-            assigned = ensure_worker(link, self.request.model, _Reporter(self))
-            self._stream(link, assigned)
+            try:
+                self._stream(link, worker_for(link, request, _Reporter(self)))
+            except WorkerNotFound:  # the idle worker the status showed is gone: ask the hive
+                reporter = _Reporter(self)
+                self._stream(
+                    link,
+                    ensure_worker(link, request.model, reporter, request.backend, request.device),
+                )
         except HiveUnreachable as exc:
             lost = f"hive {link.hello.node} stopped answering: {exc.message}" if link else ""
             self.emit(Failed(HiveLost(lost) if link else exc))

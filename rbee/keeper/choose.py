@@ -1,16 +1,17 @@
 """Choosing a hive for a request: a pure function over what the hives said about themselves.
 
-Order of preference: an idle worker already holding the model; a hive whose catalog has the
-model and has room for a worker; a hive that can pull the model (an ``hf:`` reference) with the
-most free memory; a hive holding the model whose workers are busy (the job queues there). A hive
-that speaks another protocol version, or is draining, is listed but never chosen.
+Order of preference: an idle worker already holding the model (on the backend asked for); a
+hive whose catalog has the model and has room for a worker; a hive that can pull the model (an
+``hf:`` reference) with the most free memory; a hive holding the model whose workers are busy
+(the job queues there). A hive that speaks another protocol version, is draining, or lacks a
+usable GPU of the backend asked for is never chosen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rbee.protocol.messages import PROTOCOL_VERSION, HiveStatus
+from rbee.protocol.messages import PROTOCOL_VERSION, DeviceInfo, HiveStatus, WorkerInfo
 
 MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
 PULLABLE_PREFIXES = ("hf:",)
@@ -49,41 +50,74 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def choose(candidates: list[Candidate], model: str) -> Choice | None:
-    """Pick the hive for ``model``; None when no usable hive can serve it."""
-    usable = [c for c in candidates if c.usable]
+def gpus(status: HiveStatus, backend: str, device: str = "") -> list[DeviceInfo]:
+    """The usable GPUs of ``backend`` a hive offers (only the one named by ``device``, an index
+    or a UUID, if given)."""
+    return [
+        d
+        for d in status.devices
+        if d.backend == backend and d.usable and device in ("", str(d.index), d.uuid)
+    ]
+
+
+def choose(
+    candidates: list[Candidate], model: str, backend: str = "cpu", device: str = ""
+) -> Choice | None:
+    """Pick the hive for ``model`` on ``backend`` (and ``device``); None when no usable hive
+    can serve it. For a GPU backend only hives with such a GPU count, and free memory means
+    the free memory of their best one."""
+    cpu = backend == "cpu"
+    usable = [
+        c
+        for c in candidates
+        if c.usable and (cpu or (c.status and gpus(c.status, backend, device)))
+    ]
+    memory = "" if cpu else f" {backend.upper()}"
 
     def free(c: Candidate) -> int:
         assert c.status is not None
-        return c.status.ram_free_bytes
+        if cpu:
+            return c.status.ram_free_bytes
+        return max(d.free_bytes for d in gpus(c.status, backend, device))
+
+    def runs_it(c: Candidate, w: WorkerInfo) -> bool:
+        assert c.status is not None
+        if w.backend != backend:
+            return False
+        return cpu or w.device in {str(d.index) for d in gpus(c.status, backend, device)}
 
     idle = [
         c
         for c in usable
-        if c.status and any(w.model == model and w.state == "idle" for w in c.status.workers)
+        if c.status
+        and any(w.model == model and w.state == "idle" and runs_it(c, w) for w in c.status.workers)
     ]
     if idle:
         best = max(idle, key=free)
         return Choice(best, f"{IDLE} {model}")
     home = [c for c in usable if c.status and any(m.name == model for m in c.status.models)]
-    roomy = [c for c in home if _has_room(c, model)]
+    roomy = [c for c in home if _has_room(c, model, free(c))]
     if roomy:
         best = max(roomy, key=free)
-        return Choice(best, f"its catalog has {model} and it has room ({_gib(free(best))} free)")
+        return Choice(
+            best, f"its catalog has {model} and it has room ({_gib(free(best))}{memory} free)"
+        )
     if model.startswith(PULLABLE_PREFIXES) and usable:
         best = max(usable, key=free)
-        return Choice(best, f"it has the most free memory ({_gib(free(best))}) to pull {model}")
+        return Choice(
+            best, f"it has the most free{memory} memory ({_gib(free(best))}) to pull {model}"
+        )
     if home:
         best = min(home, key=lambda c: c.status.queue_length if c.status else 0)
         return Choice(best, f"it holds {model}; its workers are busy, so the job will queue")
     return None
 
 
-def _has_room(c: Candidate, model: str) -> bool:
+def _has_room(c: Candidate, model: str, free_bytes: int) -> bool:
     status = c.status
     assert status is not None
     size = next((m.size_bytes for m in status.models if m.name == model), 0)
-    if status.ram_free_bytes < size + MEMORY_MARGIN_BYTES:
+    if free_bytes < size + MEMORY_MARGIN_BYTES:
         return False
     live = [w for w in status.workers if w.state != "stopping"]
     return len(live) < status.max_workers or any(w.state == "idle" for w in live)

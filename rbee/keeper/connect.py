@@ -34,16 +34,22 @@ LAN_MEMORY = "lan.json"  # what the last survey found, in the data directory
 
 
 def connect(
-    ctx: zmq.Context[zmq.Socket[bytes]], node: str | None, model: str, preload: bool = True
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    node: str | None,
+    model: str,
+    backend: str = "cpu",
+    device: str = "",
+    preload: bool = True,
 ) -> HiveLink:
     """Open a link to the hive that should run ``model``; its notes say which and why.
 
     The connections that asked hives Hello and Status stay open, and the chosen one carries
     the request: no second handshake, and the status tells whether a worker is idle. With no
     hive on this machine, and none on the LAN the last time this machine looked, an ephemeral
-    hive starts at once (loading ``model``'s worker if ``preload``) while the LAN is surveyed;
-    it is stopped again if a hive there is the better choice.
+    hive starts at once (loading ``model``'s worker if ``preload`` and the backend is the CPU)
+    while the LAN is surveyed; it is stopped again if a hive there is the better choice.
     """
+    preload = preload and backend == "cpu" and not device
     if node:
         return open_named(ctx, node)
     here = local_view(ctx)
@@ -59,7 +65,7 @@ def connect(
             assert spare is not None  # started above: nothing else can run this model
             ephemeral, spare = spare, None
             return ephemeral.link(ctx)
-        warm = choose([here.candidate()], model) if here is not None else None
+        warm = choose([here.candidate()], model, backend, device) if here else None
         if here is not None and warm is not None and warm.reason.startswith(IDLE):
             return _here(ctx, here, warm.reason)  # nothing beats a warm worker on this machine
         views = survey(ctx, browse_s=INFER_BROWSE_S, keep=True)
@@ -70,7 +76,7 @@ def connect(
             for v in views
             if v.hello is None and v.source != "local"
         ]
-        choice = choose([v.candidate() for v in views], model)
+        choice = choose([v.candidate() for v in views], model, backend, device)
         if choice is not None:
             view = next(v for v in views if v.endpoint == choice.candidate.endpoint)
             link = _open(ctx, view)

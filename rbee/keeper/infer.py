@@ -122,8 +122,7 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     link: HiveLink | None = None
     try:
-        cpu = request.backend == "cpu" and not request.device
-        link = connect(ctx, request.node, request.model, preload=cpu)
+        link = connect(ctx, request.node, request.model, request.backend, request.device)
         for note in link.notes:
             report.phase("hive", note)
         hello = link.hello

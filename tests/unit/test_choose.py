@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from rbee.keeper.choose import IDLE, Candidate, choose
-from rbee.protocol.messages import HiveStatus, ModelInfo, WorkerInfo
+from rbee.protocol.messages import DeviceInfo, HiveStatus, ModelInfo, WorkerInfo
 
 GIB = 2**30
 M = "smollm2-135m-instruct"
@@ -23,12 +23,14 @@ def model(name: str = M, size: int = 100 * 2**20) -> ModelInfo:
     )
 
 
-def worker(name: str = M, state: str = "idle") -> WorkerInfo:
+def worker(
+    name: str = M, state: str = "idle", backend: str = "cpu", device: str = "cpu"
+) -> WorkerInfo:
     return WorkerInfo(
         worker_id="w-1",
         model=name,
-        backend="cpu",
-        device="cpu",
+        backend=backend,
+        device=device,
         pid=1,
         state=state,
         last_activity=1.0,
@@ -44,6 +46,7 @@ def hive(
     draining: bool = False,
     max_workers: int = 4,
     queue: int = 0,
+    devices: list[DeviceInfo] = (),
 ) -> Candidate:
     status = HiveStatus(
         node=name,
@@ -57,6 +60,7 @@ def hive(
         disk_free_bytes=GIB,
         queue_length=queue,
         max_workers=max_workers,
+        devices=list(devices),
     )
     return Candidate(name, f"{name}:7830", proto, status, draining)
 
@@ -106,3 +110,43 @@ def test_unusable_hives_are_never_chosen(bad: str) -> None:
     choice = choose([other, good], M)
     assert choice is not None and choice.candidate.name == "good"
     assert choose([other], M) is None
+
+
+def gpu(index: int, free_gib: float, usable: bool = True) -> DeviceInfo:
+    return DeviceInfo(
+        backend="cuda",
+        index=index,
+        uuid=f"GPU-{index}",
+        free_bytes=int(free_gib * GIB),
+        usable=usable,
+    )
+
+
+def test_a_gpu_request_goes_only_to_hives_with_such_a_gpu() -> None:
+    cpu_only = hive("cpu-only", 60, [model()], [worker()])  # idle, but on the CPU
+    broken = hive("broken", 60, [model()], devices=[gpu(0, 70, usable=False)])
+    small = hive("small", 1, [model()], devices=[gpu(0, 6)])
+    big = hive("big", 1, [model()], devices=[gpu(0, 2), gpu(1, 70)])
+    choice = choose([cpu_only, broken, small, big], M, "cuda")
+    assert choice is not None and choice.candidate.name == "big"
+    assert "70.0 GiB CUDA free" in choice.reason
+    assert choose([cpu_only, broken], M, "cuda") is None
+    named = choose([small, big], M, "cuda", "GPU-0")  # by UUID: big's GPU 0 has 2 GiB free
+    assert named is not None and named.candidate.name == "small"
+    on_cpu = choose([cpu_only, big], M)  # the CPU still prefers the idle CPU worker
+    assert on_cpu is not None and on_cpu.candidate.name == "cpu-only"
+
+
+def test_an_idle_gpu_worker_counts_only_on_its_device() -> None:
+    on_gpu1 = hive(
+        "on-gpu1",
+        1,
+        [model()],
+        [worker(backend="cuda", device="1")],
+        devices=[gpu(0, 1), gpu(1, 1)],
+    )
+    roomy = hive("roomy", 1, [model()], devices=[gpu(0, 40)])
+    choice = choose([roomy, on_gpu1], M, "cuda")
+    assert choice is not None and choice.candidate.name == "on-gpu1" and IDLE in choice.reason
+    choice = choose([roomy, on_gpu1], M, "cuda", "0")
+    assert choice is not None and choice.candidate.name == "roomy" and IDLE not in choice.reason
