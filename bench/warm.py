@@ -138,7 +138,8 @@ def run(reps: int) -> list[Row]:
             op="≤",
             target=5,
             note="keeper's clock: request start (after imports) → first token; includes "
-            "finding the hive, Hello, EnsureWorker, subscribe, StartJob",
+            "finding the hive (Hello + Status), subscribe, StartJob (EnsureWorker only when no "
+            "idle worker is known)",
         ),
         Row(
             "2",
