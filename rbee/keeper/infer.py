@@ -10,7 +10,7 @@ import contextlib
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TextIO
 
 import zmq
@@ -64,7 +64,7 @@ class InferRequest:
 class InferResult:
     """What happened, for the summary and for tests."""
 
-    text: str = ""
+    pieces: list[str] = field(default_factory=list)  # the text as it arrived (joined on demand)
     tokens: int = 0
     worker_id: str = ""
     reused: bool = False
@@ -72,6 +72,11 @@ class InferResult:
     stream_s: float = 0.0  # from the first token's arrival to the last one's
     total_s: float = 0.0
     done: Done | None = None
+
+    @property
+    def text(self) -> str:
+        """Everything printed so far (``+=`` on a str would copy it all for every token)."""
+        return "".join(self.pieces)
 
 
 class Reporter:
@@ -259,7 +264,7 @@ def stream_job(
                         result.first_token_s = now - started
                     result.stream_s = now - started - result.first_token_s
                     result.tokens += 1
-                    emit(out, frame.text, result)
+                    emit(out, frame.text, result, flush=not sub.has_pending())
                 elif isinstance(frame, Done):
                     emit(out, frame.tail, result)
                     result.done = frame
@@ -271,9 +276,9 @@ def stream_job(
             cancel(link, job_id)
             raise Canceled(f"canceled after {result.tokens} tokens") from None
     finally:
-        if result.text and not result.text.endswith("\n"):
+        if result.pieces and not result.pieces[-1].endswith("\n"):
             out.write("\n")
-            out.flush()
+        out.flush()
 
 
 def stream_failed(frame: StreamError, result: InferResult, asked: int, job_id: str) -> RbeeError:
@@ -291,12 +296,14 @@ def stream_failed(frame: StreamError, result: InferResult, asked: int, job_id: s
     return error
 
 
-def emit(out: TextIO, text: str, result: InferResult) -> None:
-    """Print text as it arrives."""
+def emit(out: TextIO, text: str, result: InferResult, flush: bool = True) -> None:
+    """Print text as it arrives; ``flush=False`` when more is already waiting (the flush then
+    comes with the last of it: one write for a burst instead of one per token)."""
     if text:
         out.write(text)
-        out.flush()
-        result.text += text
+        if flush:
+            out.flush()
+        result.pieces.append(text)
 
 
 def cancel(link: HiveLink, job_id: str) -> None:

@@ -7,21 +7,21 @@ InvalidRequest; callers reply with an Error frame or drop and count, never crash
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+from typing import Any, NamedTuple
 
 import msgpack
 
 from rbee.errors import InvalidRequest, ProtocolError, VersionMismatch
-from rbee.protocol.messages import FRAME_TYPES, PROTOCOL_VERSION, Frame
+from rbee.protocol.messages import FRAME_TYPES, PROTOCOL_VERSION, Frame, Token
 from rbee.protocol.schema import record_from_wire
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class Envelope:
-    """A decoded frame and the request id it answers or carries (0: none)."""
+class Envelope(NamedTuple):
+    """A decoded frame and the request id it answers or carries (0: none). A tuple: one is
+    made for every frame of every stream, and a frozen dataclass costs ~1 µs more to build."""
 
     frame: Frame
     rid: int
@@ -57,6 +57,10 @@ def decode(data: bytes) -> Envelope:
     rid = raw.get("r", 0)
     if not isinstance(rid, int) or isinstance(rid, bool) or not 0 <= rid < 2**63:
         raise ProtocolError("request id must be a non-negative integer")
+    if cls is Token:
+        token = _plain_token(raw.get("b"))
+        if token is not None:
+            return Envelope(frame=token, rid=rid)
     try:
         frame = record_from_wire(cls, raw.get("b", {}))
     except InvalidRequest:
@@ -64,6 +68,36 @@ def decode(data: bytes) -> Envelope:
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed {type_name} frame: {exc}") from None
     return Envelope(frame=frame, rid=rid)
+
+
+_TOKEN_LIMITS = {f.name: f.metadata["limits"] for f in dataclasses.fields(Token)}
+
+
+def _plain_token(body: Any) -> Token | None:
+    """A Token checked field by field against its declared limits, without the generic record
+    machinery: every frame of every stream passes here (~2 µs instead of ~14). None for
+    anything unusual, which then takes the generic path and its precise error."""
+    if type(body) is not dict:
+        return None
+    job_id, seq, text = body.get("job_id"), body.get("seq"), body.get("text")
+    token_id = body.get("token_id", -1)
+    limits = _TOKEN_LIMITS
+    if not (
+        type(job_id) is str
+        and len(job_id) <= limits["job_id"].max_len
+        and limits["job_id"].pattern.fullmatch(job_id)
+        and type(seq) is int
+        and seq >= limits["seq"].min
+        and type(text) is str
+        and len(text) <= limits["text"].max_len
+        and type(token_id) is int
+        and token_id >= limits["token_id"].min
+    ):
+        return None
+    token = object.__new__(Token)  # every field checked above, as Token's own checks would
+    for name, value in (("job_id", job_id), ("seq", seq), ("text", text), ("token_id", token_id)):
+        object.__setattr__(token, name, value)
+    return token
 
 
 def decode_as(data: bytes, cls: type[Frame]) -> Frame:

@@ -229,7 +229,25 @@ def record_from_wire(cls: type[R], data: Any, path: str = "") -> R:
         kwargs[f.name] = value
     if problems.items:
         raise InvalidRequest(f"invalid {cls.__name__}: " + "; ".join(problems.items))
-    return cls(**kwargs)
+    return _checked(cls, kwargs)
+
+
+def _checked(cls: type[R], values: dict[str, Any]) -> R:
+    """``cls(**values)`` without the constructor's validation, which would repeat the checks
+    record_from_wire just made field by field (half of decoding a frame); missing fields take
+    their defaults."""
+    record = object.__new__(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            value = values[f.name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:  # pragma: no cover - record_from_wire reported the missing field already
+            raise AssertionError(f"{cls.__name__}.{f.name} is required")
+        object.__setattr__(record, f.name, value)
+    return record
 
 
 def _from_wire(value: Any, tp: Any, path: str, problems: Problems) -> Any:

@@ -292,10 +292,18 @@ class StreamSubscriber:
 
     def recv(self, timeout_s: float) -> bytes | None:
         """The next frame's payload, or None when nothing arrived within ``timeout_s``."""
+        try:
+            return self.sock.recv_multipart(zmq.NOBLOCK)[-1]  # a busy stream never polls
+        except zmq.Again:
+            pass
         if not self.sock.poll(int(timeout_s * 1000)):
             return None
-        parts = self.sock.recv_multipart()
-        return parts[-1]
+        return self.sock.recv_multipart()[-1]
+
+    def has_pending(self) -> bool:
+        """Whether a frame is waiting to be read now (no system call)."""
+        events = self.sock.getsockopt(zmq.EVENTS)
+        return isinstance(events, int) and bool(events & zmq.POLLIN)
 
     def close(self) -> None:
         """Close the socket."""

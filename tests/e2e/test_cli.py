@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -132,6 +133,23 @@ def test_error_codes_and_exit_codes(
     assert "WORKER_START_FAILED" in broken.stderr
     assert "not within the file bounds" in broken.stderr, "llama.cpp's reason is shown"
     assert_gone([int(p) for p in PIDS.findall(broken.stderr)])
+
+
+def test_tokens_reach_stdout_as_they_are_made(rbee_env: dict[str, str]) -> None:
+    """A paced stream (20 tokens/s) into a pipe arrives piece by piece, not at the end: the
+    keeper batches its writes only while more tokens are already waiting."""
+    argv = rbee_cmd("infer", "-m", "synthetic:20", "-n", "12", "x")
+    proc = subprocess.Popen(argv, env=rbee_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None
+    arrivals: list[tuple[float, bytes]] = []
+    while chunk := os.read(proc.stdout.fileno(), 4096):
+        arrivals.append((time.monotonic(), chunk))
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    text = b"".join(c for _, c in arrivals).decode()
+    assert text.split() == [f"w{i}" for i in range(12)]
+    assert len(arrivals) >= 8, arrivals  # ~one read per token
+    assert arrivals[-1][0] - arrivals[0][0] > 0.4, "12 tokens at 20/s take 0.55 s to come"
 
 
 def test_version() -> None:

@@ -663,3 +663,44 @@ def test_fuzz_structured_field_values() -> None:
             # what decodes also re-encodes and decodes to the same frame
             assert decode(encode(result.frame, result.rid)) == result
     assert valid > 0
+
+
+def test_the_token_fast_path_accepts_and_refuses_exactly_what_the_generic_path_does() -> None:
+    """decode() checks Token frames by hand (the stream's hot path); it must agree with the
+    generic record checks on every body, valid or not."""
+    rng = random.Random(7)
+    good: dict[str, list[Any]] = {
+        "job_id": ["j-1", "J.x:y_z-0", "j" * 64],
+        "seq": [0, 1, 2**40],
+        "text": ["", " w1", "é€😀", "x" * 4096],
+        "token_id": [-1, 0, 151_000],
+    }
+    bad: dict[str, list[Any]] = {
+        "job_id": ["", "-j", "j/../x", "j" * 65, 5, None, b"j-1"],
+        "seq": [-1, True, 1.0, "1", None],
+        "text": ["x" * 4097, 3, None, b"x"],
+        "token_id": [-2, False, 2.5, "0"],
+    }
+    agreed = accepted = 0
+    for _ in range(4000):
+        body = {
+            k: rng.choice(good[k] if rng.random() < 0.9 else bad[k])
+            for k in good
+            if rng.random() < 0.97
+        }
+        if rng.random() < 0.1:
+            body["extra"] = "ignored"
+        data = msgpack.packb({"v": PROTOCOL_VERSION, "t": "token", "r": 0, "b": body})
+        try:
+            expected: Any = schema.record_from_wire(Token, body)
+        except InvalidRequest:
+            expected = None
+        try:
+            got: Any = decode(data).frame
+        except InvalidRequest:
+            got = None
+        assert got == expected, body
+        assert got is None or type(got) is Token
+        agreed += 1
+        accepted += got is not None
+    assert agreed == 4000 and 1000 < accepted < 3900, accepted
