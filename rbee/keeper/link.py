@@ -212,11 +212,6 @@ class EphemeralHive:
         stop_ephemeral(self.proc)
 
 
-def open_ephemeral(ctx: zmq.Context[zmq.Socket[bytes]], preload: str = "") -> HiveLink:
-    """Start an ephemeral hive for one request and connect to it."""
-    return EphemeralHive(preload).link(ctx)
-
-
 def _read_line(pipe: IO[bytes], timeout_s: float) -> str:
     """One line from a pipe, or "" on EOF or after ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
