@@ -49,14 +49,14 @@ def connect(
     hive starts at once (loading ``model``'s worker if ``preload`` and the backend is the CPU)
     while the LAN is surveyed; it is stopped again if a hive there is the better choice.
     """
-    preload = preload and backend == "cpu" and not device
+    preloaded = model if preload and backend == "cpu" and not device else ""
     if node:
         return open_named(ctx, node)
     here = local_view(ctx)
     local_only = model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX))  # only this machine runs these
     spare = None
     if here is None and (local_only or not lan_had_hives()):
-        spare = EphemeralHive(preload=model if preload else "")
+        spare = EphemeralHive(preload=preloaded)
     views: list[HiveView] = []
     try:
         if local_only:
@@ -68,7 +68,7 @@ def connect(
         warm = choose([here.candidate()], model, backend, device) if here else None
         if here is not None and warm is not None and warm.reason.startswith(IDLE):
             return _here(ctx, here, warm.reason)  # nothing beats a warm worker on this machine
-        views = survey(ctx, browse_s=INFER_BROWSE_S, keep=True)
+        views = survey(ctx, browse_s=INFER_BROWSE_S, keep=True, local=here)
         remember_lan(views)
         notes = [_clone_warning(v) for v in views if v.cloned_id]
         notes += [
@@ -85,7 +85,7 @@ def connect(
         if here is not None:
             link = _here(ctx, here, "no hive in reach holds the model")
         else:
-            ephemeral, spare = spare or EphemeralHive(preload=model if preload else ""), None
+            ephemeral, spare = spare or EphemeralHive(preload=preloaded), None
             link = ephemeral.link(ctx)
         link.notes = notes + link.notes
         return link

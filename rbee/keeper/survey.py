@@ -72,9 +72,11 @@ def survey(
     browse_s: float = discovery.BROWSE_TIMEOUT_S,
     include_local: bool = True,
     keep: bool = False,
+    local: HiveView | None = None,
 ) -> list[HiveView]:
     """Every hive in reach, asked in parallel; unanswered ones carry an error. With ``keep``
-    each answering hive's connection stays open (the caller closes the views)."""
+    each answering hive's connection stays open (the caller closes the views). ``local`` is
+    this machine's hive as just asked (``local_view``): it is not asked again."""
     views: dict[tuple[str, int], HiveView] = {}
     for a in discovery.browse(timeout_s=browse_s) if browse_s > 0 else []:
         views.setdefault((a.address, a.port), HiveView(a.address, a.port, "mdns", a))
@@ -82,9 +84,12 @@ def survey(
         host, port = parse_node(seed)
         views.setdefault((host, port), HiveView(host, port, "seed"))
     if include_local:
-        views.setdefault(("127.0.0.1", hive_port()), HiveView("127.0.0.1", hive_port(), "local"))
+        here = local or HiveView("127.0.0.1", hive_port(), "local")
+        views.setdefault((here.host, here.port), here)
     threads = [
-        threading.Thread(target=_ask, args=(ctx, v, keep), daemon=True) for v in views.values()
+        threading.Thread(target=_ask, args=(ctx, v, keep), daemon=True)
+        for v in views.values()
+        if v is not local
     ]
     for t in threads:
         t.start()
