@@ -287,3 +287,14 @@ class Catalog:
             suggestion="`rbee models import PATH --name NAME` adds a GGUF file; "
             "`file:/abs/path.gguf` runs one directly",
         )
+
+
+def listed_entries(db_path: Path) -> list[ModelEntry]:
+    """A catalog's models, with the bundled default model added if it is installed: what
+    `rbee models list` shows, and the gateway when no hive is in reach."""
+    catalog = Catalog(db_path)
+    try:
+        catalog.ensure_default()
+        return catalog.entries()
+    finally:
+        catalog.close()

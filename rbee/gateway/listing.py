@@ -12,7 +12,7 @@ from typing import Any
 
 import zmq
 
-from rbee.catalog import Catalog
+from rbee.catalog import listed_entries
 from rbee.keeper.link import open_link
 from rbee.keeper.nodes import REQUEST_TIMEOUT_S
 from rbee.keeper.survey import survey
@@ -43,13 +43,7 @@ def list_models(ctx: zmq.Context[zmq.Socket[bytes]], node: str | None) -> dict[s
 
 
 def _local_catalog() -> list[tuple[str, str, HiveStatus]]:
-    catalog = Catalog(catalog_path())
-    try:
-        catalog.ensure_default()
-        entries = catalog.entries()
-    finally:
-        catalog.close()
-    models = [e.info() for e in entries]
+    models = [e.info() for e in listed_entries(catalog_path())]
     status = HiveStatus(
         node="ephemeral",
         rbee_version="",

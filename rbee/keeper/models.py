@@ -8,7 +8,7 @@ from typing import TextIO
 
 import zmq
 
-from rbee.catalog import Catalog, ModelEntry
+from rbee.catalog import Catalog, ModelEntry, listed_entries
 from rbee.errors import HiveUnreachable
 from rbee.keeper.nodes import size, table
 from rbee.paths import catalog_path, data_dir
@@ -34,12 +34,7 @@ def import_model(path: str, name: str | None, out: TextIO = sys.stdout) -> Model
 
 def list_models(out: TextIO = sys.stdout) -> list[ModelEntry]:
     """Print the catalog as a table (the bundled default model is added if installed)."""
-    catalog = Catalog(catalog_path())
-    try:
-        catalog.ensure_default()
-        entries = catalog.entries()
-    finally:
-        catalog.close()
+    entries = listed_entries(catalog_path())
     if not entries:
         out.write("no models yet: `rbee models import PATH` adds a GGUF file\n")
         return entries
