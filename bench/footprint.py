@@ -36,8 +36,9 @@ MB = 1e6
 IDLE = "import sys, time; print(flush=True); time.sleep(30)"
 PLAIN = """
 import sys, psutil
-from llama_cpp import Llama
-llama = Llama(model_path=sys.argv[1], n_ctx=4096, verbose=False)
+from rbee.hive.probe import for_model
+from rbee.worker.engine import in_process
+llama = in_process(sys.argv[1], for_model(sys.argv[1]))  # as a worker loads it
 tokens = llama.tokenize(b"The history of the printing press begins", add_bos=True, special=True)
 next(iter(llama.generate(tokens, temp=0.0)))
 print(psutil.Process().memory_info().rss)

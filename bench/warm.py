@@ -38,7 +38,7 @@ from common import (
     running_hive,
     standalone,
 )
-from stream_efficiency import PROMPT, in_process
+from stream_efficiency import PROMPT
 
 TOKENS = 256
 PROBE_TOKENS = 8
@@ -92,9 +92,10 @@ def keeper_probe(env: dict[str, str], model: str = "") -> dict[str, float]:
 
 def run(reps: int) -> list[Row]:
     """Interleaved repetitions: in-process, `rbee infer`, in-process keeper."""
-    from llama_cpp import Llama
+    from rbee.hive.probe import for_model
+    from rbee.worker.engine import in_process
 
-    llama = Llama(model_path=str(default_model()), n_ctx=4096, verbose=False)
+    llama = in_process(str(default_model()), for_model(str(default_model())))
     argv = infer_argv("--raw", "-t", "0", "--ignore-eos", "-n", str(TOKENS), PROMPT)
     base: list[tuple[float, float]] = []
     cli: list[tuple[float, float, float]] = []

@@ -25,13 +25,16 @@ from rbee.protocol.messages import (
 
 
 def version_text() -> str:
-    """rbee's version, the protocol version and the llama.cpp build in use."""
+    """rbee's version, the protocol version and the llama.cpp build in use: its CPU variant
+    and features here, and the threads a worker would use."""
     try:
-        import llama_cpp
+        from rbee import llamacpp
 
-        engine = f"llama-cpp-python {llama_cpp.__version__}"
-        info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
-        engine += f" ({info})" if info else ""
+        engine = f"llama-cpp-python {llamacpp.import_llama().__version__}"
+        variant = llamacpp.loaded_variant()
+        engine += f"\nCPU {'variant ' + variant if variant else 'backend'}: "
+        engine += f"{llamacpp.cpu_features() or 'no SIMD features'}"
+        engine += f"; {llamacpp.default_threads()} threads by default"
     except Exception as exc:  # the keeper works without llama.cpp; say what is missing
         engine = f"llama.cpp unavailable ({type(exc).__name__}: {exc})"
     return f"rbee {__version__}\nprotocol {PROTOCOL_VERSION}\n{engine}"
@@ -138,6 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long an idle worker stays loaded (default 5m; -1: forever)",
     )
     hive.add_argument(
+        "--threads",
+        type=int,
+        default=int(env("RBEE_THREADS", "0")),
+        help="CPU threads per worker (default 0: the physical cores this hive may use)",
+    )
+    hive.add_argument(
         "--secure",
         action="store_true",
         default=bool(env("RBEE_SECURE")),
@@ -231,13 +240,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     worker = sub.add_parser("worker", help="(started by a hive) serve one model")
-    worker.add_argument("--worker-id", required=True)
+    worker.add_argument("--worker-id", default="")
     worker.add_argument("--model-path", required=True)
-    worker.add_argument("--control", required=True)
-    worker.add_argument("--stream", required=True)
+    worker.add_argument("--control", default="")
+    worker.add_argument("--stream", default="")
     worker.add_argument("--n-ctx", type=int, default=0)
-    worker.add_argument("--hive-pid", type=int, required=True)
+    worker.add_argument("--hive-pid", type=int, default=0)
     worker.add_argument("--backend", choices=BACKENDS, default="cpu")
+    worker.add_argument("--threads", type=int, default=0, help="CPU threads (0: rbee's default)")
+    worker.add_argument("--no-extra-bufts", dest="extra_bufts", action="store_false")
+    worker.add_argument("--probe", action="store_true", help="decode a few tokens and report")
     worker.add_argument("--device", default="", help="a CUDA device's NVML index")
 
     models = sub.add_parser("models", help="this machine's model catalog")
@@ -321,10 +333,19 @@ def run_command(args: argparse.Namespace) -> int:
     """Run the one component the arguments chose."""
     from rbee import log
 
+    if args.command == "worker" and args.probe:
+        from rbee.worker.probe import run_probe
+
+        return run_probe(args.model_path, args.threads, args.extra_bufts)
     if args.command == "worker":
         from rbee.worker.main import WorkerArgs
         from rbee.worker.main import run as run_worker
 
+        if not (args.worker_id and args.control and args.stream and args.hive_pid):
+            raise InvalidRequest(
+                "rbee worker is started by a hive: --worker-id, --control, --stream and "
+                "--hive-pid are required (or --probe)"
+            )
         return run_worker(
             WorkerArgs(
                 args.worker_id,
@@ -335,6 +356,8 @@ def run_command(args: argparse.Namespace) -> int:
                 args.hive_pid,
                 backend=args.backend,
                 device=args.device,
+                threads=args.threads,
+                extra_bufts=args.extra_bufts,
             )
         )
     if args.command == "hive" and args.hive_command in ("pair", "authorize", "revoke", "keys"):
@@ -386,6 +409,7 @@ def run_command(args: argparse.Namespace) -> int:
             limits=limits,
             keep_alive_s=args.keep_alive,
             secure=args.secure,
+            threads=max(0, args.threads),
         )
         return run_hive(config)
     log.configure("keeper", json=False, level="warning")

@@ -82,6 +82,9 @@ SETTINGS = (
     Setting("hive", "max_queue", "RBEE_MAX_QUEUE", _count, "16", "jobs waiting"),
     Setting("hive", "secure", "RBEE_SECURE", _bool, "false", "CURVE even on loopback"),
     Setting(
+        "hive", "threads", "RBEE_THREADS", _count, "0", "CPU threads per worker (0: physical cores)"
+    ),
+    Setting(
         "lan",
         "mdns_interfaces",
         "RBEE_MDNS_INTERFACES",

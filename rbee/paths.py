@@ -29,6 +29,16 @@ def data_dir() -> Path:
     return base
 
 
+def cache_dir() -> Path:
+    """Where facts about this machine are cached (the engine probe's verdict): ``RBEE_CACHE_DIR``,
+    else ``$XDG_CACHE_HOME/rbee``, else ``~/.cache/rbee``. Created by whoever writes there."""
+    explicit = os.environ.get("RBEE_CACHE_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "rbee"
+
+
 def catalog_path() -> Path:
     """The SQLite catalog of this machine's models."""
     return data_dir() / "catalog.db"

@@ -17,6 +17,7 @@ from rbee.errors import LoadingTimeout, RbeeError, WorkerStartFailed
 from rbee.hive.placement import Placement
 from rbee.hive.registry import WorkerRecord
 from rbee.hive.supervisor import TERM_GRACE_S, WorkerProcess, signal_worker, spawn_worker
+from rbee.llamacpp import CPU_VARIANT_ENV, EngineChoice
 from rbee.protocol.messages import (
     Frame,
     Heartbeat,
@@ -30,6 +31,11 @@ from rbee.transport.sockets import RouterServer
 HEARTBEAT_TIMEOUT_S = 5.0
 LOAD_STALL_TIMEOUT_S = 120.0
 STOP_GRACE_S = 5.0
+
+SIGNAL_HINT = (
+    f"a fast path of llama.cpp may not work on this machine: restart the hive with "
+    f"{CPU_VARIANT_ENV}=haswell (or x64) to use a lower CPU variant, and report the line above"
+)
 
 logger = log.get(__name__)
 
@@ -48,8 +54,11 @@ class Event:
 class WorkerPool:
     """Worker records and their processes, keyed by worker id."""
 
-    def __init__(self, back: RouterServer, control: str, stream: str) -> None:
+    def __init__(
+        self, back: RouterServer, control: str, stream: str, engine: EngineChoice | None = None
+    ) -> None:
         self.back = back
+        self.engine = engine  # how workers run llama.cpp here (the engine probe's verdict)
         self.control = control
         self.stream = stream
         self.workers: dict[str, WorkerRecord] = {}
@@ -75,6 +84,7 @@ class WorkerPool:
             backend=where.backend,
             device=where.device if where.backend == "cuda" else "",
             uuid=where.uuid,
+            engine=self.engine,
         )
         record = WorkerRecord(
             worker_id=worker_id,
@@ -186,17 +196,28 @@ class WorkerPool:
         log_at("worker exited", worker=worker.worker_id, code=code, state=worker.state)
         error = None
         if worker.state == "loading":
-            error = _start_failed(worker, f"the process exited with code {code}", tail)
+            reason = f"the process exited with code {code}"
+            if code < 0:  # a signal: say what the engine ran, which is what a crash report needs
+                reason += f" ({self.signal_death(code)})"
+            error = _start_failed(worker, reason, tail, SIGNAL_HINT if code < 0 else "")
         return Event("exited", worker, error=error, exit_code=code, stderr_tail=tail)
+
+    def signal_death(self, code: int) -> str:
+        """``killed by SIGSEGV while the engine ran …``: what a person needs to report a crash."""
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        engine = f" while the engine ran {self.engine.describe()}" if self.engine else ""
+        return f"killed by {name}{engine}"
 
     def alive(self) -> int:
         """How many worker processes still run."""
         return sum(1 for p in self.procs.values() if p.proc.poll() is None)
 
 
-def _start_failed(worker: WorkerRecord, reason: str, tail: str) -> WorkerStartFailed:
+def _start_failed(
+    worker: WorkerRecord, reason: str, tail: str, suggestion: str = ""
+) -> WorkerStartFailed:
     return WorkerStartFailed(
         f"worker {worker.worker_id} for {worker.model} failed while loading: {reason}"
         + (f"\n--- last lines of its stderr ---\n{tail}" if tail else ""),
-        suggestion="check the model file; `rbee models list` shows what is known",
+        suggestion=suggestion or "check the model file; `rbee models list` shows what is known",
     )

@@ -155,6 +155,10 @@ class Provisioner(HiveState):
             )
         worker.waiters.append((who, rid))
         self.front.send(who, Progress(phase="spawn", message=message), rid)
+        if plan.action != "spawn" and worker.loaded_fraction > 0:  # how far it got without us
+            self.front.send(
+                who, Progress(phase="loading", done=worker.loaded_fraction, total=1.0), rid
+            )
 
     def on_pull_model(self, who: bytes, rid: int, frame: PullModel) -> None:
         """Download a Hub model into the catalog (at once if it is already here)."""

@@ -41,8 +41,9 @@ from rbee.errors import (
     WorkerCrashed,
     WorkerNotFound,
 )
+from rbee.hive import probe
 from rbee.hive.jobs import JobDesk
-from rbee.hive.pool import Event, WorkerPool
+from rbee.hive.pool import SIGNAL_HINT, Event, WorkerPool
 from rbee.hive.provision import Provisioner
 from rbee.hive.pulls import Pulls, describe_progress
 from rbee.hive.registry import (
@@ -53,6 +54,8 @@ from rbee.hive.registry import (
 )
 from rbee.hive.settings import HiveConfig
 from rbee.hub.layout import clean_stale_parts
+from rbee.llamacpp import EngineChoice, default_threads
+from rbee.paths import cache_dir
 from rbee.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -97,6 +100,7 @@ DRAIN_BATCH = 1000
 DEFAULT_CTX_TOKENS = 4096
 MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+ENGINE_TEXT_CHARS = 1024
 
 logger = log.get(__name__)
 
@@ -156,7 +160,8 @@ class Hive(JobDesk, Provisioner):
         self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
         self.xpub.setsockopt(zmq.SNDHWM, STREAM_HWM)
         self.stream_endpoint = bind_endpoint(self.xpub, config.host, config.stream_port)
-        self.pool = WorkerPool(RouterServer(back), back_endpoint, xsub_endpoint)
+        self.engine = self._choose_engine()
+        self.pool = WorkerPool(RouterServer(back), back_endpoint, xsub_endpoint, self.engine)
         clean_stale_parts(config.data_dir / "models")  # left by downloads cut short
         self.pulls = Pulls(config.data_dir / "models")
         self.jobs: dict[str, JobRecord] = {}
@@ -183,6 +188,21 @@ class Hive(JobDesk, Provisioner):
             FetchFrames: self.on_fetch_frames,
             GetLogs: self.on_get_logs,
         }
+
+    def _choose_engine(self) -> EngineChoice:
+        """How workers run llama.cpp here: probed with the smallest model at hand, or cached."""
+        models = [
+            e
+            for e in self.catalog.entries()
+            if e.path and 0 < e.size_bytes <= probe.PROBE_MAX_MODEL_BYTES
+        ]
+        models = [e for e in models if Path(e.path).is_file()]
+        smallest = min(models, key=lambda e: e.size_bytes).path if models else None
+        threads = self.config.threads or default_threads()
+        choice = probe.choose(cache_dir(), smallest, threads)
+        log_at = logger.info if choice.proven and not choice.note else logger.warning
+        log_at("engine", setting=choice.describe())
+        return choice
 
     # ------------------------------------------------------------------ loop
 
@@ -305,6 +325,7 @@ class Hive(JobDesk, Provisioner):
             queue_length=len(self.queue),
             max_workers=self.config.limits.max_workers,
             devices=gpu.detect().device_infos(),
+            engine=self.engine.describe()[:ENGINE_TEXT_CHARS],
         )
         self.front.send(who, status, rid)
 
@@ -384,9 +405,14 @@ class Hive(JobDesk, Provisioner):
         if job is None or job.finished:
             return
         tail = event.stderr_tail[-2000:]
+        how = f"exited with code {event.exit_code}"
+        early = event.exit_code < 0 and not job.frames  # a signal before the first token
+        if early:
+            how += f" ({self.pool.signal_death(event.exit_code)}) before its first token"
         error = WorkerCrashed(
-            f"worker {worker.worker_id} exited with code {event.exit_code} during job "
-            f"{job.job_id}" + (f"; its last output:\n{tail}" if tail else "")
+            f"worker {worker.worker_id} {how} during job {job.job_id}"
+            + (f"; its last output:\n{tail}" if tail else ""),
+            suggestion=SIGNAL_HINT if early else "",
         )
         self._finish(
             job,
@@ -395,6 +421,7 @@ class Hive(JobDesk, Provisioner):
                 seq=len(job.frames),
                 code=error.code,
                 message=error.message[:16000],
+                suggestion=error.suggestion,
             ),
         )
 

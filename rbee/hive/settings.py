@@ -42,6 +42,7 @@ class HiveConfig:
     keep_alive_s: float = 300.0
     drain_grace_s: float = DRAIN_GRACE_S
     secure: bool = False  # CURVE even on loopback (always on for any other address)
+    threads: int = 0  # CPU threads per worker; 0: as many as llama.cpp's own default
 
     @property
     def loopback_only(self) -> bool:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 from rbee import log
 from rbee.gpu import CUDA_VISIBLE_DEVICES
+from rbee.llamacpp import EngineChoice
 from rbee.paths import self_command
 from rbee.process import child_env
 
@@ -72,8 +73,10 @@ def worker_argv(
     n_ctx: int,
     backend: str = "cpu",
     device: str = "",
+    engine: EngineChoice | None = None,
 ) -> list[str]:
-    """`rbee worker …` for one model (``--backend``/``--device`` only off the CPU default)."""
+    """`rbee worker …` for one model (``--backend``/``--device`` only off the CPU default;
+    threads and extra buffer types as the engine probe chose)."""
     argv = [
         *self_command(),
         "worker",
@@ -92,6 +95,9 @@ def worker_argv(
     ]
     if backend != "cpu":
         argv += ["--backend", backend, "--device", device or "0"]
+    if engine is not None:
+        argv += ["--threads", str(engine.threads)]
+        argv += [] if engine.extra_bufts else ["--no-extra-bufts"]
     return argv
 
 
@@ -104,15 +110,18 @@ def spawn_worker(
     backend: str = "cpu",
     device: str = "",
     uuid: str = "",
+    engine: EngineChoice | None = None,
 ) -> WorkerProcess:
     """Start `rbee worker` for one model on one device; it connects back to ``control`` and
     ``stream``. ``device``/``uuid``: the CUDA GPU (NVML index and UUID) for ``backend="cuda"``."""
     proc = subprocess.Popen(
-        worker_argv(worker_id, model_path, control, stream, n_ctx, backend, device),
+        worker_argv(worker_id, model_path, control, stream, n_ctx, backend, device, engine),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=child_env(device_env(backend, device, uuid)),
+        env=child_env(
+            {**device_env(backend, device, uuid), **(engine.worker_env() if engine else {})}
+        ),
     )
     wp = WorkerProcess(worker_id=worker_id, proc=proc)
     wp.reader = threading.Thread(

@@ -76,6 +76,7 @@ def _record(v: HiveView) -> dict[str, Any]:
         "workers": [w.to_wire() for w in s.workers] if s else [],
         "models": [m.name for m in s.models] if s else [],
         "queue_length": s.queue_length if s else None,
+        "engine": s.engine if s else None,
     }
 
 
@@ -137,6 +138,9 @@ def list_nodes(
             ]
         )
     table(rows, out)
+    for v in views:  # too long for a column: the CPU variant, its features, what is off and why
+        if v.status is not None and v.status.engine:
+            out.write(f"{v.name} engine: {v.status.engine}\n")
     return views
 
 

@@ -88,4 +88,4 @@ class JobStream:
 
 def describe(frame: StreamError) -> RbeeError:
     """The exception a terminal error frame stands for."""
-    return error_from_code(frame.code, frame.message)
+    return error_from_code(frame.code, frame.message, suggestion=frame.suggestion)

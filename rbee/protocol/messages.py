@@ -174,6 +174,7 @@ class HiveStatus(Frame):
     queue_length: int = spec(default=0, min=0)
     max_workers: int = spec(default=0, min=0)
     devices: list[DeviceInfo] = spec(default_factory=list, max_len=64)
+    engine: str = spec(default="", max_len=1024)  # CPU variant, features, what is off and why
 
 
 class EnsureWorker(Frame):
@@ -478,6 +479,7 @@ class StreamError(Frame):
     seq: int = spec(min=0)
     code: str = spec(max_len=64)
     message: str = spec(max_len=16 * 1024)
+    suggestion: str = spec(default="", max_len=2048)  # what to try, shown as `hint:`
 
 
 FRAME_TYPES: dict[str, type[Frame]] = {

@@ -5,6 +5,12 @@ UTF-8-safe detokenizer instead of ``create_completion``, whose per-token Python 
 of the engine's speed (shared/GPU.md). Prompts are tokenized exactly as llama-cpp-python's own
 completion and chat functions do, so greedy output matches them token for token.
 
+CPU: a worker runs ``threads`` threads for generation and prompt processing alike (by default
+as many as llama.cpp's own tools: rbee.llamacpp.default_threads), and loads with llama.cpp's
+extra buffer types (weights repacked for AMX or AVX-512 kernels) only where the hive's engine
+probe saw them work on this machine (rbee.hive.probe): on some CPUs decoding through them
+crashes.
+
 Backends: ``cpu`` loads no layer on a GPU; ``cuda`` loads every layer on one GPU (split mode
 none, ``main_gpu`` as CUDA numbers the devices this process sees). A CUDA request on a build
 without GPU support raises BACKEND_UNAVAILABLE: llama.cpp itself would quietly run on the CPU.
@@ -25,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rbee.errors import BackendUnavailable, InvalidModel, InvalidRequest
+from rbee.llamacpp import EngineChoice, default_threads, import_llama
 from rbee.protocol.messages import SYNTHETIC_PREFIX, GenerateParams
 
 DEFAULT_MAX_CTX = 4096
@@ -106,11 +113,14 @@ class Engine:
         on_progress: ProgressFn,
         backend: str = "cpu",
         main_gpu: int = 0,
+        threads: int = 0,
+        extra_bufts: bool = True,
     ) -> None:
         """Load ``model_path`` with a context of ``n_ctx`` tokens (0: DEFAULT_MAX_CTX) on
-        ``backend``; for ``cuda``, every layer goes to GPU ``main_gpu``."""
+        ``backend``; for ``cuda``, every layer goes to GPU ``main_gpu``. ``threads`` 0 means
+        rbee's default; ``extra_bufts`` False loads without llama.cpp's repacked weights."""
         try:
-            import llama_cpp
+            llama_cpp = import_llama()
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise InvalidModel(f"llama-cpp-python is not importable: {exc}") from None
         self._llama_cpp = llama_cpp
@@ -118,11 +128,14 @@ class Engine:
         capture_llama_log(llama_cpp)
         placement = gpu_params(llama_cpp, backend, main_gpu)
         _offloaded.update(layers=0, of=0)
-        with _load_progress(llama_cpp, on_progress):
+        self.threads = threads or default_threads()
+        with _load_params(llama_cpp, on_progress, extra_bufts):
             try:
                 self.llama: Any = llama_cpp.Llama(
                     model_path=model_path,
                     n_ctx=n_ctx or DEFAULT_MAX_CTX,
+                    n_threads=self.threads,
+                    n_threads_batch=self.threads,
                     verbose=False,
                     **placement,
                 )
@@ -271,14 +284,30 @@ class SyntheticEngine:
 
 
 def open_engine(
-    model_path: str, n_ctx: int, on_progress: ProgressFn, backend: str = "cpu", main_gpu: int = 0
+    model_path: str,
+    n_ctx: int,
+    on_progress: ProgressFn,
+    backend: str = "cpu",
+    main_gpu: int = 0,
+    threads: int = 0,
+    extra_bufts: bool = True,
 ) -> Engine | SyntheticEngine:
     """The engine for a model path: llama.cpp, or the synthetic stand-in (which ignores the
     backend: it computes nothing)."""
     if model_path.startswith(SYNTHETIC_PREFIX):
         on_progress(1.0)
         return SyntheticEngine(model_path)
-    return Engine(model_path, n_ctx, on_progress, backend, main_gpu)
+    return Engine(model_path, n_ctx, on_progress, backend, main_gpu, threads, extra_bufts)
+
+
+def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_MAX_CTX) -> Any:
+    """A plain ``llama_cpp.Llama`` loaded exactly as a hive's worker loads it (threads, extra
+    buffer types, CPU variant): the in-process baseline of tests and benchmarks."""
+    os.environ.update(choice.worker_env())  # read when llama.cpp's CPU backend is first loaded
+    engine = Engine(
+        model_path, n_ctx, lambda _f: None, threads=choice.threads, extra_bufts=choice.extra_bufts
+    )
+    return engine.llama
 
 
 def gpu_params(llama_cpp: Any, backend: str, main_gpu: int) -> dict[str, Any]:
@@ -324,11 +353,12 @@ def capture_llama_log(llama_cpp: Any) -> None:
 
 
 @contextmanager
-def _load_progress(llama_cpp: Any, on_progress: ProgressFn) -> Iterator[None]:
-    """Hook llama.cpp's model-loading progress callback for the duration of one load.
+def _load_params(llama_cpp: Any, on_progress: ProgressFn, extra_bufts: bool) -> Iterator[None]:
+    """Hook llama.cpp's model-loading progress callback, and set whether it may use extra
+    buffer types, for the duration of one load.
 
     llama-cpp-python builds its model parameters inside ``Llama.__init__`` and offers no
-    parameter for the callback, so the default-params factory is wrapped while loading.
+    parameter for either, so the default-params factory is wrapped while loading.
     """
     module = llama_cpp.llama_cpp
     original = module.llama_model_default_params
@@ -344,6 +374,7 @@ def _load_progress(llama_cpp: Any, on_progress: ProgressFn) -> Iterator[None]:
         params = original()
         params.progress_callback = c_callback
         params.progress_callback_user_data = ctypes.c_void_p(0)
+        params.use_extra_bufts = extra_bufts
         return params
 
     module.llama_model_default_params = params_with_progress

@@ -81,6 +81,8 @@ class WorkerArgs:
     hive_pid: int
     backend: str = "cpu"
     device: str = ""  # a CUDA device's NVML index (the machine's numbering); "" on the CPU
+    threads: int = 0  # 0: rbee.llamacpp.default_threads()
+    extra_bufts: bool = True  # False where the hive's engine probe saw them fail
 
 
 def main_gpu(device: str, environ: Mapping[str, str]) -> int:
@@ -178,6 +180,8 @@ class Generator(threading.Thread):
             "loading model",
             path=args.model_path,
             n_ctx=args.n_ctx,
+            threads=args.threads,
+            extra_bufts=args.extra_bufts,
             backend=args.backend,
             device=args.device,
             cuda_visible_devices=os.environ.get(gpu.CUDA_VISIBLE_DEVICES),
@@ -190,6 +194,8 @@ class Generator(threading.Thread):
             on_progress,
             args.backend,
             main_gpu(args.device, os.environ),
+            args.threads,
+            args.extra_bufts,
         )
         load_s = time.perf_counter() - started
         usage = measure_usage(args.backend, args.device, used_before)

@@ -21,9 +21,11 @@ import zmq
 
 from rbee.catalog import DEFAULT_MODEL
 from rbee.gateway.main import Server, prepare
+from rbee.hive import probe
 from rbee.keeper.link import hello
 from rbee.protocol.messages import GenerateParams, ListWorkers, WorkerInfo, WorkerList
 from rbee.transport.sockets import DealerClient, tcp_endpoint
+from rbee.worker.engine import in_process
 from tests.conftest import free_port
 from tests.helpers import rbee_cmd, run_rbee
 
@@ -274,8 +276,6 @@ def test_greedy_output_equals_rbee_infer(gateway: Server, rbee_env: dict[str, st
     reason="GenerateParams carries no messages yet: chats are flattened to one user prompt",
 )
 def test_a_conversation_equals_llama_cpp_chat(gateway: Server, model_path: Path) -> None:
-    import llama_cpp
-
     messages: Any = [
         {"role": "system", "content": "You are a pirate. Answer briefly."},
         {"role": "user", "content": "What is your name?"},
@@ -285,7 +285,7 @@ def test_a_conversation_equals_llama_cpp_chat(gateway: Server, model_path: Path)
     got = client_for(gateway).chat.completions.create(
         model=DEFAULT_MODEL, messages=messages, max_tokens=40, temperature=0
     )
-    llm = llama_cpp.Llama(model_path=str(model_path), n_ctx=4096, verbose=False)
+    llm = in_process(str(model_path), probe.for_model(str(model_path)))
     want: Any = llm.create_chat_completion(
         messages=messages, max_tokens=40, temperature=0, repeat_penalty=1.0
     )

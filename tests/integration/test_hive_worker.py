@@ -22,6 +22,7 @@ from rbee.errors import (
     WorkerNotFound,
     WorkerStartFailed,
 )
+from rbee.hive import probe
 from rbee.keeper.stream import JobStream
 from rbee.protocol.codec import decode
 from rbee.protocol.messages import (
@@ -44,6 +45,7 @@ from rbee.protocol.messages import (
     WorkerList,
 )
 from rbee.transport.sockets import DealerClient, StreamSubscriber
+from rbee.worker.engine import in_process
 from tests.helpers import hive_in_thread, keeper
 
 LOAD_TIMEOUT_S = 60.0
@@ -112,9 +114,7 @@ def test_hello_and_status(data_dir: Path) -> None:
 
 def test_streams_what_llama_cpp_generates_in_process(data_dir: Path, model_path: Path) -> None:
     """Greedy output through hive and worker equals llama-cpp-python's own, raw and chat."""
-    from llama_cpp import Llama
-
-    llama = Llama(model_path=str(model_path), n_ctx=4096, verbose=False)
+    llama = in_process(str(model_path), probe.for_model(str(model_path)))
     want_raw = llama.create_completion(PROMPT, max_tokens=48, temperature=0.0)["choices"][0]
     want_chat = llama.create_chat_completion(
         [{"role": "user", "content": "Why is the sky blue?"}],

@@ -1,0 +1,194 @@
+"""The engine probe: which of llama.cpp's fast paths really work here, found out before serving.
+
+Some fast paths crash on some machines although the CPU claims to support them: on an Intel Xeon
+with AMX in a Firecracker VM, decoding through llama.cpp's AMX "extra buffer type" (weights
+repacked for AMX tiles) dies with SIGSEGV, while the kernel grants the AMX permission, so no
+check of CPU flags would predict it. So the hive tries, in a child process (``rbee worker
+--probe``: load a small model, decode a few tokens), from the fastest setting down:
+
+1. the best CPU variant with extra buffer types (repacked weights);
+2. the same variant without them;
+3. lower variants without them (AVX2, AVX, plain x86-64), where the build has variants.
+
+Workers then load with the first setting that worked. The verdict is cached per machine and
+llama.cpp build (CPU model and flags, kernel, the library files), so only the first start after a
+change pays for the probe (about a second). With no model to probe with yet, nothing is proven
+and workers load without extra buffer types, the setting that needs no proof beyond the build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import platform
+import signal
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rbee import log
+from rbee.llamacpp import (
+    CPU_VARIANT_ENV,
+    PROBE_FAULT_ENV,
+    EngineChoice,
+    default_threads,
+    variant_names,
+)
+from rbee.paths import cache_dir, self_command
+from rbee.process import child_env
+
+PROBE_TIMEOUT_S = 30.0  # a small model loads and decodes in about a second
+PROBE_MAX_MODEL_BYTES = 2 << 30  # a bigger model would make the probe slow: none then
+CACHE_VERSION = 1
+REASON_CHARS = 300  # of each failed probe's reason, in the verdict's note
+# Lower CPU variants to fall back on, each with the /proc/cpuinfo flags it needs.
+FALLBACK_VARIANTS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("haswell", ("avx2", "fma", "f16c", "bmi2")),
+    ("sandybridge", ("avx",)),
+    ("x64", ()),
+)
+
+logger = log.get(__name__)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to run the engine: a CPU variant ("" for ggml's own choice) and extra bufts."""
+
+    variant: str = ""
+    extra_bufts: bool = True
+
+    def label(self) -> str:
+        """``best variant with extra buffer types`` and the like."""
+        which = f"CPU variant {self.variant}" if self.variant else "the best CPU variant"
+        return f"{which} {'with' if self.extra_bufts else 'without'} extra buffer types"
+
+
+def lib_dir() -> Path | None:
+    """llama-cpp-python's library directory, found without importing it (0.2 s saved)."""
+    with contextlib.suppress(ImportError, ValueError):
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is not None and spec.origin:
+            return Path(spec.origin).parent / "lib"
+    return None
+
+
+def machine_key(libs: Path | None) -> str:
+    """What the verdict depends on: the CPU, the kernel, the llama.cpp build, a forced fault."""
+    parts = [str(CACHE_VERSION), platform.release(), os.environ.get(PROBE_FAULT_ENV, "")]
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                parts.append(line)
+                if line.startswith("flags"):
+                    break
+    if libs is not None and libs.is_dir():
+        for path in sorted(libs.iterdir()):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                parts.append(f"{path.name} {stat.st_size} {stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def ladder(libs: Path | None, cpu_flags: set[str]) -> list[Setting]:
+    """The settings to try, fastest first."""
+    steps = [Setting("", True), Setting("", False)]
+    present = set(variant_names(libs)) if libs is not None else set()
+    for name, needs in FALLBACK_VARIANTS:
+        if name in present and all(flag in cpu_flags for flag in needs):
+            steps.append(Setting(name, False))
+    return steps
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where it cannot be read)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def choose(
+    cache_dir: Path, model_path: str | None, threads: int, timeout_s: float = PROBE_TIMEOUT_S
+) -> EngineChoice:
+    """The engine setting for this machine: cached, else probed (see the module docstring)."""
+    libs = lib_dir()
+    cache = cache_dir / f"engine-probe-{machine_key(libs)}.json"
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        cached = EngineChoice(**json.loads(cache.read_text()))
+        if cached.proven:
+            return EngineChoice(**{**asdict(cached), "threads": threads})
+    if model_path is None:
+        return EngineChoice(
+            variant="",
+            extra_bufts=False,
+            threads=threads,
+            note="not yet probed (no model small enough to probe with); off until proven",
+        )
+    failures: list[str] = []
+    for step in ladder(libs, cpu_flags()):
+        outcome = run_probe(model_path, step, threads, timeout_s)
+        if isinstance(outcome, str):
+            failures.append(f"{step.label()}: {outcome[:REASON_CHARS]}")
+            logger.warning("engine probe failed", setting=step.label(), reason=outcome)
+            continue
+        choice = EngineChoice(
+            variant=step.variant,
+            extra_bufts=step.extra_bufts,
+            threads=threads,
+            running=str(outcome.get("variant", "")),
+            features=str(outcome.get("features", "")),
+            note="; ".join(failures),
+            proven=True,
+        )
+        with contextlib.suppress(OSError):
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(asdict(choice)))
+            tmp.replace(cache)
+        return choice
+    return EngineChoice(
+        variant="",
+        extra_bufts=False,
+        threads=threads,
+        note="every engine probe failed (" + "; ".join(failures) + ")",
+    )
+
+
+def for_model(model_path: str, threads: int = 0) -> EngineChoice:
+    """The setting a hive here would give its workers, probing with ``model_path`` if nothing is
+    cached: what an in-process baseline (a test's reference, a benchmark's peer) must run with."""
+    return choose(cache_dir(), model_path, threads or default_threads())
+
+
+def run_probe(
+    model_path: str, step: Setting, threads: int, timeout_s: float
+) -> dict[str, object] | str:
+    """Run one probe child: what it reported, or why it failed (a sentence)."""
+    argv = [*self_command(), "worker", "--probe", "--model-path", model_path]
+    argv += ["--threads", str(threads)] + ([] if step.extra_bufts else ["--no-extra-bufts"])
+    extra = {"CUDA_VISIBLE_DEVICES": ""}  # the CPU's fast paths are what is probed
+    if step.variant:  # else ggml's choice, or the variant a person set for the hive
+        extra[CPU_VARIANT_ENV] = step.variant
+    env = child_env(extra)
+    try:
+        done = subprocess.run(
+            argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        return f"no answer within {timeout_s:g} s"
+    if done.returncode < 0:
+        return f"died by {signal.Signals(-done.returncode).name}"
+    lines = done.stdout.decode(errors="replace").strip().splitlines()
+    if done.returncode != 0 or not lines:
+        said = done.stderr.decode(errors="replace").strip().splitlines()[-3:]
+        return f"exited with code {done.returncode}" + (f" ({' / '.join(said)})" if said else "")
+    try:
+        report = json.loads(lines[-1])
+    except ValueError:
+        return f"answered {lines[-1][:200]!r}"
+    return report if isinstance(report, dict) else f"answered {lines[-1][:200]!r}"
