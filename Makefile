@@ -40,7 +40,7 @@ test: lint
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: setup
-	$(BIN)/python -m pip install --quiet fastapi sse-starlette starlette-context pydantic-settings
+	$(BIN)/python -m pip install --quiet cmake
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -18,6 +18,7 @@ import time
 import traceback
 from pathlib import Path
 
+import builds
 import cold
 import concurrency
 import footprint
@@ -33,6 +34,7 @@ BENCHES = {  # name: (module, default repetitions)
     "concurrency": (concurrency, 3),
     "peers": (peers, 5),
     "footprint": (footprint, 5),
+    "builds": (builds, 5),
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 
