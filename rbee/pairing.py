@@ -146,7 +146,7 @@ def pair_with(data_dir: Path, host: str, pair_port: int, code: str) -> KnownHive
     mine = load_or_create(data_dir)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     endpoint = f"tcp://{host}:{pair_port}" if ":" not in host else f"tcp://[{host}]:{pair_port}"
-    client = DealerClient(ctx, endpoint)
+    client = DealerClient(ctx, endpoint, plaintext_ok=True)  # SPAKE2 protects it
     try:
         spake = SPAKE2_A(_secret(code), idA=ID_KEEPER, idB=ID_HIVE)
         try:

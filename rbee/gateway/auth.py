@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
 import stat
@@ -26,16 +25,6 @@ from rbee.gateway.errors import error_body
 KEYS_ENV = "RBEE_API_KEYS"
 OPEN_PATHS = ("/health",)  # liveness probes carry no key and learn nothing secret
 MIN_KEY_CHARS = 16
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` is reachable from this machine alone."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a name resolves who knows where: treat it as the network
 
 
 def load_keys(keys_file: str | None, environ: dict[str, str] | None = None) -> tuple[str, ...]:

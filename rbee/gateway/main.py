@@ -18,9 +18,10 @@ import uvicorn
 from rbee import log
 from rbee.errors import ExitCode, HiveDraining, InvalidRequest
 from rbee.gateway.app import KEEPALIVE_INTERVAL_S, Gateway, GatewayConfig
-from rbee.gateway.auth import KEYS_ENV, is_loopback, load_keys
+from rbee.gateway.auth import KEYS_ENV, load_keys
 from rbee.gateway.jobs import READY_TIMEOUT_S
 from rbee.protocol.messages import KEEP_ALIVE_DEFAULT
+from rbee.transport.sockets import is_loopback
 
 DEFAULT_LISTEN = "127.0.0.1:7833"
 DEFAULT_PORT = 7833

@@ -137,8 +137,12 @@ def _open(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView) -> HiveLink:
 def open_named(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
     """``--node``: a discovered node name (exact), else HOST[:PORT]."""
     if ":" not in node and not node.replace(".", "").isdigit():
-        named = [v for v in survey(ctx, browse_s=2.0, include_local=False) if v.name == node]
-        if named and named[0].error_code in ("HIVE_KEY_CHANGED", "NOT_PAIRED"):
+        # A name two announcements claim goes to the one reached with its pinned key, never to
+        # whichever answered first (an impostor can announce any name).
+        found = survey(ctx, browse_s=2.0, include_local=False)
+        named = sorted((v for v in found if v.name == node), key=lambda v: v.hello is None)
+        refused = ("HIVE_KEY_CHANGED", "NOT_PAIRED", "ACCESS_DENIED")
+        if named and named[0].hello is None and named[0].error_code in refused:
             raise _refusal(named[0])
         if named:
             return _open(ctx, named[0])
@@ -148,6 +152,8 @@ def open_named(ctx: zmq.Context[zmq.Socket[bytes]], node: str) -> HiveLink:
 def _refusal(view: HiveView) -> RbeeError:
     if view.error_code == "HIVE_KEY_CHANGED":
         return HiveKeyChanged(view.error, suggestion=f"`rbee keys forget {view.name}`, then pair")
+    if view.error_code == "ACCESS_DENIED":
+        return AccessDenied(f"{view.name} at {view.endpoint} {view.error}")
     return AccessDenied(
         f"this keeper has not paired with {view.name}",
         suggestion=f"on {view.name}: `rbee hive pair`; here: `rbee pair {view.name} CODE`",

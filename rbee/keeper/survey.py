@@ -138,10 +138,15 @@ def _ask(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, keep: bool = False
                 return
         else:
             view.curve = curve_for(view.endpoint)
-    except RbeeError as exc:  # HIVE_KEY_CHANGED
+        client = DealerClient(ctx, tcp_endpoint(view.host, view.port), view.curve)
+    except RbeeError as exc:  # HIVE_KEY_CHANGED; ACCESS_DENIED: no key for an address off loopback
         view.error, view.error_code = exc.message, exc.code
+        if a is not None and not a.key and exc.code == "ACCESS_DENIED":
+            view.error = (
+                "announces no key, so it cannot be a hive on the LAN (those always use CURVE): "
+                "never contacted"
+            )
         return
-    client = DealerClient(ctx, tcp_endpoint(view.host, view.port), view.curve)
     kept = False
     try:
         asked = client.send(Hello(client="keeper")), client.send(Status())  # one round trip

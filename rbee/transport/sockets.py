@@ -7,6 +7,7 @@ belongs to the thread that made it.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import time
 from collections.abc import Iterator
@@ -88,9 +89,39 @@ def curve_server(sock: zmq.Socket[bytes], public: str, secret: str) -> None:
     sock.setsockopt(zmq.CURVE_SECRETKEY, secret.encode())
 
 
-def curve_client(sock: zmq.Socket[bytes], curve: Curve | None) -> None:
-    """Make ``sock`` a CURVE client of the server whose key is ``curve.server`` (None: plain)."""
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine alone (a name other than localhost
+    resolves who knows where: it counts as the network)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def endpoint_host(endpoint: str) -> str:
+    """``10.0.0.2`` of ``tcp://10.0.0.2:7830`` (``::1`` of ``tcp://[::1]:7830``)."""
+    return endpoint.removeprefix("tcp://").rsplit(":", 1)[0].strip("[]")
+
+
+def curve_client(
+    sock: zmq.Socket[bytes], curve: Curve | None, endpoint: str = "", plaintext_ok: bool = False
+) -> None:
+    """Make ``sock`` a CURVE client of the server whose key is ``curve.server``.
+
+    Without a key it stays plain, which is allowed only towards loopback (a development-mode
+    hive) or with ``plaintext_ok`` (pairing, whose messages SPAKE2 protects): whatever a LAN
+    announcement claims, a keeper never sends a request in clear over the network.
+    """
     if curve is None:
+        if endpoint and not plaintext_ok and not is_loopback(endpoint_host(endpoint)):
+            raise AccessDenied(
+                f"{endpoint.removeprefix('tcp://')} is not a hive this keeper has paired with, "
+                "and a hive off loopback only talks to keepers it has paired with (CURVE): "
+                "rbee never sends a request in clear over the network",
+                suggestion="pair first: `rbee hive pair` on that hive, then `rbee pair NODE CODE`",
+            )
         return
     sock.setsockopt(zmq.CURVE_SERVERKEY, curve.server.encode())
     sock.setsockopt(zmq.CURVE_PUBLICKEY, curve.public.encode())
@@ -175,13 +206,22 @@ class DealerClient:
     _rids = itertools.count(1)
 
     def __init__(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve: Curve | None = None
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        endpoint: str,
+        curve: Curve | None = None,
+        plaintext_ok: bool = False,
     ) -> None:
+        """``plaintext_ok``: a keyless connection off loopback (pairing only; see curve_client)."""
         self.ctx = ctx
         self.endpoint = endpoint
         self.curve = curve
         self.sock = new_socket(ctx, zmq.DEALER)
-        curve_client(self.sock, curve)
+        try:
+            curve_client(self.sock, curve, endpoint, plaintext_ok)
+        except AccessDenied:
+            self.sock.close(0)
+            raise
         # Watch the handshake: a refused key, or a hive that wants keys, is an error at once.
         self.monitor = self.sock.get_monitor_socket(AUTH_EVENTS)
         self._shaken, self._drops = False, 0
@@ -283,7 +323,11 @@ class StreamSubscriber:
     ) -> None:
         self.sock = new_socket(ctx, zmq.SUB)
         self.sock.setsockopt(zmq.RCVHWM, hwm)
-        curve_client(self.sock, curve)
+        try:
+            curve_client(self.sock, curve, endpoint)
+        except AccessDenied:
+            self.sock.close(0)
+            raise
         connect(self.sock, endpoint)
 
     def subscribe(self, topic: str) -> None:

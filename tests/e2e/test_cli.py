@@ -87,7 +87,7 @@ def test_running_hive_is_used_and_its_idle_worker_reused(rbee_env: dict[str, str
         assert "[worker] reusing idle worker" in second.stderr, second.stderr
         # The same request on the same engine state (README: repeatability): the warm worker's
         # answers, both computed from the cached prompt, are the same.
-        assert second.stdout == third.stdout and len(second.stdout.split()) >= 8
+        assert second.stdout == third.stdout and len(second.stdout.split()) >= 3
         ttft = [int(SUMMARY.search(r.stderr).group(3)) for r in (first, second)]  # type: ignore[union-attr]
         assert ttft[1] < ttft[0] / 10, f"warm first token {ttft[1]} ms vs cold {ttft[0]} ms"
         worker_pid = int(PIDS.findall(first.stderr)[0])

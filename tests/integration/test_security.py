@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -117,3 +120,84 @@ def test_a_world_readable_private_key_is_refused(rbee_env: dict[str, str]) -> No
     refused = run_rbee("keys", "show", env=rbee_env)
     assert refused.returncode == ExitCode.ACCESS and "readable by others" in refused.stderr
     assert "secret" not in refused.stderr and "chmod 600" in refused.stderr
+
+
+IMPOSTOR = """
+import socket, sys, threading
+from rbee import __version__, discovery
+from rbee.protocol.messages import PROTOCOL_VERSION
+address, node, node_id = sys.argv[1], sys.argv[2], sys.argv[3]
+received = []
+def serve(listener):  # a plaintext endpoint that records every byte anyone sends it
+    while True:
+        conn, _ = listener.accept()
+        conn.settimeout(0.5)
+        try:
+            while data := conn.recv(65536):
+                received.append(data)
+        except OSError:
+            pass
+listeners = []
+for port in (7830, 7831):
+    listener = socket.create_server((address, port))
+    listeners.append(listener)
+    threading.Thread(target=serve, args=(listener,), daemon=True).start()
+announcer = discovery.Announcer(discovery.Announcement(
+    node=node, node_id=node_id, address=address, port=7830, stream_port=7831,
+    rbee_version=__version__, protocol_version=PROTOCOL_VERSION, key="",
+    cluster=discovery.cluster()), [address])
+print("IMPOSTOR-READY", flush=True)
+sys.stdin.read()  # until the test is done
+announcer.close()
+print("RECEIVED", sum(len(d) for d in received), flush=True)
+"""
+
+
+@pytest.mark.parametrize("same_node_id", [True, False])
+def test_an_impostor_announcing_no_key_is_never_sent_a_byte(
+    rbee_env: dict[str, str], tmp_path: Path, same_node_id: bool
+) -> None:
+    """A host announces the paired hive's name (with its node id, or a new one) but no key and
+    serves plaintext: the keeper lists it as such, and `rbee infer` (chosen, and --node alpha)
+    goes to the real hive; the impostor receives nothing, not even a greeting."""
+    with Lan.create(3, subnet=4 + same_node_id) as lan:
+        h1, h2, h3 = lan.hosts
+        hive_env, keeper = (
+            env_for(h1, rbee_env, tmp_path, "alpha"),
+            env_for(h2, rbee_env, tmp_path, "k"),
+        )
+        attacker = env_for(h3, rbee_env, tmp_path, "attacker")
+        with hive_on(h1, hive_env, "alpha"):
+            wait_listed(h2, keeper, {"alpha"})
+            assert pair(h1, hive_env, h2, keeper).returncode == 0
+            real_id = (Path(hive_env["RBEE_DATA_DIR"]) / "node_id").read_text().strip()
+            fake_id = real_id if same_node_id else "f" * 32
+            impostor = subprocess.Popen(
+                h3.argv([sys.executable, "-c", IMPOSTOR, h3.address, "alpha", fake_id]),
+                env=attacker,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            try:
+                assert impostor.stdout is not None
+                while (line := impostor.stdout.readline()) and line != "IMPOSTOR-READY\n":
+                    pass
+                assert line, "the impostor did not start"
+                deadline = time.monotonic() + 10
+                while len(listed := nodes(h2, keeper)) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.3)
+                fake = [n for n in listed if str(n["address"]).startswith(h3.address)]
+                assert fake and "announces no key" in str(fake[0]["state"]), listed
+                for args in ((), ("--node", "alpha")):
+                    ran = rbee_on(h2, keeper, "infer", *args, "-t", "0", "-n", "8", "Hi")
+                    assert ran.returncode == 0, ran.stderr
+                    assert f"({h1.address}:7830)" in ran.stderr or "--node" in args, ran.stderr
+                direct = rbee_on(
+                    h2, keeper, "infer", "--node", f"{h3.address}:7830", "-n", "4", "Hi"
+                )
+                assert direct.returncode == ExitCode.ACCESS, direct.stderr
+                assert "never sends a request in clear" in direct.stderr
+            finally:
+                out, _ = impostor.communicate(input="", timeout=30)
+    assert impostor.returncode == 0 and "RECEIVED 0\n" in out, f"the impostor got bytes: {out!r}"

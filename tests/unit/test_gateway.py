@@ -21,12 +21,13 @@ from rbee.errors import (
     WorkerCrashed,
 )
 from rbee.gateway.app import Gateway, GatewayConfig
-from rbee.gateway.auth import is_loopback, key_matches, load_keys
+from rbee.gateway.auth import key_matches, load_keys
 from rbee.gateway.errors import http_error
 from rbee.gateway.main import parse_listen, prepare
 from rbee.gateway.params import BadParameter, Turn, flatten, parse_call
 from rbee.gateway.shapes import DONE_EVENT, Shaper
 from rbee.protocol.messages import MAX_TOKENS_LIMIT, Done
+from rbee.transport.sockets import is_loopback
 
 KEY = "k" * 20
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
