@@ -324,3 +324,23 @@ def test_malformed_bodies_and_unknown_routes() -> None:
         assert client.get("/v1/chat/completions").status_code == 405
     finally:
         gateway.ctx.destroy(linger=0)
+
+
+def test_a_keyless_client_socket_off_loopback_is_refused_before_it_connects() -> None:
+    import zmq
+
+    from rbee.errors import AccessDenied
+    from rbee.transport.sockets import DealerClient, StreamSubscriber, endpoint_host
+
+    assert endpoint_host("tcp://10.0.0.2:7830") == "10.0.0.2"
+    assert endpoint_host("tcp://[::1]:7830") == "::1"
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        with pytest.raises(AccessDenied, match="never sends a request in clear"):
+            DealerClient(ctx, "tcp://10.0.0.2:7830")
+        with pytest.raises(AccessDenied):
+            StreamSubscriber(ctx, "tcp://[fd00::2]:7831", 10)
+        DealerClient(ctx, "tcp://127.0.0.1:7830").close()  # development mode stays plain
+        DealerClient(ctx, "tcp://10.0.0.2:7832", plaintext_ok=True).close()  # pairing
+    finally:
+        ctx.destroy(linger=0)
