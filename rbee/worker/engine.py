@@ -136,6 +136,7 @@ class Engine:
                     n_ctx=n_ctx or DEFAULT_MAX_CTX,
                     n_threads=self.threads,
                     n_threads_batch=self.threads,
+                    flash_attn=True,  # "auto" (see _load_params), as llama.cpp decides
                     verbose=False,
                     **placement,
                 )
@@ -354,14 +355,19 @@ def capture_llama_log(llama_cpp: Any) -> None:
 
 @contextmanager
 def _load_params(llama_cpp: Any, on_progress: ProgressFn, extra_bufts: bool) -> Iterator[None]:
-    """Hook llama.cpp's model-loading progress callback, and set whether it may use extra
-    buffer types, for the duration of one load.
+    """Hook llama.cpp's model-loading progress callback, set whether it may use extra buffer
+    types, and let llama.cpp decide on flash attention, for the duration of one load.
 
-    llama-cpp-python builds its model parameters inside ``Llama.__init__`` and offers no
-    parameter for either, so the default-params factory is wrapped while loading.
+    llama-cpp-python builds its parameters inside ``Llama.__init__`` and offers no parameter for
+    the first two, so the default-params factory is wrapped while loading. For flash attention
+    it offers on or off, where llama.cpp's own default (llama-server's) is "auto": on wherever
+    the device supports it for the model (on this project's CPUs 7-13 % more tokens/s for the
+    default model). ``Llama(flash_attn=True)`` reads the "enabled" constant from the module, so
+    that constant says "auto" while loading.
     """
     module = llama_cpp.llama_cpp
     original = module.llama_model_default_params
+    enabled = module.LLAMA_FLASH_ATTN_TYPE_ENABLED
     callback_type = module.llama_progress_callback
 
     def report(fraction: float, _user: Any) -> bool:
@@ -378,7 +384,9 @@ def _load_params(llama_cpp: Any, on_progress: ProgressFn, extra_bufts: bool) -> 
         return params
 
     module.llama_model_default_params = params_with_progress
+    module.LLAMA_FLASH_ATTN_TYPE_ENABLED = module.LLAMA_FLASH_ATTN_TYPE_AUTO
     try:
         yield
     finally:
         module.llama_model_default_params = original
+        module.LLAMA_FLASH_ATTN_TYPE_ENABLED = enabled

@@ -18,7 +18,7 @@ from rbee.protocol.messages import GenerateParams
 from rbee.worker.engine import Engine, Outcome
 
 PROBE_CTX = 256
-PROBE_TOKENS = 8
+PROBE_TOKENS = 32  # enough to tell two settings' speeds apart (about 0.4 s)
 PROBE_PROMPT = "The sky is blue because"
 
 
@@ -40,6 +40,7 @@ def run_probe(model_path: str, threads: int, extra_bufts: bool) -> int:
         "variant": loaded_variant(),
         "features": cpu_features(),
         "tokens": outcome.tokens,
+        "tokens_per_s": (outcome.tokens - 1) / outcome.decode_s if outcome.decode_s else 0.0,
         "seconds": round(time.perf_counter() - started, 3),
     }
     print(json.dumps(report), flush=True)

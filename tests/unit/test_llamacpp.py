@@ -50,6 +50,7 @@ def test_the_ladder_goes_from_fastest_to_safest(tmp_path: Path) -> None:
     assert steps == [
         probe.Setting("", True),
         probe.Setting("", False),
+        probe.Setting("haswell", True),
         probe.Setting("haswell", False),
         probe.Setting("sandybridge", False),
         probe.Setting("x64", False),
