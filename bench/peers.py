@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -105,9 +106,28 @@ def llama_server_argv(model: str, port: int) -> list[str]:
     built = subprocess.run(
         [str(BENCH / "build_llama_server.sh")], check=True, capture_output=True, text=True
     )
-    argv = [built.stdout.split()[-1], "-m", model, "-c", "4096", "-np", "1"]
+    server = Path(built.stdout.split()[-1])
+    choice = for_model(model)
+    if choice.variant:  # the same CPU variant: a directory where it is the only one
+        server = only_variant(server, choice.variant)
+    argv = [str(server), "-m", model, "-c", "4096", "-np", "1"]
     argv += ["--host", "127.0.0.1", "--port", str(port)]
-    return argv + ([] if for_model(model).extra_bufts else ["--no-repack"])
+    return argv + ([] if choice.extra_bufts else ["--no-repack"])
+
+
+def only_variant(server: Path, variant: str) -> Path:
+    """A copy of llama-server beside its libraries and just one CPU variant (ggml loads the best
+    variant it finds next to the executable, which it locates through /proc/self/exe: a copy,
+    not a link)."""
+    here = server.parent.parent / f"only-{variant}"
+    if not (here / server.name).exists():
+        here.mkdir(exist_ok=True)
+        for lib in server.parent.glob("*.so*"):
+            if not lib.name.startswith("libggml-cpu-") or lib.name == f"libggml-cpu-{variant}.so":
+                (here / lib.name).unlink(missing_ok=True)
+                (here / lib.name).symlink_to(lib)
+        shutil.copy2(server, here / server.name)
+    return here / server.name
 
 
 def run(reps: int) -> list[Row]:

@@ -43,7 +43,7 @@ from rbee.process import child_env
 
 PROBE_TIMEOUT_S = 30.0  # a small model loads and decodes in about a second
 PROBE_MAX_MODEL_BYTES = 2 << 30  # a bigger model would make the probe slow: none then
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # bump when what the probe tries or reports changes
 REASON_CHARS = 300  # of each failed probe's reason, in the verdict's note
 CANDIDATES_AFTER_A_FAILURE = 2  # working settings timed against each other once one failed
 # Lower CPU variants to fall back on, each with the /proc/cpuinfo flags it needs.
