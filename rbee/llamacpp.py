@@ -15,17 +15,26 @@ Every process that runs llama.cpp goes through here: workers, the hive's probe, 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
+import hashlib
+import importlib.util
+import json
 import math
 import os
+import platform
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from rbee.paths import cache_dir
+
 CPU_VARIANT_ENV = "RBEE_CPU_VARIANT"
+BEST_VARIANT = "best"  # RBEE_CPU_VARIANT=best: ggml's own choice, whatever a probe said
+CACHE_VERSION = 2  # of the engine probe's verdicts: bump when what it tries or reports changes
 PROBE_FAULT_ENV = "RBEE_PROBE_FAULT"  # "extra-bufts": the engine probe dies by SIGSEGV with them
 VARIANT_PREFIX = "libggml-cpu-"
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
@@ -59,28 +68,34 @@ class EngineChoice:
 def import_llama() -> Any:
     """``llama_cpp``, with its CPU backend variant loaded (once per process).
 
-    Raises ImportError when llama-cpp-python is missing or the named variant does not exist.
+    The variant is ``RBEE_CPU_VARIANT`` if set (``best``: ggml's choice), else the one this
+    machine's engine probe proved (so a test's or a benchmark's in-process baseline runs what
+    the workers run), else ggml's choice. Raises ImportError when llama-cpp-python is missing
+    or the named variant does not exist.
     """
     import llama_cpp
 
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    if variant_files(lib_dir):
-        ggml = ctypes.CDLL(str(mapped("libggml.so") or lib_dir / "libggml.so"))
+    libs = Path(llama_cpp.__file__).parent / "lib"
+    if variant_files(libs):
+        ggml = ctypes.CDLL(str(mapped("libggml.so") or libs / "libggml.so"))
         ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
         if ggml.ggml_backend_reg_count() == 0:
             chosen = os.environ.get(CPU_VARIANT_ENV, "")
-            if chosen:
-                path = lib_dir / f"{VARIANT_PREFIX}{chosen}.so"
+            if not chosen:  # the variant this machine's hive gives its workers, once probed
+                known = cached_choice(cache_dir(), libs)
+                chosen = known.variant if known is not None else ""
+            if chosen and chosen != BEST_VARIANT:
+                path = libs / f"{VARIANT_PREFIX}{chosen}.so"
                 if not path.is_file():
                     raise ImportError(
-                        f"{CPU_VARIANT_ENV}={chosen}: no such CPU variant in {lib_dir} "
-                        f"(there are: {', '.join(variant_names(lib_dir))})"
+                        f"{CPU_VARIANT_ENV}={chosen}: no such CPU variant in {libs} "
+                        f"(there are: {', '.join(variant_names(libs))})"
                     )
                 ggml.ggml_backend_load.restype = ctypes.c_void_p
                 if not ggml.ggml_backend_load(str(path).encode()):  # loads and registers it
                     raise ImportError(f"llama.cpp could not load the CPU variant {path}")
             else:
-                ggml.ggml_backend_load_all_from_path(str(lib_dir).encode())
+                ggml.ggml_backend_load_all_from_path(str(libs).encode())
     return llama_cpp
 
 
@@ -99,6 +114,46 @@ def mapped(prefix: str) -> Path | None:
         path = line.split(maxsplit=5)[-1] if line.count(" ") >= 5 else ""
         if Path(path).name.startswith(prefix):
             return Path(path)
+    return None
+
+
+def lib_dir() -> Path | None:
+    """llama-cpp-python's library directory, found without importing it (0.2 s saved)."""
+    with contextlib.suppress(ImportError, ValueError):
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is not None and spec.origin:
+            return Path(spec.origin).parent / "lib"
+    return None
+
+
+def machine_key(libs: Path | None) -> str:
+    """What the verdict depends on: the CPU, the kernel, the llama.cpp build, a forced fault."""
+    parts = [str(CACHE_VERSION), platform.release(), os.environ.get(PROBE_FAULT_ENV, "")]
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags")):
+                parts.append(line)
+                if line.startswith("flags"):
+                    break
+    if libs is not None and libs.is_dir():
+        for path in sorted(libs.iterdir()):
+            with contextlib.suppress(OSError):
+                stat = path.stat()
+                parts.append(f"{path.name} {stat.st_size} {stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def verdict_file(cache_dir: Path, libs: Path | None) -> Path:
+    """Where the engine probe's verdict for this machine and build is cached."""
+    return cache_dir / f"engine-probe-{machine_key(libs)}.json"
+
+
+def cached_choice(cache_dir: Path, libs: Path | None) -> EngineChoice | None:
+    """The engine probe's proven verdict for this machine and build, if one is cached."""
+    with contextlib.suppress(OSError, ValueError, TypeError):
+        cached = EngineChoice(**json.loads(verdict_file(cache_dir, libs).read_text()))
+        if cached.proven:
+            return cached
     return None
 
 

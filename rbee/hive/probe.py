@@ -20,11 +20,8 @@ and workers load without extra buffer types, the setting that needs no proof bey
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import importlib.util
 import json
 import os
-import platform
 import signal
 import subprocess
 from dataclasses import asdict, dataclass
@@ -32,18 +29,20 @@ from pathlib import Path
 
 from rbee import log
 from rbee.llamacpp import (
+    BEST_VARIANT,
     CPU_VARIANT_ENV,
-    PROBE_FAULT_ENV,
     EngineChoice,
+    cached_choice,
     default_threads,
+    lib_dir,
     variant_names,
+    verdict_file,
 )
 from rbee.paths import cache_dir, self_command
 from rbee.process import child_env
 
 PROBE_TIMEOUT_S = 30.0  # a small model loads and decodes in about a second
 PROBE_MAX_MODEL_BYTES = 2 << 30  # a bigger model would make the probe slow: none then
-CACHE_VERSION = 2  # bump when what the probe tries or reports changes
 REASON_CHARS = 300  # of each failed probe's reason, in the verdict's note
 CANDIDATES_AFTER_A_FAILURE = 2  # working settings timed against each other once one failed
 # Lower CPU variants to fall back on, each with the /proc/cpuinfo flags it needs.
@@ -67,32 +66,6 @@ class Setting:
         """``best variant with extra buffer types`` and the like."""
         which = f"CPU variant {self.variant}" if self.variant else "the best CPU variant"
         return f"{which} {'with' if self.extra_bufts else 'without'} extra buffer types"
-
-
-def lib_dir() -> Path | None:
-    """llama-cpp-python's library directory, found without importing it (0.2 s saved)."""
-    with contextlib.suppress(ImportError, ValueError):
-        spec = importlib.util.find_spec("llama_cpp")
-        if spec is not None and spec.origin:
-            return Path(spec.origin).parent / "lib"
-    return None
-
-
-def machine_key(libs: Path | None) -> str:
-    """What the verdict depends on: the CPU, the kernel, the llama.cpp build, a forced fault."""
-    parts = [str(CACHE_VERSION), platform.release(), os.environ.get(PROBE_FAULT_ENV, "")]
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("model name", "flags")):
-                parts.append(line)
-                if line.startswith("flags"):
-                    break
-    if libs is not None and libs.is_dir():
-        for path in sorted(libs.iterdir()):
-            with contextlib.suppress(OSError):
-                stat = path.stat()
-                parts.append(f"{path.name} {stat.st_size} {stat.st_mtime_ns}")
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
 def ladder(libs: Path | None, cpu_flags: set[str]) -> list[Setting]:
@@ -122,11 +95,10 @@ def choose(
 ) -> EngineChoice:
     """The engine setting for this machine: cached, else probed (see the module docstring)."""
     libs = lib_dir()
-    cache = cache_dir / f"engine-probe-{machine_key(libs)}.json"
-    with contextlib.suppress(OSError, ValueError, TypeError):
-        cached = EngineChoice(**json.loads(cache.read_text()))
-        if cached.proven:
-            return EngineChoice(**{**asdict(cached), "threads": threads})
+    cache = verdict_file(cache_dir, libs)
+    cached = cached_choice(cache_dir, libs)
+    if cached is not None:
+        return EngineChoice(**{**asdict(cached), "threads": threads})
     if model_path is None:
         return EngineChoice(
             variant="",
@@ -187,9 +159,10 @@ def run_probe(
     """Run one probe child: what it reported, or why it failed (a sentence)."""
     argv = [*self_command(), "worker", "--probe", "--model-path", model_path]
     argv += ["--threads", str(threads)] + ([] if step.extra_bufts else ["--no-extra-bufts"])
-    extra = {"CUDA_VISIBLE_DEVICES": ""}  # the CPU's fast paths are what is probed
-    if step.variant:  # else ggml's choice, or the variant a person set for the hive
-        extra[CPU_VARIANT_ENV] = step.variant
+    # The CPU's fast paths are what is probed; "" is the variant a person set for the hive, else
+    # ggml's choice (not a cached verdict's).
+    variant = step.variant or os.environ.get(CPU_VARIANT_ENV) or BEST_VARIANT
+    extra = {"CUDA_VISIBLE_DEVICES": "", CPU_VARIANT_ENV: variant}
     env = child_env(extra)
     try:
         done = subprocess.run(

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from rbee.errors import BackendUnavailable, InvalidModel, InvalidRequest
-from rbee.llamacpp import EngineChoice, default_threads, import_llama
+from rbee.llamacpp import EngineChoice, default_threads, import_llama, loaded_variant
 from rbee.protocol.messages import SYNTHETIC_PREFIX, GenerateParams
 
 DEFAULT_MAX_CTX = 4096
@@ -304,7 +304,12 @@ def open_engine(
 def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_MAX_CTX) -> Any:
     """A plain ``llama_cpp.Llama`` loaded exactly as a hive's worker loads it (threads, extra
     buffer types, CPU variant): the in-process baseline of tests and benchmarks."""
-    os.environ.update(choice.worker_env())  # read when llama.cpp's CPU backend is first loaded
+    import_llama()  # loads the probed variant, unless this process loaded another one already
+    running = loaded_variant()
+    if choice.running and running and running != choice.running:
+        raise InvalidModel(
+            f"this process runs llama.cpp's {running} CPU variant, workers {choice.running}"
+        )
     engine = Engine(
         model_path, n_ctx, lambda _f: None, threads=choice.threads, extra_bufts=choice.extra_bufts
     )

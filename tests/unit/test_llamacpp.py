@@ -71,7 +71,7 @@ def test_without_a_model_nothing_is_proven_and_extra_buffer_types_stay_off(
 
 def test_a_cached_verdict_is_used_without_probing(tmp_path: Path) -> None:
     cached = EngineChoice("haswell", False, 2, "haswell", "AVX2 FMA", "a note", proven=True)
-    key = probe.machine_key(probe.lib_dir())
+    key = llamacpp.machine_key(llamacpp.lib_dir())
     (tmp_path / f"engine-probe-{key}.json").write_text(json.dumps(cached.__dict__))
     # A probe of this path would fail: the cache answers first, with this hive's thread count.
     got = probe.choose(tmp_path, str(tmp_path / "no-such-model.gguf"), threads=5)
@@ -83,12 +83,12 @@ def test_the_key_changes_with_the_build_and_a_forced_fault(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     (tmp_path / "libllama.so").write_bytes(b"one build")
-    first = probe.machine_key(tmp_path)
+    first = llamacpp.machine_key(tmp_path)
     (tmp_path / "libllama.so").write_bytes(b"another build")
-    assert probe.machine_key(tmp_path) != first
-    again = probe.machine_key(tmp_path)
+    assert llamacpp.machine_key(tmp_path) != first
+    again = llamacpp.machine_key(tmp_path)
     monkeypatch.setenv(llamacpp.PROBE_FAULT_ENV, "extra-bufts")
-    assert probe.machine_key(tmp_path) != again
+    assert llamacpp.machine_key(tmp_path) != again
 
 
 def test_describe_says_what_runs_and_what_is_off() -> None:
