@@ -77,7 +77,7 @@ def import_llama() -> Any:
 
     libs = Path(llama_cpp.__file__).parent / "lib"
     if variant_files(libs):
-        ggml = ctypes.CDLL(str(mapped("libggml.so") or libs / "libggml.so"))
+        ggml = ctypes.CDLL(str(mapped("libggml.so") or libs / "libggml.so.0"))
         ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
         if ggml.ggml_backend_reg_count() == 0:
             chosen = os.environ.get(CPU_VARIANT_ENV, "")

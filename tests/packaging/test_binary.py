@@ -72,14 +72,22 @@ def test_version(rbee_binary: Path) -> None:
     lines = done.stdout.splitlines()
     assert lines[0] == f"rbee {__version__}" and lines[1] == "protocol 1"
     assert lines[2].startswith("llama-cpp-python 0.3.36"), lines[2]
-    assert "AVX2 = 1" in lines[2], "the portable build targets x86-64-v3"
-    assert "AVX512 = 1" not in lines[2], "not tuned to the build machine's CPU"
+    # The CPU backend is loaded at run time: a variant the bundle ships, chosen for this CPU.
+    variant = re.match(r"CPU variant (\S+): (.*); (\d+) threads by default$", lines[3])
+    assert variant is not None, lines[3]
+    bundled = rbee_binary.parent / "_internal/llama_cpp/lib" / f"libggml-cpu-{variant[1]}.so"
+    assert bundled.is_file(), bundled
+    flags = Path("/proc/cpuinfo").read_text()
+    if " avx2 " in flags:
+        assert "AVX2" in variant[2].split(), "an AVX2 machine runs an AVX2 variant or better"
 
 
 def test_bundle_layout(rbee_binary: Path) -> None:
     internal = rbee_binary.parent / "_internal"
     libs = sorted(p.name for p in (internal / "llama_cpp/lib").iterdir())
-    assert "libllama.so" in libs and "libggml-cpu.so.0" in libs, libs
+    assert "libllama.so" in libs and "libggml.so.0" in libs, libs
+    variants = {"x64", "sse42", "haswell", "skylakex", "icelake", "zen4", "sapphirerapids"}
+    assert {f"libggml-cpu-{v}.so" for v in variants} <= set(libs), "every CPU variant"
     assert not any(name.endswith(".0.5.0") for name in libs), "no duplicate library copies"
     assert not list(internal.rglob("*.gguf")), "the model is never bundled"
     assert (internal / "systemd/rbee-hive.service").is_file(), "rbee hive install needs it"
