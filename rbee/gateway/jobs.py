@@ -17,7 +17,6 @@ import asyncio
 import io
 import threading
 import time
-import uuid
 from dataclasses import dataclass
 
 import zmq
@@ -44,7 +43,7 @@ from rbee.keeper.infer import (
 )
 from rbee.keeper.link import HiveLink
 from rbee.keeper.stream import JobStream, describe
-from rbee.protocol.messages import Done, StreamError, Token, WorkerAssigned
+from rbee.protocol.messages import Done, StreamError, Token, WorkerAssigned, new_job_id
 from rbee.transport.sockets import STREAM_HWM, StreamSubscriber
 
 READY_TIMEOUT_S = 600.0  # finding a hive, downloading and loading the model, and queueing
@@ -125,7 +124,7 @@ class Job:
         self.ctx = ctx
         self.request = request
         self.ready_timeout_s = ready_timeout_s
-        self.job_id = "j-" + uuid.uuid4().hex[:16]
+        self.job_id = new_job_id()
         self.stop = threading.Event()
         self.ended = False  # set by the reader once it saw the terminal event
         self.where: dict[str, str] = {"job_id": self.job_id}

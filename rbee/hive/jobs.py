@@ -1,5 +1,8 @@
 """The hive's jobs: a bounded FIFO queue in front of the workers, dispatch once the keeper's
-subscription is seen, and the relay that keeps every stream frame for gap-filling fetches."""
+subscription is seen, and the relay that keeps every stream frame for gap-filling fetches.
+
+Each job belongs to the key that started it: only that key hears its stream (rbee.hive.streams),
+fetches its frames or sees its id; an admin key may cancel it, and the owner is told so."""
 
 from __future__ import annotations
 
@@ -38,7 +41,9 @@ from rbee.protocol.messages import (
     StartJob,
     StreamError,
     Token,
+    stream_topic,
 )
+from rbee.transport.keys import fingerprint
 
 SUBSCRIBE_TIMEOUT_S = 4.0  # under the keeper's 5 s wait for a reply
 PROGRESS_EVERY_S = 1.0  # a waiting keeper hears from the hive at least this often
@@ -54,7 +59,7 @@ class JobDesk(HiveState):
     def on_start_job(self, who: bytes, rid: int, frame: StartJob) -> None:
         """Queue the job; it starts on an idle worker holding the model once the keeper's
         subscription is seen. The final reply (JobAccepted) comes when it starts."""
-        if frame.job_id in self.jobs:
+        if frame.job_id in self.jobs or self.streams.owner(frame.job_id) not in (None, self.caller):
             raise InvalidRequest(f"job id {frame.job_id} is already in use")
         preferred = self.workers.get(frame.worker_id)
         if frame.worker_id and preferred is None:
@@ -79,11 +84,13 @@ class JobDesk(HiveState):
                 suggestion="try again shortly",
             )
         keep_alive = frame.keep_alive_s
+        self.streams.claim(frame.job_id, self.caller)
         job = JobRecord(
             job_id=frame.job_id,
             model=model,
             model_path=path,
             keeper=who,
+            owner=self.caller,
             rid=rid,
             params=frame.params,
             keep_alive_s=self.config.keep_alive_s
@@ -101,7 +108,7 @@ class JobDesk(HiveState):
     def _schedule(self, now: float) -> None:
         """Start queued jobs on idle workers (FIFO per model); keep waiting keepers informed."""
         for job in list(self.queue):
-            if self.subscribers[job.job_id] == 0:
+            if not self.streams.listeners(job.job_id):
                 if now - job.queued_at > SUBSCRIBE_TIMEOUT_S:
                     self._fail_queued(
                         job,
@@ -125,7 +132,7 @@ class JobDesk(HiveState):
                     ),
                 )
         self._scale_for_queue()
-        waiting = [j for j in self.queue if self.subscribers[j.job_id] > 0]
+        waiting = [j for j in self.queue if self.streams.listeners(j.job_id)]
         for position, job in enumerate(waiting, start=1):
             if position != job.told_position or now - job.told_at >= PROGRESS_EVERY_S:
                 job.told_position, job.told_at = position, now
@@ -183,30 +190,52 @@ class JobDesk(HiveState):
         )
         job.finished_at = time.monotonic()
 
+    def _own_job(self, job_id: str, admin_may: bool = False) -> JobRecord:
+        """The caller's job ``job_id`` (or anyone's, for an admin when ``admin_may``). Another
+        key's job is answered exactly like a job that does not exist."""
+        job = self.jobs.get(job_id)
+        if job is None or (job.owner != self.caller and not (admin_may and self.role == "admin")):
+            raise JobNotFound(f"no job {job_id} of this keeper on {self.node} (finished long ago?)")
+        return job
+
     def on_cancel(self, who: bytes, rid: int, frame: Cancel) -> None:
-        """Stop a job at its next token; canceling a finished job is harmless."""
-        job = self.jobs.get(frame.job_id)
-        if job is None:
-            raise JobNotFound(f"no job {frame.job_id} on {self.node}")
+        """Stop a job at its next token; canceling a finished job is harmless. An admin may
+        cancel any key's job: the answer and the owner's stream say that an admin did."""
+        job = self._own_job(frame.job_id, admin_may=True)
         detail = "finished" if job.finished else "canceling"
-        self._cancel(job)
+        if job.owner != self.caller and not job.finished:
+            by = f"an admin key ({fingerprint(self.caller)})"
+            logger.warning(
+                "admin canceled another key's job",
+                job=job.job_id,
+                by=by,
+                owner=fingerprint(job.owner),
+            )
+            detail = f"canceling job {job.job_id} of key {fingerprint(job.owner)} as admin"
+            self._cancel(job, by)
+        else:
+            self._cancel(job)
         self.front.send(who, Ack(detail=detail), rid)
 
-    def _cancel(self, job: JobRecord) -> None:
+    def _cancel(self, job: JobRecord, by: str = "") -> None:
+        """Stop ``job``; ``by`` names who, when it is not the job's own keeper."""
         if job.finished:
             return
+        job.canceled_by = job.canceled_by or by
         if job.dispatched:
             worker = self.workers.get(job.worker_id)
             if worker is not None:
                 self.pool.send(worker, CancelJob(job_id=job.job_id))
         else:
-            self._fail_queued(job, Canceled(f"job {job.job_id} was canceled while queued"))
+            self._fail_queued(job, Canceled(self._canceled_text(job, "while queued")))
+
+    def _canceled_text(self, job: JobRecord, when: str) -> str:
+        by = f" by {job.canceled_by}" if job.canceled_by else ""
+        return f"job {job.job_id} was canceled{by} on {self.node} {when}"
 
     def on_fetch_frames(self, who: bytes, rid: int, frame: FetchFrames) -> None:
         """Resend a job's frames from a sequence number on (the gap-filling path)."""
-        job = self.jobs.get(frame.job_id)
-        if job is None:
-            raise JobNotFound(f"no job {frame.job_id} on {self.node} (finished long ago?)")
+        job = self._own_job(frame.job_id)
         end = min(len(job.frames), frame.from_seq + MAX_FRAMES_PER_REPLY)
         frames = job.frames[frame.from_seq : end]
         finished = job.finished and end == len(job.frames)
@@ -232,16 +261,32 @@ class JobDesk(HiveState):
             return
         if isinstance(frame, Token):
             job.frames.append(parts[1])
-            self.xpub.send_multipart(parts, zmq.NOBLOCK)  # drops at the HWM; FetchFrames heals
+            # Drops at the HWM; FetchFrames heals.
+            self.xpub.send_multipart([stream_topic(job.job_id), parts[1]], zmq.NOBLOCK)
+        elif isinstance(frame, Done) and frame.stop_reason == "canceled" and job.canceled_by:
+            self._finish_canceled_by_other(job, frame)
         else:
             self._finish(job, frame, parts[1])
+
+    def _finish_canceled_by_other(self, job: JobRecord, done: Done) -> None:
+        """The owner learns that someone else (an admin) canceled its job: the held-back tail
+        comes as a last token, then a CANCELED error that says who."""
+        seq = done.seq
+        if done.tail:
+            tail = encode(Token(job_id=job.job_id, seq=seq, text=done.tail))
+            job.frames.append(tail)
+            self.xpub.send_multipart([stream_topic(job.job_id), tail], zmq.NOBLOCK)
+            seq += 1
+        message = self._canceled_text(job, f"after {done.tokens} tokens")
+        error = StreamError(job_id=job.job_id, seq=seq, code=Canceled.code, message=message)
+        self._finish(job, error)
 
     def _finish(self, job: JobRecord, terminal: Frame, data: bytes | None = None) -> None:
         """Record and publish a job's one terminal frame; its worker becomes idle."""
         data = data if data is not None else encode(terminal)
         job.frames.append(data)
         job.finished_at = time.monotonic()
-        self.xpub.send_multipart([job.job_id.encode(), data], zmq.NOBLOCK)
+        self.xpub.send_multipart([stream_topic(job.job_id), data], zmq.NOBLOCK)
         if isinstance(terminal, Done):
             logger.info(
                 "job finished",
@@ -269,19 +314,35 @@ class JobDesk(HiveState):
         self._schedule(time.monotonic())
 
     def _on_subscription(self) -> None:
-        data = self.xpub.recv(zmq.NOBLOCK)
-        if not data:
+        """A keeper (un)subscribed. The XPUB is manual: a subscription takes effect only when
+        applied here, right after it is read, and only for the subscribing key's own job."""
+        msg = self.xpub.recv(zmq.NOBLOCK, copy=False)
+        data = msg.bytes
+        if not data or data[0] not in (0, 1):
             return
-        topic = data[1:].decode("utf-8", "replace")
+        topic, key = data[1:], self._subscriber_key(msg)
         if data[0] == 1:
-            self.subscribers[topic] += 1
-            if topic in self.jobs:
+            job_id = self.streams.subscribe(topic, key or "")
+            if not job_id:
+                logger.info("refused a subscription", topic=topic[:80], key=fingerprint(key or ""))
+                return
+            self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
+            if job_id in self.jobs:
                 self._schedule(time.monotonic())
-        elif data[0] == 0 and self.subscribers[topic] > 0:
-            self.subscribers[topic] -= 1
-            if self.subscribers[topic] == 0:
-                del self.subscribers[topic]
-                job = self.jobs.get(topic)
-                if job is not None and not job.finished:
-                    logger.info("keeper went away; canceling its job", job=topic)
-                    self._cancel(job)
+            return
+        self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)  # an explicit one; harmless otherwise
+        gone = self.streams.unsubscribe(topic, key)
+        job = self.jobs.get(gone)
+        if job is not None and not job.finished:
+            logger.info("keeper went away; canceling its job", job=gone)
+            self._cancel(job)
+
+    def _subscriber_key(self, msg: zmq.Frame) -> str | None:
+        """The CURVE key of whoever sent a subscription message ("" without CURVE; None for the
+        unsubscriptions libzmq makes up when a connection closes)."""
+        if not self.secure:
+            return ""
+        try:
+            return str(msg.get("User-Id"))
+        except zmq.ZMQError:
+            return None

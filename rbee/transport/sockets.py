@@ -25,7 +25,7 @@ from rbee.errors import (
     error_from_code,
 )
 from rbee.protocol.codec import MAX_FRAME_BYTES, Envelope, decode, encode
-from rbee.protocol.messages import Error, Frame
+from rbee.protocol.messages import Error, Frame, stream_topic
 
 LINGER_MS = 0
 AUTH_EVENTS = (
@@ -330,9 +330,9 @@ class StreamSubscriber:
             raise
         connect(self.sock, endpoint)
 
-    def subscribe(self, topic: str) -> None:
-        """Ask for the frames of one job."""
-        self.sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    def subscribe(self, job_id: str) -> None:
+        """Ask for the frames of one job (the hive lets only the key that owns it listen)."""
+        self.sock.setsockopt(zmq.SUBSCRIBE, stream_topic(job_id))
 
     def recv(self, timeout_s: float) -> bytes | None:
         """The next frame's payload, or None when nothing arrived within ``timeout_s``."""

@@ -3,6 +3,7 @@ address (so CURVE is on), keepers on another. Everything through the rbee comman
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -201,3 +202,123 @@ def test_an_impostor_announcing_no_key_is_never_sent_a_byte(
             finally:
                 out, _ = impostor.communicate(input="", timeout=30)
     assert impostor.returncode == 0 and "RECEIVED 0\n" in out, f"the impostor got bytes: {out!r}"
+
+
+SNOOP = """
+import json, sys, time, zmq
+from rbee.errors import RbeeError
+from rbee.keeper.link import curve_for, hello
+from rbee.protocol.messages import Cancel, FetchFrames, ListWorkers
+from rbee.transport.sockets import StreamSubscriber
+host, job_id = sys.argv[1], ""
+ctx = zmq.Context()
+curve = curve_for(f"{host}:7830")
+client, reply = hello(ctx, host, 7830, (3.0,), curve)
+stream = f"tcp://{host}:{reply.stream_port}"
+everything = StreamSubscriber(ctx, stream, 10_000, curve)
+for prefix in (b"", b"j", b"j-"):  # a PUB/SUB topic is a prefix match
+    everything.sock.setsockopt(zmq.SUBSCRIBE, prefix)
+print("SNOOP-READY", flush=True)
+job_id = sys.stdin.readline().strip()
+exact = StreamSubscriber(ctx, stream, 10_000, curve)
+exact.subscribe(job_id)
+exact.sock.setsockopt(zmq.SUBSCRIBE, job_id.encode())
+def outcome(frame):
+    try:
+        return type(client.request(frame, 5.0)).__name__
+    except RbeeError as exc:
+        return exc.code
+seen = [w.job_id for w in client.request(ListWorkers(), 5.0).workers]
+fetched, canceled = outcome(FetchFrames(job_id=job_id, from_seq=0)), outcome(Cancel(job_id=job_id))
+received, deadline = 0, time.monotonic() + 2.0
+while time.monotonic() < deadline:
+    received += sum(1 for sub in (everything, exact) if sub.recv(0.05) is not None)
+print(json.dumps({"seen": seen, "fetched": fetched, "canceled": canceled, "received": received}))
+"""
+
+
+def test_a_key_cannot_hear_fetch_list_or_cancel_another_keys_job(
+    rbee_env: dict[str, str], tmp_path: Path
+) -> None:
+    """Two keepers paired with the infer role: while one streams a job, the other, knowing even
+    the job's id, receives no frame of it on any topic, does not see the id listed, cannot fetch
+    or cancel it. An admin key may cancel it, and the owner is told that an admin did."""
+    with Lan.create(3, subnet=6) as lan:
+        h1, h2, h3 = lan.hosts
+        hive_env = env_for(h1, rbee_env, tmp_path, "alpha")
+        owner = env_for(h2, rbee_env, tmp_path, "owner")
+        other, admin = (env_for(h3, rbee_env, tmp_path, name) for name in ("other", "admin"))
+        with hive_on(h1, hive_env, "alpha"):
+            wait_listed(h2, owner, {"alpha"})
+            for host, env, role in (
+                (h2, owner, "infer"),
+                (h3, other, "infer"),
+                (h3, admin, "admin"),
+            ):
+                assert pair(h1, hive_env, host, env, role=role).returncode == 0
+            long_job = ("infer", "--node", "alpha", "-t", "0", "-n", "400", "--ignore-eos", "Hi")
+
+            def started(job: subprocess.Popen[str]) -> str:
+                assert job.stderr is not None
+                lines = []
+                while line := job.stderr.readline():
+                    lines.append(line)
+                    if found := re.search(r"job (j-[0-9a-f]+) on worker", line):
+                        return found.group(1)
+                raise AssertionError(f"the job did not start: {''.join(lines)}")
+
+            snoop = subprocess.Popen(
+                h3.argv([sys.executable, "-c", SNOOP, h1.address]),
+                env=other,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert snoop.stdout is not None and snoop.stdout.readline() == "SNOOP-READY\n"
+            victim = subprocess.Popen(
+                h2.argv([sys.executable, "-m", "rbee", *long_job]),
+                env=owner,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            job_id = started(victim)
+            out, _ = snoop.communicate(input=job_id + "\n", timeout=60)
+            report = json.loads(out.splitlines()[-1])
+            assert report == {
+                "seen": [""],
+                "fetched": "JOB_NOT_FOUND",
+                "canceled": "JOB_NOT_FOUND",
+                "received": 0,
+            }, report
+            text, rest = victim.communicate(timeout=60)
+            assert victim.returncode == 0 and "[done] 400 tokens" in rest, rest
+            assert len(text) > 400
+
+            victim = subprocess.Popen(
+                h2.argv([sys.executable, "-m", "rbee", *long_job]),
+                env=owner,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            job_id = started(victim)
+            cancel = ADMIN_CANCEL.format(host=h1.address, job_id=job_id)
+            by_admin = subprocess.run(
+                h3.argv([sys.executable, "-c", cancel]), env=admin, capture_output=True, text=True
+            )
+            listed, detail = by_admin.stdout.splitlines()[-2:]
+            assert job_id in listed and "as admin" in detail, by_admin.stdout + by_admin.stderr
+            _, rest = victim.communicate(timeout=60)
+            assert victim.returncode == ExitCode.CANCELED, rest
+            assert "canceled by an admin key (SHA256:" in rest, rest
+
+
+ADMIN_CANCEL = """
+import zmq
+from rbee.keeper.link import curve_for, hello
+from rbee.protocol.messages import Cancel, ListWorkers
+client, _ = hello(zmq.Context(), "{host}", 7830, (3.0,), curve_for("{host}:7830"))
+print([w.job_id for w in client.request(ListWorkers(), 5.0).workers])
+print(client.request(Cancel(job_id="{job_id}"), 5.0).detail)
+"""
