@@ -24,6 +24,7 @@ from spake2 import SPAKE2_A, SPAKE2_B
 
 from rbee import log
 from rbee.errors import AccessDenied, HiveUnreachable, RbeeError, Timeout
+from rbee.protocol.codec import PAIRING
 from rbee.protocol.messages import (
     PairAccepted,
     PairConfirm,
@@ -78,10 +79,10 @@ def serve_pairing(
     """Wait for one keeper to pair with ``code``; returns its public key (now authorized)."""
     keys = load_or_create(data_dir)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    sock = new_socket(ctx, zmq.ROUTER)
+    sock = new_socket(ctx, zmq.ROUTER, PAIRING)
     try:
         bind_endpoint(sock, host, port)
-        server = RouterServer(sock)
+        server = RouterServer(sock, bounds=PAIRING)
         sessions: dict[bytes, SPAKE2_B] = {}
         shared: dict[bytes, bytes] = {}
         failures = 0

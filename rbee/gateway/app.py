@@ -230,6 +230,8 @@ async def _read_json(request: Request) -> Any:
         return json.loads(data)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadParameter(None, f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:  # Python's parser recurses once per level of nesting
+        raise BadParameter(None, "the request body nests JSON too deeply") from None
 
 
 async def _cancel_on_disconnect(request: Request, job: Job) -> None:

@@ -179,13 +179,16 @@ class JobDesk(HiveState):
         self.front.send(
             job.keeper, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id), job.rid
         )
+        assert job.params is not None  # a queued job has them
         self.pool.send(worker, RunJob(job_id=job.job_id, params=job.params))
+        job.params = None
 
     def _fail_queued(self, job: JobRecord, error: RbeeError) -> None:
         self.queue.remove(job)
+        job.params = None
         logger.info("job failed", job=job.job_id, code=error.code, error=error.message)
         self.front.reply_error(job.keeper, job.rid, error)
-        job.frames.append(
+        job.keep(
             encode(StreamError(job_id=job.job_id, seq=0, code=error.code, message=error.message))
         )
         job.finished_at = time.monotonic()
@@ -260,7 +263,7 @@ class JobDesk(HiveState):
             self.dropped_stream_frames += 1
             return
         if isinstance(frame, Token):
-            job.frames.append(parts[1])
+            job.keep(parts[1])
             # Drops at the HWM; FetchFrames heals.
             self.xpub.send_multipart([stream_topic(job.job_id), parts[1]], zmq.NOBLOCK)
         elif isinstance(frame, Done) and frame.stop_reason == "canceled" and job.canceled_by:
@@ -274,7 +277,7 @@ class JobDesk(HiveState):
         seq = done.seq
         if done.tail:
             tail = encode(Token(job_id=job.job_id, seq=seq, text=done.tail))
-            job.frames.append(tail)
+            job.keep(tail)
             self.xpub.send_multipart([stream_topic(job.job_id), tail], zmq.NOBLOCK)
             seq += 1
         message = self._canceled_text(job, f"after {done.tokens} tokens")
@@ -284,7 +287,7 @@ class JobDesk(HiveState):
     def _finish(self, job: JobRecord, terminal: Frame, data: bytes | None = None) -> None:
         """Record and publish a job's one terminal frame; its worker becomes idle."""
         data = data if data is not None else encode(terminal)
-        job.frames.append(data)
+        job.keep(data)
         job.finished_at = time.monotonic()
         self.xpub.send_multipart([stream_topic(job.job_id), data], zmq.NOBLOCK)
         if isinstance(terminal, Done):

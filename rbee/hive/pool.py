@@ -29,6 +29,7 @@ from rbee.protocol.messages import (
 from rbee.transport.sockets import RouterServer
 
 HEARTBEAT_TIMEOUT_S = 5.0
+LOOP_HELD_UP_S = 1.0  # the hive's loop checks its workers ten times a second
 LOAD_STALL_TIMEOUT_S = 120.0
 STOP_GRACE_S = 5.0
 
@@ -63,6 +64,7 @@ class WorkerPool:
         self.stream = stream
         self.workers: dict[str, WorkerRecord] = {}
         self.procs: dict[str, WorkerProcess] = {}
+        self.reaped_at = 0.0
 
     def records(self) -> list[WorkerRecord]:
         """Every worker the hive knows, stopping ones included."""
@@ -165,9 +167,18 @@ class WorkerPool:
             signal_worker(proc, signal.SIGKILL)
 
     def reap(self, now: float) -> list[Event]:
-        """Check every worker: exits, stalled loads, missed heartbeats, overdue stops."""
+        """Check every worker: exits, stalled loads, missed heartbeats, overdue stops.
+
+        When the hive's own loop was held up (the last check is long past), the heartbeats
+        that came meanwhile are still unread: the silence is the hive's, and no worker is
+        blamed for it."""
         events: list[Event] = []
+        held_up = now - self.reaped_at if self.reaped_at else 0.0
+        self.reaped_at = now
         for worker in self.records():
+            if held_up > LOOP_HELD_UP_S:
+                worker.last_seen += held_up
+                worker.last_progress += held_up
             proc = self.procs[worker.worker_id]
             code = proc.proc.poll()
             if code is not None:

@@ -16,6 +16,7 @@ from rbee.protocol.messages import GenerateParams, WorkerInfo
 
 JOB_RETENTION_S = 300.0
 MAX_FINISHED_JOBS = 256
+MAX_FINISHED_BYTES = 64 * 1024 * 1024  # the stream frames finished jobs keep, in all
 
 Serves = Callable[["WorkerRecord"], bool]  # whether a worker runs where a request wants
 
@@ -89,7 +90,7 @@ class JobRecord:
     model_path: str
     keeper: bytes
     rid: int
-    params: GenerateParams
+    params: GenerateParams | None  # until it is handed to a worker (a prompt can be megabytes)
     keep_alive_s: float
     owner: str = ""  # the CURVE key that started it ("" on a development-mode hive)
     canceled_by: str = ""  # who canceled it, when that was not its own keeper (an admin)
@@ -100,9 +101,15 @@ class JobRecord:
     queued_at: float = field(default_factory=time.monotonic)
     dispatched: bool = False
     frames: list[bytes] = field(default_factory=list)
+    frame_bytes: int = 0
     finished_at: float = 0.0
     told_position: int = -1
     told_at: float = 0.0
+
+    def keep(self, frame: bytes) -> None:
+        """Keep one stream frame for FetchFrames (its bytes are counted)."""
+        self.frames.append(frame)
+        self.frame_bytes += len(frame)
 
     @property
     def finished(self) -> bool:
@@ -187,10 +194,17 @@ def plan_worker(
 
 
 def expired_jobs(jobs: list[JobRecord], now: float) -> list[str]:
-    """Finished jobs whose frames may be forgotten: too old, or beyond the newest few."""
+    """Finished jobs whose frames may be forgotten: too old, or beyond the newest few, or
+    (oldest first) beyond MAX_FINISHED_BYTES of frames in all."""
     finished = sorted((j for j in jobs if j.finished), key=lambda j: j.finished_at)
     old = {j.job_id for j in finished if now - j.finished_at > JOB_RETENTION_S}
     surplus = {j.job_id for j in finished[: max(0, len(finished) - MAX_FINISHED_JOBS)]}
+    kept = sum(j.frame_bytes for j in finished)
+    for j in finished:
+        if kept <= MAX_FINISHED_BYTES:
+            break
+        surplus.add(j.job_id)
+        kept -= j.frame_bytes
     return sorted(old | surplus)
 
 

@@ -56,6 +56,7 @@ from rbee.hive.streams import StreamGate
 from rbee.hub.layout import clean_stale_parts
 from rbee.llamacpp import EngineChoice, default_threads
 from rbee.paths import cache_dir
+from rbee.protocol.codec import REQUESTS
 from rbee.protocol.messages import (
     PROTOCOL_VERSION,
     Ack,
@@ -101,6 +102,7 @@ DEFAULT_CTX_TOKENS = 4096
 MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
 LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 ENGINE_TEXT_CHARS = 1024
+FRONT_HWM = 64  # requests queued per keeper connection while the loop is busy
 SUBSCRIPTION_BYTES = 4096  # a subscription names one job's topic (CURVE's handshake is ~300 B)
 
 logger = log.get(__name__)
@@ -134,7 +136,8 @@ class Hive(JobDesk, Provisioner):
         self.authorized = AuthorizedKeys(config.data_dir)
         self.keys = load_or_create(config.data_dir) if self.secure else None
         self.auth: ThreadAuthenticator | None = None
-        front = new_socket(self.ctx, zmq.ROUTER)
+        front = new_socket(self.ctx, zmq.ROUTER, REQUESTS)
+        front.setsockopt(zmq.RCVHWM, FRONT_HWM)
         self.xpub = new_socket(self.ctx, zmq.XPUB)
         if self.keys is not None:
             self.auth = ThreadAuthenticator(self.ctx)
@@ -150,7 +153,7 @@ class Hive(JobDesk, Provisioner):
         else:
             logger.info("development mode: loopback only, no keys", host=config.host)
         self.front_endpoint = bind_endpoint(front, config.host, config.port)
-        self.front = RouterServer(front, curve=self.secure)
+        self.front = RouterServer(front, curve=self.secure, bounds=REQUESTS)
         self.role = "admin"  # of the request being handled (loop thread only)
         self.caller = ""
         back = new_socket(self.ctx, zmq.ROUTER)

@@ -3,20 +3,52 @@
 Decoding checks size, shape, version and type, then builds the frame class (which validates every
 field) before any code acts on it. Anything wrong raises ProtocolError, VersionMismatch or
 InvalidRequest; callers reply with an Error frame or drop and count, never crash.
+
+What decoding may build is bounded (``Bounds``), not just the frame's size: msgpack turns one
+byte into an empty list (~60 bytes), so a frame of nothing but containers would grow 70-fold.
+Frames from whoever may send them unauthenticated or with any key (keepers' requests, pairing)
+are held to the few containers a real request has; frames from the hive's own workers and from
+a hive whose key is pinned get room for the largest real replies.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import msgpack
 
 from rbee.errors import InvalidRequest, ProtocolError, VersionMismatch
-from rbee.protocol.messages import FRAME_TYPES, PROTOCOL_VERSION, Frame, Token
+from rbee.protocol.messages import (
+    FRAME_TYPES,
+    MAX_CHAT_MESSAGES,
+    MAX_TOKENS_LIMIT,
+    PROTOCOL_VERSION,
+    Frame,
+    Token,
+)
 from rbee.protocol.schema import record_from_wire
 
 MAX_FRAME_BYTES = 64 * 1024 * 1024
+MAX_REQUEST_BYTES = 8 * 1024 * 1024  # 2 Mi characters of prompt and messages, UTF-8
+MAX_PAIRING_BYTES = 4096
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What decoding one frame may build: its size, each container's length and (when
+    ``containers`` > 0) how many maps and arrays in all."""
+
+    frame_bytes: int
+    array_len: int
+    map_len: int = 64  # the widest frame has ~16 fields
+    containers: int = 0
+
+
+REPLIES = Bounds(MAX_FRAME_BYTES, array_len=MAX_TOKENS_LIMIT + 1)  # workers, pinned hives
+REQUESTS = Bounds(MAX_REQUEST_BYTES, MAX_CHAT_MESSAGES, 32, MAX_CHAT_MESSAGES + 16)  # keepers
+PAIRING = Bounds(MAX_PAIRING_BYTES, array_len=4, map_len=16, containers=8)  # anyone on the LAN
 
 
 class Envelope(NamedTuple):
@@ -34,12 +66,24 @@ def encode(frame: Frame, rid: int = 0) -> bytes:
     return data
 
 
-def decode(data: bytes) -> Envelope:
-    """Parse and validate one frame; raise an rbee error for anything malformed."""
-    if len(data) > MAX_FRAME_BYTES:
-        raise ProtocolError(f"frame of {len(data)} bytes exceeds {MAX_FRAME_BYTES}")
+def decode(data: bytes, bounds: Bounds = REPLIES) -> Envelope:
+    """Parse and validate one frame; raise an rbee error for anything malformed or beyond
+    ``bounds`` (before it is built: the bounds are checked as msgpack reads)."""
+    if len(data) > bounds.frame_bytes:
+        raise ProtocolError(f"frame of {len(data)} bytes exceeds {bounds.frame_bytes}")
+    hooks: dict[str, Any] = {}
+    if bounds.containers:
+        hooks["object_hook"] = hooks["list_hook"] = _Budget(bounds.containers)
     try:
-        raw: Any = msgpack.unpackb(data, raw=False, strict_map_key=True)
+        raw: Any = msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=True,
+            max_array_len=bounds.array_len,
+            max_map_len=bounds.map_len,
+            max_ext_len=0,
+            **hooks,
+        )
     except Exception as exc:  # msgpack raises several unrelated types
         raise ProtocolError(f"frame is not valid msgpack ({type(exc).__name__})") from None
     if not isinstance(raw, dict):
@@ -68,6 +112,20 @@ def decode(data: bytes) -> Envelope:
     except (TypeError, ValueError) as exc:
         raise ProtocolError(f"malformed {type_name} frame: {exc}") from None
     return Envelope(frame=frame, rid=rid)
+
+
+class _Budget:
+    """Counts the containers msgpack builds and stops it past the budget (msgpack calls the
+    hooks as each map or array is finished, so nothing much is built beyond it)."""
+
+    def __init__(self, containers: int) -> None:
+        self.left = containers
+
+    def __call__(self, container: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise ValueError("too many maps and arrays")
+        return container
 
 
 _TOKEN_LIMITS = {f.name: f.metadata["limits"] for f in dataclasses.fields(Token)}

@@ -88,6 +88,13 @@ class GenerateParams(Record):
     ignore_eos: bool = spec(default=False)
     messages: list[ChatMessage] = spec(default_factory=list, max_len=MAX_CHAT_MESSAGES)
 
+    def whole_problems(self) -> list[str]:
+        """The conversation is capped as a whole, like the prompt (and like the gateway)."""
+        total = sum(len(m.content) for m in self.messages)
+        if total > MAX_PROMPT_CHARS:
+            return [f"messages hold {total} characters in all; the limit is {MAX_PROMPT_CHARS}"]
+        return []
+
 
 class DeviceInfo(Record):
     """One device a hive can run workers on, as detected (rbee.gpu) when the status was asked.

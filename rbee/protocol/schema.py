@@ -83,11 +83,16 @@ class Record:
     def __post_init__(self) -> None:
         problems = Problems()
         check_record(self, "", problems)
+        problems.items += self.whole_problems() if not problems.items else []
         if problems.items:
             raise InvalidRequest(
                 f"invalid {type(self).__name__}: " + "; ".join(problems.items),
                 suggestion="fix the fields named above",
             )
+
+    def whole_problems(self) -> list[str]:
+        """What is wrong across fields, beyond each field's own bounds (a subclass's rules)."""
+        return []
 
     def to_wire(self) -> dict[str, Any]:
         """The plain dict msgpack sends (nested records become dicts too)."""
@@ -229,7 +234,10 @@ def record_from_wire(cls: type[R], data: Any, path: str = "") -> R:
         kwargs[f.name] = value
     if problems.items:
         raise InvalidRequest(f"invalid {cls.__name__}: " + "; ".join(problems.items))
-    return _checked(cls, kwargs)
+    record = _checked(cls, kwargs)
+    if whole := record.whole_problems():
+        raise InvalidRequest(f"invalid {cls.__name__}: " + "; ".join(whole))
+    return record
 
 
 def _checked(cls: type[R], values: dict[str, Any]) -> R:

@@ -20,11 +20,12 @@ from rbee.errors import (
     AccessDenied,
     HiveKeyChanged,
     HiveUnreachable,
+    InvalidRequest,
     RbeeError,
     VersionMismatch,
     error_from_code,
 )
-from rbee.protocol.codec import MAX_FRAME_BYTES, Envelope, decode, encode
+from rbee.protocol.codec import MAX_REQUEST_BYTES, REPLIES, Bounds, Envelope, decode, encode
 from rbee.protocol.messages import Error, Frame, stream_topic
 
 LINGER_MS = 0
@@ -58,11 +59,14 @@ def tcp_endpoint(host: str, port: int) -> str:
     return f"tcp://{_bracket(host)}:{port}"
 
 
-def new_socket(ctx: zmq.Context[zmq.Socket[bytes]], kind: int) -> zmq.Socket[bytes]:
-    """A socket with rbee's defaults: no linger on close, a cap on incoming frame size."""
+def new_socket(
+    ctx: zmq.Context[zmq.Socket[bytes]], kind: int, bounds: Bounds = REPLIES
+) -> zmq.Socket[bytes]:
+    """A socket with rbee's defaults: no linger on close, and incoming frames capped at
+    ``bounds.frame_bytes`` (libzmq drops a peer that sends a bigger one before reading it)."""
     sock = ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+    sock.setsockopt(zmq.MAXMSGSIZE, bounds.frame_bytes)
     return sock
 
 
@@ -141,9 +145,14 @@ class Incoming:
 class RouterServer:
     """The serving side of request/reply. Malformed frames get an Error reply and are counted."""
 
-    def __init__(self, sock: zmq.Socket[bytes], curve: bool = False) -> None:
+    def __init__(
+        self, sock: zmq.Socket[bytes], curve: bool = False, bounds: Bounds = REPLIES
+    ) -> None:
+        """``bounds``: what one incoming frame may decode to (the socket's own MAXMSGSIZE is
+        set by ``new_socket``)."""
         self.sock = sock
         self.curve = curve
+        self.bounds = bounds
         self.dropped = 0
 
     def recv(self) -> Incoming | None:
@@ -158,7 +167,7 @@ class RouterServer:
         except zmq.ZMQError:
             user = ""
         try:
-            return Incoming(identity, decode(data), str(user or ""))
+            return Incoming(identity, decode(data, self.bounds), str(user or ""))
         except RbeeError as exc:
             self.dropped += 1
             self.reply_error(identity, 0, exc)
@@ -269,9 +278,17 @@ class DealerClient:
         return None
 
     def send(self, frame: Frame) -> int:
-        """Send a request and return its request id."""
+        """Send a request and return its request id; a request bigger than any hive takes is
+        refused here, with a reason (the hive would drop the connection without one)."""
         rid = next(self._rids)
-        self.sock.send(encode(frame, rid))
+        data = encode(frame, rid)
+        if len(data) > MAX_REQUEST_BYTES:
+            raise InvalidRequest(
+                f"the request is {len(data) / 2**20:.1f} MiB; a hive takes at most "
+                f"{MAX_REQUEST_BYTES >> 20} MiB",
+                suggestion="shorten the prompt or the conversation",
+            )
+        self.sock.send(data)
         return rid
 
     def replies(self, rid: int, timeout_s: float) -> Iterator[Frame]:

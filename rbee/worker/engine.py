@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
 import os
 import re
 import threading
@@ -163,11 +164,32 @@ class Engine:
         """Whether prompts are wrapped in the model's chat template unless ``raw``."""
         return bool(self.template)
 
+    @functools.cached_property
+    def longest_token_bytes(self) -> int:
+        """The most bytes one token of this vocabulary stands for (read once, ~50 ms)."""
+        vocab = range(self.llama.n_vocab())
+        return max((len(self.llama.detokenize([t])) for t in vocab), default=1) or 1
+
+    def _tokenize(self, text: bytes, add_bos: bool) -> list[int]:
+        """Tokens of ``text``; a text that cannot fit the context is refused before the
+        tokenizer runs (it needs at least len/longest-token tokens, and tokenizing megabytes
+        would hold the worker for seconds)."""
+        at_least = len(text) // self.longest_token_bytes
+        if at_least > self.n_ctx:
+            raise self._too_long(f"at least {at_least}")
+        return list(self.llama.tokenize(text, add_bos=add_bos, special=True))
+
+    def _too_long(self, count: str) -> InvalidRequest:
+        return InvalidRequest(
+            f"the prompt has {count} tokens but the context holds {self.n_ctx}",
+            suggestion="shorten the prompt or load the model with a larger context",
+        )
+
     def prompt_tokens(self, params: GenerateParams) -> list[int]:
         """Tokenize as create_completion (raw) or create_chat_completion (chat) would; a chat is
         ``params.messages`` when given, else one user turn holding the prompt."""
         if params.raw or not self.template:
-            return list(self.llama.tokenize(params.prompt.encode(), add_bos=True, special=True))
+            return self._tokenize(params.prompt.encode(), add_bos=True)
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         eos = self.llama.token_eos()
@@ -182,11 +204,7 @@ class Engine:
             {"role": "user", "content": params.prompt}
         ]
         result = fmt(messages=messages)
-        return list(
-            self.llama.tokenize(
-                result.prompt.encode(), add_bos=not result.added_special, special=True
-            )
-        )
+        return self._tokenize(result.prompt.encode(), add_bos=not result.added_special)
 
     def generate(
         self, params: GenerateParams, cancel: threading.Event, outcome: Outcome
@@ -197,10 +215,7 @@ class Engine:
         outcome.prompt_tokens = len(tokens)
         room = self.n_ctx - len(tokens)
         if room <= 0:
-            raise InvalidRequest(
-                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}",
-                suggestion="shorten the prompt or load the model with a larger context",
-            )
+            raise self._too_long(str(len(tokens)))
         limit = min(params.max_tokens, room)
         if params.seed >= 0:
             self.llama.set_seed(params.seed)

@@ -202,6 +202,10 @@ def test_openai_client_errors(gateway: Server) -> None:
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("no-such-model")
     assert client.models.retrieve(DEFAULT_MODEL).id == DEFAULT_MODEL
+    deep = b"[" * 100_000 + b"]" * 100_000  # Python's JSON parser recurses per level
+    nested = httpx.post(gateway.url + "/v1/chat/completions", content=deep, timeout=30)
+    assert nested.status_code == 400, nested.text
+    assert "nests JSON too deeply" in nested.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------ the bytes on the wire

@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from rbee.errors import ExitCode
@@ -322,3 +323,108 @@ client, _ = hello(zmq.Context(), "{host}", 7830, (3.0,), curve_for("{host}:7830"
 print([w.job_id for w in client.request(ListWorkers(), 5.0).workers])
 print(client.request(Cancel(job_id="{job_id}"), 5.0).detail)
 """
+
+
+BOMBER = """
+import json, sys, threading, time, zmq
+from rbee.keeper.link import curve_for, hello
+from rbee.keeper.stream import JobStream
+from rbee.protocol.messages import GenerateParams, Hello, StartJob, new_job_id
+from rbee.transport.sockets import StreamSubscriber
+host = sys.argv[1]
+ctx = zmq.Context()
+curve = curve_for(f"{host}:7830")
+client, reply = hello(ctx, host, 7830, (3.0,), curve)
+latencies, failures, done = [], [], threading.Event()
+def probe():  # a paired keeper's requests, on their own connection, all along
+    own, _ = hello(ctx, host, 7830, (3.0,), curve)
+    while not done.is_set():
+        started = time.monotonic()
+        try:
+            own.request(Hello(client="probe"), 1.0)
+            latencies.append(time.monotonic() - started)
+        except Exception as exc:
+            failures.append(repr(exc))
+        time.sleep(0.05)
+prober = threading.Thread(target=probe)
+prober.start()
+HEAD = b"\\x84\\xa1v\\x01\\xa1t\\xa9start_job\\xa1r\\x01\\xa1b"
+flat = HEAD + b"\\xdd" + (16 << 20).to_bytes(4, "big") + b"\\x90" * (16 << 20)
+inner = b"\\xdc\\x00\\x78" + b"\\x90" * 120
+nested = HEAD + b"\\xdc\\x01\\x00" + (b"\\xdc\\x01\\x00" + inner * 256) * 256
+raw = ctx.socket(zmq.DEALER)
+raw.linger = 0
+raw.curve_serverkey, raw.curve_publickey, raw.curve_secretkey = (
+    curve.server.encode(), curve.public.encode(), curve.secret.encode())
+raw.connect(f"tcp://{host}:7830")
+for bomb in [flat] * 3 + [nested] * 20:  # 16 MiB frames, then 8 MiB ones of 8 M empty lists
+    raw.send(bomb)
+    time.sleep(0.1)
+print("bombs sent", file=sys.stderr, flush=True)
+for _ in range(15):  # jobs whose keeper never listens, each 1 Mi characters (the queue holds 16)
+    client.send(StartJob(job_id=new_job_id(), model="smollm2-135m-instruct",
+                         params=GenerateParams(prompt="word " * 200_000, raw=True)))
+job_id, started = new_job_id(), time.monotonic()
+sub = StreamSubscriber(ctx, f"tcp://{host}:{reply.stream_port}", 10_000, curve)
+sub.subscribe(job_id)
+time.sleep(0.3)
+params = GenerateParams(prompt="word " * 200_000, raw=True, max_tokens=4)
+try:
+    client.request(StartJob(job_id=job_id, model="smollm2-135m-instruct", params=params), 10.0)
+    end = list(JobStream(client, sub, job_id))[-1]
+    long_prompt = [end.code, end.message, time.monotonic() - started]
+    time.sleep(2.0)
+finally:
+    done.set()
+    prober.join()
+print(json.dumps({"max_hello_s": max(latencies), "hellos": len(latencies),
+                  "failures": failures, "long_prompt": long_prompt}))
+"""
+
+
+def test_bombs_and_huge_requests_leave_the_hive_small_and_answering(
+    rbee_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A paired keeper's key sends msgpack bombs (16 MiB frames, and 8 MiB ones that decode to
+    8 M empty lists), 15 jobs of 1 Mi characters it never listens to and a prompt that cannot
+    fit the context: the hive's RSS grows by less than 64 MiB, another connection's requests are
+    all answered within 1 s, the worker is not killed, and the long prompt is refused at once."""
+    with Lan.create(2, subnet=7) as lan:
+        h1, h2 = lan.hosts
+        hive_env, keeper = (
+            env_for(h1, rbee_env, tmp_path, "alpha"),
+            env_for(h2, rbee_env, tmp_path, "k"),
+        )
+        with hive_on(h1, hive_env, "alpha") as hive:
+            wait_listed(h2, keeper, {"alpha"})
+            assert pair(h1, hive_env, h2, keeper).returncode == 0
+            first = rbee_on(h2, keeper, "infer", "--node", "alpha", "-n", "4", "Hi")
+            assert first.returncode == 0, first.stderr
+            worker = re.search(r"on worker (w-\w+)", first.stderr)
+            assert worker is not None
+            rss = psutil.Process(hive.pid)
+            baseline = peak = rss.memory_info().rss
+            attack = subprocess.Popen(
+                h2.argv([sys.executable, "-c", BOMBER, h1.address]),
+                env=keeper,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 90
+            while attack.poll() is None and time.monotonic() < deadline:
+                peak = max(peak, rss.memory_info().rss)
+                time.sleep(0.02)
+            attack.kill()
+            out, err = attack.communicate()
+            assert attack.returncode == 0, err
+            report = json.loads(out.splitlines()[-1])
+            grew_mib = (peak - baseline) / 2**20
+            print(f"hive grew {grew_mib:.1f} MiB; {report}")
+            assert grew_mib < 64, f"the hive grew by {grew_mib:.0f} MiB"
+            assert report["failures"] == [] and report["hellos"] > 20, report
+            assert report["max_hello_s"] < 1.0, report
+            code, message, took_s = report["long_prompt"]
+            assert code == "INVALID_REQUEST" and "at least" in message and took_s < 5, report
+            after = rbee_on(h2, keeper, "infer", "--node", "alpha", "-n", "4", "Hi")
+            assert after.returncode == 0 and f"on worker {worker.group(1)}" in after.stderr

@@ -7,6 +7,7 @@ import time
 
 from rbee.hive.registry import (
     JOB_RETENTION_S,
+    MAX_FINISHED_BYTES,
     MAX_FINISHED_JOBS,
     JobRecord,
     Limits,
@@ -322,3 +323,15 @@ def test_plan_does_not_count_stopping_workers() -> None:
     stopping_same = worker("s2", path=A, state="stopping")
     assert plan_worker([stopping_other, stopping_same], A, limits, fits=True) == Plan("spawn")
     assert plan_worker([stopping_same], A, limits, fits=False) == Plan("busy")
+
+
+def test_finished_jobs_keep_a_bounded_number_of_bytes_oldest_dropped_first() -> None:
+    now = 5_000.0
+    big = b"x" * (MAX_FINISHED_BYTES // 4 + 1)  # four of these are over the budget
+    jobs = [job(f"j{i}", finished_at=now - 10 + i) for i in range(6)]
+    for j in jobs:
+        j.keep(big)
+    running = job("running")
+    running.keep(big * 8)  # a running job's frames are never forgotten
+    assert jobs[0].frame_bytes == len(big)
+    assert expired_jobs([running, *jobs], now) == ["j0", "j1", "j2"]
