@@ -134,24 +134,30 @@ def curve_client(
 
 @dataclass(frozen=True)
 class Incoming:
-    """A frame a ROUTER received, with the peer identity to answer and, on a CURVE socket,
-    the peer's public key (the ZAP User-Id; "" on a plain socket)."""
+    """A frame a ROUTER received, with the peer identity to answer, on a CURVE socket the
+    peer's public key (the ZAP User-Id; "" on a plain socket), and its IP address."""
 
     identity: bytes
     envelope: Envelope
     user: str = ""
+    peer: str = ""
 
 
 class RouterServer:
     """The serving side of request/reply. Malformed frames get an Error reply and are counted."""
 
     def __init__(
-        self, sock: zmq.Socket[bytes], curve: bool = False, bounds: Bounds = REPLIES
+        self,
+        sock: zmq.Socket[bytes],
+        curve: bool = False,
+        bounds: Bounds = REPLIES,
+        peers: bool = False,
     ) -> None:
         """``bounds``: what one incoming frame may decode to (the socket's own MAXMSGSIZE is
-        set by ``new_socket``)."""
+        set by ``new_socket``); ``peers``: whether to read each sender's IP address."""
         self.sock = sock
         self.curve = curve
+        self.peers = peers
         self.bounds = bounds
         self.dropped = 0
 
@@ -162,12 +168,11 @@ class RouterServer:
             self.dropped += 1
             return None
         identity, data = parts[0].bytes, parts[1].bytes
+        user, peer = (_property(parts[1], "User-Id") if self.curve else ""), ""
+        if self.peers:
+            peer = _property(parts[1], "Peer-Address")
         try:
-            user = parts[1].get("User-Id") if self.curve else ""
-        except zmq.ZMQError:
-            user = ""
-        try:
-            return Incoming(identity, decode(data, self.bounds), str(user or ""))
+            return Incoming(identity, decode(data, self.bounds), user, peer)
         except RbeeError as exc:
             self.dropped += 1
             self.reply_error(identity, 0, exc)
@@ -183,6 +188,14 @@ class RouterServer:
     def reply_error(self, identity: bytes, rid: int, exc: RbeeError) -> None:
         """Answer a request with the Error frame for ``exc``."""
         self.send(identity, error_frame(exc), rid)
+
+
+def _property(frame: zmq.Frame, name: str) -> str:
+    """A message property libzmq attached ("" when it has none)."""
+    try:
+        return str(frame.get(name) or "")
+    except zmq.ZMQError:
+        return ""
 
 
 def error_frame(exc: RbeeError) -> Error:

@@ -17,7 +17,7 @@ import pytest
 
 from rbee.errors import ExitCode
 from tests.integration.test_lan import env_for, hive_on, nodes, pair, rbee_on, wait_listed
-from tests.lan import Lan, available, leftover_namespaces
+from tests.lan import Host, Lan, available, leftover_namespaces
 
 pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "LAN available")
 
@@ -428,3 +428,161 @@ def test_bombs_and_huge_requests_leave_the_hive_small_and_answering(
             assert code == "INVALID_REQUEST" and "at least" in message and took_s < 5, report
             after = rbee_on(h2, keeper, "infer", "--node", "alpha", "-n", "4", "Hi")
             assert after.returncode == 0 and f"on worker {worker.group(1)}" in after.stderr
+
+
+def hive_pairing(host: Host, env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """`rbee hive pair` running on ``host``, and its code."""
+    argv = [sys.executable, "-m", "rbee", "hive", "pair", "--node-name", "alpha"]
+    server = subprocess.Popen(
+        host.argv([*argv, "--role", "infer", "--timeout", "60s"]),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert server.stdout is not None
+    code = re.search(r"\d{4}-\d{4}", server.stdout.readline())
+    assert code is not None
+    return server, code.group(0)
+
+
+RELAY = """
+import sys, dataclasses, zmq
+from rbee.protocol.codec import decode, encode
+from rbee.protocol.messages import PairAccepted
+mine, hive = sys.argv[1], sys.argv[2]
+ctx = zmq.Context()
+front, back = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+front.bind(f"tcp://{mine}:7832")
+back.connect(f"tcp://{hive}:7832")
+print("RELAY-READY", flush=True)
+poller, keeper = zmq.Poller(), b""
+poller.register(front, zmq.POLLIN)
+poller.register(back, zmq.POLLIN)
+while True:
+    for sock, _ in poller.poll():
+        if sock is front:
+            keeper, data = front.recv_multipart()
+            back.send(data)
+        else:
+            env = decode(back.recv())
+            frame = env.frame
+            if isinstance(frame, PairAccepted):  # send the keeper to the relay's own port
+                frame = dataclasses.replace(frame, router_port=9999)
+            front.send_multipart([keeper, encode(frame, env.rid)])
+"""
+
+
+def test_a_relay_that_changes_any_field_of_the_answer_fails_pairing(
+    rbee_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A host between keeper and hive relays pairing faithfully but for the router port in
+    PairAccepted: the keeper refuses the answer and pins nothing."""
+    with Lan.create(3, subnet=8) as lan:
+        h1, h2, h3 = lan.hosts
+        hive_env, keeper = (
+            env_for(h1, rbee_env, tmp_path, "alpha"),
+            env_for(h2, rbee_env, tmp_path, "k"),
+        )
+        relay = subprocess.Popen(
+            h3.argv([sys.executable, "-c", RELAY, h3.address, h1.address]),
+            env=env_for(h3, rbee_env, tmp_path, "relay"),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert relay.stdout is not None and relay.stdout.readline() == "RELAY-READY\n"
+            server, code = hive_pairing(h1, hive_env)
+            paired = rbee_on(h2, keeper, "pair", f"{h3.address}:7830", code)
+            server.communicate(timeout=30)
+        finally:
+            relay.kill()
+            relay.wait()
+        assert paired.returncode == ExitCode.ACCESS, paired.stdout + paired.stderr
+        assert "does not match the code: not paired" in paired.stderr
+        known = Path(keeper["RBEE_DATA_DIR"]) / "keys" / "known_hives"
+        assert not known.exists() or "9999" not in known.read_text()
+
+
+PAIRING_ABUSE = """
+import json, os, sys, time, zmq
+from pathlib import Path
+from rbee.errors import RbeeError
+from rbee.pairing import pair_with
+from rbee.protocol.codec import encode
+from rbee.protocol.messages import PairHello
+host = sys.argv[1]
+ctx = zmq.Context()
+def dealer():
+    sock = ctx.socket(zmq.DEALER)
+    sock.linger = 0
+    sock.connect(f"tcp://{host}:7832")
+    return sock
+raw = dealer()
+HEAD = b"\\x84\\xa1v\\x01\\xa1t\\xaapair_hello\\xa1r\\x01\\xa1b"
+for _ in range(3):  # 16 MiB of empty lists, as the old 64 MiB limit let through
+    raw.send(HEAD + b"\\xdd" + (16 << 20).to_bytes(4, "big") + b"\\x90" * (16 << 20))
+    time.sleep(0.2)
+raw = dealer()
+for _ in range(200):  # small frames that are nothing but containers
+    raw.send(HEAD + b"\\xdc\\x0f\\x90" + b"\\x9f" + b"\\x90" * 15 * 4000)
+flood = [dealer() for _ in range(200)]
+for sock in flood:  # a hello flood; the SPAKE2 messages are noise
+    sock.send(encode(PairHello(msg=os.urandom(33)), 1))
+time.sleep(1.0)
+guesses = []
+for _ in range(5):  # complete exchanges with a wrong code
+    time.sleep(0.6)
+    try:
+        pair_with(Path(os.environ["RBEE_DATA_DIR"]), host, 7832, "0000-0000")
+        guesses.append("paired")
+    except RbeeError as exc:
+        guesses.append(exc.message)
+print(json.dumps(guesses))
+"""
+
+
+def test_pairing_survives_bombs_floods_and_a_guesser_voiding_the_code(
+    rbee_env: dict[str, str], tmp_path: Path
+) -> None:
+    """While `rbee hive pair` waits, a LAN host sends it msgpack bombs, 200 noise hellos and five
+    wrong-code exchanges: its RSS grows by less than 64 MiB, the guesser is ignored after three,
+    the code is not void, and the real keeper then pairs."""
+    with Lan.create(3, subnet=9) as lan:
+        h1, h2, h3 = lan.hosts
+        hive_env, keeper = (
+            env_for(h1, rbee_env, tmp_path, "alpha"),
+            env_for(h2, rbee_env, tmp_path, "k"),
+        )
+        server, code = hive_pairing(h1, hive_env)
+        try:
+            time.sleep(0.5)
+            rss = psutil.Process(server.pid)
+            baseline = peak = rss.memory_info().rss
+            attack = subprocess.Popen(
+                h3.argv([sys.executable, "-c", PAIRING_ABUSE, h1.address]),
+                env=env_for(h3, rbee_env, tmp_path, "attacker"),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.monotonic() + 60
+            while attack.poll() is None and time.monotonic() < deadline:
+                peak = max(peak, rss.memory_info().rss)
+                time.sleep(0.02)
+            attack.kill()
+            out, err = attack.communicate()
+            grew_mib = (peak - baseline) / 2**20
+            print(f"the pairing process grew {grew_mib:.1f} MiB; {out.strip()}")
+            assert attack.returncode == 0, err
+            guesses = json.loads(out.splitlines()[-1])
+            assert guesses[:3] == ["wrong pairing code"] * 3, guesses
+            assert all("it is ignored now" in g for g in guesses[3:]), guesses
+            assert grew_mib < 64, f"the pairing process grew by {grew_mib:.0f} MiB"
+            paired = rbee_on(h2, keeper, "pair", f"{h1.address}:7830", code)
+            assert paired.returncode == 0, paired.stderr
+            assert "paired with alpha" in paired.stdout + paired.stderr
+        finally:
+            if server.poll() is None:
+                server.kill()
+            server.communicate(timeout=30)
