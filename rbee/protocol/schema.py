@@ -240,6 +240,27 @@ def record_from_wire(cls: type[R], data: Any, path: str = "") -> R:
     return record
 
 
+def fitted(cls: type[R], values: dict[str, Any]) -> tuple[R, list[str]]:
+    """``cls`` built from ``values`` made to fit its limits (texts cut, ending in "…"; integers
+    clamped into range) and the names of the fields that had to change: a record read from a
+    file must never make the reply that carries it invalid."""
+    changed = []
+    fitted_values = dict(values)
+    for f in dataclasses.fields(cls):
+        limits, value = f.metadata.get("limits", Limits()), values.get(f.name)
+        new = value
+        if isinstance(value, str) and limits.max_len is not None and len(value) > limits.max_len:
+            new = value[: limits.max_len - 1] + "…"
+        elif isinstance(value, int) and not isinstance(value, bool):
+            low = int(limits.min) if limits.min is not None else -(2**63)
+            high = int(limits.max) if limits.max is not None else 2**63 - 1
+            new = min(max(value, low), high)
+        if new != value:
+            changed.append(f.name)
+            fitted_values[f.name] = new
+    return cls(**fitted_values), changed
+
+
 def _checked(cls: type[R], values: dict[str, Any]) -> R:
     """``cls(**values)`` without the constructor's validation, which would repeat the checks
     record_from_wire just made field by field (half of decoding a frame); missing fields take
