@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from rbee import __version__, config
+from rbee.config import COUNT_FLAG, PORT_FLAG, POSITIVE_FLAG
 from rbee.errors import Canceled, ExitCode, InvalidRequest, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
 from rbee.protocol.messages import (
@@ -117,21 +118,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=env("RBEE_HIVE_HOST", "127.0.0.1"),
         help="address to listen on (default: 127.0.0.1, loopback only)",
     )
-    hive.add_argument("--port", type=int, default=hive_port(), help="request port (ROUTER)")
+    hive.add_argument("--port", type=PORT_FLAG, default=hive_port(), help="request port (ROUTER)")
     hive.add_argument(
-        "--stream-port", type=int, default=stream_port(), help="token stream port (XPUB)"
+        "--stream-port", type=PORT_FLAG, default=stream_port(), help="token stream port (XPUB)"
     )
     hive.add_argument(
         "--node-name", default=env("RBEE_NODE_NAME", ""), help="name shown to keepers (hostname)"
     )
     hive.add_argument(
-        "--max-workers", type=int, default=int(env("RBEE_MAX_WORKERS", "4")), help="(default 4)"
+        "--max-workers",
+        type=POSITIVE_FLAG,
+        default=int(env("RBEE_MAX_WORKERS", "4")),
+        help="(default 4)",
     )
     hive.add_argument(
-        "--max-workers-per-model", type=int, default=1, help="workers of one model (default 1)"
+        "--max-workers-per-model",
+        type=POSITIVE_FLAG,
+        default=1,
+        help="workers of one model (default 1)",
     )
     hive.add_argument(
-        "--max-queue", type=int, default=int(env("RBEE_MAX_QUEUE", "16")), help="(default 16)"
+        "--max-queue",
+        type=POSITIVE_FLAG,
+        default=int(env("RBEE_MAX_QUEUE", "16")),
+        help="(default 16)",
     )
     hive.add_argument(
         "--keep-alive",
@@ -142,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hive.add_argument(
         "--threads",
-        type=int,
+        type=COUNT_FLAG,
         default=int(env("RBEE_THREADS", "0")),
         help="CPU threads per worker (default 0: the physical cores this hive may use)",
     )
@@ -184,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long the code is valid (default 5m)",
     )
     hpair.add_argument(
-        "--port", type=int, default=hive_port(), help="the hive's port (pairing uses it + 2)"
+        "--port", type=PORT_FLAG, default=hive_port(), help="the hive's port (pairing uses it + 2)"
     )
     hpair.add_argument("--host", default="0.0.0.0", help="address to listen on for pairing")
     hpair.add_argument("--node-name", default="", help="the hive's name (default: hostname)")

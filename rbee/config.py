@@ -10,6 +10,7 @@ bad value fails at start with the file, the key and what was expected.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 from collections.abc import Callable
@@ -30,6 +31,38 @@ def _count(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValueError("a whole number ≥ 0")
     return str(value)
+
+
+def _positive(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError("a whole number ≥ 1")
+    return str(value)
+
+
+def _any_port(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 65536:
+        raise ValueError("a port number, 1-65535 (0: any free port)")
+    return str(value)
+
+
+def flag_type(check: Callable[[Any], str]) -> Callable[[str], int]:
+    """An argparse ``type`` for a whole-number flag, checked exactly as the file and the
+    environment are (``--port 70000`` is refused, not wrapped around to 4464)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip()) if text.strip().lstrip("-").isdigit() else text
+            return int(check(value))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"expected {exc}, got {text!r}") from None
+
+    parse.__name__ = "number"  # argparse names the type in its messages
+    return parse
+
+
+PORT_FLAG = flag_type(_any_port)
+POSITIVE_FLAG = flag_type(_positive)
+COUNT_FLAG = flag_type(_count)
 
 
 def _text(value: Any) -> str:
@@ -78,8 +111,8 @@ SETTINGS = (
     Setting("hive", "port", "RBEE_HIVE_PORT", _port, "7830", "request port"),
     Setting("hive", "stream_port", "RBEE_STREAM_PORT", _port, "7831", "token stream port"),
     Setting("hive", "node_name", "RBEE_NODE_NAME", _text, "(hostname)", "name shown to keepers"),
-    Setting("hive", "max_workers", "RBEE_MAX_WORKERS", _count, "4", "workers at once"),
-    Setting("hive", "max_queue", "RBEE_MAX_QUEUE", _count, "16", "jobs waiting"),
+    Setting("hive", "max_workers", "RBEE_MAX_WORKERS", _positive, "4", "workers at once"),
+    Setting("hive", "max_queue", "RBEE_MAX_QUEUE", _positive, "16", "jobs waiting"),
     Setting("hive", "secure", "RBEE_SECURE", _bool, "false", "CURVE even on loopback"),
     Setting(
         "hive", "threads", "RBEE_THREADS", _count, "0", "CPU threads per worker (0: physical cores)"
@@ -146,7 +179,7 @@ ENV_FALSE = ("0", "false", "no", "off")
 def _from_env(setting: Setting, text: str) -> Any:
     """An environment variable's text as the file would hold it, for the same check."""
     text = text.strip()
-    if setting.check in (_port, _count):
+    if setting.check in (_port, _count, _positive):
         return int(text) if text.isascii() and text.isdigit() else text
     if setting.check is _bool:
         lowered = text.lower()

@@ -23,7 +23,14 @@ from rbee.catalog import DEFAULT_MODEL
 from rbee.gateway.main import Server, prepare
 from rbee.hive import probe
 from rbee.keeper.link import hello
-from rbee.protocol.messages import GenerateParams, ListWorkers, WorkerInfo, WorkerList
+from rbee.protocol.messages import (
+    GenerateParams,
+    HiveStatus,
+    ListWorkers,
+    Status,
+    WorkerInfo,
+    WorkerList,
+)
 from rbee.transport.sockets import DealerClient, tcp_endpoint
 from rbee.worker.engine import in_process
 from tests.conftest import free_port
@@ -101,6 +108,18 @@ def workers(port: int) -> list[WorkerInfo]:
         reply = client.request(ListWorkers(), 2.0)
         assert isinstance(reply, WorkerList)
         return reply.workers
+    finally:
+        client.close()
+        ctx.term()
+
+
+def queue_length(port: int) -> int:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    client, _ = hello(ctx, "127.0.0.1", port, (5.0,))
+    try:
+        status = client.request(Status(), 5.0)
+        assert isinstance(status, HiveStatus)
+        return status.queue_length
     finally:
         client.close()
         ctx.term()
@@ -390,10 +409,22 @@ def test_the_wait_for_a_worker_has_a_deadline(start_hive: HiveFactory) -> None:
 
 
 def test_busy_hive_is_429_with_retry_after(start_hive: HiveFactory) -> None:
-    start_hive("--max-queue", "0")  # every job is refused: the queue has no room
+    """One worker runs a long job and the queue's one place is taken: the next request is 429."""
+    port = start_hive("--max-queue", "1", "--max-workers", "1")
     body = {"model": DEFAULT_MODEL, "prompt": STORY, "max_tokens": 3}
+    long = {**body, "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with serving() as server:
-        busy = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+        url = server.url + "/v1/completions"
+        with httpx.stream("POST", url, json=long, timeout=60) as running:
+            lines = running.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass  # its first token: the worker is busy with it
+            with httpx.stream("POST", url, json=long, timeout=60):
+                deadline = time.monotonic() + 10
+                while queue_length(port) < 1:
+                    assert time.monotonic() < deadline, "the second job never queued"
+                    time.sleep(0.05)
+                busy = httpx.post(url, json=body, timeout=60)
     assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
     assert busy.json()["error"]["code"] == "ALL_SLOTS_BUSY"
 

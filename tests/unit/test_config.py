@@ -97,3 +97,34 @@ def test_each_bad_environment_value_is_named(
     assert "RBEE_MAX_WORKERS='four': expected a whole number" in message
     assert "RBEE_SECURE='maybe': expected true or false" in message
     assert "RBEE_LOG_LEVEL='loud': expected one of" in message
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (("--port", "70000"), "--port: expected a port number, 1-65535"),
+        (("--port", "-1"), "--port: expected a port number, 1-65535"),
+        (("--stream-port", "x"), "--stream-port: expected a port number"),
+        (("--max-workers", "0"), "--max-workers: expected a whole number ≥ 1"),
+        (("--max-workers", "-3"), "--max-workers: expected a whole number ≥ 1"),
+        (("--max-queue", "0"), "--max-queue: expected a whole number ≥ 1"),
+        (("--max-workers-per-model", "0"), "--max-workers-per-model: expected a whole number ≥ 1"),
+        (("--threads", "-2"), "--threads: expected a whole number ≥ 0"),
+    ],
+)
+def test_hive_flags_are_checked_like_the_file(
+    flags: tuple[str, ...], expected: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rbee import cli
+
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(["hive", *flags])
+    assert exited.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_a_zero_worker_limit_is_refused_in_the_file_and_environment_too(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RBEE_MAX_WORKERS", "0")
+    with pytest.raises(InvalidRequest, match="RBEE_MAX_WORKERS='0': expected a whole number ≥ 1"):
+        config.check_environment()
