@@ -150,8 +150,13 @@ def verdict_file(cache_dir: Path, libs: Path | None) -> Path:
 
 def cached_choice(cache_dir: Path, libs: Path | None) -> EngineChoice | None:
     """The engine probe's proven verdict for this machine and build, if one is cached."""
+    return read_verdict(verdict_file(cache_dir, libs))
+
+
+def read_verdict(path: Path) -> EngineChoice | None:
+    """The proven verdict stored at ``path`` (None: none, unreadable, or not proven)."""
     with contextlib.suppress(OSError, ValueError, TypeError):
-        cached = EngineChoice(**json.loads(verdict_file(cache_dir, libs).read_text()))
+        cached = EngineChoice(**json.loads(path.read_text()))
         if cached.proven:
             return cached
     return None

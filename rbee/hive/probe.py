@@ -32,9 +32,9 @@ from rbee.llamacpp import (
     BEST_VARIANT,
     CPU_VARIANT_ENV,
     EngineChoice,
-    cached_choice,
     default_threads,
     lib_dir,
+    read_verdict,
     variant_names,
     verdict_file,
 )
@@ -95,8 +95,8 @@ def choose(
 ) -> EngineChoice:
     """The engine setting for this machine: cached, else probed (see the module docstring)."""
     libs = lib_dir()
-    cache = verdict_file(cache_dir, libs)
-    cached = cached_choice(cache_dir, libs)
+    cache = verdict_file(cache_dir, libs)  # its key hashes the CPU and library files: once
+    cached = read_verdict(cache)
     if cached is not None:
         return EngineChoice(**{**asdict(cached), "threads": threads})
     if model_path is None:

@@ -24,6 +24,7 @@ from rbee.gateway.main import Server, prepare
 from rbee.hive import probe
 from rbee.keeper.link import hello
 from rbee.protocol.messages import (
+    Frame,
     GenerateParams,
     HiveStatus,
     ListWorkers,
@@ -101,28 +102,27 @@ def client_for(server: Server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
 
 
-def workers(port: int) -> list[WorkerInfo]:
+def ask(port: int, frame: Frame, timeout_s: float = 2.0) -> Frame:
+    """One request to the loopback hive on ``port``, on a connection of its own."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     client = DealerClient(ctx, tcp_endpoint("127.0.0.1", port))
     try:
-        reply = client.request(ListWorkers(), 2.0)
-        assert isinstance(reply, WorkerList)
-        return reply.workers
+        return client.request(frame, timeout_s)
     finally:
         client.close()
         ctx.term()
+
+
+def workers(port: int) -> list[WorkerInfo]:
+    reply = ask(port, ListWorkers())
+    assert isinstance(reply, WorkerList)
+    return reply.workers
 
 
 def queue_length(port: int) -> int:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    client, _ = hello(ctx, "127.0.0.1", port, (5.0,))
-    try:
-        status = client.request(Status(), 5.0)
-        assert isinstance(status, HiveStatus)
-        return status.queue_length
-    finally:
-        client.close()
-        ctx.term()
+    status = ask(port, Status(), 5.0)
+    assert isinstance(status, HiveStatus)
+    return status.queue_length
 
 
 def sse_events(raw: bytes, comments: bool = False) -> list[bytes]:

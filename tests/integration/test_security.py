@@ -325,6 +325,25 @@ print(client.request(Cancel(job_id="{job_id}"), 5.0).detail)
 """
 
 
+def attacked(
+    pid: int, argv: list[str], env: dict[str, str], limit_s: float
+) -> tuple[subprocess.Popen[str], str, str, float]:
+    """Run an attack (killed after ``limit_s``) while sampling process ``pid``'s RSS: the
+    attack, its output and error, and by how many MiB the target's RSS peaked above its start."""
+    rss = psutil.Process(pid)
+    baseline = peak = rss.memory_info().rss
+    attack = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + limit_s
+    while attack.poll() is None and time.monotonic() < deadline:
+        peak = max(peak, rss.memory_info().rss)
+        time.sleep(0.02)
+    attack.kill()
+    out, err = attack.communicate()
+    return attack, out, err, (peak - baseline) / 2**20
+
+
 BOMBER = """
 import json, sys, threading, time, zmq
 from rbee.keeper.link import curve_for, hello
@@ -402,24 +421,11 @@ def test_bombs_and_huge_requests_leave_the_hive_small_and_answering(
             assert first.returncode == 0, first.stderr
             worker = re.search(r"on worker (w-\w+)", first.stderr)
             assert worker is not None
-            rss = psutil.Process(hive.pid)
-            baseline = peak = rss.memory_info().rss
-            attack = subprocess.Popen(
-                h2.argv([sys.executable, "-c", BOMBER, h1.address]),
-                env=keeper,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
+            attack, out, err, grew_mib = attacked(
+                hive.pid, h2.argv([sys.executable, "-c", BOMBER, h1.address]), keeper, 90
             )
-            deadline = time.monotonic() + 90
-            while attack.poll() is None and time.monotonic() < deadline:
-                peak = max(peak, rss.memory_info().rss)
-                time.sleep(0.02)
-            attack.kill()
-            out, err = attack.communicate()
             assert attack.returncode == 0, err
             report = json.loads(out.splitlines()[-1])
-            grew_mib = (peak - baseline) / 2**20
             print(f"hive grew {grew_mib:.1f} MiB; {report}")
             assert grew_mib < 64, f"the hive grew by {grew_mib:.0f} MiB"
             assert report["failures"] == [] and report["hellos"] > 20, report
@@ -557,22 +563,9 @@ def test_pairing_survives_bombs_floods_and_a_guesser_voiding_the_code(
         server, code = hive_pairing(h1, hive_env)
         try:
             time.sleep(0.5)
-            rss = psutil.Process(server.pid)
-            baseline = peak = rss.memory_info().rss
-            attack = subprocess.Popen(
-                h3.argv([sys.executable, "-c", PAIRING_ABUSE, h1.address]),
-                env=env_for(h3, rbee_env, tmp_path, "attacker"),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            deadline = time.monotonic() + 60
-            while attack.poll() is None and time.monotonic() < deadline:
-                peak = max(peak, rss.memory_info().rss)
-                time.sleep(0.02)
-            attack.kill()
-            out, err = attack.communicate()
-            grew_mib = (peak - baseline) / 2**20
+            attacker = env_for(h3, rbee_env, tmp_path, "attacker")
+            argv = h3.argv([sys.executable, "-c", PAIRING_ABUSE, h1.address])
+            attack, out, err, grew_mib = attacked(server.pid, argv, attacker, 60)
             print(f"the pairing process grew {grew_mib:.1f} MiB; {out.strip()}")
             assert attack.returncode == 0, err
             guesses = json.loads(out.splitlines()[-1])
