@@ -20,7 +20,7 @@ from typing import Any
 import sqlite_utils
 
 from rbee import log
-from rbee.errors import InvalidModel, InvalidRequest, ModelNotFound
+from rbee.errors import CatalogCorrupt, InvalidModel, InvalidRequest, ModelNotFound
 from rbee.gguf import GGUFError, read_gguf_info
 from rbee.protocol.messages import DEFAULT_MODEL as DEFAULT_MODEL
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX, ModelInfo
@@ -127,6 +127,17 @@ def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntr
     return entry
 
 
+def catalog_corrupt(db_path: Path, exc: sqlite3.DatabaseError) -> CatalogCorrupt:
+    """What a person reads when the catalog file is damaged: where it is, and that moving it
+    aside loses nothing but the list (the model files stay where they are)."""
+    return CatalogCorrupt(
+        f"the model catalog {db_path} cannot be read ({exc})",
+        suggestion=f"move it aside (`mv {db_path} {db_path}.broken`) and rbee starts an empty "
+        f"one; the model files under {db_path.parent} are not touched: `rbee models import "
+        "PATH` or `rbee models pull hf:…` lists them again",
+    )
+
+
 def sha256_of(path: Path) -> str:
     """The hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -153,10 +164,20 @@ class Catalog:
 
     def __init__(self, db_path: Path) -> None:
         db_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._open(db_path)
+        except sqlite3.DatabaseError as exc:
+            raise catalog_corrupt(db_path, exc) from None
+
+    def _open(self, db_path: Path) -> None:
         # One owner at a time, but it may be built on one thread and served from another.
         self.db = sqlite_utils.Database(sqlite3.connect(db_path, check_same_thread=False))
         self.db.enable_wal()
         self.db.conn.execute("PRAGMA busy_timeout = 5000")
+        verdict = self.db.conn.execute("PRAGMA quick_check").fetchone()  # ms for a catalog
+        if verdict[0] != "ok":
+            self.db.close()
+            raise sqlite3.DatabaseError(verdict[0])
         if TABLE not in self.db.table_names():
             columns: dict[str, Any] = {
                 name: {"str": str, "int": int, "float": float}[str(f.type)]

@@ -7,14 +7,18 @@ and turns an RbeeError into a message on stderr and its documented exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import io
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TextIO, cast
 
 from rbee import __version__, config
 from rbee.config import COUNT_FLAG, PORT_FLAG, POSITIVE_FLAG
-from rbee.errors import Canceled, ExitCode, InvalidRequest, RbeeError
+from rbee.errors import Canceled, ExitCode, InvalidRequest, OutputFailed, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
 from rbee.protocol.messages import (
     BACKENDS,
@@ -23,6 +27,7 @@ from rbee.protocol.messages import (
     KEEP_ALIVE_DEFAULT,
     PROTOCOL_VERSION,
 )
+from rbee.protocol.schema import not_unicode
 
 
 def version_text() -> str:
@@ -325,12 +330,38 @@ def _prompt(args: argparse.Namespace) -> str:
         raise InvalidRequest("give the prompt once: either PROMPT or --prompt")
     prompt = args.prompt if args.prompt is not None else args.prompt_arg
     if prompt == "-":
-        prompt = sys.stdin.read()
+        prompt = _read_stdin()
     if not prompt:
         raise InvalidRequest(
             "no prompt given", suggestion='rbee infer "Why is the sky blue?" (or - for stdin)'
         )
     return str(prompt)
+
+
+def _read_stdin() -> str:
+    """All of stdin as UTF-8, strictly: Python's own reading would keep bytes that are not UTF-8
+    as surrogates in the C locale (and fail later, deep in an encode)."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            f"stdin is not UTF-8 text (the byte 0x{data[exc.start]:02x} at offset {exc.start})",
+            suggestion="convert it first, e.g. `iconv -f latin1 -t utf-8 FILE | rbee infer -`",
+        ) from None
+
+
+def _check_text_args(args: argparse.Namespace) -> None:
+    """Refuse arguments that are not UTF-8 (Python keeps their bytes as surrogates) before any
+    of them reaches a catalog query or a frame."""
+    for name, value in vars(args).items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and (problem := not_unicode(text)):
+                flag = "PROMPT" if name == "prompt_arg" else "--" + name.replace("_", "-")
+                raise InvalidRequest(
+                    f"{flag} {problem}",
+                    suggestion="give it as UTF-8 (check the terminal's encoding)",
+                )
 
 
 def _model_ref(model: str) -> str:
@@ -476,6 +507,47 @@ def run_command(args: argparse.Namespace) -> int:
     raise InvalidRequest(f"unknown command {args.command!r}")  # pragma: no cover
 
 
+class GuardedStdout:
+    """stdout whose write failures are OutputFailed: a pipe closed early (``| head``) or a full
+    disk then end the command with a coded error (and `rbee infer` cancels its job) instead of
+    a traceback."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as exc:
+            raise output_failed(exc) from None
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            raise output_failed(exc) from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def output_failed(exc: OSError) -> OutputFailed:
+    """The error for a failed write to stdout."""
+    if exc.errno == errno.EPIPE:
+        return OutputFailed("stdout was closed before the output ended (a `| head` that quit?)")
+    return OutputFailed(
+        f"cannot write to stdout: {exc.strerror or exc}",
+        suggestion="free space where the output goes, or send it elsewhere",
+    )
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's last flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run one mode, and return the process exit code."""
     try:
@@ -498,12 +570,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return ExitCode.USAGE
+    if isinstance(sys.stdout, io.TextIOWrapper):  # not when a test captures it
+        sys.stdout = cast(TextIO, GuardedStdout(sys.stdout))
     try:
+        _check_text_args(args)
         return run_command(args)
     except Canceled as exc:
         sys.stderr.write(f"\nCanceled. ({exc.message})\n")
         return exc.exit_code
     except RbeeError as exc:
+        if isinstance(exc, OutputFailed):
+            _silence_stdout()
         sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
         if exc.suggestion:
             sys.stderr.write(f"hint: {exc.suggestion}\n")

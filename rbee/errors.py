@@ -29,6 +29,10 @@ exit code. This module is the one place that ties the three together::
     ├── AccessDenied               ACCESS_DENIED      9
     ├── HiveKeyChanged             HIVE_KEY_CHANGED   9
     ├── Timeout                    TIMEOUT            1
+    ├── CannotListen               CANNOT_LISTEN      4
+    ├── CatalogCorrupt             CATALOG_CORRUPT    1
+    ├── OutputFailed               OUTPUT_FAILED      1
+    ├── JobStopped                 JOB_STOPPED       10
     ├── Canceled                   CANCELED         130
     └── InternalError              INTERNAL           1
 """
@@ -51,6 +55,7 @@ class ExitCode:
     RESOURCES = 7
     DOWNLOAD = 8
     ACCESS = 9
+    STOPPED = 10
     CANCELED = 130
 
 
@@ -248,6 +253,33 @@ class Timeout(RbeeError):
     default_retryable = True
 
 
+class CannotListen(RbeeError):
+    """A socket could not be bound: the port is taken or the machine has no such address."""
+
+    code = "CANNOT_LISTEN"
+    exit_code = ExitCode.NETWORK
+
+
+class CatalogCorrupt(RbeeError):
+    """The catalog database cannot be read; the model files it pointed to are untouched."""
+
+    code = "CATALOG_CORRUPT"
+
+
+class OutputFailed(RbeeError):
+    """Writing the output failed: stdout was closed early (``| head``) or its disk is full."""
+
+    code = "OUTPUT_FAILED"
+
+
+class JobStopped(RbeeError):
+    """The hive ended the job, not its owner: the hive shut down, or an admin stopped the
+    worker or canceled the job. The partial text is saved."""
+
+    code = "JOB_STOPPED"
+    exit_code = ExitCode.STOPPED
+
+
 class Canceled(RbeeError):
     """The job was canceled by the person or program that asked for it."""
 
@@ -288,6 +320,10 @@ ERRORS_BY_CODE: dict[str, type[RbeeError]] = {
         AccessDenied,
         HiveKeyChanged,
         Timeout,
+        CannotListen,
+        CatalogCorrupt,
+        OutputFailed,
+        JobStopped,
         Canceled,
         InternalError,
     )

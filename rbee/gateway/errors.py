@@ -41,6 +41,7 @@ STATUS_BY_CODE: dict[str, HttpError] = {
     "HIVE_DRAINING": HttpError(503, SERVER),
     "HIVE_UNREACHABLE": HttpError(503, SERVER),
     "HIVE_LOST": HttpError(503, SERVER),
+    "JOB_STOPPED": HttpError(503, SERVER),  # the hive shut down or an admin stopped the job
     "INSUFFICIENT_RAM": HttpError(503, SERVER),
     "INSUFFICIENT_VRAM": HttpError(503, SERVER),
     "INSUFFICIENT_DISK": HttpError(503, SERVER),
@@ -50,7 +51,13 @@ STATUS_BY_CODE: dict[str, HttpError] = {
     "CANCELED": HttpError(499, INVALID),  # nginx's "client closed request": seldom seen by anyone
 }
 FALLBACK = HttpError(500, SERVER)  # WORKER_CRASHED, WORKER_START_FAILED, INTERNAL, unknown
-RETRY_AFTER_CODES = ("ALL_SLOTS_BUSY", "HIVE_DRAINING", "HIVE_UNREACHABLE", "HIVE_LOST")
+RETRY_AFTER_CODES = (
+    "ALL_SLOTS_BUSY",
+    "HIVE_DRAINING",
+    "HIVE_UNREACHABLE",
+    "HIVE_LOST",
+    "JOB_STOPPED",
+)
 DEFAULT_RETRY_AFTER_S = 1.0
 
 

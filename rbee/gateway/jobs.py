@@ -28,6 +28,7 @@ from rbee.errors import (
     HiveLost,
     HiveUnreachable,
     InternalError,
+    JobStopped,
     RbeeError,
     Timeout,
     WorkerNotFound,
@@ -235,8 +236,8 @@ class Job:
                     if frame.text:
                         self.emit(Text(frame.text))
                 elif isinstance(frame, Done):
-                    if frame.stop_reason == "canceled":
-                        raise Canceled(f"job {self.job_id} was canceled on the hive")
+                    if frame.stop_reason == "canceled":  # not by us: the hive stopped it
+                        raise JobStopped(f"job {self.job_id} was stopped on the hive")
                     if frame.tail:
                         self.emit(Text(frame.tail))
                     self.emit(Finished(frame))

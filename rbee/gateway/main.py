@@ -21,7 +21,7 @@ from rbee.gateway.app import KEEPALIVE_INTERVAL_S, Gateway, GatewayConfig
 from rbee.gateway.auth import KEYS_ENV, load_keys
 from rbee.gateway.jobs import READY_TIMEOUT_S
 from rbee.protocol.messages import KEEP_ALIVE_DEFAULT
-from rbee.transport.sockets import is_loopback
+from rbee.transport.sockets import cannot_listen, is_loopback
 
 DEFAULT_LISTEN = "127.0.0.1:7833"
 DEFAULT_PORT = 7833
@@ -179,9 +179,8 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise InvalidRequest(
-            f"cannot listen on {host}:{port}: {exc.strerror}",
-            suggestion="pick another --listen address or port",
+        raise cannot_listen(
+            host, port, exc.errno or 0, exc.strerror or str(exc), "--listen port"
         ) from None
     sock.listen(2048)
     sock.set_inheritable(True)

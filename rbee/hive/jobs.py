@@ -17,6 +17,7 @@ from rbee.errors import (
     HiveDraining,
     InvalidRequest,
     JobNotFound,
+    JobStopped,
     ModelNotFound,
     RbeeError,
     WorkerNotFound,
@@ -230,11 +231,17 @@ class JobDesk(HiveState):
             if worker is not None:
                 self.pool.send(worker, CancelJob(job_id=job.job_id))
         else:
-            self._fail_queued(job, Canceled(self._canceled_text(job, "while queued")))
+            self._fail_queued(job, self._ended_by_other(job, "while queued"))
 
-    def _canceled_text(self, job: JobRecord, when: str) -> str:
-        by = f" by {job.canceled_by}" if job.canceled_by else ""
-        return f"job {job.job_id} was canceled{by} on {self.node} {when}"
+    def _ended_by_other(self, job: JobRecord, when: str) -> RbeeError:
+        """JOB_STOPPED when the hive or an admin ended the job (its keeper says so and saves
+        the partial text), CANCELED when its own keeper did."""
+        if job.canceled_by:
+            return JobStopped(
+                f"job {job.job_id} was stopped by {job.canceled_by} on {self.node} {when}",
+                suggestion="run it again (on another hive with --node, if this one is stopping)",
+            )
+        return Canceled(f"job {job.job_id} was canceled on {self.node} {when}")
 
     def on_fetch_frames(self, who: bytes, rid: int, frame: FetchFrames) -> None:
         """Resend a job's frames from a sequence number on (the gap-filling path)."""
@@ -272,17 +279,24 @@ class JobDesk(HiveState):
             self._finish(job, frame, parts[1])
 
     def _finish_canceled_by_other(self, job: JobRecord, done: Done) -> None:
-        """The owner learns that someone else (an admin) canceled its job: the held-back tail
-        comes as a last token, then a CANCELED error that says who."""
-        seq = done.seq
+        """The owner learns that someone else (the hive, an admin) ended its job: the held-back
+        tail comes as a last token, then a JOB_STOPPED error that says who."""
         if done.tail:
-            tail = encode(Token(job_id=job.job_id, seq=seq, text=done.tail))
+            tail = encode(Token(job_id=job.job_id, seq=done.seq, text=done.tail))
             job.keep(tail)
             self.xpub.send_multipart([stream_topic(job.job_id), tail], zmq.NOBLOCK)
-            seq += 1
-        message = self._canceled_text(job, f"after {done.tokens} tokens")
-        error = StreamError(job_id=job.job_id, seq=seq, code=Canceled.code, message=message)
-        self._finish(job, error)
+        self._fail(job, self._ended_by_other(job, f"after {done.tokens} tokens"))
+
+    def _fail(self, job: JobRecord, error: RbeeError) -> None:
+        """End a dispatched job with ``error`` as its terminal frame (after every frame kept)."""
+        terminal = StreamError(
+            job_id=job.job_id,
+            seq=len(job.frames),
+            code=error.code,
+            message=error.message[:16000],
+            suggestion=error.suggestion[:2048],
+        )
+        self._finish(job, terminal)
 
     def _finish(self, job: JobRecord, terminal: Frame, data: bytes | None = None) -> None:
         """Record and publish a job's one terminal frame; its worker becomes idle."""

@@ -75,7 +75,6 @@ from rbee.protocol.messages import (
     StartJob,
     Status,
     StopWorker,
-    StreamError,
     WorkerAssigned,
     WorkerInfo,
     WorkerList,
@@ -136,36 +135,45 @@ class Hive(JobDesk, Provisioner):
         self.authorized = AuthorizedKeys(config.data_dir)
         self.keys = load_or_create(config.data_dir) if self.secure else None
         self.auth: ThreadAuthenticator | None = None
-        front = new_socket(self.ctx, zmq.ROUTER, REQUESTS)
-        front.setsockopt(zmq.RCVHWM, FRONT_HWM)
-        self.xpub = new_socket(self.ctx, zmq.XPUB)
-        if self.keys is not None:
-            self.auth = ThreadAuthenticator(self.ctx)
-            self.auth.start()
-            self.auth.configure_curve_callback("*", _KeyCheck(config.data_dir))
-            for sock in (front, self.xpub):
-                curve_server(sock, self.keys.public, self.keys.secret)
-            logger.info(
-                "CURVE on: only authorized keys get in",
-                key=self.keys.fingerprint,
-                authorized=len(self.authorized.roles()),
+        try:
+            front = new_socket(self.ctx, zmq.ROUTER, REQUESTS)
+            front.setsockopt(zmq.RCVHWM, FRONT_HWM)
+            self.xpub = new_socket(self.ctx, zmq.XPUB)
+            if self.keys is not None:
+                self.auth = ThreadAuthenticator(self.ctx)
+                self.auth.start()
+                self.auth.configure_curve_callback("*", _KeyCheck(config.data_dir))
+                for sock in (front, self.xpub):
+                    curve_server(sock, self.keys.public, self.keys.secret)
+                logger.info(
+                    "CURVE on: only authorized keys get in",
+                    key=self.keys.fingerprint,
+                    authorized=len(self.authorized.roles()),
+                )
+            else:
+                logger.info("development mode: loopback only, no keys", host=config.host)
+            self.front_endpoint = bind_endpoint(front, config.host, config.port)
+            self.front = RouterServer(front, curve=self.secure, bounds=REQUESTS)
+            self.role = "admin"  # of the request being handled (loop thread only)
+            self.caller = ""
+            back = new_socket(self.ctx, zmq.ROUTER)
+            back_endpoint = bind_endpoint(back, "127.0.0.1", 0)
+            self.xsub = new_socket(self.ctx, zmq.XSUB)
+            self.xsub.setsockopt(zmq.RCVHWM, LOCAL_HWM)
+            xsub_endpoint = bind_endpoint(self.xsub, "127.0.0.1", 0)
+            self.xsub.send(b"\x01")  # subscribe to every worker's every frame
+            self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # the hive applies each subscription itself
+            self.xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_BYTES)
+            self.xpub.setsockopt(zmq.SNDHWM, STREAM_HWM)
+            self.stream_endpoint = bind_endpoint(
+                self.xpub, config.host, config.stream_port, "--stream-port"
             )
-        else:
-            logger.info("development mode: loopback only, no keys", host=config.host)
-        self.front_endpoint = bind_endpoint(front, config.host, config.port)
-        self.front = RouterServer(front, curve=self.secure, bounds=REQUESTS)
-        self.role = "admin"  # of the request being handled (loop thread only)
-        self.caller = ""
-        back = new_socket(self.ctx, zmq.ROUTER)
-        back_endpoint = bind_endpoint(back, "127.0.0.1", 0)
-        self.xsub = new_socket(self.ctx, zmq.XSUB)
-        self.xsub.setsockopt(zmq.RCVHWM, LOCAL_HWM)
-        xsub_endpoint = bind_endpoint(self.xsub, "127.0.0.1", 0)
-        self.xsub.send(b"\x01")  # subscribe to every worker's every frame
-        self.xpub.setsockopt(zmq.XPUB_MANUAL, 1)  # the hive applies each subscription itself
-        self.xpub.setsockopt(zmq.MAXMSGSIZE, SUBSCRIPTION_BYTES)
-        self.xpub.setsockopt(zmq.SNDHWM, STREAM_HWM)
-        self.stream_endpoint = bind_endpoint(self.xpub, config.host, config.stream_port)
+        except BaseException:  # a port in use, an address not here: leave no thread behind
+            if self.auth is not None:
+                self.auth.stop()
+            self.ctx.destroy(linger=0)
+            self.catalog.close()
+            raise
         self.engine = self._choose_engine()
         self.pool = WorkerPool(RouterServer(back), back_endpoint, xsub_endpoint, self.engine)
         clean_stale_parts(config.data_dir / "models")  # left by downloads cut short
@@ -360,14 +368,13 @@ class Hive(JobDesk, Provisioner):
         worker = self.workers.get(frame.worker_id)
         if worker is None:
             raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
-        self._stop_worker(worker, "asked by a keeper")
-        self.front.send(who, Ack(detail=f"stopping {worker.worker_id}"), rid)
-
-    def _stop_worker(self, worker: WorkerRecord, reason: str) -> None:
+        key = f"an admin key ({fingerprint(self.caller)})" if self.caller else "a keeper"
+        by = f"{key} stopping worker {worker.worker_id}"
         job = self.jobs.get(worker.job_id)
         if job is not None:
-            self._cancel(job)
-        self.pool.stop(worker, reason)
+            self._cancel(job, by)
+        self.pool.stop(worker, "asked by a keeper")
+        self.front.send(who, Ack(detail=f"stopping {worker.worker_id}"), rid)
 
     # ------------------------------------------------------------------ workers
 
@@ -415,6 +422,9 @@ class Hive(JobDesk, Provisioner):
         job = self.jobs.get(worker.job_id)
         if job is None or job.finished:
             return
+        if job.canceled_by:  # stopped on purpose before its Done came: not a crash
+            self._fail(job, self._ended_by_other(job, f"after {len(job.frames)} tokens"))
+            return
         tail = event.stderr_tail[-2000:]
         how = f"exited with code {event.exit_code}"
         early = event.exit_code < 0 and not job.frames  # a signal before the first token
@@ -425,16 +435,7 @@ class Hive(JobDesk, Provisioner):
             + (f"; its last output:\n{tail}" if tail else ""),
             suggestion=SIGNAL_HINT if early else "",
         )
-        self._finish(
-            job,
-            StreamError(
-                job_id=job.job_id,
-                seq=len(job.frames),
-                code=error.code,
-                message=error.message[:16000],
-                suggestion=error.suggestion,
-            ),
-        )
+        self._fail(job, error)
 
     def housekeeping(self, now: float) -> None:
         """Reap workers, unload idle ones, keep waiting keepers informed, trim old jobs, drain."""
@@ -475,7 +476,7 @@ class Hive(JobDesk, Provisioner):
         overdue = now - self.draining_since > self.config.drain_grace_s or self.signals > 1
         if running and overdue:
             for job in running:
-                self._cancel(job)
+                self._cancel(job, "the hive shutting down")
         if not running or overdue:
             for worker in self.pool.records():
                 self.pool.stop(worker, "the hive is stopping")

@@ -17,7 +17,10 @@ import zmq
 from rbee.errors import (
     AllSlotsBusy,
     Canceled,
+    HiveLost,
     HiveUnreachable,
+    JobStopped,
+    OutputFailed,
     RbeeError,
     WorkerCrashed,
     WorkerNotFound,
@@ -268,13 +271,20 @@ def stream_job(
                 elif isinstance(frame, Done):
                     emit(out, frame.tail, result)
                     result.done = frame
-                    if frame.stop_reason == "canceled":
-                        raise Canceled(f"job {job_id} was canceled on the hive")
+                    if frame.stop_reason == "canceled":  # not by us: we would not be here
+                        stopped = JobStopped(f"job {job_id} was stopped on the hive")
+                        raise with_partial(stopped, result, request.params.max_tokens, job_id)
                 elif isinstance(frame, StreamError):
                     raise stream_failed(frame, result, request.params.max_tokens, job_id)
         except KeyboardInterrupt:
             cancel(link, job_id)
             raise Canceled(f"canceled after {result.tokens} tokens") from None
+        except OutputFailed:
+            cancel(link, job_id)  # nobody reads the rest
+            raise
+        except (HiveLost, HiveUnreachable) as exc:
+            lost = exc if isinstance(exc, HiveLost) else link.lost(exc)
+            raise with_partial(lost, result, request.params.max_tokens, job_id) from None
     finally:
         if result.pieces and not result.pieces[-1].endswith("\n"):
             out.write("\n")
@@ -283,7 +293,11 @@ def stream_job(
 
 def stream_failed(frame: StreamError, result: InferResult, asked: int, job_id: str) -> RbeeError:
     """The error for a stream that ended badly; partial text is saved so nothing is lost."""
-    error = describe(frame)
+    return with_partial(describe(frame), result, asked, job_id)
+
+
+def with_partial(error: RbeeError, result: InferResult, asked: int, job_id: str) -> RbeeError:
+    """``error``, its message saying where the partial text was saved (when any came)."""
     if result.text:
         path = data_dir() / "partial" / f"{job_id}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)

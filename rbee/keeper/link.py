@@ -15,7 +15,14 @@ from typing import IO
 
 import zmq
 
-from rbee.errors import HiveLost, HiveUnreachable, InvalidRequest, VersionMismatch
+from rbee.errors import (
+    HiveLost,
+    HiveUnreachable,
+    InvalidRequest,
+    RbeeError,
+    VersionMismatch,
+    error_from_code,
+)
 from rbee.paths import data_dir, hive_port, self_command
 from rbee.process import child_env
 from rbee.protocol.messages import PROTOCOL_VERSION, Hello, HelloReply, HiveStatus
@@ -191,6 +198,8 @@ class EphemeralHive:
             parts = _read_line(self.proc.stdout, EPHEMERAL_READY_TIMEOUT_S).split()
             if len(parts) != 3 or parts[0] != READY_PREFIX:
                 tail = self.log_path.read_text(errors="replace")[-2000:]
+                if coded := coded_exit(tail):  # e.g. CATALOG_CORRUPT: the hive's own words
+                    raise coded
                 raise HiveUnreachable(
                     f"the ephemeral hive did not start (exit code {self.proc.poll()}):\n{tail}",
                     suggestion=f"the full log is {self.log_path}",
@@ -210,6 +219,19 @@ class EphemeralHive:
     def stop(self) -> None:
         """Stop it and wait (also when it never became ready)."""
         stop_ephemeral(self.proc)
+
+
+def coded_exit(output: str) -> RbeeError | None:
+    """The error an rbee process ended with, rebuilt from the ``error: CODE: message`` and
+    ``hint:`` lines its main prints last, or None when it ended otherwise (a crash)."""
+    found = None
+    for m in re.finditer(r"^error: ([A-Z][A-Z0-9_]*): (.*)\n(?:hint: (.*))?", output, re.M):
+        found = m
+    if found is None:
+        return None
+    return error_from_code(
+        found.group(1), found.group(2), suggestion=found.group(3) or "", retryable=False
+    )
 
 
 def _read_line(pipe: IO[bytes], timeout_s: float) -> str:

@@ -198,12 +198,30 @@ def _check_scalar(value: Any, tp: Any, limits: Limits, path: str, problems: Prob
         cap = limits.max_len if limits.max_len is not None else default_cap
         if len(value) > cap:
             problems.add(path, f"must be at most {cap} long (got {len(value)})")
+        elif isinstance(value, str) and (bad := not_unicode(value)):
+            problems.add(path, bad)
         elif limits.choices is not None and value not in limits.choices:
             problems.add(path, f"must be one of {', '.join(limits.choices)} (got {value!r})")
         elif limits.pattern is not None and not limits.pattern.fullmatch(str(value)):
             problems.add(path, f"has characters it may not have (got {value!r:.40})")
         return
     raise TypeError(f"unsupported field type {tp!r} at {path}")  # a schema bug, not bad input
+
+
+def not_unicode(text: str) -> str:
+    """Why ``text`` cannot travel as UTF-8, or "". Python carries bytes of argv (or of stdin in
+    the C locale) that are not UTF-8, and JSON's lone ``\\udXXX`` escapes, as surrogates, which
+    msgpack would refuse deep inside an encode."""
+    if text.isascii():
+        return ""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        code = ord(text[exc.start])
+        if 0xDC80 <= code <= 0xDCFF:  # how Python's surrogateescape keeps a byte
+            return f"is not UTF-8 text (the byte 0x{code - 0xDC00:02x} at character {exc.start})"
+        return f"is not text (a lone surrogate U+{code:04X} at character {exc.start})"
+    return ""
 
 
 def _num(x: float) -> str:

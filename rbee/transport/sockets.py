@@ -7,6 +7,7 @@ belongs to the thread that made it.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import itertools
 import time
@@ -18,6 +19,7 @@ from zmq.utils.monitor import recv_monitor_message
 
 from rbee.errors import (
     AccessDenied,
+    CannotListen,
     HiveKeyChanged,
     HiveUnreachable,
     InvalidRequest,
@@ -41,13 +43,30 @@ STREAM_HWM = 10_000
 LOCAL_HWM = 0  # unlimited on the worker → hive hop: it must never drop a token
 
 
-def bind_endpoint(sock: zmq.Socket[bytes], host: str, port: int) -> str:
-    """Bind to ``host:port`` (0: a free port) and return the endpoint others connect to."""
+def bind_endpoint(sock: zmq.Socket[bytes], host: str, port: int, flag: str = "--port") -> str:
+    """Bind to ``host:port`` (0: a free port) and return the endpoint others connect to;
+    CannotListen names ``flag`` as the way to choose another port."""
     addr = f"tcp://{_bracket(host)}:{port}" if port else f"tcp://{_bracket(host)}:*"
     if ":" in host:
         sock.setsockopt(zmq.IPV6, 1)
-    sock.bind(addr)
+    try:
+        sock.bind(addr)
+    except zmq.ZMQError as exc:
+        code = exc.errno or 0
+        raise cannot_listen(host, port, code, zmq.strerror(code), flag) from None
     return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def cannot_listen(host: str, port: int, errno_: int, reason: str, flag: str) -> CannotListen:
+    """The error for a bind that failed, with what to do about its usual two causes."""
+    if errno_ == errno.EADDRINUSE:
+        hint = f"another program holds port {port} (`ss -ltnp 'sport = :{port}'` names it); "
+        hint += f"stop it or choose another {flag}"
+    elif errno_ < 0 or errno_ in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.EINVAL):  # <0: DNS
+        hint = f"this machine has no address {host}: give one of `ip -brief address`, or 0.0.0.0"
+    else:
+        hint = ""
+    return CannotListen(f"cannot listen on {_bracket(host)}:{port}: {reason}", suggestion=hint)
 
 
 def _bracket(host: str) -> str:

@@ -95,21 +95,31 @@ def worker_pid(line: str) -> int:
     return int(PIDS.findall(line)[0])
 
 
+def some_text_printed(keeper: Keeper) -> None:
+    """Wait until the keeper printed a few words of the answer."""
+    deadline = time.monotonic() + 30
+    while len("".join(keeper.chunks).split()) < 5 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def assert_partial_saved(out: str, err: str) -> None:
+    """The keeper named the file holding what it printed, and the file holds exactly that."""
+    match = re.search(r"(\d+) of 3000 tokens arrived; the partial text is saved in (\S+)", err)
+    assert match is not None, err
+    assert Path(match.group(2)).read_text().strip() == out.strip() != ""
+
+
 def test_worker_killed_mid_stream(rbee_env: dict[str, str]) -> None:
     with running_hive(rbee_env) as hive:
         keeper = Keeper(rbee_env, *LONG)
         pid = worker_pid(keeper.wait_for("spawned worker"))
         keeper.wait_for("[inference]")
-        deadline = time.monotonic() + 30
-        while len("".join(keeper.chunks).split()) < 5 and time.monotonic() < deadline:
-            time.sleep(0.05)  # some text printed before the crash
+        some_text_printed(keeper)
         os.kill(pid, signal.SIGKILL)
         code, out, err = keeper.finish()
         assert code == ExitCode.FAILURE, err
         assert "WORKER_CRASHED" in err and "exited with code -9" in err
-        match = re.search(r"(\d+) of 3000 tokens arrived; the partial text is saved in (\S+)", err)
-        assert match is not None, err
-        assert Path(match.group(2)).read_text().strip() == out.strip() != ""
+        assert_partial_saved(out, err)
         again = run_rbee("infer", *SHORT, env=rbee_env)
         assert again.returncode == 0 and "[worker] spawned worker" in again.stderr, "hive healthy"
         assert hive.poll() is None
@@ -194,6 +204,30 @@ def test_sigterm_drains_then_stops(rbee_env: dict[str, str]) -> None:
         assert_gone([pid])
 
 
+@pytest.mark.parametrize("how", ["sigterm-twice", "workers-stop"])
+def test_a_job_the_hive_stops_is_no_ctrl_c(rbee_env: dict[str, str], how: str) -> None:
+    """The hive shutting down (a second SIGTERM skips the grace) or `rbee workers stop` ends a
+    running job with JOB_STOPPED and its own exit status, and the partial text is saved."""
+    with running_hive(rbee_env) as hive:
+        keeper = Keeper(rbee_env, *LONG)
+        worker = re.findall(r"w-[0-9a-f]+", keeper.wait_for("spawned worker"))[0]
+        keeper.wait_for("[inference]")
+        some_text_printed(keeper)
+        if how == "workers-stop":
+            stopped = run_rbee("workers", "stop", worker, env=rbee_env)
+            assert stopped.returncode == 0, stopped.stderr
+            expected = f"stopped by a keeper stopping worker {worker}"
+        else:
+            hive.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            hive.send_signal(signal.SIGTERM)
+            expected = "stopped by the hive shutting down"
+        code, out, err = keeper.finish()
+        assert code == ExitCode.STOPPED and "JOB_STOPPED" in err and expected in err, err
+        assert "Canceled." not in err
+        assert_partial_saved(out, err)
+
+
 def test_hive_killed_leaves_no_worker_and_the_keeper_says_hive_lost(
     rbee_env: dict[str, str],
 ) -> None:
@@ -202,9 +236,11 @@ def test_hive_killed_leaves_no_worker_and_the_keeper_says_hive_lost(
         pid = worker_pid(keeper.wait_for("spawned worker"))
         keeper.wait_for("[inference]")
         started = time.monotonic()
+        some_text_printed(keeper)
         hive.kill()
-        code, _, err = keeper.finish()
+        code, out, err = keeper.finish()
         assert code == ExitCode.NETWORK and "HIVE_LOST" in err, err
+        assert_partial_saved(out, err)
         assert time.monotonic() - started < 8
         deadline = time.monotonic() + 5
         while psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:

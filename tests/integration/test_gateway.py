@@ -225,6 +225,12 @@ def test_openai_client_errors(gateway: Server) -> None:
     nested = httpx.post(gateway.url + "/v1/chat/completions", content=deep, timeout=30)
     assert nested.status_code == 400, nested.text
     assert "nests JSON too deeply" in nested.json()["error"]["message"]
+    lone = b'{"model": "%s", "messages": [{"role": "user", "content": "hi \\ud800"}]}'
+    surrogate = httpx.post(
+        gateway.url + "/v1/chat/completions", content=lone % DEFAULT_MODEL.encode(), timeout=30
+    )
+    assert surrogate.status_code == 400, surrogate.text
+    assert "lone surrogate U+D800" in surrogate.json()["error"]["message"]
 
 
 # ------------------------------------------------------------------ the bytes on the wire

@@ -311,8 +311,9 @@ def test_a_key_cannot_hear_fetch_list_or_cancel_another_keys_job(
             listed, detail = by_admin.stdout.splitlines()[-2:]
             assert job_id in listed and "as admin" in detail, by_admin.stdout + by_admin.stderr
             _, rest = victim.communicate(timeout=60)
-            assert victim.returncode == ExitCode.CANCELED, rest
-            assert "canceled by an admin key (SHA256:" in rest, rest
+            assert victim.returncode == ExitCode.STOPPED, rest
+            assert "JOB_STOPPED" in rest and "stopped by an admin key (SHA256:" in rest, rest
+            assert "the partial text is saved" in rest, rest
 
 
 ADMIN_CANCEL = """

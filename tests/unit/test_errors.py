@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 
 import pytest
 
@@ -148,3 +149,13 @@ def test_error_attributes_and_str() -> None:
 @pytest.mark.parametrize("cls", [HiveLost, AllSlotsBusy, Timeout, HiveUnreachable])
 def test_error_from_code_without_flag_keeps_class_default(cls: type[RbeeError]) -> None:
     assert error_from_code(cls.code, "m").retryable is True
+
+
+def test_readme_lists_every_code_under_its_exit_status() -> None:
+    """README's table is what users read: every code must be there, on its exit status's row."""
+    readme = (Path(__file__).parents[2] / "README.md").read_text(encoding="utf-8")
+    listed: dict[str, int] = {}
+    for m in re.finditer(r"^\| (\d+) \| (.*) \|$", readme, re.MULTILINE):
+        for code in re.findall(r"`([A-Z][A-Z0-9_]+)`", m.group(2)):
+            listed[code] = int(m.group(1))
+    assert listed == {cls.code: cls.exit_code for cls in SUBCLASSES}

@@ -1,0 +1,109 @@
+"""What a new user and an attacker found (the hardening issue), met through the CLI as a person
+meets it: each failure ends in a coded error with a hint, never a traceback, and loses nothing."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from rbee.errors import ExitCode
+from tests.helpers import rbee_cmd, run_rbee
+from tests.unit.test_gguf import BASE_KVS, BASE_TENSORS, F32_T, U64, gguf_bytes
+
+HUGE_CONTEXT = [
+    (k, U64, 2**63) if k.endswith("context_length") else (k, t, v) for k, t, v in BASE_KVS
+]
+
+
+def assert_coded(done: subprocess.CompletedProcess[str], exit_code: int, *texts: str) -> None:
+    """Ended with ``exit_code``, said every one of ``texts`` on stderr, and no traceback."""
+    assert done.returncode == exit_code, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+    for text in texts:
+        assert text in done.stderr, done.stderr
+
+
+def test_text_that_is_not_utf8_is_refused_by_name(rbee_env: dict[str, str]) -> None:
+    env = rbee_env  # Python keeps the bytes of argv that are not UTF-8 as surrogates
+    as_arg = run_rbee("infer", b"hi \xff".decode("utf-8", "surrogateescape"), env=env)
+    assert_coded(as_arg, ExitCode.USAGE, "INVALID_REQUEST: PROMPT is not UTF-8 text (the byte 0xff")
+    model = run_rbee("infer", "-m", "\udcfe", "hi", env=env)
+    assert_coded(model, ExitCode.USAGE, "--model is not UTF-8 text (the byte 0xfe")
+    piped = subprocess.run(
+        rbee_cmd("infer", "-"), env=env, input=b"ok \xc3(", capture_output=True, timeout=60
+    )
+    err = piped.stderr.decode()
+    assert piped.returncode == ExitCode.USAGE and "Traceback" not in err, err
+    assert "stdin is not UTF-8 text (the byte 0xc3 at offset 3)" in err and "iconv" in err
+
+
+@pytest.mark.parametrize(
+    ("kvs", "tensors", "what"),
+    [
+        (
+            HUGE_CONTEXT,
+            BASE_TENSORS,
+            "context_length is 9223372036854775808",
+        ),
+        (BASE_KVS, [("token_embd.weight", [2**62, 4], F32_T)], "parameter_count is"),
+    ],
+    ids=["context-2^63", "dims-2^62"],
+)
+def test_integers_sqlite_cannot_hold_are_refused_at_import(
+    rbee_env: dict[str, str], tmp_path: Path, kvs: list, tensors: list, what: str
+) -> None:
+    path = tmp_path / "huge.gguf"
+    path.write_bytes(gguf_bytes(kvs, tensors))
+    done = run_rbee("models", "import", str(path), env=rbee_env)
+    assert_coded(done, ExitCode.MODEL, "INVALID_MODEL", what)
+
+
+def test_a_port_in_use_or_an_address_not_here(rbee_env: dict[str, str]) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", int(rbee_env["RBEE_HIVE_PORT"])))
+        holder.listen()
+        taken = run_rbee("hive", "--host", "127.0.0.1", env=rbee_env, timeout=60)
+        assert_coded(taken, ExitCode.NETWORK, "CANNOT_LISTEN", "Address already in use", "--port")
+        port = holder.getsockname()[1]
+        served = run_rbee("serve", "--listen", f"127.0.0.1:{port}", env=rbee_env, timeout=60)
+        assert_coded(served, ExitCode.NETWORK, "CANNOT_LISTEN", f"`ss -ltnp 'sport = :{port}'`")
+    elsewhere = run_rbee("hive", "--host", "192.0.2.1", env=rbee_env, timeout=60)  # TEST-NET-1
+    assert_coded(elsewhere, ExitCode.NETWORK, "CANNOT_LISTEN", "this machine has no address")
+
+
+def test_a_corrupt_catalog_says_where_it_is_and_how_to_rebuild(
+    rbee_env: dict[str, str], model_path: Path
+) -> None:
+    catalog = Path(rbee_env["RBEE_DATA_DIR"]) / "catalog.db"
+    catalog.parent.mkdir(parents=True)
+    catalog.write_bytes(b"SQLite format 3\x00" + b"\x07" * 8000)
+    listed = run_rbee("models", "list", env=rbee_env)
+    assert_coded(listed, ExitCode.FAILURE, f"CATALOG_CORRUPT: the model catalog {catalog}")
+    assert f"mv {catalog} {catalog}.broken" in listed.stderr
+    inferred = run_rbee("infer", "-n", "2", "hi", env=rbee_env)  # through an ephemeral hive
+    assert_coded(inferred, ExitCode.FAILURE, "CATALOG_CORRUPT")
+    assert "HIVE_UNREACHABLE" not in inferred.stderr
+    catalog.rename(catalog.with_name("catalog.db.broken"))  # what the hint says
+    again = run_rbee("models", "import", str(model_path), "--name", "back", env=rbee_env)
+    assert again.returncode == 0 and model_path.is_file(), again.stderr
+
+
+def test_stdout_closed_early_or_full(rbee_env: dict[str, str]) -> None:
+    long = ("infer", "-t", "0", "--ignore-eos", "-n", "400", "Tell me a story")
+    keeper = subprocess.Popen(
+        rbee_cmd(*long), env=rbee_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert keeper.stdout is not None and keeper.stderr is not None
+    assert keeper.stdout.read(20)  # `| head -c 20`
+    keeper.stdout.close()
+    err = keeper.stderr.read().decode()
+    assert keeper.wait(60) == ExitCode.FAILURE, err
+    assert "OUTPUT_FAILED: stdout was closed" in err and "Traceback" not in err, err
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            rbee_cmd(*long), env=rbee_env, stdout=full, stderr=subprocess.PIPE, text=True
+        )
+    assert_coded(done, ExitCode.FAILURE, "OUTPUT_FAILED: cannot write to stdout: No space left")
