@@ -28,6 +28,7 @@ from rbee.protocol.messages import (
     PROTOCOL_VERSION,
 )
 from rbee.protocol.schema import not_unicode
+from rbee.terminal import safe
 
 
 def version_text() -> str:
@@ -548,16 +549,23 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.__stdout__.fileno() if sys.__stdout__ else 1)
 
 
+def report_error(exc: RbeeError) -> int:
+    """Say ``exc`` on stderr as ``error: CODE: message`` and ``hint: …`` (what an ephemeral hive's
+    keeper reads back, see keeper.link.coded_exit); returns its exit code. The text may come
+    from a hive or a file: escapes are shown, not obeyed."""
+    sys.stderr.write(f"error: {safe(exc.code)}: {safe(exc.message)}\n")
+    if exc.suggestion:
+        sys.stderr.write(f"hint: {safe(exc.suggestion)}\n")
+    return exc.exit_code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv``, run one mode, and return the process exit code."""
     try:
         sources = config.apply()  # file < environment < flags: flags take defaults from it
         parser = build_parser()
     except RbeeError as exc:
-        sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
-        if exc.suggestion:
-            sys.stderr.write(f"hint: {exc.suggestion}\n")
-        return exc.exit_code
+        return report_error(exc)
     args = parser.parse_args(argv)
     if args.log_level:
         os.environ["RBEE_LOG_LEVEL"] = args.log_level  # children (hive, workers) inherit it
@@ -576,15 +584,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _check_text_args(args)
         return run_command(args)
     except Canceled as exc:
-        sys.stderr.write(f"\nCanceled. ({exc.message})\n")
+        sys.stderr.write(f"\nCanceled. ({safe(exc.message)})\n")
         return exc.exit_code
     except RbeeError as exc:
         if isinstance(exc, OutputFailed):
             _silence_stdout()
-        sys.stderr.write(f"error: {exc.code}: {exc.message}\n")
-        if exc.suggestion:
-            sys.stderr.write(f"hint: {exc.suggestion}\n")
-        return exc.exit_code
+        return report_error(exc)
     except KeyboardInterrupt:
         sys.stderr.write("\nCanceled.\n")
         return ExitCode.CANCELED

@@ -43,6 +43,7 @@ from rbee.protocol.messages import (
     WorkerAssigned,
     new_job_id,
 )
+from rbee.terminal import safe
 from rbee.transport.sockets import STREAM_HWM, StreamSubscriber
 
 WAIT_TIMEOUT_S = 5.0  # a waiting keeper hears from its hive every second (progress, queue)
@@ -95,7 +96,7 @@ class Reporter:
         if self.last_step >= 0 and self.tty:
             self.err.write("\n")
         self.last_step = -1
-        self.err.write(f"[{name}] {text}\n")
+        self.err.write(f"[{name}] {safe(text)}\n")
         self.err.flush()
 
     def download(self, done: float, total: float, detail: str) -> None:

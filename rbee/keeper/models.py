@@ -13,6 +13,7 @@ from rbee.errors import HiveUnreachable
 from rbee.keeper.nodes import size, table
 from rbee.paths import catalog_path, data_dir
 from rbee.protocol.messages import ModelPulled, Progress, PullModel
+from rbee.terminal import cell, safe
 
 PULL_WAIT_S = 5.0  # the hive reports a download's progress twice a second
 
@@ -25,7 +26,7 @@ def import_model(path: str, name: str | None, out: TextIO = sys.stdout) -> Model
     finally:
         catalog.close()
     out.write(
-        f"imported {entry.name}: {entry.architecture} {entry.quantization}, "
+        f"imported {cell(entry.name)}: {cell(entry.architecture)} {cell(entry.quantization)}, "
         f"{entry.parameter_count / 1e6:.0f}M parameters, context {entry.context_length}, "
         f"{size(entry.size_bytes)}, sha256 {entry.sha256[:12]}…\n"
     )
@@ -66,9 +67,11 @@ def remove_model(name: str, out: TextIO = sys.stdout) -> None:
     if entry.provider == "hf" and path.is_relative_to(data_dir() / "models"):
         for part in path.parent.glob(split_glob(path.name)):
             part.unlink(missing_ok=True)
-        out.write(f"removed {entry.name} and deleted its download {path}\n")
+        out.write(safe(f"removed {entry.name} and deleted its download {path}") + "\n")
     else:
-        out.write(f"removed {entry.name} from the catalog (the file {entry.path} was kept)\n")
+        out.write(
+            safe(f"removed {entry.name} from the catalog (the file {entry.path} was kept)") + "\n"
+        )
 
 
 def split_glob(filename: str) -> str:

@@ -22,6 +22,7 @@ from rbee.protocol.messages import (
     WorkerInfo,
     WorkerList,
 )
+from rbee.terminal import cell, safe
 
 NODES_BROWSE_S = 1.5
 REQUEST_TIMEOUT_S = 5.0
@@ -38,7 +39,8 @@ def size(n: float) -> str:
 
 
 def table(rows: list[list[str]], out: TextIO) -> None:
-    """Left-aligned columns."""
+    """Left-aligned columns; each cell on one line, cut to fit, escapes shown."""
+    rows = [[cell(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
@@ -140,7 +142,7 @@ def list_nodes(
     table(rows, out)
     for v in views:  # too long for a column: the CPU variant, its features, what is off and why
         if v.status is not None and v.status.engine:
-            out.write(f"{v.name} engine: {v.status.engine}\n")
+            out.write(safe(f"{v.name} engine: {v.status.engine}") + "\n")
     return views
 
 
@@ -209,7 +211,7 @@ def stop_worker(worker_id: str, node: str | None, out: TextIO = sys.stdout) -> N
             link.client.request(StopWorker(worker_id=worker_id), REQUEST_TIMEOUT_S)
         finally:
             link.close()
-        out.write(f"stopping {worker_id} on {link.hello.node}\n")
+        out.write(safe(f"stopping {worker_id} on {link.hello.node}") + "\n")
     finally:
         ctx.destroy(linger=0)  # never waits on a socket an error path left open
 
@@ -236,7 +238,7 @@ def show_logs(target: str | None, follow: bool, out: TextIO = sys.stdout) -> Non
                 reply = link.client.request(request, REQUEST_TIMEOUT_S)
                 assert isinstance(reply, LogLines)
                 for line in reply.lines:
-                    out.write(render_log_line(line) + "\n")
+                    out.write(safe(render_log_line(line)).replace("\n", "\\n") + "\n")
                 out.flush()
                 after = reply.last
                 if not follow:

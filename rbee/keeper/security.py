@@ -20,6 +20,7 @@ from rbee.keeper.nodes import table
 from rbee.keeper.survey import survey
 from rbee.pairing import PAIR_PORT_OFFSET, HiveIdentity, new_code, pair_with, serve_pairing
 from rbee.paths import data_dir
+from rbee.terminal import safe
 from rbee.transport.keys import AuthorizedKeys, KnownHives, fingerprint, load_or_create
 
 
@@ -29,8 +30,8 @@ def keeper_command(args: argparse.Namespace) -> int:
         host, port = _locate(args.node)
         known = pair_with(data_dir(), host, port + PAIR_PORT_OFFSET, args.code)
         print(
-            f"paired with {known.name} ({known.address}); its key {fingerprint(known.key)} "
-            "is pinned"
+            safe(f"paired with {known.name} ({known.address}); its key ")
+            + f"{fingerprint(known.key)} is pinned"
         )
         return ExitCode.OK
     if args.keys_command == "show":
@@ -45,7 +46,8 @@ def keeper_command(args: argparse.Namespace) -> int:
         table(rows, sys.stdout)
     else:
         gone = KnownHives(data_dir()).forget(args.node)
-        print(f"forgot {len(gone)} hive key(s): {', '.join(k.name for k in gone) or 'none'}")
+        names = safe(", ".join(k.name for k in gone)) or "none"
+        print(f"forgot {len(gone)} hive key(s): {names}")
     return ExitCode.OK
 
 

@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from rbee.catalog import Catalog, describe_file
 from rbee.errors import ExitCode
+from rbee.terminal import CELL_CHARS
 from tests.helpers import rbee_cmd, run_rbee
 from tests.unit.test_gguf import BASE_KVS, BASE_TENSORS, F32_T, U64, gguf_bytes
 
@@ -107,3 +109,26 @@ def test_stdout_closed_early_or_full(rbee_env: dict[str, str]) -> None:
             rbee_cmd(*long), env=rbee_env, stdout=full, stderr=subprocess.PIPE, text=True
         )
     assert_coded(done, ExitCode.FAILURE, "OUTPUT_FAILED: cannot write to stdout: No space left")
+
+
+def test_metadata_cannot_drive_the_terminal_or_wreck_a_table(
+    rbee_env: dict[str, str], tmp_path: Path, model_path: Path
+) -> None:
+    """An architecture holding an OSC title sequence and colours is shown escaped by `models
+    import` and `models list`; a 10,000-character value an older rbee let in is cut to fit."""
+    hostile = "\x1b]0;pwned\x07\x1b[31mllama"
+    kvs = [(k, t, hostile if k == "general.architecture" else v) for k, t, v in BASE_KVS]
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(gguf_bytes(kvs, BASE_TENSORS))
+    imported = run_rbee("models", "import", str(path), env=rbee_env)
+    assert imported.returncode == 0, imported.stderr
+    assert "\x1b" not in imported.stdout and "\\x1b]0;pwned\\x07" in imported.stdout
+    catalog = Catalog(Path(rbee_env["RBEE_DATA_DIR"]) / "catalog.db")
+    record = {**describe_file(model_path, "old-entry").__dict__, "architecture": "a" * 10_000}
+    catalog.db.table("models").upsert(record, pk="name")
+    catalog.close()
+    listed = run_rbee("models", "list", env=rbee_env)
+    assert listed.returncode == 0, listed.stderr
+    assert "\x1b" not in listed.stdout and "\\x1b[31mllama" in listed.stdout
+    widest = max(len(line) for line in listed.stdout.splitlines())
+    assert widest < 400 and "a" * (CELL_CHARS - 1) + "…" in listed.stdout, listed.stdout
