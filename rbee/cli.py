@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-m",
         "--model",
         default=DEFAULT_MODEL,
-        help=f"catalog name or file:PATH (default: {DEFAULT_MODEL})",
+        help=f"catalog name, hf:ORG/REPO[:QUANT] or file:PATH (default: {DEFAULT_MODEL})",
     )
     infer.add_argument("-n", "--max-tokens", type=int, default=256, help="default: 256")
     infer.add_argument(
@@ -95,7 +95,10 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep generating past end-of-sequence (benchmarks)",
     )
-    infer.add_argument("--node", help="HOST[:PORT] of the hive to use (default: this machine)")
+    infer.add_argument(
+        "--node",
+        help="HOST[:PORT] or node name of the hive to use (default: the best one in reach)",
+    )
     infer.add_argument(
         "--backend",
         choices=BACKENDS,
@@ -170,7 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hive.add_argument("--ephemeral", action="store_true", help=argparse.SUPPRESS)
     hive.add_argument("--preload", default="", help=argparse.SUPPRESS)
-    hive_actions = hive.add_subparsers(dest="hive_command", metavar="ACTION")
+    hive_actions = hive.add_subparsers(
+        dest="hive_command", metavar="[ACTION]", title="actions (none: run the daemon)"
+    )
     hinst = hive_actions.add_parser("install", help="install this binary as a systemd service")
     hinst.add_argument(
         "--user", action="store_true", help="a user service (~/.local, systemctl --user)"
@@ -277,8 +282,13 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("reference", help="hf:ORG/REPO[:QUANT|/FILE.gguf][@REVISION]")
     pull.add_argument("--node", help="HOST[:PORT] or node name (default: chosen as for infer)")
     msub.add_parser("list", help="list the catalog")
-    rm = msub.add_parser("rm", help="forget a model (the file is kept)")
+    rm = msub.add_parser(
+        "rm", help="forget a model (an imported file is kept; a pulled download is deleted)"
+    )
     rm.add_argument("name")
+    rm.add_argument(
+        "--force", action="store_true", help="also stop this machine's workers that hold it"
+    )
 
     logs = sub.add_parser("logs", help="a hive's or a worker's recent log lines")
     logs.add_argument("target", nargs="?", help="node name, HOST[:PORT] or worker id (w-…)")
@@ -289,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub.add_parser("show", help="every setting's effective value and where it came from")
 
     ps = sub.add_parser("ps", help="list the workers of every hive in reach")
-    ps.add_argument("--node", help="HOST[:PORT]: only this hive")
+    ps.add_argument("--node", help="HOST[:PORT] or node name: only this hive")
 
     nodes = sub.add_parser("nodes", help="list the hives in reach (mDNS, RBEE_SEEDS, this machine)")
     nodes.add_argument("--json", action="store_true", help="machine-readable output")
@@ -305,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     wsub = workers.add_subparsers(dest="workers_command", metavar="ACTION", required=True)
     wstop = wsub.add_parser("stop", help="unload a worker (its running job is canceled)")
     wstop.add_argument("worker_id")
-    wstop.add_argument("--node", help="HOST[:PORT] (default: the hive that runs it)")
+    wstop.add_argument("--node", help="HOST[:PORT] or node name (default: the hive that runs it)")
     return parser
 
 
@@ -350,6 +360,20 @@ def _read_stdin() -> str:
             f"stdin is not UTF-8 text (the byte 0x{data[exc.start]:02x} at offset {exc.start})",
             suggestion="convert it first, e.g. `iconv -f latin1 -t utf-8 FILE | rbee infer -`",
         ) from None
+
+
+NOT_EMPTY = ("--node", "--name", "-m", "--model", "--node-name", "--host")
+
+
+def _check_not_empty(argv: Sequence[str]) -> None:
+    """Refuse ``--node ""`` and the like: an empty value would silently mean the default."""
+    for i, token in enumerate(argv):
+        flag, eq, value = token.partition("=")
+        given_empty = (eq and not value) or (not eq and i + 1 < len(argv) and argv[i + 1] == "")
+        if flag in NOT_EMPTY and given_empty:
+            raise InvalidRequest(
+                f"{flag} is empty", suggestion=f"give {flag} a value, or leave it out"
+            )
 
 
 def _check_text_args(args: argparse.Namespace) -> None:
@@ -491,7 +515,7 @@ def run_command(args: argparse.Namespace) -> int:
         elif args.models_command == "list":
             models.list_models()
         else:
-            models.remove_model(args.name)
+            models.remove_model(args.name, args.force)
         return ExitCode.OK
     if args.command == "ps":
         nodes.list_workers(args.node)
@@ -581,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):  # not when a test captures it
         sys.stdout = cast(TextIO, GuardedStdout(sys.stdout))
     try:
+        _check_not_empty(sys.argv[1:] if argv is None else argv)
         _check_text_args(args)
         return run_command(args)
     except Canceled as exc:

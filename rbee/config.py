@@ -79,6 +79,24 @@ def _text_list(value: Any) -> str:
     return ",".join(value)
 
 
+def _seeds(value: Any) -> str:
+    """HOST[:PORT] items (``[v6]:PORT`` for IPv6), each port a real one: checked here so that a
+    bad seed is named as RBEE_SEEDS (or lan.seeds), not as a flag the user never typed."""
+    joined = _text_list(value)
+    for item in joined.split(","):
+        port: str | None = None
+        if item.startswith("["):
+            _, closed, rest = item[1:].partition("]")
+            port = (
+                rest[1:] if closed and rest.startswith(":") else "" if rest or not closed else None
+            )
+        elif item.count(":") == 1:
+            port = item.rpartition(":")[2]
+        if port is not None and not (port.isascii() and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"HOST[:PORT] items with ports 1-65535 (not {item!r})")
+    return joined
+
+
 def _level(value: Any) -> str:
     if value not in ("debug", "info", "warning", "error"):
         raise ValueError('one of "debug", "info", "warning", "error"')
@@ -125,7 +143,7 @@ SETTINGS = (
         "(real interfaces)",
         "where to announce and browse",
     ),
-    Setting("lan", "seeds", "RBEE_SEEDS", _text_list, "", "HOST[:PORT] of hives to ask directly"),
+    Setting("lan", "seeds", "RBEE_SEEDS", _seeds, "", "HOST[:PORT] of hives to ask directly"),
     Setting("lan", "cluster", "RBEE_CLUSTER", _text, "default", "the pool this machine is in"),
     Setting("log", "level", "RBEE_LOG_LEVEL", _level, "info", "debug, info, warning, error"),
 )
@@ -184,7 +202,7 @@ def _from_env(setting: Setting, text: str) -> Any:
     if setting.check is _bool:
         lowered = text.lower()
         return True if lowered in ENV_TRUE else False if lowered in ENV_FALSE else text
-    if setting.check is _text_list:
+    if setting.check in (_text_list, _seeds):
         return [item.strip() for item in text.split(",") if item.strip()]
     if setting.check is _level:
         return text.lower()
@@ -212,6 +230,11 @@ def apply(path: Path | None = None) -> dict[str, str]:
     returns the environment variable → source map for `rbee config show`."""
     check_environment()
     path = path or config_path()
+    if os.environ.get("RBEE_CONFIG") and not path.exists():
+        raise InvalidRequest(
+            f"RBEE_CONFIG names {path}, which does not exist",
+            suggestion="create it, or unset RBEE_CONFIG to use the default file",
+        )
     sources = {s.env: "environment" for s in SETTINGS if s.env in os.environ}
     for env, value in read_file(path).items():
         if env not in os.environ:
@@ -222,7 +245,8 @@ def apply(path: Path | None = None) -> dict[str, str]:
 
 def show(sources: dict[str, str], flags: dict[str, object] | None = None) -> str:
     """Every setting's effective value and where it came from."""
-    lines = [f"# {config_path()}"]
+    path = config_path()
+    lines = [f"# {path}" + ("" if path.exists() else " (no such file: defaults and environment)")]
     for s in SETTINGS:
         flag = (flags or {}).get(s.key)
         if flag is not None:

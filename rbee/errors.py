@@ -18,6 +18,7 @@ exit code. This module is the one place that ties the three together::
     ├── JobNotFound                JOB_NOT_FOUND      1
     ├── AllSlotsBusy               ALL_SLOTS_BUSY     6
     ├── HiveDraining               HIVE_DRAINING      6
+    ├── ModelInUse                 MODEL_IN_USE       6
     ├── LoadingTimeout             LOADING_TIMEOUT    5
     ├── InsufficientRam            INSUFFICIENT_RAM   7
     ├── InsufficientVram           INSUFFICIENT_VRAM  7
@@ -174,6 +175,13 @@ class HiveDraining(RbeeError):
     default_retryable = True
 
 
+class ModelInUse(RbeeError):
+    """A model to be removed is loaded by a worker; ``--force`` stops the worker first."""
+
+    code = "MODEL_IN_USE"
+    exit_code = ExitCode.BUSY
+
+
 class LoadingTimeout(RbeeError):
     """A worker made no loading progress within the deadline (the message says how far it got)."""
 
@@ -309,6 +317,7 @@ ERRORS_BY_CODE: dict[str, type[RbeeError]] = {
         JobNotFound,
         AllSlotsBusy,
         HiveDraining,
+        ModelInUse,
         LoadingTimeout,
         InsufficientRam,
         InsufficientVram,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import hmac
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import zmq
 from spake2 import SPAKE2_A, SPAKE2_B
 
 from rbee import log
-from rbee.errors import AccessDenied, HiveUnreachable, RbeeError, Timeout
+from rbee.errors import AccessDenied, HiveUnreachable, InvalidRequest, RbeeError, Timeout
 from rbee.protocol.codec import PAIRING
 from rbee.protocol.messages import (
     PairAccepted,
@@ -60,6 +61,17 @@ def new_code() -> str:
     """A one-time code people can read out: eight digits in two groups."""
     value = f"{secrets.randbelow(10**8):08d}"
     return f"{value[:4]}-{value[4:]}"
+
+
+def check_code(code: str) -> str:
+    """The code as `rbee hive pair` prints it (eight digits, a dash or space optional), checked
+    before the keeper asks the network; InvalidRequest otherwise."""
+    if not re.fullmatch(r"\d{4}[- ]?\d{4}", code.strip()):
+        raise InvalidRequest(
+            f"{code[:40]!r} is not a pairing code: it is eight digits, like 4821-0375",
+            suggestion="copy the code `rbee hive pair` printed on the hive",
+        )
+    return code.strip()
 
 
 def _secret(code: str) -> bytes:

@@ -302,6 +302,12 @@ class Hive(JobDesk, Provisioner):
     def on_get_logs(self, who: bytes, rid: int, frame: GetLogs) -> None:
         """Recent log lines of the hive and its workers (`rbee logs`)."""
         lines, last = log.RECENT.since(frame.after, frame.worker_id, frame.limit)
+        unknown = frame.worker_id and frame.worker_id not in self.workers
+        if unknown and not lines and frame.after == 0:  # a worker gone long ago, or never here
+            raise WorkerNotFound(
+                f"no worker {frame.worker_id} on {self.node}, nor lines of one in its recent log",
+                suggestion="`rbee ps` lists the workers",
+            )
         self.front.send(who, LogLines(lines=lines, last=last), rid)
 
     def _require_admin(self, what: str) -> None:

@@ -235,9 +235,12 @@ def start_job(
         keep_alive_s=request.keep_alive_s,
     )
     rid = link.client.send(start)
+    said = ""
     for frame in link.client.replies(rid, WAIT_TIMEOUT_S):
         if isinstance(frame, Progress) and frame.phase == "queued":
-            report.phase("queue", f"waiting for a free worker: {frame.message}")
+            if frame.message != said:  # the hive repeats it every second: say what changed
+                report.phase("queue", f"waiting for a free worker: {frame.message}")
+                said = frame.message
         elif isinstance(frame, JobAccepted):
             return frame.worker_id
     raise AssertionError("replies() ends only by raising")  # pragma: no cover

@@ -9,10 +9,11 @@ from typing import TextIO
 import zmq
 
 from rbee.catalog import Catalog, ModelEntry, listed_entries
-from rbee.errors import HiveUnreachable
-from rbee.keeper.nodes import size, table
+from rbee.errors import HiveUnreachable, ModelInUse
+from rbee.keeper.nodes import REQUEST_TIMEOUT_S, size, table
+from rbee.keeper.survey import local_view
 from rbee.paths import catalog_path, data_dir
-from rbee.protocol.messages import ModelPulled, Progress, PullModel
+from rbee.protocol.messages import DEFAULT_MODEL, ModelPulled, Progress, PullModel, StopWorker
 from rbee.terminal import cell, safe
 
 PULL_WAIT_S = 5.0  # the hive reports a download's progress twice a second
@@ -56,10 +57,15 @@ def list_models(out: TextIO = sys.stdout) -> list[ModelEntry]:
     return entries
 
 
-def remove_model(name: str, out: TextIO = sys.stdout) -> None:
-    """Forget a model. A file rbee downloaded is deleted; an imported file is kept."""
+def remove_model(name: str, force: bool = False, out: TextIO = sys.stdout) -> None:
+    """Forget a model. A file rbee downloaded is deleted; an imported file is kept. Workers of
+    this machine's hive that hold it are stopped with ``force`` and refuse the removal without:
+    they would go on serving a model the catalog no longer lists."""
     catalog = Catalog(catalog_path())
     try:
+        if catalog.get(name) is None:
+            raise catalog.not_found(name)
+        _stop_holders(name, force, out)
         entry = catalog.remove(name)
     finally:
         catalog.close()
@@ -72,6 +78,35 @@ def remove_model(name: str, out: TextIO = sys.stdout) -> None:
         out.write(
             safe(f"removed {entry.name} from the catalog (the file {entry.path} was kept)") + "\n"
         )
+    if entry.name == DEFAULT_MODEL:
+        out.write(
+            f"(the bundled default: `rbee models import {entry.path} --name {entry.name}`"
+            " brings it back)\n"
+        )
+
+
+def _stop_holders(name: str, force: bool, out: TextIO) -> None:
+    """Stop the local hive's workers holding ``name`` (with ``force``), else refuse if any."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    here = None
+    try:
+        here = local_view(ctx)
+        if here is None or here.status is None or here.client is None:
+            return  # no hive runs here: no worker holds anything
+        holders = [w.worker_id for w in here.status.workers if w.model == name]
+        if holders and not force:
+            raise ModelInUse(
+                f"{name} is loaded by worker {', '.join(holders)} of this machine's hive",
+                suggestion=f"`rbee models rm {name} --force` stops it first (a job it runs "
+                "ends with JOB_STOPPED), or wait for its keep-alive to end",
+            )
+        for worker_id in holders:
+            here.client.request(StopWorker(worker_id=worker_id), REQUEST_TIMEOUT_S)
+            out.write(f"stopped worker {worker_id}, which held {name}\n")
+    finally:
+        if here is not None:
+            here.close()
+        ctx.destroy(linger=0)
 
 
 def split_glob(filename: str) -> str:

@@ -18,7 +18,14 @@ from rbee.errors import ExitCode
 from rbee.keeper.link import parse_node
 from rbee.keeper.nodes import table
 from rbee.keeper.survey import survey
-from rbee.pairing import PAIR_PORT_OFFSET, HiveIdentity, new_code, pair_with, serve_pairing
+from rbee.pairing import (
+    PAIR_PORT_OFFSET,
+    HiveIdentity,
+    check_code,
+    new_code,
+    pair_with,
+    serve_pairing,
+)
 from rbee.paths import data_dir
 from rbee.terminal import safe
 from rbee.transport.keys import AuthorizedKeys, KnownHives, fingerprint, load_or_create
@@ -27,8 +34,9 @@ from rbee.transport.keys import AuthorizedKeys, KnownHives, fingerprint, load_or
 def keeper_command(args: argparse.Namespace) -> int:
     """`rbee pair NODE CODE` and `rbee keys show|known|forget`."""
     if args.command == "pair":
+        code = check_code(args.code)  # before looking for the hive: a typo fails at once
         host, port = _locate(args.node)
-        known = pair_with(data_dir(), host, port + PAIR_PORT_OFFSET, args.code)
+        known = pair_with(data_dir(), host, port + PAIR_PORT_OFFSET, code)
         print(
             safe(f"paired with {known.name} ({known.address}); its key ")
             + f"{fingerprint(known.key)} is pinned"

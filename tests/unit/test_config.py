@@ -19,6 +19,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]
     for s in config.SETTINGS:
         monkeypatch.delenv(s.env, raising=False)
     path = tmp_path / "config.toml"
+    path.write_text("")
     monkeypatch.setenv("RBEE_CONFIG", str(path))
     yield path
     os.environ.clear()
@@ -38,8 +39,27 @@ def test_file_then_environment_then_flags(clean_env: Path, monkeypatch: pytest.M
     assert "log.level = info    (default; RBEE_LOG_LEVEL)" in shown
 
 
-def test_no_file_is_fine(clean_env: Path) -> None:
+def test_no_file_is_fine(clean_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RBEE_CONFIG")
+    clean_env.unlink()
+    assert config.apply(clean_env) == {}  # the default file, absent
+
+
+def test_a_config_file_named_explicitly_must_exist(clean_env: Path) -> None:
+    clean_env.unlink()
+    with pytest.raises(InvalidRequest, match=f"RBEE_CONFIG names {clean_env}, which does not"):
+        config.apply()
+    clean_env.write_text("")
     assert config.apply() == {}
+
+
+@pytest.mark.parametrize("seeds", ["h:70000", "h:0", "a:1,b:x", "[::1", "[::1]:99999"])
+def test_a_bad_seed_is_named_as_rbee_seeds(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch, seeds: str
+) -> None:
+    monkeypatch.setenv("RBEE_SEEDS", seeds)
+    with pytest.raises(InvalidRequest, match=r"RBEE_SEEDS=.*HOST\[:PORT\] items with ports"):
+        config.apply()
 
 
 @pytest.mark.parametrize(
