@@ -21,6 +21,7 @@ from pathlib import Path
 import builds
 import cold
 import concurrency
+import dead_hive
 import footprint
 import peers
 import transport
@@ -35,6 +36,7 @@ BENCHES = {  # name: (module, default repetitions)
     "peers": (peers, 5),
     "footprint": (footprint, 5),
     "builds": (builds, 5),
+    "dead_hive": (dead_hive, 5),  # root only (network namespaces); otherwise says it did not run
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

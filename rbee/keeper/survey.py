@@ -1,10 +1,17 @@
 """Asking every hive in reach how it is: mDNS announcements, seed hosts and this machine's port,
-each asked Hello and Status in parallel with one deadline."""
+each asked Hello and Status in parallel, all within one deadline.
+
+An announcement or a seed only says where a hive might be: a hive SIGKILLed a moment ago, or
+one whose record something still serves, costs the survey at most that deadline, and nothing
+when its port refuses the connection (the usual case: its machine is up, its process gone).
+"""
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -18,7 +25,9 @@ from rbee.paths import hive_port
 from rbee.protocol.messages import Hello, HelloReply, HiveStatus, Status
 from rbee.transport.sockets import Curve, DealerClient, tcp_endpoint
 
-SURVEY_TIMEOUT_S = 1.0
+SURVEY_TIMEOUT_S = 1.0  # every hive answers within this of the survey's start, or is skipped
+JOIN_GRACE_S = 0.1  # for a thread to close its socket once its deadline has passed
+NO_ANSWER = f"no answer within {SURVEY_TIMEOUT_S:.1f} s"
 
 
 @dataclass
@@ -86,15 +95,7 @@ def survey(
     if include_local:
         here = local or HiveView("127.0.0.1", hive_port(), "local")
         views.setdefault((here.host, here.port), here)
-    threads = [
-        threading.Thread(target=_ask, args=(ctx, v, keep), daemon=True)
-        for v in views.values()
-        if v is not local
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(SURVEY_TIMEOUT_S * 2 + 1)
+    _ask_all(ctx, [v for v in views.values() if v is not local], keep)
     answered = [v for v in views.values() if v.hello is not None or v.source != "local"]
     unique = _dedupe_and_flag(answered)
     kept = {id(v) for v in unique}
@@ -104,29 +105,61 @@ def survey(
     return sorted(unique, key=lambda v: v.name)
 
 
+def _ask_all(ctx: zmq.Context[zmq.Socket[bytes]], views: list[HiveView], keep: bool) -> None:
+    """Ask every view at once, with one deadline for all: the survey lasts as long as its
+    slowest answer, and never longer than SURVEY_TIMEOUT_S, however many hives are silent."""
+    deadline = time.monotonic() + SURVEY_TIMEOUT_S
+    threads = [
+        threading.Thread(target=_ask, args=(ctx, v, keep, deadline), daemon=True) for v in views
+    ]
+    for t in threads:
+        t.start()
+    for t, v in zip(threads, views, strict=True):
+        t.join(max(0.0, deadline - time.monotonic()) + JOIN_GRACE_S)
+        if t.is_alive() and v.hello is None and not v.error:
+            v.error, v.error_code = NO_ANSWER, "HIVE_UNREACHABLE"  # a starved thread: late
+
+
 def local_view(ctx: zmq.Context[zmq.Socket[bytes]]) -> HiveView | None:
-    """This machine's hive, if one listens on the hive port (a refused connection is instant,
-    so a machine without a hive pays nothing for asking); its connection is kept open."""
+    """This machine's hive, if one listens on the hive port (see ``_refuses``); its connection
+    is kept open."""
     view = HiveView("127.0.0.1", hive_port(), "local")
     _ask(ctx, view, keep=True)
     return view if view.hello is not None else None
 
 
-def _listening(host: str, port: int) -> bool:
-    """Whether something accepts TCP connections there (``host`` is an address: no name
-    lookup, which would cost a fresh process ~3 ms of codec imports)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+def _refuses(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host`` refuses a TCP connection to ``port``: nothing listens there, so no hive
+    runs there now, whatever its announcement says (ZeroMQ would retry in silence until the
+    deadline). False when it accepts, or stays silent until ``timeout_s``: the deadline decides
+    then. Addresses only: a name's lookup could outlast the deadline, and costs a fresh
+    process ~3 ms of codec imports. On loopback a refusal is instant, so a machine without a
+    hive pays nothing for asking."""
+    try:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:
+        return False
     try:
         with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.settimeout(SURVEY_TIMEOUT_S)
+            probe.settimeout(max(timeout_s, 0.001))
             probe.connect((host, port))
-            return True
+    except ConnectionRefusedError:
+        return True
     except OSError:
         return False
+    return False
 
 
-def _ask(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, keep: bool = False) -> None:
-    if view.source == "local" and not _listening(view.host, view.port):
+def _ask(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+    view: HiveView,
+    keep: bool = False,
+    deadline: float | None = None,
+) -> None:
+    """Ask one hive Hello and Status, both answered by ``deadline`` (default: SURVEY_TIMEOUT_S
+    from now); what went wrong lands in the view's error."""
+    deadline = deadline if deadline is not None else time.monotonic() + SURVEY_TIMEOUT_S
+    if view.source == "local" and _refuses(view.host, view.port, SURVEY_TIMEOUT_S):
         view.error = "nothing listens there"
         return
     a = view.announcement
@@ -150,14 +183,21 @@ def _ask(ctx: zmq.Context[zmq.Socket[bytes]], view: HiveView, keep: bool = False
     kept = False
     try:
         asked = client.send(Hello(client="keeper")), client.send(Status())  # one round trip
-        hello = next(client.replies(asked[0], SURVEY_TIMEOUT_S))
-        status = next(client.replies(asked[1], SURVEY_TIMEOUT_S))
+        # While ZeroMQ connects, a plain TCP probe learns at once whether anyone listens.
+        if view.source != "local" and _refuses(view.host, view.port, deadline - time.monotonic()):
+            view.error = "nothing listens on its port"
+            view.error_code = "HIVE_UNREACHABLE"
+            return
+        hello = next(client.replies(asked[0], max(deadline - time.monotonic(), 0.0)))
+        status = next(client.replies(asked[1], max(deadline - time.monotonic(), 0.0)))
         if isinstance(hello, HelloReply) and isinstance(status, HiveStatus):
             view.hello, view.status = hello, status
             if keep:
                 view.client, kept = client, True
     except RbeeError as exc:
         view.error, view.error_code = exc.message, exc.code
+        if exc.code == "HIVE_UNREACHABLE":
+            view.error = NO_ANSWER  # replies() would name the time that was left, not the deadline
     finally:
         if not kept:
             client.close()
