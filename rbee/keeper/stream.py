@@ -8,7 +8,7 @@ the hive directly, so even a lost terminal frame is recovered and nothing waits 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rbee.errors import HiveLost, HiveUnreachable, ProtocolError, RbeeError, error_from_code
 from rbee.protocol.codec import decode
@@ -22,20 +22,37 @@ FETCH_ATTEMPTS = 2  # a dead hive is reported (HIVE_LOST) about 4 s after its la
 StreamFrame = Token | Done | StreamError
 
 
+def _carry_on() -> None:
+    """The default ``check`` of a JobStream: nothing ends it but its terminal frame."""
+
+
 class JobStream:
     """Yields a job's frames in order, each sequence number exactly once, ending with the
-    terminal frame (Done or StreamError)."""
+    terminal frame (Done or StreamError).
 
-    def __init__(self, client: DealerClient, sub: StreamSubscriber, job_id: str) -> None:
+    ``check`` is called after every IDLE_CHECK_S without a frame, before the hive is asked, so
+    a reader that stops early (by raising from it) notices during a silence too, e.g. while a
+    long prompt is read before the first token."""
+
+    def __init__(
+        self,
+        client: DealerClient,
+        sub: StreamSubscriber,
+        job_id: str,
+        check: Callable[[], None] = _carry_on,
+    ) -> None:
         self.client = client
         self.sub = sub
         self.job_id = job_id
+        self.check = check
         self.next_seq = 0
         self.fetched = 0  # frames recovered over request/reply (a measure of PUB/SUB loss)
 
     def __iter__(self) -> Iterator[StreamFrame]:
         while True:
             data = self.sub.recv(IDLE_CHECK_S)
+            if data is None:
+                self.check()
             frames = self._fetch() if data is None else [self._decode(data)]
             for frame in frames:
                 if frame.seq > self.next_seq:

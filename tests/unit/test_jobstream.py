@@ -209,6 +209,26 @@ def test_silence_with_nothing_new_keeps_waiting() -> None:
     assert js.fetched == 0
 
 
+def test_a_reader_can_stop_during_a_silence() -> None:
+    """``check`` runs at every silence, before the hive is asked; what it raises ends the
+    stream (a job no longer wanted, while a long prompt is read before the first token)."""
+    frames = job_frames(2)
+    hive = FakeHive(frames[:1])
+    silences = 0
+
+    def check() -> None:
+        nonlocal silences
+        silences += 1
+        if silences == 2:
+            raise KeyboardInterrupt
+
+    js = JobStream(hive, FakeSub([frames[0], None]), JOB, check)  # type: ignore[arg-type]
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        got.extend(js)
+    assert got == frames[:1] and hive.from_seqs == [1], "the second silence asked nobody"
+
+
 def test_silence_from_the_very_start() -> None:
     frames = job_frames(2)
     hive = FakeHive(frames)
