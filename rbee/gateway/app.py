@@ -29,11 +29,11 @@ from rbee import __version__, log
 from rbee.errors import RbeeError
 from rbee.gateway.auth import BearerAuth
 from rbee.gateway.errors import error_body, http_error
-from rbee.gateway.jobs import READY_TIMEOUT_S, Failed, Finished, Job, Jobs, Started, Text, Waiting
+from rbee.gateway.jobs import READY_TIMEOUT_S, Job, Jobs
 from rbee.gateway.listing import list_models
 from rbee.gateway.params import BadParameter, Kind, parse_call
 from rbee.gateway.shapes import KEEP_ALIVE_EVENT, Shaper, sse
-from rbee.keeper.infer import InferRequest
+from rbee.keeper.job import Failed, Finished, InferRequest, Started, Text
 from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
 
 KEEPALIVE_INTERVAL_S = 5.0  # well under the read timeouts of HTTP clients and proxies (≥ 30 s)
@@ -184,7 +184,7 @@ class Gateway:
                 return error_response(event.error)
             if isinstance(event, Text | Started):
                 first.append(event)
-            # a Finished event cannot come before Started; Waiting only says it is coming
+            # a Finished event cannot come before Started; Waiting and Progress say it is coming
         return StreamingResponse(
             self._events(job, shaper, first), media_type="text/event-stream", headers=SSE_HEADERS
         )
@@ -213,8 +213,6 @@ class Gateway:
                 elif isinstance(next_event, Failed):
                     yield sse(http_error(next_event.error)[1])
                     return
-                elif isinstance(next_event, Waiting | Started):
-                    continue
         finally:
             job.cancel()
 

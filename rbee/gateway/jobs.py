@@ -1,115 +1,46 @@
 """One request's keeper work on a thread of its own, its events handed to the event loop.
 
 ZeroMQ sockets belong to the thread that made them and the keeper's calls block, so each request
-runs what `rbee infer` runs (connect → EnsureWorker → StartJob → JobStream) on its own thread with
-its own sockets, sharing only the gateway's zmq.Context. Events go to an asyncio queue through
-``call_soon_threadsafe``; the HTTP side never touches a socket.
+runs what `rbee infer` runs (connect, then the keeper's InferJob: worker, StartJob, stream, with
+its retries) on its own thread with its own sockets, sharing only the gateway's zmq.Context.
+Events go to an asyncio queue through ``call_soon_threadsafe``; the HTTP side never touches a
+socket.
 
-The HTTP side stops a job by setting ``stop`` (the client went away). The thread looks at it on
-every frame it receives: a waiting keeper hears from its hive at least every few seconds and a
-streaming one on every token, so it then closes its SUB socket (the hive cancels a job whose
-subscriber left) and sends Cancel, and the worker is free for the next request.
+The HTTP side stops a job by setting ``stop`` (the client went away). The keeper's job looks at
+it (and at the ready deadline) in every wait, a download's or a loading worker's too, and then
+closes its SUB socket (the hive cancels a job whose subscriber left) and sends Cancel, so the
+worker is free for the next request; a download goes on for whoever else waits for it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 import time
-from dataclasses import dataclass
 
 import zmq
 
 from rbee import log
-from rbee.errors import (
-    AllSlotsBusy,
-    Canceled,
-    HiveLost,
-    HiveUnreachable,
-    InternalError,
-    JobStopped,
-    RbeeError,
-    Timeout,
-    WorkerNotFound,
-)
+from rbee.errors import AllSlotsBusy, Canceled, InternalError, RbeeError, Timeout
 from rbee.keeper.connect import connect
-from rbee.keeper.infer import (
+from rbee.keeper.job import (
+    Deadline,
+    Failed,
+    Finished,
+    InferJob,
     InferRequest,
-    Reporter,
-    cancel,
-    ensure_worker,
-    start_job,
-    worker_for,
+    JobEvent,
+    Started,
+    Text,
 )
 from rbee.keeper.link import HiveLink
-from rbee.keeper.stream import JobStream, describe
-from rbee.protocol.messages import Done, StreamError, Token, WorkerAssigned, new_job_id
-from rbee.transport.sockets import STREAM_HWM, StreamSubscriber
+from rbee.protocol.messages import new_job_id
 
 READY_TIMEOUT_S = 600.0  # finding a hive, downloading and loading the model, and queueing
 MAX_JOBS_IN_FLIGHT = 256  # a thread and two sockets each; beyond this, clients are told to retry
-JOIN_TIMEOUT_S = 10.0  # a stopped job's thread notices within a hive's progress interval (5 s)
+JOIN_TIMEOUT_S = 10.0  # a stopped job notices within 0.2 s, then waits for Cancel's answer (2 s)
 
 logger = log.get(__name__)
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """The job is not running yet: a phase of finding a worker (spawn, loading, queue …)."""
-
-    phase: str
-    message: str
-
-
-@dataclass(frozen=True)
-class Started:
-    """A worker took the job; tokens follow."""
-
-    node: str
-    worker_id: str
-
-
-@dataclass(frozen=True)
-class Text:
-    """Generated text (one token's worth, or the held-back tail at the end)."""
-
-    text: str
-
-
-@dataclass(frozen=True)
-class Finished:
-    """The job ended well; ``done`` has the totals and the stop reason."""
-
-    done: Done
-
-
-@dataclass(frozen=True)
-class Failed:
-    """The job could not be served or broke off."""
-
-    error: RbeeError
-
-
-Event = Waiting | Started | Text | Finished | Failed
-
-
-class _Reporter(Reporter):
-    """The keeper's phase reporter, turned into events. It is called on every frame a waiting
-    keeper receives, so it is also where a stopped request or a passed deadline cuts in."""
-
-    def __init__(self, job: Job) -> None:
-        super().__init__(io.StringIO())
-        self.job = job
-
-    def phase(self, name: str, text: str) -> None:
-        """A phase of the wait, as an event."""
-        self.job.check()
-        self.job.emit(Waiting(name, text))
-
-    def loading(self, fraction: float) -> None:
-        """Loading progress, as an event."""
-        self.phase("loading", f"{fraction:.0%}")
 
 
 class Job:
@@ -125,22 +56,22 @@ class Job:
         self.ctx = ctx
         self.request = request
         self.ready_timeout_s = ready_timeout_s
-        self.job_id = new_job_id()
+        self.job_id = new_job_id()  # the first attempt's, and the response's id
         self.stop = threading.Event()
         self.ended = False  # set by the reader once it saw the terminal event
         self.where: dict[str, str] = {"job_id": self.job_id}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._deadline = 0.0
+        self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        self._ready: Deadline | None = None  # a worker takes the job by then, or it fails
         self._thread = threading.Thread(target=self._run, name=self.job_id, daemon=True)
 
     def start(self) -> None:
         """Run the job; call from the event loop that will read its events."""
         self._loop = asyncio.get_running_loop()
-        self._deadline = time.monotonic() + self.ready_timeout_s
+        self._ready = Deadline.after(self.ready_timeout_s)
         self._thread.start()
 
-    async def next(self, timeout_s: float) -> Event | None:
+    async def next(self, timeout_s: float) -> JobEvent | None:
         """The next event, or None when none came within ``timeout_s``."""
         if not self._events.empty():  # the common case while tokens flow: no timer task
             event = self._events.get_nowait()
@@ -174,23 +105,13 @@ class Job:
 
     # ------------------------------------------------------------------ on the job's thread
 
-    def emit(self, event: Event) -> None:
+    def emit(self, event: JobEvent) -> None:
         """Hand an event to the loop (a loop already gone stops the job)."""
         assert self._loop is not None
         try:
             self._loop.call_soon_threadsafe(self._events.put_nowait, event)
         except RuntimeError:
             self.stop.set()
-
-    def check(self) -> None:
-        """Raise when the request was stopped or the wait for a worker passed its deadline."""
-        if self.stop.is_set():
-            raise Canceled(f"job {self.job_id} is no longer wanted")
-        if time.monotonic() > self._deadline:
-            raise Timeout(
-                f"{self.request.model} was not ready within {self.ready_timeout_s:g} s",
-                suggestion="try again: the model may still be downloading or loading",
-            )
 
     def _run(self) -> None:
         link: HiveLink | None = None
@@ -200,19 +121,10 @@ class Job:
             self.where["node"] = link.hello.node
             for note in link.notes:
                 logger.info("route", job=self.job_id, note=note)
-            self.check()
-            try:
-                self._stream(link, worker_for(link, request, _Reporter(self)))
-            except WorkerNotFound:  # the idle worker the status showed is gone: ask the hive
-                reporter = _Reporter(self)
-                self._stream(
-                    link,
-                    ensure_worker(link, request.model, reporter, request.backend, request.device),
-                )
-        except HiveUnreachable as exc:
-            lost = f"hive {link.hello.node} stopped answering: {exc.message}" if link else ""
-            self.emit(Failed(HiveLost(lost) if link else exc))
-        except RbeeError as exc:
+            job = InferJob(link, request, self.stop.is_set, self._ready, self.job_id)
+            for event in job.events():
+                self._forward(event)
+        except RbeeError as exc:  # connect's: the job's own failures are events
             self.emit(Failed(exc))
         except Exception as exc:  # a bug must reach the client as a 500, not hang it
             logger.exception("job failed", job=self.job_id)
@@ -221,35 +133,16 @@ class Job:
             if link is not None:
                 link.close()
 
-    def _stream(self, link: HiveLink, assigned: WorkerAssigned) -> None:
-        """Subscribe, start the job, pass its frames on; a stop cancels it on the hive."""
-        sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM, link.curve)
-        sub.subscribe(self.job_id)  # before StartJob: the hive waits for it
-        try:
-            worker_id = start_job(link, self.request, assigned, self.job_id, _Reporter(self))
-            self.where["worker_id"] = worker_id
-            self.emit(Started(link.hello.node, worker_id))
-            for frame in JobStream(link.client, sub, self.job_id):
-                if self.stop.is_set():
-                    raise Canceled(f"job {self.job_id} is no longer wanted")
-                if isinstance(frame, Token):
-                    if frame.text:
-                        self.emit(Text(frame.text))
-                elif isinstance(frame, Done):
-                    if frame.stop_reason == "canceled":  # not by us: the hive stopped it
-                        raise JobStopped(f"job {self.job_id} was stopped on the hive")
-                    if frame.tail:
-                        self.emit(Text(frame.tail))
-                    self.emit(Finished(frame))
-                elif isinstance(frame, StreamError):
-                    raise describe(frame)
-        except (Canceled, Timeout) as exc:
-            sub.close()  # first: the hive cancels a job whose subscriber left
-            cancel(link, self.job_id)  # and to be sure, it is told so
-            logger.info("job canceled", job=self.job_id, reason=exc.message)
-            raise
-        finally:
-            sub.close()
+    def _forward(self, event: JobEvent) -> None:
+        """Pass an event on to the HTTP side, noting where the job runs (empty text, held back
+        for a stop sequence, is no chunk)."""
+        if isinstance(event, Started):
+            self.where.update(job_id=event.job_id, worker_id=event.worker_id)
+        elif isinstance(event, Text) and not event.text:
+            return
+        elif isinstance(event, Failed) and isinstance(event.error, Canceled | Timeout):
+            logger.info("job canceled", job=self.job_id, reason=event.error.message)
+        self.emit(event)
 
 
 class Jobs:

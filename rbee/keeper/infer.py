@@ -1,7 +1,8 @@
 """`rbee infer`: the phases of one request, said on stderr, with the tokens on stdout.
 
-hive (reach or start one) → preflight (versions) → worker (reuse an idle one, or spawn, register
-and load it, with progress) → inference (stream) → summary (tokens, duration, tokens/s).
+hive (reach or start one) → preflight (versions) → the job's events (rbee.keeper.job): worker
+(reuse an idle one, or spawn, register and load it, with progress) → inference (stream) →
+summary (tokens, duration, tokens/s).
 """
 
 from __future__ import annotations
@@ -14,54 +15,24 @@ from typing import TextIO
 
 import zmq
 
-from rbee.errors import (
-    AllSlotsBusy,
-    Canceled,
-    HiveLost,
-    HiveUnreachable,
-    JobStopped,
-    OutputFailed,
-    RbeeError,
-    WorkerCrashed,
-    WorkerNotFound,
-)
+from rbee.errors import Canceled, RbeeError, WorkerCrashed
 from rbee.keeper.connect import connect
-from rbee.keeper.link import HiveLink
-from rbee.keeper.stream import JobStream, describe
-from rbee.paths import data_dir
-from rbee.protocol.messages import (
-    KEEP_ALIVE_DEFAULT,
-    Cancel,
-    Done,
-    EnsureWorker,
-    GenerateParams,
-    JobAccepted,
+from rbee.keeper.job import (
+    Failed,
+    Finished,
+    InferJob,
+    InferRequest,
+    JobEvent,
     Progress,
-    StartJob,
-    StreamError,
-    Token,
-    WorkerAssigned,
-    new_job_id,
+    Started,
+    Text,
+    Waiting,
 )
+from rbee.paths import data_dir
+from rbee.protocol.messages import Done
 from rbee.terminal import safe
-from rbee.transport.sockets import STREAM_HWM, StreamSubscriber
 
-WAIT_TIMEOUT_S = 5.0  # a waiting keeper hears from its hive every second (progress, queue)
-BUSY_ATTEMPTS = 5
-BUSY_BACKOFF_S = 0.5
-CANCEL_TIMEOUT_S = 2.0
-
-
-@dataclass(frozen=True)
-class InferRequest:
-    """What the person asked for."""
-
-    model: str
-    params: GenerateParams
-    node: str | None = None
-    keep_alive_s: float = KEEP_ALIVE_DEFAULT
-    backend: str = "cpu"
-    device: str = ""  # a GPU index or UUID for backend "cuda" ("": the hive picks)
+__all__ = ["InferRequest", "InferResult", "Reporter", "run"]
 
 
 @dataclass
@@ -129,175 +100,93 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
     started = time.monotonic()
     report = Reporter(err)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    link: HiveLink | None = None
     try:
         link = connect(ctx, request.node, request.model, request.backend, request.device)
-        for note in link.notes:
-            report.phase("hive", note)
-        hello = link.hello
-        report.phase(
-            "preflight",
-            f"hive {hello.node} at {link.client.endpoint}: {hello.status} "
-            f"(rbee {hello.rbee_version}, protocol {hello.protocol_version})",
-        )
-        result = InferResult()
-        for attempt in range(BUSY_ATTEMPTS):
-            job_id = new_job_id()
-            # Subscribed before asking for a worker: the hive waits for the subscription before
-            # it dispatches, and the connection is made while the worker is found.
-            sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM, link.curve)
-            sub.subscribe(job_id)
-            try:
-                assigned = worker_for(link, request, report)
-                result.worker_id, result.reused = assigned.worker_id, assigned.reused
-                stream_job(link, request, assigned, result, report, out, started, sub, job_id)
-                break
-            except WorkerNotFound:
-                if attempt + 1 == BUSY_ATTEMPTS:
-                    raise  # the idle worker seen a moment ago is gone: ask the hive for one
-            except AllSlotsBusy as busy:
-                if attempt + 1 == BUSY_ATTEMPTS:
-                    raise
-                wait = max(busy.retry_after_s, BUSY_BACKOFF_S * 2**attempt)
-                report.phase("busy", f"{busy.message}; retrying in {wait:.1f} s")
-                time.sleep(wait)
-            finally:
-                sub.close()
-        result.total_s = time.monotonic() - started
-        summarize(result, report)
-        return result
-    except HiveUnreachable as exc:
-        if link is None:
-            raise
-        raise link.lost(exc) from None
-    finally:
-        if link is not None:
-            link.close()
-        ctx.destroy(linger=0)  # never waits on a socket an error path left open
-
-
-def worker_for(link: HiveLink, request: InferRequest, report: Reporter) -> WorkerAssigned:
-    """The worker for this request: an idle one the hive's status showed while the keeper chose
-    it (StartJob goes to it with no EnsureWorker round trip), else whatever EnsureWorker gives.
-    The status is used once: a retry asks the hive."""
-    status, link.status = link.status, None
-    for w in status.workers if status is not None else []:
-        if (
-            w.model == request.model
-            and w.state == "idle"
-            and w.backend == request.backend
-            and request.device in ("", w.device)
-        ):
-            report.phase("worker", f"reusing idle worker {w.worker_id} ({w.model})")
-            return WorkerAssigned(worker_id=w.worker_id, model=w.model, reused=True, load_s=0.0)
-    return ensure_worker(link, request.model, report, request.backend, request.device)
-
-
-def ensure_worker(
-    link: HiveLink, model: str, report: Reporter, backend: str = "cpu", device: str = ""
-) -> WorkerAssigned:
-    """Phases reuse/spawn, registration and loading: get a worker holding the model, on the
-    backend (and GPU) asked for."""
-    rid = link.client.send(EnsureWorker(model=model, backend=backend, device=device))
-    for frame in link.client.replies(rid, WAIT_TIMEOUT_S):
-        if isinstance(frame, Progress):
-            if frame.phase == "loading":
-                report.loading(frame.done / frame.total if frame.total else 0.0)
-            elif frame.phase == "download" and frame.total:
-                report.download(frame.done, frame.total, frame.message)
-            elif frame.phase == "download":
-                report.phase("download", f"pulling {frame.message}")
-            else:
-                report.phase("worker" if frame.phase == "spawn" else frame.phase, frame.message)
-        elif isinstance(frame, WorkerAssigned):
-            if frame.busy:
-                report.phase("worker", f"worker {frame.worker_id} ({frame.model}) is busy")
-            elif frame.reused:
-                report.phase("worker", f"reusing idle worker {frame.worker_id} ({frame.model})")
-            else:
-                report.phase(
-                    "ready",
-                    f"worker {frame.worker_id} loaded {frame.model} in {frame.load_s:.2f} s",
-                )
-            return frame
-    raise AssertionError("replies() ends only by raising")  # pragma: no cover
-
-
-def start_job(
-    link: HiveLink, request: InferRequest, assigned: WorkerAssigned, job_id: str, report: Reporter
-) -> str:
-    """Send StartJob and wait, showing the queue position, until a worker takes the job."""
-    start = StartJob(
-        job_id=job_id,
-        model=request.model,
-        params=request.params,
-        worker_id=assigned.worker_id,
-        keep_alive_s=request.keep_alive_s,
-    )
-    rid = link.client.send(start)
-    said = ""
-    for frame in link.client.replies(rid, WAIT_TIMEOUT_S):
-        if isinstance(frame, Progress) and frame.phase == "queued":
-            if frame.message != said:  # the hive repeats it every second: say what changed
-                report.phase("queue", f"waiting for a free worker: {frame.message}")
-                said = frame.message
-        elif isinstance(frame, JobAccepted):
-            return frame.worker_id
-    raise AssertionError("replies() ends only by raising")  # pragma: no cover
-
-
-def stream_job(
-    link: HiveLink,
-    request: InferRequest,
-    assigned: WorkerAssigned,
-    result: InferResult,
-    report: Reporter,
-    out: TextIO,
-    started: float,
-    sub: StreamSubscriber,
-    job_id: str,
-) -> None:
-    """Start the job (``sub`` already subscribed to ``job_id``), print tokens as they come;
-    Ctrl-C cancels the job."""
-    try:
         try:
-            worker_id = start_job(link, request, assigned, job_id, report)
-            result.worker_id = worker_id
-            report.phase("inference", f"job {job_id} on worker {worker_id}")
-            for frame in JobStream(link.client, sub, job_id):
-                if isinstance(frame, Token):
-                    now = time.monotonic()
-                    if not result.tokens:
-                        result.first_token_s = now - started
-                    result.stream_s = now - started - result.first_token_s
-                    result.tokens += 1
-                    emit(out, frame.text, result, flush=not sub.has_pending())
-                elif isinstance(frame, Done):
-                    emit(out, frame.tail, result)
-                    result.done = frame
-                    if frame.stop_reason == "canceled":  # not by us: we would not be here
-                        stopped = JobStopped(f"job {job_id} was stopped on the hive")
-                        raise with_partial(stopped, result, request.params.max_tokens, job_id)
-                elif isinstance(frame, StreamError):
-                    raise stream_failed(frame, result, request.params.max_tokens, job_id)
-        except KeyboardInterrupt:
-            cancel(link, job_id)
-            raise Canceled(f"canceled after {result.tokens} tokens") from None
-        except OutputFailed:
-            cancel(link, job_id)  # nobody reads the rest
-            raise
-        except (HiveLost, HiveUnreachable) as exc:
-            lost = exc if isinstance(exc, HiveLost) else link.lost(exc)
-            raise with_partial(lost, result, request.params.max_tokens, job_id) from None
+            for note in link.notes:
+                report.phase("hive", note)
+            hello = link.hello
+            report.phase(
+                "preflight",
+                f"hive {hello.node} at {link.client.endpoint}: {hello.status} "
+                f"(rbee {hello.rbee_version}, protocol {hello.protocol_version})",
+            )
+            printer = Printer(report, out, started, request.params.max_tokens)
+            follow(InferJob(link, request), printer)
+        finally:
+            link.close()
     finally:
-        if result.pieces and not result.pieces[-1].endswith("\n"):
-            out.write("\n")
-        out.flush()
+        ctx.destroy(linger=0)  # never waits on a socket an error path left open
+    printer.result.total_s = time.monotonic() - started
+    summarize(printer.result, report)
+    return printer.result
 
 
-def stream_failed(frame: StreamError, result: InferResult, asked: int, job_id: str) -> RbeeError:
-    """The error for a stream that ended badly; partial text is saved so nothing is lost."""
-    return with_partial(describe(frame), result, asked, job_id)
+class Printer:
+    """A job's events as `rbee infer` shows them: phases on stderr, text on stdout as it
+    arrives, counted and timed in ``result`` for the summary."""
+
+    def __init__(self, report: Reporter, out: TextIO, started: float, asked: int) -> None:
+        self.report = report
+        self.out = out
+        self.started = started  # the command's start: the first token's wait is the person's
+        self.asked = asked
+        self.result = InferResult()
+        self.job_id = ""  # set once a worker took the job
+
+    def show(self, event: JobEvent) -> None:
+        """Say one event; a Failed one is raised (saying where the partial text went)."""
+        result = self.result
+        match event:
+            case Waiting(phase, message):
+                self.report.phase(phase, message)
+            case Progress("loading", done, total):
+                self.report.loading(done / total if total else 0.0)
+            case Progress("download", done, total, detail):
+                self.report.download(done, total, detail)
+            case Started(_, worker_id, job_id, reused):
+                result.worker_id, result.reused, self.job_id = worker_id, reused, job_id
+                self.report.phase("inference", f"job {job_id} on worker {worker_id}")
+            case Text(text, token, more):
+                if token:
+                    self._count()
+                emit(self.out, text, result, flush=not more)
+            case Finished(done):
+                result.done = done
+            case Failed(error):
+                if self.job_id:  # the stream broke off: keep what came
+                    raise with_partial(error, result, self.asked, self.job_id)
+                raise error
+
+    def _count(self) -> None:
+        result, now = self.result, time.monotonic()
+        if not result.tokens:
+            result.first_token_s = now - self.started
+        result.stream_s = now - self.started - result.first_token_s
+        result.tokens += 1
+
+    def end_line(self) -> None:
+        """End the text with a newline, so the prompt (or the summary) starts on its own line."""
+        pieces = self.result.pieces
+        if pieces and not pieces[-1].endswith("\n"):
+            self.out.write("\n")
+        self.out.flush()
+
+
+def follow(job: InferJob, printer: Printer) -> None:
+    """Show the job's events to its end. Ctrl-C, or a stdout that fails (OUTPUT_FAILED: nobody
+    reads the rest), closes the events, which cancels the job on the hive."""
+    events = job.events()
+    try:
+        with contextlib.closing(events):
+            for event in events:
+                printer.show(event)
+    except KeyboardInterrupt:
+        if not job.submitted:
+            raise  # only a wait ended: nothing ran
+        raise Canceled(f"canceled after {printer.result.tokens} tokens") from None
+    finally:
+        printer.end_line()
 
 
 def with_partial(error: RbeeError, result: InferResult, asked: int, job_id: str) -> RbeeError:
@@ -322,12 +211,6 @@ def emit(out: TextIO, text: str, result: InferResult, flush: bool = True) -> Non
         if flush:
             out.flush()
         result.pieces.append(text)
-
-
-def cancel(link: HiveLink, job_id: str) -> None:
-    """Best-effort cancel (the hive also cancels when our subscription goes away)."""
-    with contextlib.suppress(RbeeError):
-        link.client.request(Cancel(job_id=job_id), CANCEL_TIMEOUT_S)
 
 
 def summarize(result: InferResult, report: Reporter) -> None:
