@@ -20,8 +20,10 @@ import pytest
 import zmq
 
 from rbee.catalog import DEFAULT_MODEL
+from rbee.gateway.jobs import Job
 from rbee.gateway.main import Server, prepare
 from rbee.hive import probe
+from rbee.keeper.job import JobEvent, Waiting
 from rbee.keeper.link import hello
 from rbee.protocol.messages import (
     Frame,
@@ -36,8 +38,11 @@ from rbee.transport.sockets import DealerClient, tcp_endpoint
 from rbee.worker.engine import in_process
 from tests.conftest import free_port
 from tests.helpers import rbee_cmd, run_rbee
+from tests.hub_server import FakeHub, FakeRepo
 
 KEY = "test-key-0123456789abcdef"
+HUB_REPO = "rbee-test/SmolLM2-135M-Instruct-GGUF"
+HUB_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 STORY = "Once upon a time"
 COLORS = "Name three colors."
 
@@ -95,6 +100,18 @@ def gateway(start_hive: HiveFactory) -> Iterator[Server]:
     """A hive on this machine's port, found the way `rbee infer` finds it, and a gateway."""
     start_hive()
     with serving() as server:
+        yield server
+
+
+@pytest.fixture
+def hub(model_path: Path, rbee_env: dict[str, str]) -> Iterator[FakeHub]:
+    """A local Hugging Face Hub serving the default model's bytes; hives started after it
+    download from it."""
+    repos = {HUB_REPO: FakeRepo(files={HUB_FILE: model_path.read_bytes()})}
+    with FakeHub(repos) as server:
+        rbee_env["HF_ENDPOINT"] = server.endpoint
+        rbee_env["HF_HUB_DISABLE_TELEMETRY"] = "1"
+        rbee_env.pop("HF_TOKEN", None)
         yield server
 
 
@@ -363,6 +380,49 @@ def test_a_client_that_disconnects_frees_the_worker(
     assert again.usage is not None and again.usage.completion_tokens == 2
 
 
+def test_a_client_gone_during_the_download_frees_its_job(
+    start_hive: HiveFactory, hub: FakeHub, rbee_env: dict[str, str]
+) -> None:
+    """The download goes on for `rbee models pull`, waiting for the same model; the gateway's
+    job for a client that hung up ends at once instead of when the download does."""
+    size = len(hub.repos[HUB_REPO].files[HUB_FILE])
+    hub.faults.stall_after_bytes, hub.faults.stall_s = size // 2, 60.0  # until unstall is set
+    start_hive()
+    puller = subprocess.Popen(
+        rbee_cmd("models", "pull", f"hf:{HUB_REPO}"),
+        env=rbee_env,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while hub.bytes_served(HUB_REPO, HUB_FILE) < size // 2:
+            assert time.monotonic() < deadline, "the download never reached its stall"
+            time.sleep(0.05)
+        body = {"model": f"hf:{HUB_REPO}", "prompt": STORY, "max_tokens": 3, "stream": True}
+        with serving(keepalive_s=0.2) as server:
+            url = server.url + "/v1/completions"
+            with httpx.stream("POST", url, json=body, timeout=60) as r:
+                assert r.status_code == 200
+                assert next(r.iter_lines()) == ": keep-alive", "the job waits for the download"
+                (job,) = server.gateway.jobs.running
+                assert job.alive
+            hung_up = time.monotonic()  # leaving the block closed the connection
+            while job.alive:
+                assert time.monotonic() - hung_up < 2.0, "the job still waits for the download"
+                time.sleep(0.02)
+        assert puller.poll() is None, "the download goes on for the pull"
+        hub.unstall.set()
+        _, err = puller.communicate(timeout=60)
+    finally:
+        hub.unstall.set()
+        if puller.poll() is None:
+            puller.kill()
+            puller.wait()
+    assert puller.returncode == 0 and f"downloaded hf:{HUB_REPO}" in err, err
+    assert len(hub.file_gets(HUB_REPO, HUB_FILE)) == 1, "one download, continued for the pull"
+
+
 def test_stopping_the_gateway_ends_streams_and_frees_workers(start_hive: HiveFactory) -> None:
     port = start_hive()
     body = {
@@ -433,6 +493,47 @@ def test_busy_hive_is_429_with_retry_after(start_hive: HiveFactory) -> None:
                 busy = httpx.post(url, json=body, timeout=60)
     assert busy.status_code == 429 and int(busy.headers["retry-after"]) >= 1
     assert busy.json()["error"]["code"] == "ALL_SLOTS_BUSY"
+
+
+def test_a_busy_hive_is_retried_like_the_cli(
+    start_hive: HiveFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ALL_SLOTS_BUSY is retried with backoff (the keeper's job loop does it for both): slots
+    that free up meanwhile serve the request."""
+    port = start_hive("--max-queue", "1", "--max-workers", "1")
+    events: list[JobEvent] = []
+    forward = Job._forward
+
+    def recorded(job: Job, event: JobEvent) -> None:
+        events.append(event)
+        forward(job, event)
+
+    monkeypatch.setattr(Job, "_forward", recorded)
+    body = {"model": DEFAULT_MODEL, "prompt": STORY, "max_tokens": 3}
+    long = {**body, "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    answers: list[httpx.Response] = []
+    with serving() as server:
+        url = server.url + "/v1/completions"
+        late = threading.Thread(
+            target=lambda: answers.append(httpx.post(url, json=body, timeout=60))
+        )
+        with httpx.stream("POST", url, json=long, timeout=60) as running:
+            lines = running.iter_lines()
+            while not next(lines).startswith("data: {"):
+                pass
+            with httpx.stream("POST", url, json=long, timeout=60):
+                deadline = time.monotonic() + 10
+                while queue_length(port) < 1:
+                    assert time.monotonic() < deadline, "the second job never queued"
+                    time.sleep(0.05)
+                late.start()
+                while not any(isinstance(e, Waiting) and e.phase == "busy" for e in events):
+                    assert time.monotonic() < deadline + 10, "the third request was not refused"
+                    time.sleep(0.05)
+        late.join(60)  # the two long answers were given up on: their jobs end, the slot frees
+    (answer,) = answers
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 3
 
 
 def test_no_hive_reachable_is_503(rbee_env: dict[str, str]) -> None:
