@@ -11,7 +11,7 @@ the baseline):
   so includes finding the local hive, Hello, EnsureWorker, subscribing and StartJob;
 * the same command timed from its launch to its first byte on stdout (what a person waits for,
   interpreter start-up included);
-* this process as the keeper (``rbee.keeper``'s own connect, worker_for and stream_job):
+* this process as the keeper (``rbee.keeper``'s own connect, InferJob):
   each phase timed, and StartJob (with the subscription before it) → first Token frame;
 * the same with the synthetic engine (`synthetic:0`, no model to run): StartJob → first Token
   minus the engine's own time to its first token (from the Done frame), rbee's cost alone.
@@ -51,41 +51,36 @@ def keeper_probe(env: dict[str, str], model: str = "") -> dict[str, float]:
 
     from rbee.catalog import DEFAULT_MODEL
     from rbee.keeper.connect import connect
-    from rbee.keeper.infer import InferRequest, InferResult, Reporter, stream_job, worker_for
+    from rbee.keeper.infer import InferRequest, Printer, Reporter, follow
+    from rbee.keeper.job import InferJob
     from rbee.protocol.messages import GenerateParams
-    from rbee.transport.sockets import STREAM_HWM, StreamSubscriber
 
     params = GenerateParams(
         prompt=PROMPT, max_tokens=PROBE_TOKENS, temperature=0.0, raw=True, ignore_eos=True
     )
     request = InferRequest(model or DEFAULT_MODEL, params)
     err = TimedWriter()
-    report = Reporter(err)  # type: ignore[arg-type]
-    result = InferResult()
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     with environ(env):
         t0 = time.monotonic()
         link = connect(ctx, None, request.model)
-        sub = StreamSubscriber(link.ctx, link.stream_endpoint, STREAM_HWM, link.curve)
         try:
             t1 = time.monotonic()
-            job_id = f"j-bench{time.monotonic_ns() % 10**12}"
-            sub.subscribe(job_id)
-            assigned = worker_for(link, request, report)
-            t2 = time.monotonic()
-            stream_job(link, request, assigned, result, report, io.StringIO(), t2, sub, job_id)
+            printer = Printer(Reporter(err), io.StringIO(), t1, PROBE_TOKENS)  # type: ignore[arg-type]
+            follow(InferJob(link, request), printer)
         finally:
-            sub.close()
             link.close()
             ctx.destroy(linger=0)
+    result = printer.result
+    # err's clock is perf_counter, the keeper's monotonic: the same clock on Linux
+    t2 = next(t for t, line in err.chunks if line.startswith(b"[worker]"))
     accepted = next(t for t, line in err.chunks if line.startswith(b"[inference]"))
     assert result.done is not None and result.tokens == PROBE_TOKENS, err.text
     return {
         "connect_ms": (t1 - t0) * 1000,
-        "worker_ms": (t2 - t1) * 1000,
-        # err's clock is perf_counter, the keeper's monotonic: the same clock on Linux
+        "worker_ms": (t2 - t1) * 1000,  # subscribing, then the idle worker from the status
         "start_job_to_accepted_ms": (accepted - t2) * 1000,
-        "start_job_to_first_token_ms": result.first_token_s * 1000,
+        "start_job_to_first_token_ms": (t1 + result.first_token_s - t2) * 1000,
         "worker_ttft_ms": result.done.ttft_s * 1000,
     }
 
