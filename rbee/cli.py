@@ -24,7 +24,9 @@ from rbee.protocol.messages import (
     BACKENDS,
     DEFAULT_MODEL,
     FILE_PREFIX,
+    HIVE_KEEP_ALIVE_S,
     KEEP_ALIVE_DEFAULT,
+    PAIR_WINDOW_S,
     PROTOCOL_VERSION,
 )
 from rbee.protocol.schema import not_unicode
@@ -155,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     hive.add_argument(
         "--keep-alive",
         type=parse_duration,
-        default=300.0,
+        default=HIVE_KEEP_ALIVE_S,
         metavar="DURATION",
         help="how long an idle worker stays loaded (default 5m; -1: forever)",
     )
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     hpair.add_argument(
         "--timeout",
         type=parse_duration,
-        default=300.0,
+        default=PAIR_WINDOW_S,
         metavar="DURATION",
         help="how long the code is valid (default 5m)",
     )

@@ -35,6 +35,7 @@ from rbee import log
 from rbee.errors import AccessDenied, HiveUnreachable, InvalidRequest, RbeeError, Timeout
 from rbee.protocol.codec import PAIRING
 from rbee.protocol.messages import (
+    PAIR_WINDOW_S,
     PairAccepted,
     PairConfirm,
     PairHello,
@@ -44,7 +45,6 @@ from rbee.transport.keys import AuthorizedKeys, KnownHive, KnownHives, fingerpri
 from rbee.transport.sockets import DealerClient, RouterServer, bind_endpoint, new_socket
 
 PAIR_PORT_OFFSET = 2
-PAIR_WINDOW_S = 300.0
 MAX_FAILURES = 10
 MAX_FAILURES_PER_PEER = 3
 MAX_PENDING = 16

@@ -2,11 +2,14 @@
 subscription is seen, and the relay that keeps every stream frame for gap-filling fetches.
 
 Each job belongs to the key that started it: only that key hears its stream (rbee.hive.streams),
-fetches its frames or sees its id; an admin key may cancel it, and the owner is told so."""
+fetches its frames or sees its id; an admin key may cancel it, and the owner is told so. The desk
+owns the jobs, the queue and the stream sockets' traffic; it asks the provisioner for models and
+new workers and the pool for the workers it dispatches to."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -20,12 +23,15 @@ from rbee.errors import (
     JobStopped,
     ModelNotFound,
     RbeeError,
+    WorkerCrashed,
     WorkerNotFound,
 )
-from rbee.hive import placement
-from rbee.hive.provision import NeedsPull
-from rbee.hive.registry import JobRecord, WorkerRecord, pick_idle, plan_worker
-from rbee.hive.settings import RETRY_AFTER_S, HiveState
+from rbee.hive.pool import SIGNAL_HINT, Event, WorkerPool
+from rbee.hive.provision import NeedsPull, Provisioner
+from rbee.hive.registry import JobRecord, WorkerRecord, expired_jobs, pick_idle
+from rbee.hive.request import Replies, Request
+from rbee.hive.settings import RETRY_AFTER_S, HiveConfig
+from rbee.hive.streams import StreamGate
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
     KEEP_ALIVE_DEFAULT,
@@ -46,32 +52,64 @@ from rbee.protocol.messages import (
 )
 from rbee.transport.keys import fingerprint
 
-SUBSCRIBE_TIMEOUT_S = 4.0  # under the keeper's 5 s wait for a reply
-PROGRESS_EVERY_S = 1.0  # a waiting keeper hears from the hive at least this often
+SUBSCRIBE_TIMEOUT_S = 4.0  # under the keeper's wait (tests/unit/test_timing.py)
+QUEUE_TOLD_EVERY_S = 1.0  # a queued keeper hears its position at least this often
 QUEUE_WAIT_S = 300.0
 MAX_FRAMES_PER_REPLY = 8192
 
 logger = log.get(__name__)
 
 
-class JobDesk(HiveState):
-    """The hive's job queue and stream relay (a part of ``Hive``)."""
+class JobDesk:
+    """The hive's jobs: the queue, dispatch, and the relay of their streams."""
 
-    def on_start_job(self, who: bytes, rid: int, frame: StartJob) -> None:
+    def __init__(
+        self,
+        config: HiveConfig,
+        node: str,
+        pool: WorkerPool,
+        provisioner: Provisioner,
+        replies: Replies,
+        streams: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
+        draining: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.node = node
+        self.pool = pool
+        self.provisioner = provisioner
+        self.replies = replies
+        self.xsub, self.xpub = streams  # workers' frames in; keepers' subscriptions and frames
+        self.draining = draining
+        self.secure = config.secure or not config.loopback_only
+        self.jobs: dict[str, JobRecord] = {}
+        self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a worker or a subscription
+        self.gate = StreamGate()
+        self.dropped_stream_frames = 0
+
+    def running(self) -> list[JobRecord]:
+        """The jobs a worker is running now."""
+        return [j for j in self.jobs.values() if j.dispatched and not j.finished]
+
+    def shown_to(self, request: Request, job_id: str) -> bool:
+        """Whether ``request`` may see the id of job ``job_id`` (its owner and admins may)."""
+        job = self.jobs.get(job_id)
+        return request.admin or (job is not None and job.owner == request.key)
+
+    def on_start_job(self, request: Request, frame: StartJob) -> None:
         """Queue the job; it starts on an idle worker holding the model once the keeper's
         subscription is seen. The final reply (JobAccepted) comes when it starts."""
-        if frame.job_id in self.jobs or self.streams.owner(frame.job_id) not in (None, self.caller):
+        if frame.job_id in self.jobs or self.gate.owner(frame.job_id) not in (None, request.key):
             raise InvalidRequest(f"job id {frame.job_id} is already in use")
-        preferred = self.workers.get(frame.worker_id)
+        preferred = self.pool.workers.get(frame.worker_id)
         if frame.worker_id and preferred is None:
             raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
         if preferred is not None:
             model, path = preferred.model, preferred.model_path
-            if self.draining:
+            if self.draining():
                 raise HiveDraining(f"hive {self.node} is shutting down")
         else:
             try:
-                entry = self._resolve(frame.model)
+                entry = self.provisioner.resolve(frame.model)
             except NeedsPull as need:
                 raise ModelNotFound(
                     f"{need.reference} is not downloaded on {self.node} yet",
@@ -85,14 +123,12 @@ class JobDesk(HiveState):
                 suggestion="try again shortly",
             )
         keep_alive = frame.keep_alive_s
-        self.streams.claim(frame.job_id, self.caller)
+        self.gate.claim(frame.job_id, request.key)
         job = JobRecord(
             job_id=frame.job_id,
             model=model,
             model_path=path,
-            keeper=who,
-            owner=self.caller,
-            rid=rid,
+            request=request,
             params=frame.params,
             keep_alive_s=self.config.keep_alive_s
             if keep_alive == KEEP_ALIVE_DEFAULT
@@ -104,14 +140,14 @@ class JobDesk(HiveState):
         self.jobs[job.job_id] = job
         self.queue.append(job)
         logger.info("job queued", job=job.job_id, model=model, waiting=len(self.queue))
-        self._schedule(time.monotonic())
+        self.schedule(time.monotonic())
 
-    def _schedule(self, now: float) -> None:
+    def schedule(self, now: float) -> None:
         """Start queued jobs on idle workers (FIFO per model); keep waiting keepers informed."""
         for job in list(self.queue):
-            if not self.streams.listeners(job.job_id):
+            if not self.gate.listeners(job.job_id):
                 if now - job.queued_at > SUBSCRIBE_TIMEOUT_S:
-                    self._fail_queued(
+                    self.fail_queued(
                         job,
                         InvalidRequest(
                             f"the keeper did not subscribe to {job.job_id} within "
@@ -125,50 +161,21 @@ class JobDesk(HiveState):
             if worker is not None:
                 self._dispatch(job, worker)
             elif now - job.queued_at > QUEUE_WAIT_S:
-                self._fail_queued(
+                self.fail_queued(
                     job,
                     AllSlotsBusy(
                         f"waited {QUEUE_WAIT_S:.0f} s in the queue of {self.node}",
                         retry_after_s=RETRY_AFTER_S,
                     ),
                 )
-        self._scale_for_queue()
-        waiting = [j for j in self.queue if self.streams.listeners(j.job_id)]
+        self.provisioner.scale_for(self.queue)
+        waiting = [j for j in self.queue if self.gate.listeners(j.job_id)]
         for position, job in enumerate(waiting, start=1):
-            if position != job.told_position or now - job.told_at >= PROGRESS_EVERY_S:
+            if position != job.told_position or now - job.told_at >= QUEUE_TOLD_EVERY_S:
                 job.told_position, job.told_at = position, now
                 note = f"position {position} of {len(waiting)}"
                 queued = Progress(phase="queued", done=position, total=len(waiting), message=note)
-                self.front.send(job.keeper, queued, job.rid)
-
-    def _scale_for_queue(self) -> None:
-        """A queued job whose model has no worker coming may get a new one (within limits)."""
-        if self.draining:
-            return
-        for job in self.queue:
-            records = self.pool.records()
-            coming = [
-                w
-                for w in records
-                if w.model_path == job.model_path
-                and w.state in ("idle", "loading")
-                and job.runs_on(w)
-            ]
-            if coming:
-                continue
-            try:
-                entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
-                where = self._place(job.backend or "cpu", job.device)
-            except RbeeError:
-                continue
-            ctx = self._context(entry, 0)
-            needed = placement.estimate_for_file(entry.path, ctx, where.backend)
-            fits = needed.total_bytes <= where.free_bytes
-            plan = plan_worker(records, job.model_path, self.config.limits, fits, job.runs_on)
-            if plan.action == "spawn":
-                if plan.evict is not None:
-                    self.pool.stop(plan.evict, f"making room for {entry.name}")
-                self._spawn(entry, 0, where, needed)
+                self.replies.send(job.request, queued)
 
     def _dispatch(self, job: JobRecord, worker: WorkerRecord) -> None:
         self.queue.remove(job)
@@ -177,38 +184,37 @@ class JobDesk(HiveState):
         worker.last_activity = time.time()
         waited_ms = round((time.monotonic() - job.queued_at) * 1000)
         logger.info("job started", job=job.job_id, worker=worker.worker_id, waited_ms=waited_ms)
-        self.front.send(
-            job.keeper, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id), job.rid
-        )
+        self.replies.send(job.request, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id))
         assert job.params is not None  # a queued job has them
         self.pool.send(worker, RunJob(job_id=job.job_id, params=job.params))
         job.params = None
 
-    def _fail_queued(self, job: JobRecord, error: RbeeError) -> None:
+    def fail_queued(self, job: JobRecord, error: RbeeError) -> None:
+        """End a job that never started: its StartJob is answered with ``error``."""
         self.queue.remove(job)
         job.params = None
         logger.info("job failed", job=job.job_id, code=error.code, error=error.message)
-        self.front.reply_error(job.keeper, job.rid, error)
+        self.replies.error(job.request, error)
         job.keep(
             encode(StreamError(job_id=job.job_id, seq=0, code=error.code, message=error.message))
         )
         job.finished_at = time.monotonic()
 
-    def _own_job(self, job_id: str, admin_may: bool = False) -> JobRecord:
+    def _own_job(self, request: Request, job_id: str, admin_may: bool = False) -> JobRecord:
         """The caller's job ``job_id`` (or anyone's, for an admin when ``admin_may``). Another
         key's job is answered exactly like a job that does not exist."""
         job = self.jobs.get(job_id)
-        if job is None or (job.owner != self.caller and not (admin_may and self.role == "admin")):
+        if job is None or (job.owner != request.key and not (admin_may and request.admin)):
             raise JobNotFound(f"no job {job_id} of this keeper on {self.node} (finished long ago?)")
         return job
 
-    def on_cancel(self, who: bytes, rid: int, frame: Cancel) -> None:
+    def on_cancel(self, request: Request, frame: Cancel) -> None:
         """Stop a job at its next token; canceling a finished job is harmless. An admin may
         cancel any key's job: the answer and the owner's stream say that an admin did."""
-        job = self._own_job(frame.job_id, admin_may=True)
+        job = self._own_job(request, frame.job_id, admin_may=True)
         detail = "finished" if job.finished else "canceling"
-        if job.owner != self.caller and not job.finished:
-            by = f"an admin key ({fingerprint(self.caller)})"
+        if job.owner != request.key and not job.finished:
+            by = request.describe()
             logger.warning(
                 "admin canceled another key's job",
                 job=job.job_id,
@@ -216,22 +222,28 @@ class JobDesk(HiveState):
                 owner=fingerprint(job.owner),
             )
             detail = f"canceling job {job.job_id} of key {fingerprint(job.owner)} as admin"
-            self._cancel(job, by)
+            self.cancel(job, by)
         else:
-            self._cancel(job)
-        self.front.send(who, Ack(detail=detail), rid)
+            self.cancel(job)
+        self.replies.send(request, Ack(detail=detail))
 
-    def _cancel(self, job: JobRecord, by: str = "") -> None:
+    def cancel(self, job: JobRecord, by: str = "") -> None:
         """Stop ``job``; ``by`` names who, when it is not the job's own keeper."""
         if job.finished:
             return
         job.canceled_by = job.canceled_by or by
         if job.dispatched:
-            worker = self.workers.get(job.worker_id)
+            worker = self.pool.workers.get(job.worker_id)
             if worker is not None:
                 self.pool.send(worker, CancelJob(job_id=job.job_id))
         else:
-            self._fail_queued(job, self._ended_by_other(job, "while queued"))
+            self.fail_queued(job, self._ended_by_other(job, "while queued"))
+
+    def cancel_on(self, worker: WorkerRecord, by: str) -> None:
+        """Stop the job ``worker`` runs, if any (the worker is being stopped by ``by``)."""
+        job = self.jobs.get(worker.job_id)
+        if job is not None:
+            self.cancel(job, by)
 
     def _ended_by_other(self, job: JobRecord, when: str) -> RbeeError:
         """JOB_STOPPED when the hive or an admin ended the job (its keeper says so and saves
@@ -243,17 +255,18 @@ class JobDesk(HiveState):
             )
         return Canceled(f"job {job.job_id} was canceled on {self.node} {when}")
 
-    def on_fetch_frames(self, who: bytes, rid: int, frame: FetchFrames) -> None:
+    def on_fetch_frames(self, request: Request, frame: FetchFrames) -> None:
         """Resend a job's frames from a sequence number on (the gap-filling path)."""
-        job = self._own_job(frame.job_id)
+        job = self._own_job(request, frame.job_id)
         end = min(len(job.frames), frame.from_seq + MAX_FRAMES_PER_REPLY)
         frames = job.frames[frame.from_seq : end]
         finished = job.finished and end == len(job.frames)
-        self.front.send(who, FramesReply(job_id=job.job_id, frames=frames, finished=finished), rid)
+        self.replies.send(request, FramesReply(job_id=job.job_id, frames=frames, finished=finished))
 
     # ------------------------------------------------------------------ streams
 
-    def _on_stream(self) -> None:
+    def on_stream(self) -> None:
+        """One frame of a worker's stream: kept for the job and passed on to its keeper."""
         parts = self.xsub.recv_multipart(zmq.NOBLOCK)
         try:
             if len(parts) != 2:
@@ -321,16 +334,16 @@ class JobDesk(HiveState):
                 code=terminal.code,
                 error=terminal.message[:200],
             )
-        worker = self.workers.get(job.worker_id)
+        worker = self.pool.workers.get(job.worker_id)
         if worker is not None and worker.job_id == job.job_id:
             worker.jobs_served += 1
             if worker.state == "busy":
                 worker.became_idle(time.monotonic(), job.keep_alive_s)
             else:
                 worker.job_id = ""
-        self._schedule(time.monotonic())
+        self.schedule(time.monotonic())
 
-    def _on_subscription(self) -> None:
+    def on_subscription(self) -> None:
         """A keeper (un)subscribed. The XPUB is manual: a subscription takes effect only when
         applied here, right after it is read, and only for the subscribing key's own job."""
         msg = self.xpub.recv(zmq.NOBLOCK, copy=False)
@@ -339,20 +352,20 @@ class JobDesk(HiveState):
             return
         topic, key = data[1:], self._subscriber_key(msg)
         if data[0] == 1:
-            job_id = self.streams.subscribe(topic, key or "")
+            job_id = self.gate.subscribe(topic, key or "")
             if not job_id:
                 logger.info("refused a subscription", topic=topic[:80], key=fingerprint(key or ""))
                 return
             self.xpub.setsockopt(zmq.SUBSCRIBE, topic)
             if job_id in self.jobs:
-                self._schedule(time.monotonic())
+                self.schedule(time.monotonic())
             return
         self.xpub.setsockopt(zmq.UNSUBSCRIBE, topic)  # an explicit one; harmless otherwise
-        gone = self.streams.unsubscribe(topic, key)
+        gone = self.gate.unsubscribe(topic, key)
         job = self.jobs.get(gone)
         if job is not None and not job.finished:
             logger.info("keeper went away; canceling its job", job=gone)
-            self._cancel(job)
+            self.cancel(job)
 
     def _subscriber_key(self, msg: zmq.Frame) -> str | None:
         """The CURVE key of whoever sent a subscription message ("" without CURVE; None for the
@@ -363,3 +376,31 @@ class JobDesk(HiveState):
             return str(msg.get("User-Id"))
         except zmq.ZMQError:
             return None
+
+    def on_worker_gone(self, event: Event) -> None:
+        """A worker process ended: a job it was running ends with WORKER_CRASHED (or
+        JOB_STOPPED, when it was being stopped on purpose)."""
+        worker = event.worker
+        job = self.jobs.get(worker.job_id)
+        if job is None or job.finished:
+            return
+        if job.canceled_by:  # stopped on purpose before its Done came: not a crash
+            self._fail(job, self._ended_by_other(job, f"after {len(job.frames)} tokens"))
+            return
+        tail = event.stderr_tail[-2000:]
+        how = f"exited with code {event.exit_code}"
+        early = event.exit_code < 0 and not job.frames  # a signal before the first token
+        if early:
+            how += f" ({self.pool.signal_death(event.exit_code)}) before its first token"
+        error = WorkerCrashed(
+            f"worker {worker.worker_id} {how} during job {job.job_id}"
+            + (f"; its last output:\n{tail}" if tail else ""),
+            suggestion=SIGNAL_HINT if early else "",
+        )
+        self._fail(job, error)
+
+    def forget_expired(self, now: float) -> None:
+        """Drop finished jobs whose frames nobody will fetch any more."""
+        for job_id in expired_jobs(list(self.jobs.values()), now):
+            del self.jobs[job_id]
+            self.gate.forget(job_id)

@@ -14,9 +14,8 @@ from rbee import __version__, discovery, gpu, log
 from rbee.hive.server import Hive
 from rbee.hive.settings import HiveConfig
 from rbee.process import die_with_parent
-from rbee.protocol.messages import PROTOCOL_VERSION
+from rbee.protocol.messages import PROTOCOL_VERSION, READY_PREFIX
 
-READY_PREFIX = "RBEE_HIVE_READY"
 REANNOUNCE_CHECK_S = 30.0  # how often the hive looks whether its announcement is still true
 ANY_HOSTS = ("0.0.0.0", "::", "")
 

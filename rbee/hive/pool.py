@@ -11,6 +11,7 @@ import signal
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Literal
 
 from rbee import log
 from rbee.errors import LoadingTimeout, RbeeError, WorkerStartFailed
@@ -45,7 +46,7 @@ logger = log.get(__name__)
 class Event:
     """Something happened to a worker; ``kind`` says what."""
 
-    kind: str  # "registered" | "loading" | "ready" | "load_failed" | "exited"
+    kind: Literal["registered", "loading", "ready", "load_failed", "exited"]
     worker: WorkerRecord
     error: RbeeError | None = None
     exit_code: int = 0

@@ -1,34 +1,41 @@
 """Getting a worker for a request: resolve the model (downloading a Hub model first), then
-reuse, wait for, spawn or queue on a worker, by the registry's pure plan."""
+reuse, wait for, spawn or queue on a worker, by the registry's pure plan. The provisioner owns
+the answers to EnsureWorker and PullModel: it tells each waiting request how its download and its
+worker's load are going, and what it got."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from rbee import gpu, log
-from rbee.catalog import ModelEntry
+from rbee.catalog import Catalog, ModelEntry
 from rbee.errors import AllSlotsBusy, HiveDraining, InvalidRequest, RbeeError
 from rbee.hive import placement
 from rbee.hive.placement import MemoryEstimate, Placement
-from rbee.hive.pulls import Finished
-from rbee.hive.registry import WorkerRecord, plan_worker
-from rbee.hive.settings import RETRY_AFTER_S, HiveState
+from rbee.hive.pool import Event, WorkerPool
+from rbee.hive.pulls import Finished, Pulls, PullWaiter, describe_progress
+from rbee.hive.registry import JobRecord, WorkerRecord, plan_worker
+from rbee.hive.request import Replies, Request
+from rbee.hive.settings import RETRY_AFTER_S, HiveConfig
 from rbee.hub.refs import is_hub_reference, parse_reference
 from rbee.protocol.messages import (
+    DEFAULT_CTX_TOKENS,
     EnsureWorker,
+    Frame,
     ModelPulled,
     Progress,
     PullModel,
     WorkerAssigned,
 )
 
-DEFAULT_CTX_TOKENS = 4096
+LOAD_PROGRESS_EVERY_S = 1.0  # a keeper waiting for a load hears from the hive at least this often
 
 logger = log.get(__name__)
 
 
 class NeedsPull(Exception):
-    """A Hub reference that is not in the catalog yet (raised by ``Hive._resolve``)."""
+    """A Hub reference that is not in the catalog yet (raised by ``Provisioner.resolve``)."""
 
     def __init__(self, reference: str) -> None:
         super().__init__(reference)
@@ -46,11 +53,30 @@ def _pulled(entry: ModelEntry, downloaded: bool) -> ModelPulled:
     )
 
 
-class Provisioner(HiveState):
-    """The hive's model and worker provisioning (a part of ``Hive``)."""
+class Provisioner:
+    """Models and workers for requests. It owns the hive's downloads and the requests waiting
+    on them or on a loading worker; the pool owns the workers themselves."""
 
-    def _resolve(self, reference: str) -> ModelEntry:
-        if self.draining:
+    def __init__(
+        self,
+        config: HiveConfig,
+        node: str,
+        catalog: Catalog,
+        pool: WorkerPool,
+        replies: Replies,
+        draining: Callable[[], bool],
+    ) -> None:
+        self.config = config
+        self.node = node
+        self.catalog = catalog
+        self.pool = pool
+        self.replies = replies
+        self.draining = draining
+        self.pulls = Pulls(config.data_dir / "models")
+
+    def resolve(self, reference: str) -> ModelEntry:
+        """The catalog entry ``reference`` names (NeedsPull for a Hub model not here yet)."""
+        if self.draining():
             raise HiveDraining(f"hive {self.node} is shutting down", retry_after_s=RETRY_AFTER_S)
         if is_hub_reference(reference):
             canonical = parse_reference(reference).canonical()
@@ -63,20 +89,20 @@ class Provisioner(HiveState):
             self.catalog.touch(entry.name)
         return entry
 
-    def on_ensure_worker(self, who: bytes, rid: int, frame: EnsureWorker) -> None:
+    def on_ensure_worker(self, request: Request, frame: EnsureWorker) -> None:
         """Reuse an idle worker holding the model, join one loading it, spawn one, or name a
         busy one (the job will queue); a Hub model not here yet is downloaded first. A backend
         or device this hive lacks is refused before anything is downloaded."""
-        self._place(frame.backend, frame.device)
+        self.place(frame.backend, frame.device)
         try:
-            entry = self._resolve(frame.model)
+            entry = self.resolve(frame.model)
         except NeedsPull as need:
-            self._require_admin(f"downloading {need.reference}")
-            self.pulls.join(need.reference, who, rid, "ensure", frame.n_ctx)
-            self.wants[(who, rid)] = (frame.backend, frame.device)
-            self.front.send(who, Progress(phase="download", message=need.reference), rid)
+            request.require_admin(f"downloading {need.reference}")
+            waiter = PullWaiter(request, "ensure", frame.n_ctx, frame.backend, frame.device)
+            self.pulls.join(need.reference, waiter)
+            self.replies.send(request, Progress(phase="download", message=need.reference))
             return
-        self._ensure(who, rid, entry, frame.n_ctx, frame.backend, frame.device)
+        self._ensure(request, entry, frame.n_ctx, frame.backend, frame.device)
 
     def preload(self, reference: str) -> None:
         """Start loading a CPU worker for a model nobody asked for yet: an ephemeral hive does
@@ -84,9 +110,9 @@ class Provisioner(HiveState):
         LAN survey. A model that needs a download or does not fit waits for the request,
         which says why."""
         try:
-            entry = self._resolve(reference)
-            where = self._place("cpu", "")
-            needed = placement.estimate_for_file(entry.path, self._context(entry, 0), "cpu")
+            entry = self.resolve(reference)
+            where = self.place("cpu", "")
+            needed = placement.estimate_for_file(entry.path, self.context(entry, 0), "cpu")
             plan = plan_worker(
                 self.pool.records(),
                 entry.path,
@@ -96,28 +122,22 @@ class Provisioner(HiveState):
             )
             if plan.action != "spawn" or plan.evict is not None:
                 return
-            worker = self._spawn(entry, 0, where, needed)
+            worker = self.spawn(entry, 0, where, needed)
             logger.info("preloading", model=entry.name, worker=worker.worker_id)
         except (NeedsPull, RbeeError) as exc:
             logger.info("not preloaded", model=reference, reason=str(exc))
 
-    def _place(self, backend: str, device: str) -> Placement:
+    def place(self, backend: str, device: str) -> Placement:
         """The device for a request now, or BACKEND_UNAVAILABLE; the CPU skips GPU detection."""
         if backend == "cpu" and not device:
             return placement.choose_device(gpu.Inventory(cpu=gpu.cpu_info()), "cpu")
         return placement.choose_device(gpu.detect(), backend, device, self.node)
 
     def _ensure(
-        self,
-        who: bytes,
-        rid: int,
-        entry: ModelEntry,
-        n_ctx: int,
-        backend: str = "cpu",
-        device: str = "",
+        self, request: Request, entry: ModelEntry, n_ctx: int, backend: str, device: str
     ) -> None:
-        where = self._place(backend, device)
-        needed = placement.estimate_for_file(entry.path, self._context(entry, n_ctx), backend)
+        where = self.place(backend, device)
+        needed = placement.estimate_for_file(entry.path, self.context(entry, n_ctx), backend)
         plan = plan_worker(
             self.pool.records(),
             entry.path,
@@ -134,14 +154,14 @@ class Provisioner(HiveState):
                 load_s=0,
                 busy=plan.action == "queue",
             )
-            self.front.send(who, assigned, rid)
+            self.replies.send(request, assigned)
             return
         if plan.action == "busy":
             self._refuse_busy(entry, where, needed)
         if plan.action == "spawn":
             if plan.evict is not None:
                 self.pool.stop(plan.evict, f"making room for {entry.name}")
-            worker = self._spawn(entry, n_ctx, where, needed)
+            worker = self.spawn(entry, n_ctx, where, needed)
             message = (
                 f"spawned worker {worker.worker_id} (pid {worker.pid}) for {entry.name} on "
                 f"{where.label}; it needs about {needed.describe()}"
@@ -153,14 +173,12 @@ class Provisioner(HiveState):
                 f"waiting for worker {worker.worker_id} (pid {worker.pid}), already loading "
                 f"{entry.name}"
             )
-        worker.waiters.append((who, rid))
-        self.front.send(who, Progress(phase="spawn", message=message), rid)
+        worker.waiters.append(request)
+        self.replies.send(request, Progress(phase="spawn", message=message))
         if plan.action != "spawn" and worker.loaded_fraction > 0:  # how far it got without us
-            self.front.send(
-                who, Progress(phase="loading", done=worker.loaded_fraction, total=1.0), rid
-            )
+            self.replies.send(request, _loading(worker))
 
-    def on_pull_model(self, who: bytes, rid: int, frame: PullModel) -> None:
+    def on_pull_model(self, request: Request, frame: PullModel) -> None:
         """Download a Hub model into the catalog (at once if it is already here)."""
         if not is_hub_reference(frame.reference):
             raise InvalidRequest(
@@ -168,27 +186,27 @@ class Provisioner(HiveState):
                 suggestion="use hf:ORG/REPO, hf:ORG/REPO:QUANT or hf:ORG/REPO/FILE.gguf",
             )
         try:
-            entry = self._resolve(frame.reference)
+            entry = self.resolve(frame.reference)
         except NeedsPull as need:
-            self.pulls.join(need.reference, who, rid, "pull")
-            self.front.send(who, Progress(phase="download", message=need.reference), rid)
+            self.pulls.join(need.reference, PullWaiter(request, "pull"))
+            self.replies.send(request, Progress(phase="download", message=need.reference))
             return
-        self.front.send(who, _pulled(entry, downloaded=False), rid)
+        self.replies.send(request, _pulled(entry, downloaded=False))
 
     def _on_pull_finished(self, done: Finished) -> None:
         if done.error is not None:
-            for who, rid, _, _ in done.pull.waiters:
-                self.front.reply_error(who, rid, done.error)
+            for waiter in done.pull.waiters:
+                self.replies.error(waiter.request, done.error)
             return
         total = sum(f.size for f in done.files)
         finished = Progress(phase="download", done=total, total=total, message="verified")
-        for who, rid, _, _ in done.pull.waiters:
-            self.front.send(who, finished, rid)
+        for waiter in done.pull.waiters:
+            self.replies.send(waiter.request, finished)
         first = done.files[0]
         known = self.catalog.find_path(first.path)
         if known is not None:  # another spelling of a model already here
-            for who, rid, purpose, n_ctx in done.pull.waiters:
-                self._after_pull(who, rid, purpose, n_ctx, known, downloaded=False)
+            for waiter in done.pull.waiters:
+                self._after_pull(waiter, known, downloaded=False)
             return
         entry = self.catalog.add_pulled(
             first.path,
@@ -200,20 +218,17 @@ class Provisioner(HiveState):
             size_bytes=total,
         )
         logger.info("pulled", model=entry.name, reference=entry.reference, bytes=entry.size_bytes)
-        for who, rid, purpose, n_ctx in done.pull.waiters:
-            self._after_pull(who, rid, purpose, n_ctx, entry, downloaded=True)
+        for waiter in done.pull.waiters:
+            self._after_pull(waiter, entry, downloaded=True)
 
-    def _after_pull(
-        self, who: bytes, rid: int, purpose: str, n_ctx: int, entry: ModelEntry, downloaded: bool
-    ) -> None:
-        if purpose == "pull":
-            self.front.send(who, _pulled(entry, downloaded=downloaded), rid)
+    def _after_pull(self, waiter: PullWaiter, entry: ModelEntry, downloaded: bool) -> None:
+        if waiter.purpose == "pull":
+            self.replies.send(waiter.request, _pulled(entry, downloaded=downloaded))
             return
-        backend, device = self.wants.pop((who, rid), ("cpu", ""))
         try:
-            self._ensure(who, rid, entry, n_ctx, backend, device)
+            self._ensure(waiter.request, entry, waiter.n_ctx, waiter.backend, waiter.device)
         except RbeeError as exc:
-            self.front.reply_error(who, rid, exc)
+            self.replies.error(waiter.request, exc)
 
     def _refuse_busy(self, entry: ModelEntry, where: Placement, needed: MemoryEstimate) -> None:
         """INSUFFICIENT_VRAM/RAM when the model does not fit and no worker of it runs there;
@@ -229,18 +244,99 @@ class Provisioner(HiveState):
             suggestion="try again shortly",
         )
 
-    def _context(self, entry: ModelEntry, n_ctx: int) -> int:
-        """The context a worker loads with: as asked, else the model's own up to 4096 tokens."""
+    def context(self, entry: ModelEntry, n_ctx: int) -> int:
+        """The context a worker loads with: as asked, else the model's own, at most the default."""
         return n_ctx or min(entry.context_length or DEFAULT_CTX_TOKENS, DEFAULT_CTX_TOKENS)
 
-    def _spawn(
+    def spawn(
         self,
         entry: ModelEntry,
         n_ctx: int,
         where: Placement | None = None,
         needed: MemoryEstimate | None = None,
     ) -> WorkerRecord:
-        worker = self.pool.spawn(entry.name, entry.path, self._context(entry, n_ctx), where)
+        """Start a worker for ``entry`` (its keep-alive the hive's default until a job ends)."""
+        worker = self.pool.spawn(entry.name, entry.path, self.context(entry, n_ctx), where)
         worker.keep_alive_s = self.config.keep_alive_s
         worker.estimate_bytes = needed.total_bytes if needed is not None else 0
         return worker
+
+    def scale_for(self, queue: list[JobRecord]) -> None:
+        """A queued job whose model has no worker coming may get a new one (within limits)."""
+        if self.draining():
+            return
+        for job in queue:
+            records = self.pool.records()
+            coming = [
+                w
+                for w in records
+                if w.model_path == job.model_path
+                and w.state in ("idle", "loading")
+                and job.runs_on(w)
+            ]
+            if coming:
+                continue
+            try:
+                entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
+                where = self.place(job.backend or "cpu", job.device)
+            except RbeeError:
+                continue
+            needed = placement.estimate_for_file(entry.path, self.context(entry, 0), where.backend)
+            fits = needed.total_bytes <= where.free_bytes
+            plan = plan_worker(records, job.model_path, self.config.limits, fits, job.runs_on)
+            if plan.action == "spawn":
+                if plan.evict is not None:
+                    self.pool.stop(plan.evict, f"making room for {entry.name}")
+                self.spawn(entry, 0, where, needed)
+
+    def on_worker_event(self, event: Event) -> None:
+        """Tell the requests waiting for a worker how its load goes, and what they got."""
+        worker = event.worker
+        match event.kind:
+            case "registered":
+                self._tell(worker, Progress(phase="registered", message=worker.worker_id))
+            case "loading":
+                self._tell(worker, _loading(worker))
+            case "ready":
+                assigned = WorkerAssigned(
+                    worker_id=worker.worker_id,
+                    model=worker.model,
+                    reused=False,
+                    load_s=worker.load_s,
+                )
+                self._tell(worker, assigned)
+                worker.waiters.clear()
+            case "load_failed" | "exited":
+                if event.error is not None:
+                    for request in worker.waiters:
+                        self.replies.error(request, event.error)
+                worker.waiters.clear()
+
+    def tick(self, now: float) -> None:
+        """Answer finished downloads; keep the requests waiting on downloads and loads told."""
+        for done in self.pulls.finished():
+            self._on_pull_finished(done)
+        for pull in self.pulls.due_progress(now):
+            progress = Progress(
+                phase="download",
+                done=pull.done_bytes,
+                total=pull.total_bytes,
+                message=describe_progress(pull),
+            )
+            for waiter in pull.waiters:
+                self.replies.send(waiter.request, progress)
+        for worker in self.pool.records():
+            if (
+                worker.state == "loading"
+                and worker.waiters
+                and now - worker.last_progress >= LOAD_PROGRESS_EVERY_S
+            ):
+                self._tell(worker, _loading(worker))
+
+    def _tell(self, worker: WorkerRecord, frame: Frame) -> None:
+        for request in worker.waiters:
+            self.replies.send(request, frame)
+
+
+def _loading(worker: WorkerRecord) -> Progress:
+    return Progress(phase="loading", done=worker.loaded_fraction, total=1.0)

@@ -10,25 +10,38 @@ import queue
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from rbee import log
 from rbee.errors import InternalError, RbeeError
+from rbee.hive.request import Request
 
 if TYPE_CHECKING:
     from rbee.hub.download import DownloadManager, PulledFile
 
-PROGRESS_EVERY_S = 0.5
+DOWNLOAD_PROGRESS_EVERY_S = 0.5  # how often a waiting keeper hears how a download goes
 
 logger = log.get(__name__)
 
 
+@dataclass(frozen=True)
+class PullWaiter:
+    """A request waiting for a download: just the model ("pull"), or a worker for it ("ensure",
+    on the backend and device it asked for, with its context size)."""
+
+    request: Request
+    purpose: Literal["pull", "ensure"]
+    n_ctx: int = 0
+    backend: str = "cpu"
+    device: str = ""
+
+
 @dataclass(eq=False)
 class Pull:
-    """One download and who waits for it (``purpose``: "ensure" a worker, or just "pull")."""
+    """One download and who waits for it."""
 
     reference: str
-    waiters: list[tuple[bytes, int, str, int]] = field(default_factory=list)  # who, rid, why, n_ctx
+    waiters: list[PullWaiter] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     done_bytes: int = 0
     total_bytes: int = 0
@@ -67,7 +80,7 @@ class Pulls:
                 self._manager = DownloadManager(self.models_dir)
             return self._manager
 
-    def join(self, reference: str, who: bytes, rid: int, purpose: str, n_ctx: int = 0) -> Pull:
+    def join(self, reference: str, waiter: PullWaiter) -> Pull:
         """Wait for ``reference`` (a canonical hf: reference), starting its download if needed."""
         pull = self.active.get(reference)
         if pull is None:
@@ -77,7 +90,7 @@ class Pulls:
                 target=self._run, args=(pull,), name=f"pull {reference}", daemon=True
             ).start()
             logger.info("pull started", reference=reference)
-        pull.waiters.append((who, rid, purpose, n_ctx))
+        pull.waiters.append(waiter)
         return pull
 
     def _run(self, pull: Pull) -> None:
@@ -107,7 +120,9 @@ class Pulls:
     def due_progress(self, now: float) -> list[Pull]:
         """Pulls whose waiters should hear how far they got."""
         due = [
-            p for p in self.active.values() if p.total_bytes and now - p.told_at >= PROGRESS_EVERY_S
+            p
+            for p in self.active.values()
+            if p.total_bytes and now - p.told_at >= DOWNLOAD_PROGRESS_EVERY_S
         ]
         for p in due:
             p.told_at = now

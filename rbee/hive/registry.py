@@ -11,14 +11,18 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
-from rbee.protocol.messages import GenerateParams, WorkerInfo
+from rbee.hive.request import Request
+from rbee.protocol.messages import HIVE_KEEP_ALIVE_S, GenerateParams, WorkerInfo
 
 JOB_RETENTION_S = 300.0
 MAX_FINISHED_JOBS = 256
 MAX_FINISHED_BYTES = 64 * 1024 * 1024  # the stream frames finished jobs keep, in all
 
 Serves = Callable[["WorkerRecord"], bool]  # whether a worker runs where a request wants
+WorkerState = Literal["loading", "idle", "busy", "stopping"]
+Action = Literal["reuse", "wait", "spawn", "queue", "busy"]
 
 
 def _anywhere(worker: WorkerRecord) -> bool:
@@ -35,7 +39,7 @@ class WorkerRecord:
     pid: int
     backend: str = "cpu"
     device: str = "cpu"
-    state: str = "loading"
+    state: WorkerState = "loading"
     job_id: str = ""
     started_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -44,10 +48,10 @@ class WorkerRecord:
     registered: bool = False
     loaded_fraction: float = 0.0
     load_s: float = 0.0
-    waiters: list[tuple[bytes, int]] = field(default_factory=list)
+    waiters: list[Request] = field(default_factory=list)  # EnsureWorker requests it will answer
     stop_deadline: float = 0.0
     jobs_served: int = 0
-    keep_alive_s: float = 300.0
+    keep_alive_s: float = HIVE_KEEP_ALIVE_S
     idle_deadline: float = math.inf
     vram_bytes: int = 0  # measured by the worker once loaded (NVML, its own process)
     estimate_bytes: int = 0  # what the hive expected it to need (rbee.hive.placement)
@@ -88,11 +92,9 @@ class JobRecord:
     job_id: str
     model: str
     model_path: str
-    keeper: bytes
-    rid: int
+    request: Request  # the StartJob: answered with JobAccepted when the job starts
     params: GenerateParams | None  # until it is handed to a worker (a prompt can be megabytes)
     keep_alive_s: float
-    owner: str = ""  # the CURVE key that started it ("" on a development-mode hive)
     canceled_by: str = ""  # who canceled it, when that was not its own keeper (an admin)
     preferred_worker: str = ""
     backend: str = ""  # where the job may run ("": anywhere), from its preferred worker
@@ -105,6 +107,11 @@ class JobRecord:
     finished_at: float = 0.0
     told_position: int = -1
     told_at: float = 0.0
+
+    @property
+    def owner(self) -> str:
+        """The CURVE key that started the job ("" on a development-mode hive)."""
+        return self.request.key
 
     def keep(self, frame: bytes) -> None:
         """Keep one stream frame for FetchFrames (its bytes are counted)."""
@@ -135,7 +142,7 @@ class Limits:
 class Plan:
     """What EnsureWorker should do: reuse, wait, spawn (maybe after evicting), queue, or refuse."""
 
-    action: str  # "reuse" | "wait" | "spawn" | "queue" | "busy"
+    action: Action
     worker: WorkerRecord | None = None
     evict: WorkerRecord | None = None
 

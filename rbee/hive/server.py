@@ -37,22 +37,15 @@ from rbee.errors import (
     InternalError,
     InvalidRequest,
     RbeeError,
-    WorkerCrashed,
     WorkerNotFound,
 )
 from rbee.hive import probe
 from rbee.hive.jobs import JobDesk
-from rbee.hive.pool import SIGNAL_HINT, Event, WorkerPool
+from rbee.hive.pool import Event, WorkerPool
 from rbee.hive.provision import Provisioner
-from rbee.hive.pulls import Pulls, describe_progress
-from rbee.hive.registry import (
-    JobRecord,
-    WorkerRecord,
-    expired_jobs,
-    idle_expired,
-)
+from rbee.hive.registry import JobRecord, WorkerRecord, idle_expired
+from rbee.hive.request import Replies, Request, Role
 from rbee.hive.settings import HiveConfig
-from rbee.hive.streams import StreamGate
 from rbee.hub.layout import clean_stale_parts
 from rbee.llamacpp import EngineChoice, default_threads
 from rbee.paths import cache_dir
@@ -70,12 +63,10 @@ from rbee.protocol.messages import (
     HiveStatus,
     ListWorkers,
     LogLines,
-    Progress,
     PullModel,
     StartJob,
     Status,
     StopWorker,
-    WorkerAssigned,
     WorkerInfo,
     WorkerList,
 )
@@ -90,16 +81,7 @@ from rbee.transport.sockets import (
 )
 
 POLL_INTERVAL_S = 0.1
-SUBSCRIBE_TIMEOUT_S = 4.0  # under the keeper's 5 s wait for a reply
-PROGRESS_EVERY_S = 1.0  # a waiting keeper hears from the hive at least this often
-QUEUE_WAIT_S = 300.0
-RETRY_AFTER_S = 2.0
-DRAIN_GRACE_S = 10.0
-MAX_FRAMES_PER_REPLY = 8192
 DRAIN_BATCH = 1000
-DEFAULT_CTX_TOKENS = 4096
-MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
-LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
 ENGINE_TEXT_CHARS = 1024
 FRONT_HWM = 64  # requests queued per keeper connection while the loop is busy
 SUBSCRIPTION_BYTES = 4096  # a subscription names one job's topic (CURVE's handshake is ~300 B)
@@ -121,8 +103,13 @@ class _KeyCheck:
         return bool(self.keys.role(key.decode("ascii", "replace")))
 
 
-class Hive(JobDesk, Provisioner):
-    """A hive: its sockets, its workers and its jobs."""
+Handler = Callable[[Request, Any], None]
+
+
+class Hive:
+    """A hive: its sockets and its loop, and the parts that own the rest: the pool (worker
+    processes), the provisioner (models, downloads, and requests waiting for a worker) and the
+    job desk (the queue and the token streams)."""
 
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
@@ -154,8 +141,6 @@ class Hive(JobDesk, Provisioner):
                 logger.info("development mode: loopback only, no keys", host=config.host)
             self.front_endpoint = bind_endpoint(front, config.host, config.port)
             self.front = RouterServer(front, curve=self.secure, bounds=REQUESTS)
-            self.role = "admin"  # of the request being handled (loop thread only)
-            self.caller = ""
             back = new_socket(self.ctx, zmq.ROUTER)
             back_endpoint = bind_endpoint(back, "127.0.0.1", 0)
             self.xsub = new_socket(self.ctx, zmq.XSUB)
@@ -177,31 +162,57 @@ class Hive(JobDesk, Provisioner):
         self.engine = self._choose_engine()
         self.pool = WorkerPool(RouterServer(back), back_endpoint, xsub_endpoint, self.engine)
         clean_stale_parts(config.data_dir / "models")  # left by downloads cut short
-        self.pulls = Pulls(config.data_dir / "models")
-        self.jobs: dict[str, JobRecord] = {}
-        self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a worker or a subscription
-        self.streams = StreamGate()
-        self.dropped_stream_frames = 0
+        self.replies = Replies(self.front)
+        self.provisioner = Provisioner(
+            config, self.node, self.catalog, self.pool, self.replies, lambda: self.draining
+        )
+        self.desk = JobDesk(
+            config,
+            self.node,
+            self.pool,
+            self.provisioner,
+            self.replies,
+            (self.xsub, self.xpub),
+            lambda: self.draining,
+        )
         self.draining_since = 0.0
         self.signals = 0
         self.stopped = False
         self.workers_at_drain = 0
         self.stopped_cleanly = 0
-        self.wants = {}
         # Whether llama.cpp can offload is asked once, off the loop (importing it takes 0.2-1 s).
         threading.Thread(target=gpu.llama_gpu_offload, name="gpu-probe", daemon=True).start()
-        self.handlers: dict[type[Frame], Callable[[bytes, int, Any], None]] = {
+        self.handlers: dict[type[Frame], Handler] = {
             Hello: self.on_hello,
             Status: self.on_status,
-            EnsureWorker: self.on_ensure_worker,
-            PullModel: self.on_pull_model,
-            StartJob: self.on_start_job,
-            Cancel: self.on_cancel,
+            EnsureWorker: self.provisioner.on_ensure_worker,
+            PullModel: self.provisioner.on_pull_model,
+            StartJob: self.desk.on_start_job,
+            Cancel: self.desk.on_cancel,
             ListWorkers: self.on_list_workers,
             StopWorker: self.on_stop_worker,
-            FetchFrames: self.on_fetch_frames,
+            FetchFrames: self.desk.on_fetch_frames,
             GetLogs: self.on_get_logs,
         }
+
+    @property
+    def workers(self) -> dict[str, WorkerRecord]:
+        """The worker registry (id → record), the pool's."""
+        return self.pool.workers
+
+    @property
+    def jobs(self) -> dict[str, JobRecord]:
+        """The jobs the desk knows (running, queued, and finished ones kept for fetches)."""
+        return self.desk.jobs
+
+    @property
+    def draining(self) -> bool:
+        """Whether the hive is shutting down (it takes no new work)."""
+        return self.draining_since > 0
+
+    def preload(self, reference: str) -> None:
+        """Start loading a worker for ``reference`` before anyone asks (an ephemeral hive's)."""
+        self.provisioner.preload(reference)
 
     def _choose_engine(self) -> EngineChoice:
         """How workers run llama.cpp here: probed with the smallest model at hand, or cached."""
@@ -226,10 +237,7 @@ class Hive(JobDesk, Provisioner):
         if not self.draining:
             self.draining_since = time.monotonic()
             self.workers_at_drain = len(self.pool.workers)
-            logger.info(
-                "draining",
-                running=sum(1 for j in self.jobs.values() if j.dispatched and not j.finished),
-            )
+            logger.info("draining", running=len(self.desk.running()))
 
     def serve(self, extra_fd: int | None = None) -> None:
         """Run until stopped; ``extra_fd`` closing (EOF) also stops an ephemeral hive."""
@@ -245,9 +253,9 @@ class Hive(JobDesk, Provisioner):
             while not self.stopped:
                 events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
                 if self.xsub in events:
-                    self._drain(self._on_stream)
+                    self._drain(self.desk.on_stream)
                 if self.xpub in events:
-                    self._drain(self._on_subscription)
+                    self._drain(self.desk.on_subscription)
                 if self.pool.back.sock in events:
                     self._drain(self._on_back)
                 if self.front.sock in events:
@@ -279,16 +287,12 @@ class Hive(JobDesk, Provisioner):
         try:
             if handler is None:
                 raise InvalidRequest(f"a hive does not accept {frame.TYPE} frames from keepers")
-            self.role = self.authorized.role(incoming.user) if self.secure else "admin"
-            self.caller = incoming.user if self.secure else ""
-            if not self.role:
-                raise AccessDenied(
-                    f"the key {fingerprint(incoming.user)} is no longer authorized on {self.node}",
-                    suggestion="pair again: `rbee hive pair` there, `rbee pair NODE CODE` here",
-                )
+            request = Request(
+                incoming.identity, rid, self._role(incoming.user), self._key(incoming.user)
+            )
             if type(frame) in ADMIN_FRAMES:
-                self._require_admin(frame.TYPE)
-            handler(incoming.identity, rid, frame)
+                request.require_admin(frame.TYPE)
+            handler(request, frame)
         except RbeeError as exc:
             self.front.reply_error(incoming.identity, rid, exc)
         except Exception as exc:  # a bug must not kill the daemon: answer and log it
@@ -299,7 +303,23 @@ class Hive(JobDesk, Provisioner):
 
     # ------------------------------------------------------------------ keeper requests
 
-    def on_get_logs(self, who: bytes, rid: int, frame: GetLogs) -> None:
+    def _role(self, key: str) -> Role:
+        """The role of the caller's key, checked at each request (a revoked key is refused at
+        once); every caller of a development-mode hive is on this machine: admin."""
+        if not self.secure:
+            return "admin"
+        role = self.authorized.role(key)
+        if role not in ("admin", "infer"):
+            raise AccessDenied(
+                f"the key {fingerprint(key)} is no longer authorized on {self.node}",
+                suggestion="pair again: `rbee hive pair` there, `rbee pair NODE CODE` here",
+            )
+        return "admin" if role == "admin" else "infer"
+
+    def _key(self, key: str) -> str:
+        return key if self.secure else ""
+
+    def on_get_logs(self, request: Request, frame: GetLogs) -> None:
         """Recent log lines of the hive and its workers (`rbee logs`)."""
         lines, last = log.RECENT.since(frame.after, frame.worker_id, frame.limit)
         unknown = frame.worker_id and frame.worker_id not in self.workers
@@ -308,16 +328,9 @@ class Hive(JobDesk, Provisioner):
                 f"no worker {frame.worker_id} on {self.node}, nor lines of one in its recent log",
                 suggestion="`rbee ps` lists the workers",
             )
-        self.front.send(who, LogLines(lines=lines, last=last), rid)
+        self.replies.send(request, LogLines(lines=lines, last=last))
 
-    def _require_admin(self, what: str) -> None:
-        if self.role != "admin":
-            raise AccessDenied(
-                f"{what} needs the admin role; this keeper's key has the {self.role} role",
-                suggestion="on the hive: `rbee hive authorize KEY --role admin`",
-            )
-
-    def on_hello(self, who: bytes, rid: int, frame: Hello) -> None:
+    def on_hello(self, request: Request, frame: Hello) -> None:
         """Health and versions."""
         reply = HelloReply(
             node=self.node,
@@ -327,9 +340,9 @@ class Hive(JobDesk, Provisioner):
             stream_port=int(self.stream_endpoint.rsplit(":", 1)[1]),
             status="draining" if self.draining else "ok",
         )
-        self.front.send(who, reply, rid)
+        self.replies.send(request, reply)
 
-    def on_status(self, who: bytes, rid: int, frame: Status) -> None:
+    def on_status(self, request: Request, frame: Status) -> None:
         """Workers, catalog and free resources."""
         memory = psutil.virtual_memory()
         models = [e.info() for e in self.catalog.entries()]
@@ -337,24 +350,24 @@ class Hive(JobDesk, Provisioner):
             node=self.node,
             rbee_version=__version__,
             protocol_version=PROTOCOL_VERSION,
-            workers=self._worker_infos(),
+            workers=self._worker_infos(request),
             models=models,
             cpu_count=os.cpu_count() or 1,
             ram_total_bytes=memory.total,
             ram_free_bytes=memory.available,
             disk_free_bytes=psutil.disk_usage(str(self.config.data_dir)).free,
-            queue_length=len(self.queue),
+            queue_length=len(self.desk.queue),
             max_workers=self.config.limits.max_workers,
             devices=gpu.detect().device_infos(),
             engine=self.engine.describe()[:ENGINE_TEXT_CHARS],
         )
-        self.front.send(who, status, rid)
+        self.replies.send(request, status)
 
-    def on_list_workers(self, who: bytes, rid: int, frame: ListWorkers) -> None:
+    def on_list_workers(self, request: Request, frame: ListWorkers) -> None:
         """The worker registry."""
-        self.front.send(who, WorkerList(workers=self._worker_infos()), rid)
+        self.replies.send(request, WorkerList(workers=self._worker_infos(request)))
 
-    def _worker_infos(self) -> list[WorkerInfo]:
+    def _worker_infos(self, request: Request) -> list[WorkerInfo]:
         """The workers as the caller may see them: the id of a job shows to its owner and to
         admins only (an id would let another key ask for the job's frames)."""
         infos = []
@@ -364,23 +377,17 @@ class Hive(JobDesk, Provisioner):
             except psutil.Error:
                 rss = 0
             vram = gpu.process_vram_bytes(w.pid) if w.backend == "cuda" else None
-            job = self.jobs.get(w.job_id)
-            shown = self.role == "admin" or (job is not None and job.owner == self.caller)
-            infos.append(w.info(rss, vram, shown))
+            infos.append(w.info(rss, vram, self.desk.shown_to(request, w.job_id)))
         return infos
 
-    def on_stop_worker(self, who: bytes, rid: int, frame: StopWorker) -> None:
-        """Ask a worker to exit (its running job is canceled first)."""
+    def on_stop_worker(self, request: Request, frame: StopWorker) -> None:
+        """Ask a worker to exit (its running job is stopped first, and its keeper told who)."""
         worker = self.workers.get(frame.worker_id)
         if worker is None:
             raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
-        key = f"an admin key ({fingerprint(self.caller)})" if self.caller else "a keeper"
-        by = f"{key} stopping worker {worker.worker_id}"
-        job = self.jobs.get(worker.job_id)
-        if job is not None:
-            self._cancel(job, by)
+        self.desk.cancel_on(worker, f"{request.describe()} stopping worker {worker.worker_id}")
         self.pool.stop(worker, "asked by a keeper")
-        self.front.send(who, Ack(detail=f"stopping {worker.worker_id}"), rid)
+        self.replies.send(request, Ack(detail=f"stopping {worker.worker_id}"))
 
     # ------------------------------------------------------------------ workers
 
@@ -393,96 +400,37 @@ class Hive(JobDesk, Provisioner):
                 self._on_worker_event(event)
 
     def _on_worker_event(self, event: Event) -> None:
-        worker = event.worker
-        if event.kind == "registered":
-            self._tell_waiters(worker, Progress(phase="registered", message=worker.worker_id))
-        elif event.kind == "loading":
-            self._tell_waiters(worker, self._loading(worker))
-        elif event.kind == "ready":
-            worker.became_idle(time.monotonic(), worker.keep_alive_s)
-            assigned = WorkerAssigned(
-                worker_id=worker.worker_id, model=worker.model, reused=False, load_s=worker.load_s
-            )
-            self._tell_waiters(worker, assigned)
-            worker.waiters.clear()
-            self._schedule(time.monotonic())
-        elif event.kind in ("load_failed", "exited"):
-            if event.error is not None:
-                for who, rid in worker.waiters:
-                    self.front.reply_error(who, rid, event.error)
-            worker.waiters.clear()
-            if event.kind == "exited":
-                self.stopped_cleanly += event.exit_code == 0
-                self._worker_gone(worker, event)
-
-    @staticmethod
-    def _loading(worker: WorkerRecord) -> Progress:
-        return Progress(phase="loading", done=worker.loaded_fraction, total=1.0)
-
-    def _tell_waiters(self, worker: WorkerRecord, frame: Frame) -> None:
-        for who, rid in worker.waiters:
-            self.front.send(who, frame, rid)
-
-    def _worker_gone(self, worker: WorkerRecord, event: Event) -> None:
-        """A worker process ended: a job it was running ends with WORKER_CRASHED."""
-        job = self.jobs.get(worker.job_id)
-        if job is None or job.finished:
-            return
-        if job.canceled_by:  # stopped on purpose before its Done came: not a crash
-            self._fail(job, self._ended_by_other(job, f"after {len(job.frames)} tokens"))
-            return
-        tail = event.stderr_tail[-2000:]
-        how = f"exited with code {event.exit_code}"
-        early = event.exit_code < 0 and not job.frames  # a signal before the first token
-        if early:
-            how += f" ({self.pool.signal_death(event.exit_code)}) before its first token"
-        error = WorkerCrashed(
-            f"worker {worker.worker_id} {how} during job {job.job_id}"
-            + (f"; its last output:\n{tail}" if tail else ""),
-            suggestion=SIGNAL_HINT if early else "",
-        )
-        self._fail(job, error)
+        """Something happened to a worker: its waiting requests hear of it, and the desk
+        schedules onto it (ready) or ends the job it ran (exited)."""
+        self.provisioner.on_worker_event(event)
+        if event.kind == "ready":
+            event.worker.became_idle(time.monotonic(), event.worker.keep_alive_s)
+            self.desk.schedule(time.monotonic())
+        elif event.kind == "exited":
+            self.stopped_cleanly += event.exit_code == 0
+            self.desk.on_worker_gone(event)
 
     def housekeeping(self, now: float) -> None:
         """Reap workers, unload idle ones, keep waiting keepers informed, trim old jobs, drain."""
         for event in self.pool.reap(now):
             self._on_worker_event(event)
-        for done in self.pulls.finished():
-            self._on_pull_finished(done)
-        for pull in self.pulls.due_progress(now):
-            progress = Progress(
-                phase="download",
-                done=pull.done_bytes,
-                total=pull.total_bytes,
-                message=describe_progress(pull),
-            )
-            for who, rid, _, _ in pull.waiters:
-                self.front.send(who, progress, rid)
+        self.provisioner.tick(now)
         for worker in idle_expired(self.pool.records(), now):
             self.pool.stop(worker, f"idle for its keep-alive of {worker.keep_alive_s:g} s")
-        for worker in self.pool.records():
-            if (
-                worker.state == "loading"
-                and worker.waiters
-                and now - worker.last_progress >= PROGRESS_EVERY_S
-            ):
-                self._tell_waiters(worker, self._loading(worker))
-        self._schedule(now)
-        for job_id in expired_jobs(list(self.jobs.values()), now):
-            del self.jobs[job_id]
-            self.streams.forget(job_id)
+        self.desk.schedule(now)
+        self.desk.forget_expired(now)
         if self.draining:
             self._drain_step(now)
 
     def _drain_step(self, now: float) -> None:
         """Refuse queued work, let running jobs finish within the grace, then stop workers."""
-        for job in list(self.queue):
-            self._fail_queued(job, HiveDraining(f"hive {self.node} is shutting down"))
-        running = [j for j in self.jobs.values() if j.dispatched and not j.finished]
+        for job in list(self.desk.queue):
+            self.desk.fail_queued(job, HiveDraining(f"hive {self.node} is shutting down"))
+        running = self.desk.running()
         overdue = now - self.draining_since > self.config.drain_grace_s or self.signals > 1
         if running and overdue:
             for job in running:
-                self._cancel(job, "the hive shutting down")
+                self.desk.cancel(job, "the hive shutting down")
         if not running or overdue:
             for worker in self.pool.records():
                 self.pool.stop(worker, "the hive is stopping")
@@ -490,7 +438,7 @@ class Hive(JobDesk, Provisioner):
             self.stopped = True
 
     def _close(self) -> None:
-        self.pulls.close()
+        self.provisioner.pulls.close()
         if self.auth is not None:
             self.auth.stop()
         total = len(self.pool.workers)

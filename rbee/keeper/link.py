@@ -25,16 +25,14 @@ from rbee.errors import (
 )
 from rbee.paths import data_dir, hive_port, self_command
 from rbee.process import child_env
-from rbee.protocol.messages import PROTOCOL_VERSION, Hello, HelloReply, HiveStatus
+from rbee.protocol.messages import PROTOCOL_VERSION, READY_PREFIX, Hello, HelloReply, HiveStatus
 from rbee.transport.keys import KnownHives, load_or_create
-from rbee.transport.sockets import Curve, DealerClient, tcp_endpoint
+from rbee.transport.sockets import Curve, DealerClient, is_loopback, tcp_endpoint
 
 HELLO_TIMEOUTS_S = (1.0, 2.0, 3.5)  # bounded retries: all of them fit well within 10 s
 RETRY_BACKOFF_S = 0.25
 EPHEMERAL_READY_TIMEOUT_S = 30.0
 EPHEMERAL_STOP_TIMEOUT_S = 15.0
-READY_PREFIX = "RBEE_HIVE_READY"
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 @dataclass
@@ -130,7 +128,7 @@ def hello(
         return client, reply
     total = sum(timeouts) + sum(RETRY_BACKOFF_S * 2**i for i in range(len(timeouts) - 1))
     hint = f"start one there with `rbee hive`, or check the address and that port {port} is open"
-    if curve is None and host not in LOOPBACK:
+    if curve is None and not is_loopback(host):
         hint += "; a hive on the LAN answers only keepers it has paired with (`rbee pair`)"
     raise HiveUnreachable(
         f"no hive answered at {host}:{port} after {len(timeouts)} tries ({total:.1f} s)",

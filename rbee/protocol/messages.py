@@ -207,7 +207,7 @@ class EnsureWorker(Frame):
     TYPE = "ensure_worker"
     model: str = spec(max_len=4096)
     backend: str = spec(default="cpu", choices=BACKENDS)
-    n_ctx: int = spec(default=0, min=0, max=1 << 20)
+    n_ctx: int = spec(default=0, min=0, max=1 << 20)  # 0: the model's own, up to the default
     device: str = spec(default="", max_len=96, pattern=f"|{DEVICE_PATTERN}")
 
 
@@ -232,7 +232,10 @@ class WorkerAssigned(Frame):
     busy: bool = spec(default=False)
 
 
+READY_PREFIX = "RBEE_HIVE_READY"  # an ephemeral hive's stdout line: "PREFIX front stream"
+DEFAULT_CTX_TOKENS = 4096  # a worker's context when none is asked for (at most the model's)
 KEEP_ALIVE_DEFAULT = -2.0  # keep_alive_s: the hive's default; -1 forever; 0 unload at once
+HIVE_KEEP_ALIVE_S = 300.0  # the hive's default: an idle worker unloads after 5 minutes
 
 
 class PullModel(Frame):
@@ -427,6 +430,9 @@ class StopRequest(Frame):
 
 
 # --------------------------------------------------------------------------- pairing
+
+
+PAIR_WINDOW_S = 300.0  # how long a pairing code is valid unless `rbee hive pair --timeout` says
 
 
 class PairHello(Frame):

@@ -33,9 +33,7 @@ from typing import Any
 
 from rbee.errors import BackendUnavailable, InvalidModel, InvalidRequest
 from rbee.llamacpp import EngineChoice, default_threads, import_llama, loaded_variant
-from rbee.protocol.messages import SYNTHETIC_PREFIX, GenerateParams
-
-DEFAULT_MAX_CTX = 4096
+from rbee.protocol.messages import DEFAULT_CTX_TOKENS, SYNTHETIC_PREFIX, GenerateParams
 
 LLAMA_LOG_LINES = 20
 GGML_LOG_WARN = 3  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
@@ -117,7 +115,7 @@ class Engine:
         threads: int = 0,
         extra_bufts: bool = True,
     ) -> None:
-        """Load ``model_path`` with a context of ``n_ctx`` tokens (0: DEFAULT_MAX_CTX) on
+        """Load ``model_path`` with a context of ``n_ctx`` tokens (0: DEFAULT_CTX_TOKENS) on
         ``backend``; for ``cuda``, every layer goes to GPU ``main_gpu``. ``threads`` 0 means
         rbee's default; ``extra_bufts`` False loads without llama.cpp's repacked weights."""
         try:
@@ -134,7 +132,7 @@ class Engine:
             try:
                 self.llama: Any = llama_cpp.Llama(
                     model_path=model_path,
-                    n_ctx=n_ctx or DEFAULT_MAX_CTX,
+                    n_ctx=n_ctx or DEFAULT_CTX_TOKENS,
                     n_threads=self.threads,
                     n_threads_batch=self.threads,
                     flash_attn=True,  # "auto" (see _load_params), as llama.cpp decides
@@ -316,7 +314,7 @@ def open_engine(
     return Engine(model_path, n_ctx, on_progress, backend, main_gpu, threads, extra_bufts)
 
 
-def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_MAX_CTX) -> Any:
+def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_CTX_TOKENS) -> Any:
     """A plain ``llama_cpp.Llama`` loaded exactly as a hive's worker loads it (threads, extra
     buffer types, CPU variant): the in-process baseline of tests and benchmarks."""
     import_llama()  # loads the probed variant, unless this process loaded another one already

@@ -14,6 +14,7 @@ import pytest
 import zmq
 
 from rbee.errors import BackendUnavailable
+from rbee.hive.request import Request
 from rbee.keeper import infer
 from rbee.keeper.connect import connect
 from rbee.protocol.messages import EnsureWorker, GenerateParams, ListWorkers, StopWorker, WorkerList
@@ -33,9 +34,9 @@ def ensures(
         handle = hive.handlers[EnsureWorker]
         seen: list[EnsureWorker] = []
 
-        def counted(who: bytes, rid: int, frame: Any) -> None:
+        def counted(request: Request, frame: Any) -> None:
             seen.append(frame)
-            handle(who, rid, frame)
+            handle(request, frame)
 
         hive.handlers[EnsureWorker] = counted
         yield seen

@@ -13,12 +13,14 @@ from rbee.hive.registry import (
     Limits,
     Plan,
     WorkerRecord,
+    WorkerState,
     expired_jobs,
     idle_expired,
     pick_idle,
     pick_loading,
     plan_worker,
 )
+from rbee.hive.request import Request
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import GenerateParams, WorkerInfo, WorkerList
 
@@ -27,7 +29,7 @@ B = "/models/b.gguf"
 
 
 def worker(
-    wid: str, path: str = A, state: str = "idle", last_activity: float = 100.0
+    wid: str, path: str = A, state: WorkerState = "idle", last_activity: float = 100.0
 ) -> WorkerRecord:
     return WorkerRecord(
         worker_id=wid,
@@ -44,8 +46,7 @@ def job(jid: str, finished_at: float = 0.0) -> JobRecord:
         job_id=jid,
         model="a.gguf",
         model_path=A,
-        keeper=b"keeper",
-        rid=1,
+        request=Request(who=b"keeper", rid=1, role="infer"),
         params=GenerateParams(prompt="hi"),
         keep_alive_s=300.0,
         finished_at=finished_at,
