@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import importlib
 import io
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO, cast
 
@@ -31,6 +32,8 @@ from rbee.protocol.messages import (
 )
 from rbee.protocol.schema import not_unicode
 from rbee.terminal import safe
+from rbee.worker.args import WorkerArgs
+from rbee.worker.args import add_flags as add_worker_flags
 
 
 def version_text() -> str:
@@ -49,8 +52,11 @@ def version_text() -> str:
     return f"rbee {__version__}\nprotocol {PROTOCOL_VERSION}\n{engine}"
 
 
+SECURITY = "rbee.keeper.security"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The whole command line."""
+    """The whole command line: each verb's parser binds the function that runs it (``run``)."""
     parser = argparse.ArgumentParser(
         prog="rbee", description="Run GGUF language models on the machines you already own."
     )
@@ -60,9 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("debug", "info", "warning", "error"),
         help="log detail for this command and the processes it starts (also RBEE_LOG_LEVEL)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    parser.set_defaults(run=None)
+    sub = parser.add_subparsers(metavar="COMMAND")
 
     infer = sub.add_parser("infer", help="generate text, streamed to stdout")
+    infer.set_defaults(run=_infer)
     infer.add_argument(
         "prompt_arg", nargs="?", metavar="PROMPT", help="the prompt; '-' reads stdin"
     )
@@ -123,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     hive = sub.add_parser("hive", help="run this machine's hive daemon")
+    hive.set_defaults(run=_hive)
     env = os.environ.get
     hive.add_argument(
         "--host",
@@ -179,12 +188,14 @@ def build_parser() -> argparse.ArgumentParser:
         dest="hive_command", metavar="[ACTION]", title="actions (none: run the daemon)"
     )
     hinst = hive_actions.add_parser("install", help="install this binary as a systemd service")
+    hinst.set_defaults(run=_install)
     hinst.add_argument(
         "--user", action="store_true", help="a user service (~/.local, systemctl --user)"
     )
     hinst.add_argument("--binary", type=Path, help="the rbee binary to install (default: this one)")
     hinst.add_argument("--root", type=Path, default=Path("/"), help=argparse.SUPPRESS)
     hun = hive_actions.add_parser("uninstall", help="remove the service and the binary")
+    hun.set_defaults(run=_uninstall)
     hun.add_argument("--user", action="store_true", help="the user service")
     hun.add_argument(
         "--remove-models", action="store_true", help="also delete the models and catalog"
@@ -193,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     hpair = hive_actions.add_parser(
         "pair", help="print a one-time code and wait for a keeper to pair (rbee pair NODE CODE)"
     )
+    hpair.set_defaults(run=_lazily(SECURITY, "hive_pair"))
     hpair.add_argument(
         "--role",
         choices=("infer", "admin"),
@@ -212,25 +224,33 @@ def build_parser() -> argparse.ArgumentParser:
     hpair.add_argument("--host", default="0.0.0.0", help="address to listen on for pairing")
     hpair.add_argument("--node-name", default="", help="the hive's name (default: hostname)")
     hauth = hive_actions.add_parser("authorize", help="admit a keeper's public key")
+    hauth.set_defaults(run=_lazily(SECURITY, "hive_authorize"))
     hauth.add_argument("key", help="the keeper's public key (`rbee keys show` there)")
     hauth.add_argument("--role", choices=("infer", "admin"), required=True)
     hauth.add_argument("--comment", default="", help="a note kept with the key")
     hrev = hive_actions.add_parser("revoke", help="stop admitting a key (by key or fingerprint)")
+    hrev.set_defaults(run=_lazily(SECURITY, "hive_revoke"))
     hrev.add_argument("key")
-    hive_actions.add_parser("keys", help="list the keys this hive admits")
+    hkeys = hive_actions.add_parser("keys", help="list the keys this hive admits")
+    hkeys.set_defaults(run=_lazily(SECURITY, "hive_keys"))
 
     pair = sub.add_parser("pair", help="pair with a hive using the code `rbee hive pair` printed")
+    pair.set_defaults(run=_lazily(SECURITY, "pair"))
     pair.add_argument("node", help="a discovered node name or HOST[:PORT] of the hive")
     pair.add_argument("code", help="the one-time code, e.g. 1234-5678")
 
     keys = sub.add_parser("keys", help="this node's CURVE key and the hives it trusts")
     ksub = keys.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
-    ksub.add_parser("show", help="print this node's public key and fingerprint")
-    ksub.add_parser("known", help="list the hives this keeper trusts")
+    kshow = ksub.add_parser("show", help="print this node's public key and fingerprint")
+    kshow.set_defaults(run=_lazily(SECURITY, "keys_show"))
+    kknown = ksub.add_parser("known", help="list the hives this keeper trusts")
+    kknown.set_defaults(run=_lazily(SECURITY, "keys_known"))
     kforget = ksub.add_parser("forget", help="forget a hive's pinned key (name, id or address)")
+    kforget.set_defaults(run=_lazily(SECURITY, "keys_forget"))
     kforget.add_argument("node")
 
     serve = sub.add_parser("serve", help="serve the OpenAI API for every hive in reach")
+    serve.set_defaults(run=_serve)
     serve.add_argument(
         "--listen",
         default="127.0.0.1:7833",
@@ -263,47 +283,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     worker = sub.add_parser("worker", help="(started by a hive) serve one model")
-    worker.add_argument("--worker-id", default="")
-    worker.add_argument("--model-path", required=True)
-    worker.add_argument("--control", default="")
-    worker.add_argument("--stream", default="")
-    worker.add_argument("--n-ctx", type=int, default=0)
-    worker.add_argument("--hive-pid", type=int, default=0)
-    worker.add_argument("--backend", choices=BACKENDS, default="cpu")
-    worker.add_argument("--threads", type=int, default=0, help="CPU threads (0: rbee's default)")
-    worker.add_argument("--no-extra-bufts", dest="extra_bufts", action="store_false")
-    worker.add_argument("--probe", action="store_true", help="decode a few tokens and report")
-    worker.add_argument("--device", default="", help="a CUDA device's NVML index")
+    worker.set_defaults(run=_worker)
+    add_worker_flags(worker)
 
     models = sub.add_parser("models", help="this machine's model catalog")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     imp = msub.add_parser("import", help="register a local GGUF file")
+    imp.set_defaults(run=_models_import)
     imp.add_argument("path")
     imp.add_argument("--name", help="catalog name (default: the file name)")
     pull = msub.add_parser("pull", help="download a model from Hugging Face into a hive")
+    pull.set_defaults(run=_models_pull)
     pull.add_argument("reference", help="hf:ORG/REPO[:QUANT|/FILE.gguf][@REVISION]")
     pull.add_argument("--node", help="HOST[:PORT] or node name (default: chosen as for infer)")
-    msub.add_parser("list", help="list the catalog")
+    msub.add_parser("list", help="list the catalog").set_defaults(run=_models_list)
     rm = msub.add_parser(
         "rm", help="forget a model (an imported file is kept; a pulled download is deleted)"
     )
+    rm.set_defaults(run=_models_rm)
     rm.add_argument("name")
     rm.add_argument(
         "--force", action="store_true", help="also stop this machine's workers that hold it"
     )
 
     logs = sub.add_parser("logs", help="a hive's or a worker's recent log lines")
+    logs.set_defaults(run=_logs)
     logs.add_argument("target", nargs="?", help="node name, HOST[:PORT] or worker id (w-…)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
 
     cfg = sub.add_parser("config", help="configuration: file, environment and flags")
     cfg_sub = cfg.add_subparsers(dest="config_command", metavar="ACTION", required=True)
-    cfg_sub.add_parser("show", help="every setting's effective value and where it came from")
+    cshow = cfg_sub.add_parser(
+        "show", help="every setting's effective value and where it came from"
+    )
+    cshow.set_defaults(run=_config_show)
 
     ps = sub.add_parser("ps", help="list the workers of every hive in reach")
+    ps.set_defaults(run=_ps)
     ps.add_argument("--node", help="HOST[:PORT] or node name: only this hive")
 
     nodes = sub.add_parser("nodes", help="list the hives in reach (mDNS, RBEE_SEEDS, this machine)")
+    nodes.set_defaults(run=_nodes)
     nodes.add_argument("--json", action="store_true", help="machine-readable output")
     nodes.add_argument(
         "--timeout",
@@ -316,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     workers = sub.add_parser("workers", help="manage a hive's workers")
     wsub = workers.add_subparsers(dest="workers_command", metavar="ACTION", required=True)
     wstop = wsub.add_parser("stop", help="unload a worker (its running job is canceled)")
+    wstop.set_defaults(run=_workers_stop)
     wstop.add_argument("worker_id")
     wstop.add_argument("--node", help="HOST[:PORT] or node name (default: the hive that runs it)")
     return parser
@@ -397,141 +418,191 @@ def _model_ref(model: str) -> str:
     return model
 
 
-def run_command(args: argparse.Namespace) -> int:
-    """Run the one component the arguments chose."""
-    from rbee import log
+Verb = Callable[[argparse.Namespace], int]
 
-    if args.command == "worker" and args.probe:
+
+def _lazily(module: str, name: str) -> Verb:
+    """A verb's function from ``module``, imported when the verb runs: parsing the command line
+    (and `rbee --help`) loads neither ZeroMQ nor llama.cpp."""
+
+    def run(args: argparse.Namespace) -> int:
+        return int(getattr(importlib.import_module(module), name)(args))
+
+    return run
+
+
+def _keeper(verb: Verb) -> Verb:
+    """A keeper verb: its logs are warnings and worse, as text (its output is the point)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from rbee import log
+
+        log.configure("keeper", json=False, level="warning")
+        return verb(args)
+
+    return run
+
+
+def _config_show(args: argparse.Namespace) -> int:
+    print(config.show(args.config_sources), end="")
+    return ExitCode.OK
+
+
+def _worker(args: argparse.Namespace) -> int:
+    if args.probe:
         from rbee.worker.probe import run_probe
 
         return run_probe(args.model_path, args.threads, args.extra_bufts)
-    if args.command == "worker":
-        from rbee.worker.main import WorkerArgs
-        from rbee.worker.main import run as run_worker
+    from rbee.worker.main import run as run_worker
 
-        if not (args.worker_id and args.control and args.stream and args.hive_pid):
-            raise InvalidRequest(
-                "rbee worker is started by a hive: --worker-id, --control, --stream and "
-                "--hive-pid are required (or --probe)"
-            )
-        return run_worker(
-            WorkerArgs(
-                args.worker_id,
-                args.model_path,
-                args.control,
-                args.stream,
-                args.n_ctx,
-                args.hive_pid,
-                backend=args.backend,
-                device=args.device,
-                threads=args.threads,
-                extra_bufts=args.extra_bufts,
-            )
-        )
-    if args.command == "hive" and args.hive_command in ("pair", "authorize", "revoke", "keys"):
-        from rbee.keeper import security
+    return run_worker(WorkerArgs.parse(args))
 
-        return security.hive_command(args)
-    if args.command in ("pair", "keys"):
-        from rbee.keeper import security
 
-        return security.keeper_command(args)
-    if args.command == "hive" and args.hive_command in ("install", "uninstall"):
-        from rbee import install
+def _install(args: argparse.Namespace) -> int:
+    from rbee import install
 
-        if args.hive_command == "install":
-            report = install.install(args.binary or install.default_binary(), args.user, args.root)
-        else:
-            report = install.uninstall(args.user, args.remove_models, args.root)
-        print(report.text())
-        return ExitCode.OK
-    if args.command == "serve":
-        from rbee.gateway.main import run as run_gateway
+    print(install.install(args.binary or install.default_binary(), args.user, args.root).text())
+    return ExitCode.OK
 
-        log.configure("gateway")
-        return run_gateway(
-            args.listen,
-            node=args.node,
-            api_keys_file=args.api_keys_file,
-            ready_timeout_s=args.ready_timeout,
-            worker_keep_alive_s=args.keep_alive,
-        )
-    if args.command == "hive":
-        from rbee.hive.main import run as run_hive
-        from rbee.hive.registry import Limits
-        from rbee.hive.settings import HiveConfig
 
-        limits = Limits(
-            max_workers=args.max_workers,
-            max_workers_per_model=args.max_workers_per_model,
-            max_queue=args.max_queue,
-        )
-        config = HiveConfig(
-            host=args.host,
-            port=args.port,
-            stream_port=args.stream_port,
-            data_dir=data_dir(),
-            node=args.node_name,
-            ephemeral=args.ephemeral,
-            preload=args.preload,
-            limits=limits,
-            keep_alive_s=args.keep_alive,
-            secure=args.secure,
-            threads=max(0, args.threads),
-        )
-        return run_hive(config)
-    log.configure("keeper", json=False, level="warning")
-    if args.command == "infer":
-        from rbee.keeper.infer import InferRequest
-        from rbee.keeper.infer import run as run_infer
-        from rbee.protocol.messages import GenerateParams
+def _uninstall(args: argparse.Namespace) -> int:
+    from rbee import install
 
-        params = GenerateParams(
-            prompt=_prompt(args),
-            max_tokens=args.max_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            stop=args.stop,
-            raw=args.raw,
-            ignore_eos=args.ignore_eos,
-        )
-        request = InferRequest(
-            model=_model_ref(args.model),
-            params=params,
-            node=args.node,
-            keep_alive_s=args.keep_alive,
-            backend=args.backend,
-            device=args.device,
-        )
-        run_infer(request)
-        return ExitCode.OK
-    from rbee.keeper import models, nodes
+    print(install.uninstall(args.user, args.remove_models, args.root).text())
+    return ExitCode.OK
 
-    if args.command == "models":
-        if args.models_command == "import":
-            models.import_model(args.path, args.name)
-        elif args.models_command == "pull":
-            models.pull_model(args.reference, args.node)
-        elif args.models_command == "list":
-            models.list_models()
-        else:
-            models.remove_model(args.name, args.force)
-        return ExitCode.OK
-    if args.command == "ps":
-        nodes.list_workers(args.node)
-        return ExitCode.OK
-    if args.command == "logs":
-        nodes.show_logs(args.target, args.follow)
-        return ExitCode.OK
-    if args.command == "nodes":
-        nodes.list_nodes(args.json, args.timeout)
-        return ExitCode.OK
-    if args.command == "workers":
-        nodes.stop_worker(args.worker_id, args.node)
-        return ExitCode.OK
-    raise InvalidRequest(f"unknown command {args.command!r}")  # pragma: no cover
+
+def _serve(args: argparse.Namespace) -> int:
+    from rbee import log
+    from rbee.gateway.main import run as run_gateway
+
+    log.configure("gateway")
+    return run_gateway(
+        args.listen,
+        node=args.node,
+        api_keys_file=args.api_keys_file,
+        ready_timeout_s=args.ready_timeout,
+        worker_keep_alive_s=args.keep_alive,
+    )
+
+
+def _hive(args: argparse.Namespace) -> int:
+    from rbee.hive.main import run as run_hive
+    from rbee.hive.registry import Limits
+    from rbee.hive.settings import HiveConfig
+
+    limits = Limits(
+        max_workers=args.max_workers,
+        max_workers_per_model=args.max_workers_per_model,
+        max_queue=args.max_queue,
+    )
+    config = HiveConfig(
+        host=args.host,
+        port=args.port,
+        stream_port=args.stream_port,
+        data_dir=data_dir(),
+        node=args.node_name,
+        ephemeral=args.ephemeral,
+        preload=args.preload,
+        limits=limits,
+        keep_alive_s=args.keep_alive,
+        secure=args.secure,
+        threads=max(0, args.threads),
+    )
+    return run_hive(config)
+
+
+@_keeper
+def _infer(args: argparse.Namespace) -> int:
+    from rbee.keeper.infer import InferRequest
+    from rbee.keeper.infer import run as run_infer
+    from rbee.protocol.messages import GenerateParams
+
+    params = GenerateParams(
+        prompt=_prompt(args),
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        raw=args.raw,
+        ignore_eos=args.ignore_eos,
+    )
+    request = InferRequest(
+        model=_model_ref(args.model),
+        params=params,
+        node=args.node,
+        keep_alive_s=args.keep_alive,
+        backend=args.backend,
+        device=args.device,
+    )
+    run_infer(request)
+    return ExitCode.OK
+
+
+@_keeper
+def _models_import(args: argparse.Namespace) -> int:
+    from rbee.keeper import models
+
+    models.import_model(args.path, args.name)
+    return ExitCode.OK
+
+
+@_keeper
+def _models_pull(args: argparse.Namespace) -> int:
+    from rbee.keeper import models
+
+    models.pull_model(args.reference, args.node)
+    return ExitCode.OK
+
+
+@_keeper
+def _models_list(args: argparse.Namespace) -> int:
+    from rbee.keeper import models
+
+    models.list_models()
+    return ExitCode.OK
+
+
+@_keeper
+def _models_rm(args: argparse.Namespace) -> int:
+    from rbee.keeper import models
+
+    models.remove_model(args.name, args.force)
+    return ExitCode.OK
+
+
+@_keeper
+def _ps(args: argparse.Namespace) -> int:
+    from rbee.keeper import nodes
+
+    nodes.list_workers(args.node)
+    return ExitCode.OK
+
+
+@_keeper
+def _logs(args: argparse.Namespace) -> int:
+    from rbee.keeper import nodes
+
+    nodes.show_logs(args.target, args.follow)
+    return ExitCode.OK
+
+
+@_keeper
+def _nodes(args: argparse.Namespace) -> int:
+    from rbee.keeper import nodes
+
+    nodes.list_nodes(args.json, args.timeout)
+    return ExitCode.OK
+
+
+@_keeper
+def _workers_stop(args: argparse.Namespace) -> int:
+    from rbee.keeper import nodes
+
+    nodes.stop_worker(args.worker_id, args.node)
+    return ExitCode.OK
 
 
 class GuardedStdout:
@@ -592,16 +663,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
     except RbeeError as exc:
         return report_error(exc)
+    parser.set_defaults(config_sources=sources)  # for `rbee config show`
     args = parser.parse_args(argv)
     if args.log_level:
         os.environ["RBEE_LOG_LEVEL"] = args.log_level  # children (hive, workers) inherit it
-    if args.command == "config":
-        print(config.show(sources), end="")
-        return ExitCode.OK
     if args.version:
         print(version_text())
         return ExitCode.OK
-    if args.command is None:
+    if args.run is None:
         parser.print_help(sys.stderr)
         return ExitCode.USAGE
     if isinstance(sys.stdout, io.TextIOWrapper):  # not when a test captures it
@@ -609,7 +678,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check_not_empty(sys.argv[1:] if argv is None else argv)
         _check_text_args(args)
-        return run_command(args)
+        run: Verb = args.run
+        return run(args)
     except Canceled as exc:
         sys.stderr.write(f"\nCanceled. ({safe(exc.message)})\n")
         return exc.exit_code

@@ -7,6 +7,7 @@ hive's loop thread, like everything that touches a socket.
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
@@ -28,6 +29,7 @@ from rbee.protocol.messages import (
     WorkerReady,
 )
 from rbee.transport.sockets import RouterServer
+from rbee.worker.args import WorkerArgs
 
 HEARTBEAT_TIMEOUT_S = 5.0
 LOOP_HELD_UP_S = 1.0  # the hive's loop checks its workers ten times a second
@@ -56,9 +58,7 @@ class Event:
 class WorkerPool:
     """Worker records and their processes, keyed by worker id."""
 
-    def __init__(
-        self, back: RouterServer, control: str, stream: str, engine: EngineChoice | None = None
-    ) -> None:
+    def __init__(self, back: RouterServer, control: str, stream: str, engine: EngineChoice) -> None:
         self.back = back
         self.engine = engine  # how workers run llama.cpp here (the engine probe's verdict)
         self.control = control
@@ -78,17 +78,19 @@ class WorkerPool:
         it reports back on the local ROUTER."""
         where = where or Placement(backend="cpu", device="cpu")
         worker_id = "w-" + uuid.uuid4().hex[:8]
-        proc = spawn_worker(
+        args = WorkerArgs(
             worker_id,
             path,
             self.control,
             self.stream,
             n_ctx,
+            os.getpid(),
             backend=where.backend,
             device=where.device if where.backend == "cuda" else "",
-            uuid=where.uuid,
-            engine=self.engine,
+            threads=self.engine.threads,
+            extra_bufts=self.engine.extra_bufts,
         )
+        proc = spawn_worker(args, where.uuid, self.engine.worker_env())
         record = WorkerRecord(
             worker_id=worker_id,
             model=model,
@@ -217,8 +219,7 @@ class WorkerPool:
     def signal_death(self, code: int) -> str:
         """``killed by SIGSEGV while the engine ran …``: what a person needs to report a crash."""
         name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
-        engine = f" while the engine ran {self.engine.describe()}" if self.engine else ""
-        return f"killed by {name}{engine}"
+        return f"killed by {name} while the engine ran {self.engine.describe()}"
 
     def alive(self) -> int:
         """How many worker processes still run."""

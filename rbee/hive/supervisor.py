@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import signal
 import subprocess
 import threading
@@ -23,9 +22,9 @@ from dataclasses import dataclass, field
 
 from rbee import log
 from rbee.gpu import CUDA_VISIBLE_DEVICES
-from rbee.llamacpp import EngineChoice
 from rbee.paths import self_command
 from rbee.process import child_env
+from rbee.worker.args import WorkerArgs
 
 STDERR_TAIL_LINES = 30
 TERM_GRACE_S = 3.0
@@ -65,67 +64,21 @@ def device_env(backend: str, device: str = "", uuid: str = "") -> dict[str, str]
     return {CUDA_VISIBLE_DEVICES: uuid or device or "0", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
-def worker_argv(
-    worker_id: str,
-    model_path: str,
-    control: str,
-    stream: str,
-    n_ctx: int,
-    backend: str = "cpu",
-    device: str = "",
-    engine: EngineChoice | None = None,
-) -> list[str]:
-    """`rbee worker …` for one model (``--backend``/``--device`` only off the CPU default;
-    threads and extra buffer types as the engine probe chose)."""
-    argv = [
-        *self_command(),
-        "worker",
-        "--worker-id",
-        worker_id,
-        "--model-path",
-        model_path,
-        "--control",
-        control,
-        "--stream",
-        stream,
-        "--n-ctx",
-        str(n_ctx),
-        "--hive-pid",
-        str(os.getpid()),
-    ]
-    if backend != "cpu":
-        argv += ["--backend", backend, "--device", device or "0"]
-    if engine is not None:
-        argv += ["--threads", str(engine.threads)]
-        argv += [] if engine.extra_bufts else ["--no-extra-bufts"]
-    return argv
-
-
 def spawn_worker(
-    worker_id: str,
-    model_path: str,
-    control: str,
-    stream: str,
-    n_ctx: int,
-    backend: str = "cpu",
-    device: str = "",
-    uuid: str = "",
-    engine: EngineChoice | None = None,
+    args: WorkerArgs, uuid: str = "", engine_env: dict[str, str] | None = None
 ) -> WorkerProcess:
-    """Start `rbee worker` for one model on one device; it connects back to ``control`` and
-    ``stream``. ``device``/``uuid``: the CUDA GPU (NVML index and UUID) for ``backend="cuda"``."""
+    """Start `rbee worker` for one model on one device; it connects back to ``args.control`` and
+    ``args.stream``. ``uuid``: the CUDA GPU's NVML UUID; ``engine_env``: the CPU variant's."""
     proc = subprocess.Popen(
-        worker_argv(worker_id, model_path, control, stream, n_ctx, backend, device, engine),
+        [*self_command(), "worker", *args.argv()],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        env=child_env(
-            {**device_env(backend, device, uuid), **(engine.worker_env() if engine else {})}
-        ),
+        env=child_env({**device_env(args.backend, args.device, uuid), **(engine_env or {})}),
     )
-    wp = WorkerProcess(worker_id=worker_id, proc=proc)
+    wp = WorkerProcess(worker_id=args.worker_id, proc=proc)
     wp.reader = threading.Thread(
-        target=_relay_stderr, args=(wp,), name=f"stderr-{worker_id}", daemon=True
+        target=_relay_stderr, args=(wp,), name=f"stderr-{args.worker_id}", daemon=True
     )
     wp.reader.start()
     return wp

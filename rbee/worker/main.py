@@ -55,6 +55,7 @@ from rbee.protocol.messages import (
     WorkerReady,
 )
 from rbee.transport.sockets import LINGER_MS, LOCAL_HWM, connect, new_socket
+from rbee.worker.args import WorkerArgs
 from rbee.worker.engine import Engine, Outcome, SyntheticEngine, open_engine
 
 HEARTBEAT_INTERVAL_S = 1.0
@@ -67,22 +68,6 @@ PIPE = "inproc://rbee-worker-up"
 FAST_TEXT_CHARS = 1024  # longer token text (held-back stop text) takes the validated path
 
 logger = log.get(__name__)
-
-
-@dataclass(frozen=True)
-class WorkerArgs:
-    """How the hive told this worker to run."""
-
-    worker_id: str
-    model_path: str
-    control: str
-    stream: str
-    n_ctx: int
-    hive_pid: int
-    backend: str = "cpu"
-    device: str = ""  # a CUDA device's NVML index (the machine's numbering); "" on the CPU
-    threads: int = 0  # 0: rbee.llamacpp.default_threads()
-    extra_bufts: bool = True  # False where the hive's engine probe saw them fail
 
 
 def main_gpu(device: str, environ: Mapping[str, str]) -> int:

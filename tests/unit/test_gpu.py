@@ -14,10 +14,12 @@ from typing import Any
 import pytest
 
 from rbee import gpu
+from rbee.cli import build_parser
 from rbee.errors import BackendUnavailable, InvalidRequest
-from rbee.hive.supervisor import device_env, worker_argv
+from rbee.hive.supervisor import device_env
 from rbee.protocol.codec import encode
 from rbee.protocol.messages import Token
+from rbee.worker.args import WorkerArgs
 from rbee.worker.engine import ALL_LAYERS, gpu_params
 from rbee.worker.main import TokenFrames, main_gpu
 
@@ -224,10 +226,23 @@ def test_the_supervisor_confines_each_worker_to_its_device() -> None:
 
 
 def test_worker_argv_names_the_backend_only_off_the_cpu() -> None:
-    cpu = worker_argv("w-1", "/m.gguf", "tcp://c", "tcp://s", 2048)
+    cpu = WorkerArgs("w-1", "/m.gguf", "tcp://c", "tcp://s", 2048, 1).argv()
     assert "--backend" not in cpu  # a CPU worker's command line is what it always was
-    cuda = worker_argv("w-1", "/m.gguf", "tcp://c", "tcp://s", 2048, "cuda", "1")
+    cuda = WorkerArgs("w-1", "/m.gguf", "tcp://c", "tcp://s", 2048, 1, "cuda", "1").argv()
     assert cuda[-4:] == ["--backend", "cuda", "--device", "1"]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        WorkerArgs("w-1", "/m.gguf", "tcp://c", "tcp://s", 2048, 77),
+        WorkerArgs("w-2", "/m b.gguf", "tcp://c", "tcp://s", 0, 9, "cuda", "3", 6, False),
+    ],
+)
+def test_the_worker_reads_back_what_the_hive_wrote(args: WorkerArgs) -> None:
+    """Both sides of `rbee worker`'s command line: the hive's argv, the worker's parser."""
+    parsed = build_parser().parse_args(["worker", *args.argv()])
+    assert WorkerArgs.parse(parsed) == args
 
 
 def test_fast_token_frames_are_the_codecs_bytes() -> None:

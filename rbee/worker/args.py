@@ -1,0 +1,91 @@
+"""How a hive tells a worker to run, both sides of the process boundary in one place.
+
+A worker is `rbee worker FLAGS…`. The hive builds the flags with ``WorkerArgs.argv``; the
+worker's command line is declared by ``add_flags`` and read back with ``WorkerArgs.parse``. A
+flag added here reaches both sides, and a unit test holds the round trip to equality.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from rbee.errors import InvalidRequest
+from rbee.protocol.messages import BACKENDS
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """One worker's settings."""
+
+    worker_id: str
+    model_path: str
+    control: str  # the hive's local ROUTER (progress, Ready, heartbeats, jobs)
+    stream: str  # the hive's local XSUB (token frames)
+    n_ctx: int
+    hive_pid: int  # the worker exits when this process is gone
+    backend: str = "cpu"
+    device: str = ""  # a CUDA device's NVML index (the machine's numbering); "" on the CPU
+    threads: int = 0  # 0: rbee.llamacpp.default_threads()
+    extra_bufts: bool = True  # False where the hive's engine probe saw them fail
+
+    def argv(self) -> list[str]:
+        """The flags after `rbee worker` (``--backend``/``--device`` only off the CPU, so a CPU
+        worker's command line stays what it always was)."""
+        argv = [
+            "--worker-id",
+            self.worker_id,
+            "--model-path",
+            self.model_path,
+            "--control",
+            self.control,
+            "--stream",
+            self.stream,
+            "--n-ctx",
+            str(self.n_ctx),
+            "--hive-pid",
+            str(self.hive_pid),
+        ]
+        if self.backend != "cpu":
+            argv += ["--backend", self.backend, "--device", self.device or "0"]
+        if self.threads:
+            argv += ["--threads", str(self.threads)]
+        if not self.extra_bufts:
+            argv += ["--no-extra-bufts"]
+        return argv
+
+    @classmethod
+    def parse(cls, args: argparse.Namespace) -> WorkerArgs:
+        """The settings ``add_flags`` parsed; a worker is started by a hive, never by hand."""
+        if not (args.worker_id and args.control and args.stream and args.hive_pid):
+            raise InvalidRequest(
+                "rbee worker is started by a hive: --worker-id, --control, --stream and "
+                "--hive-pid are required (or --probe)"
+            )
+        return cls(
+            args.worker_id,
+            args.model_path,
+            args.control,
+            args.stream,
+            args.n_ctx,
+            args.hive_pid,
+            backend=args.backend,
+            device=args.device,
+            threads=args.threads,
+            extra_bufts=args.extra_bufts,
+        )
+
+
+def add_flags(parser: argparse.ArgumentParser) -> None:
+    """`rbee worker`'s flags (``--probe``: decode a few tokens and report, for the engine probe)."""
+    parser.add_argument("--worker-id", default="")
+    parser.add_argument("--model-path", required=True)
+    parser.add_argument("--control", default="")
+    parser.add_argument("--stream", default="")
+    parser.add_argument("--n-ctx", type=int, default=0)
+    parser.add_argument("--hive-pid", type=int, default=0)
+    parser.add_argument("--backend", choices=BACKENDS, default="cpu")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: rbee's default)")
+    parser.add_argument("--no-extra-bufts", dest="extra_bufts", action="store_false")
+    parser.add_argument("--probe", action="store_true", help="decode a few tokens and report")
+    parser.add_argument("--device", default="", help="a CUDA device's NVML index")
