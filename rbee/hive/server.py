@@ -297,9 +297,7 @@ class Hive:
             self.front.reply_error(incoming.identity, rid, exc)
         except Exception as exc:  # a bug must not kill the daemon: answer and log it
             logger.exception("request failed", frame=frame.TYPE)
-            self.front.reply_error(
-                incoming.identity, rid, InternalError(f"{type(exc).__name__}: {exc}")
-            )
+            self.front.reply_error(incoming.identity, rid, InternalError.of(exc))
 
     # ------------------------------------------------------------------ keeper requests
 

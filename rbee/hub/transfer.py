@@ -39,6 +39,7 @@ from urllib.parse import urljoin, urlsplit
 import httpx2
 
 from rbee import log
+from rbee.digest import HASH_CHUNK_BYTES, sha256_of
 from rbee.errors import Canceled, ChecksumMismatch, DownloadFailed, InsufficientDisk, RbeeError
 from rbee.hub.files import RemoteFile, http_status_error
 from rbee.hub.layout import (
@@ -62,7 +63,6 @@ LOCK_TIMEOUT_S = 60.0  # the wait for another transfer of the same file (a stopp
 LOCK_POLL_S = 0.05
 PROGRESS_INTERVAL_S = 0.5
 RATE_SMOOTHING = 0.3  # weight of the newest interval in the bytes/s average
-HASH_CHUNK_BYTES = 4 * 1024 * 1024
 
 ProgressFn = Callable[[int, int, float, float | None], None]
 """``(downloaded_bytes, total_bytes, bytes_per_s, eta_s)``; ``eta_s`` is None while the rate is
@@ -140,7 +140,7 @@ class FileTransfer:
 
     def _already_there(self) -> str:
         self.meter.finish()
-        return self.remote.sha256 or _sha256_of(self.dest)
+        return self.remote.sha256 or sha256_of(self.dest)
 
     @contextlib.contextmanager
     def _open_locked(self) -> Iterator[FileIO]:
@@ -416,14 +416,6 @@ def _same_file(f: FileIO, path: Path) -> bool:
         return os.path.samestat(os.fstat(f.fileno()), path.stat())
     except FileNotFoundError:
         return False
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

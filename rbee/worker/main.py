@@ -37,7 +37,7 @@ import psutil
 import zmq
 
 from rbee import gpu, log
-from rbee.errors import InvalidModel, RbeeError
+from rbee.errors import InternalError, InvalidModel, RbeeError
 from rbee.process import die_with_parent
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
@@ -139,11 +139,12 @@ class Generator(threading.Thread):
         try:
             self._serve(up, pub)
         except Exception as exc:  # report anything unexpected instead of dying silently
-            code = exc.code if isinstance(exc, RbeeError) else "INTERNAL"
-            msg = exc.message if isinstance(exc, RbeeError) else f"{type(exc).__name__}: {exc}"
-            logger.error("worker failed", code=code, error=msg)
+            error = InternalError.of(exc)
+            logger.error("worker failed", code=error.code, error=error.message)
             failed = WorkerFailed(
-                worker_id=self.args.worker_id, code=code, message=msg[:MAX_MESSAGE_CHARS]
+                worker_id=self.args.worker_id,
+                code=error.code,
+                message=error.message[:MAX_MESSAGE_CHARS],
             )
             up.send(encode(failed))
         finally:
@@ -247,11 +248,12 @@ class Generator(threading.Thread):
             )
         except Exception as exc:  # llama.cpp failures must still end the stream
             logger.exception("generation failed", job=job.job_id)
+            error = InternalError.of(exc)
             terminal = StreamError(
                 job_id=job.job_id,
                 seq=seq,
-                code="INTERNAL",
-                message=f"{type(exc).__name__}: {exc}"[:MAX_MESSAGE_CHARS],
+                code=error.code,
+                message=error.message[:MAX_MESSAGE_CHARS],
             )
         pub.send_multipart([topic, encode(terminal)])
 
