@@ -33,6 +33,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+import huggingface_hub
+
 BODY_CHUNK_BYTES = 64 * 1024
 SERVER_STOP_TIMEOUT_S = 5.0
 HANDLER_IDLE_TIMEOUT_S = 10.0  # an idle keep-alive connection's handler thread ends after this
@@ -163,6 +165,9 @@ class FakeHub:
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
         self._thread.join(SERVER_STOP_TIMEOUT_S)
+        # huggingface_hub's one process-wide client keeps its keep-alive connections to this
+        # server in its pool (half-closed now); dropping it closes them with the server.
+        huggingface_hub.close_session()
 
     # ------------------------------------------------------------------ what tests look at
 

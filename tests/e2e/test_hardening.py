@@ -241,10 +241,16 @@ def test_a_queued_job_says_its_place_once_per_change(rbee_env: dict[str, str]) -
             text=True,
         )
         assert first.stderr is not None
-        while "[inference]" not in first.stderr.readline():
-            assert first.poll() is None, "the first job never started"
-        queued = run_rbee("infer", "-n", "2", "hi", env=rbee_env)
-        first.communicate(timeout=60)
+        try:
+            while "[inference]" not in first.stderr.readline():
+                assert first.poll() is None, "the first job never started"
+            queued = run_rbee("infer", "-n", "2", "hi", env=rbee_env)
+            first.communicate(timeout=60)
+        finally:  # a failure's traceback keeps ``first``: end it and close its pipe now
+            if first.poll() is None:
+                first.kill()
+                first.wait()
+            first.stderr.close()
     assert queued.returncode == 0, queued.stderr
     lines = [line for line in queued.stderr.splitlines() if line.startswith("[queue]")]
     assert len(lines) == 1 and "position 1 of 1" in lines[0], queued.stderr

@@ -66,9 +66,11 @@ class Keeper:
 
     @staticmethod
     def _read(pipe: IO[str], into: list[str]) -> None:
-        """Everything the pipe gives, as it comes (tokens arrive without newlines)."""
-        while chunk := pipe.read(1):
-            into.append(chunk)
+        """Everything the pipe gives, as it comes (tokens arrive without newlines), then close it
+        (at once, not when the Popen is collected: a failed test's traceback keeps it)."""
+        with pipe:
+            while chunk := pipe.read(1):
+                into.append(chunk)
 
     def wait_for(self, text: str, timeout: float = 60) -> str:
         """The first stderr line containing ``text``."""
