@@ -53,6 +53,8 @@ def version_text() -> str:
 
 
 SECURITY = "rbee.keeper.security"
+MODELS = "rbee.keeper.models"
+NODES = "rbee.keeper.nodes"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -289,25 +291,27 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="this machine's model catalog")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     imp = msub.add_parser("import", help="register a local GGUF file")
-    imp.set_defaults(run=_models_import)
+    imp.set_defaults(run=_keeper(MODELS, "import_model", "path", "name"))
     imp.add_argument("path")
     imp.add_argument("--name", help="catalog name (default: the file name)")
     pull = msub.add_parser("pull", help="download a model from Hugging Face into a hive")
-    pull.set_defaults(run=_models_pull)
+    pull.set_defaults(run=_keeper(MODELS, "pull_model", "reference", "node"))
     pull.add_argument("reference", help="hf:ORG/REPO[:QUANT|/FILE.gguf][@REVISION]")
     pull.add_argument("--node", help="HOST[:PORT] or node name (default: chosen as for infer)")
-    msub.add_parser("list", help="list the catalog").set_defaults(run=_models_list)
+    msub.add_parser("list", help="list the catalog").set_defaults(
+        run=_keeper(MODELS, "list_models")
+    )
     rm = msub.add_parser(
         "rm", help="forget a model (an imported file is kept; a pulled download is deleted)"
     )
-    rm.set_defaults(run=_models_rm)
+    rm.set_defaults(run=_keeper(MODELS, "remove_model", "name", "force"))
     rm.add_argument("name")
     rm.add_argument(
         "--force", action="store_true", help="also stop this machine's workers that hold it"
     )
 
     logs = sub.add_parser("logs", help="a hive's or a worker's recent log lines")
-    logs.set_defaults(run=_logs)
+    logs.set_defaults(run=_keeper(NODES, "show_logs", "target", "follow"))
     logs.add_argument("target", nargs="?", help="node name, HOST[:PORT] or worker id (w-…)")
     logs.add_argument("-f", "--follow", action="store_true", help="keep printing new lines")
 
@@ -319,11 +323,11 @@ def build_parser() -> argparse.ArgumentParser:
     cshow.set_defaults(run=_config_show)
 
     ps = sub.add_parser("ps", help="list the workers of every hive in reach")
-    ps.set_defaults(run=_ps)
+    ps.set_defaults(run=_keeper(NODES, "list_workers", "node"))
     ps.add_argument("--node", help="HOST[:PORT] or node name: only this hive")
 
     nodes = sub.add_parser("nodes", help="list the hives in reach (mDNS, RBEE_SEEDS, this machine)")
-    nodes.set_defaults(run=_nodes)
+    nodes.set_defaults(run=_keeper(NODES, "list_nodes", "json", "timeout"))
     nodes.add_argument("--json", action="store_true", help="machine-readable output")
     nodes.add_argument(
         "--timeout",
@@ -336,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     workers = sub.add_parser("workers", help="manage a hive's workers")
     wsub = workers.add_subparsers(dest="workers_command", metavar="ACTION", required=True)
     wstop = wsub.add_parser("stop", help="unload a worker (its running job is canceled)")
-    wstop.set_defaults(run=_workers_stop)
+    wstop.set_defaults(run=_keeper(NODES, "stop_worker", "worker_id", "node"))
     wstop.add_argument("worker_id")
     wstop.add_argument("--node", help="HOST[:PORT] or node name (default: the hive that runs it)")
     return parser
@@ -431,14 +435,20 @@ def _lazily(module: str, name: str) -> Verb:
     return run
 
 
-def _keeper(verb: Verb) -> Verb:
-    """A keeper verb: its logs are warnings and worse, as text (its output is the point)."""
+def _keeper_logging() -> None:
+    """A keeper verb's logs: warnings and worse, as text (its output is the point)."""
+    from rbee import log
+
+    log.configure("keeper", json=False, level="warning")
+
+
+def _keeper(module: str, name: str, *fields: str) -> Verb:
+    """A keeper verb that is one call: ``module.name(args.FIELD, …)``, imported when it runs."""
 
     def run(args: argparse.Namespace) -> int:
-        from rbee import log
-
-        log.configure("keeper", json=False, level="warning")
-        return verb(args)
+        _keeper_logging()
+        getattr(importlib.import_module(module), name)(*(getattr(args, f) for f in fields))
+        return ExitCode.OK
 
     return run
 
@@ -512,12 +522,12 @@ def _hive(args: argparse.Namespace) -> int:
     return run_hive(config)
 
 
-@_keeper
 def _infer(args: argparse.Namespace) -> int:
     from rbee.keeper.infer import InferRequest
     from rbee.keeper.infer import run as run_infer
     from rbee.protocol.messages import GenerateParams
 
+    _keeper_logging()
     params = GenerateParams(
         prompt=_prompt(args),
         max_tokens=args.max_tokens,
@@ -538,70 +548,6 @@ def _infer(args: argparse.Namespace) -> int:
         device=args.device,
     )
     run_infer(request)
-    return ExitCode.OK
-
-
-@_keeper
-def _models_import(args: argparse.Namespace) -> int:
-    from rbee.keeper import models
-
-    models.import_model(args.path, args.name)
-    return ExitCode.OK
-
-
-@_keeper
-def _models_pull(args: argparse.Namespace) -> int:
-    from rbee.keeper import models
-
-    models.pull_model(args.reference, args.node)
-    return ExitCode.OK
-
-
-@_keeper
-def _models_list(args: argparse.Namespace) -> int:
-    from rbee.keeper import models
-
-    models.list_models()
-    return ExitCode.OK
-
-
-@_keeper
-def _models_rm(args: argparse.Namespace) -> int:
-    from rbee.keeper import models
-
-    models.remove_model(args.name, args.force)
-    return ExitCode.OK
-
-
-@_keeper
-def _ps(args: argparse.Namespace) -> int:
-    from rbee.keeper import nodes
-
-    nodes.list_workers(args.node)
-    return ExitCode.OK
-
-
-@_keeper
-def _logs(args: argparse.Namespace) -> int:
-    from rbee.keeper import nodes
-
-    nodes.show_logs(args.target, args.follow)
-    return ExitCode.OK
-
-
-@_keeper
-def _nodes(args: argparse.Namespace) -> int:
-    from rbee.keeper import nodes
-
-    nodes.list_nodes(args.json, args.timeout)
-    return ExitCode.OK
-
-
-@_keeper
-def _workers_stop(args: argparse.Namespace) -> int:
-    from rbee.keeper import nodes
-
-    nodes.stop_worker(args.worker_id, args.node)
     return ExitCode.OK
 
 
