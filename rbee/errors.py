@@ -60,12 +60,22 @@ class ExitCode:
     CANCELED = 130
 
 
+ERRORS_BY_CODE: dict[str, type[RbeeError]] = {}  # each subclass that sets a code adds itself
+
+
 class RbeeError(Exception):
     """Root of every error rbee raises on purpose."""
 
     code: ClassVar[str] = "INTERNAL"
     exit_code: ClassVar[int] = ExitCode.FAILURE
     default_retryable: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: object) -> None:
+        super().__init_subclass__(**kwargs)
+        if "code" in cls.__dict__:
+            if cls.code in ERRORS_BY_CODE:
+                raise TypeError(f"{cls.__name__} reuses {ERRORS_BY_CODE[cls.code].__name__}'s code")
+            ERRORS_BY_CODE[cls.code] = cls
 
     def __init__(
         self,
@@ -307,44 +317,6 @@ class InternalError(RbeeError):
         if isinstance(exc, RbeeError):
             return exc
         return cls(f"{type(exc).__name__}: {exc}")
-
-
-ERRORS_BY_CODE: dict[str, type[RbeeError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidRequest,
-        ProtocolError,
-        VersionMismatch,
-        ModelNotFound,
-        InvalidModel,
-        HiveUnreachable,
-        HiveLost,
-        WorkerStartFailed,
-        WorkerCrashed,
-        WorkerNotFound,
-        JobNotFound,
-        AllSlotsBusy,
-        HiveDraining,
-        ModelInUse,
-        LoadingTimeout,
-        InsufficientRam,
-        InsufficientVram,
-        InsufficientDisk,
-        BackendUnavailable,
-        ModelAmbiguous,
-        ChecksumMismatch,
-        DownloadFailed,
-        AccessDenied,
-        HiveKeyChanged,
-        Timeout,
-        CannotListen,
-        CatalogCorrupt,
-        OutputFailed,
-        JobStopped,
-        Canceled,
-        InternalError,
-    )
-}
 
 
 def error_from_code(

@@ -8,12 +8,14 @@ when its port refuses the connection (the usual case: its machine is up, its pro
 
 from __future__ import annotations
 
+import errno
 import ipaddress
+import select
 import socket
-import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
@@ -22,11 +24,10 @@ from rbee.errors import RbeeError
 from rbee.keeper.choose import Candidate
 from rbee.keeper.link import curve_for, parse_node
 from rbee.paths import hive_port
-from rbee.protocol.messages import Hello, HelloReply, HiveStatus, Status
-from rbee.transport.sockets import Curve, DealerClient, tcp_endpoint
+from rbee.protocol.messages import Frame, Hello, HelloReply, HiveStatus, Status
+from rbee.transport.sockets import Curve, DealerClient, raise_if_error, tcp_endpoint
 
 SURVEY_TIMEOUT_S = 1.0  # every hive answers within this of the survey's start, or is skipped
-JOIN_GRACE_S = 0.1  # for a thread to close its socket once its deadline has passed
 NO_ANSWER = f"no answer within {SURVEY_TIMEOUT_S:.1f} s"
 
 
@@ -107,100 +108,179 @@ def survey(
 
 def _ask_all(ctx: zmq.Context[zmq.Socket[bytes]], views: list[HiveView], keep: bool) -> None:
     """Ask every view at once, with one deadline for all: the survey lasts as long as its
-    slowest answer, and never longer than SURVEY_TIMEOUT_S, however many hives are silent."""
+    slowest answer, and never longer than SURVEY_TIMEOUT_S, however many hives are silent.
+    The caller's thread makes, polls and closes every socket, so a connection that is kept
+    belongs to the thread that goes on to use it (the rule of transport/sockets.py)."""
     deadline = time.monotonic() + SURVEY_TIMEOUT_S
-    threads = [
-        threading.Thread(target=_ask, args=(ctx, v, keep, deadline), daemon=True) for v in views
-    ]
-    for t in threads:
-        t.start()
-    for t, v in zip(threads, views, strict=True):
-        t.join(max(0.0, deadline - time.monotonic()) + JOIN_GRACE_S)
-        if t.is_alive() and v.hello is None and not v.error:
-            v.error, v.error_code = NO_ANSWER, "HIVE_UNREACHABLE"  # a starved thread: late
+    poller = zmq.Poller()
+    asks: list[_Ask] = []
+    try:
+        for view in views:
+            asks.append(_Ask(ctx, view, deadline, poller))
+        waiting = [a for a in asks if not a.done]
+        while waiting and (left_s := deadline - time.monotonic()) > 0:
+            ready = dict(poller.poll(max(int(left_s * 1000), 1)))
+            for ask in waiting:
+                ask.step(ready)
+            waiting = [a for a in waiting if not a.done]
+    finally:
+        for ask in asks:
+            ask.finish(keep)
 
 
 def local_view(ctx: zmq.Context[zmq.Socket[bytes]]) -> HiveView | None:
-    """This machine's hive, if one listens on the hive port (see ``_refuses``); its connection
+    """This machine's hive, if one listens on the hive port (see ``_Probe``); its connection
     is kept open."""
     view = HiveView("127.0.0.1", hive_port(), "local")
-    _ask(ctx, view, keep=True)
+    _ask_all(ctx, [view], keep=True)
     return view if view.hello is not None else None
 
 
-def _refuses(host: str, port: int, timeout_s: float) -> bool:
-    """Whether ``host`` refuses a TCP connection to ``port``: nothing listens there, so no hive
-    runs there now, whatever its announcement says (ZeroMQ would retry in silence until the
-    deadline). False when it accepts, or stays silent until ``timeout_s``: the deadline decides
-    then. Addresses only: a name's lookup could outlast the deadline, and costs a fresh
-    process ~3 ms of codec imports. On loopback a refusal is instant, so a machine without a
-    hive pays nothing for asking."""
-    try:
-        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-    except ValueError:
-        return False
-    try:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.settimeout(max(timeout_s, 0.001))
-            probe.connect((host, port))
-    except ConnectionRefusedError:
-        return True
-    except OSError:
-        return False
-    return False
+class _Probe:
+    """A plain TCP connection to a hive's port, started without waiting, that tells whether
+    the port refuses it: then nothing listens there, so no hive runs there now, whatever its
+    announcement says (ZeroMQ would retry in silence until the deadline). A connection that is
+    accepted, or still pending at the deadline, refuses nothing: the deadline decides then.
+    Addresses only: a name's lookup could outlast the deadline, and costs a fresh process ~3 ms
+    of codec imports. On loopback a refusal is instant, so a machine without a hive pays
+    nothing for asking."""
 
-
-def _ask(
-    ctx: zmq.Context[zmq.Socket[bytes]],
-    view: HiveView,
-    keep: bool = False,
-    deadline: float | None = None,
-) -> None:
-    """Ask one hive Hello and Status, both answered by ``deadline`` (default: SURVEY_TIMEOUT_S
-    from now); what went wrong lands in the view's error."""
-    deadline = deadline if deadline is not None else time.monotonic() + SURVEY_TIMEOUT_S
-    if view.source == "local" and _refuses(view.host, view.port, SURVEY_TIMEOUT_S):
-        view.error = "nothing listens there"
-        return
-    a = view.announcement
-    try:
-        if a is not None and a.key:
-            view.curve = curve_for(view.endpoint, a.node_id, a.key, a.node)
-            if view.curve is None:
-                view.error, view.error_code = f"not paired: `rbee pair {a.node} CODE`", "NOT_PAIRED"
-                return
-        else:
-            view.curve = curve_for(view.endpoint)
-        client = DealerClient(ctx, tcp_endpoint(view.host, view.port), view.curve)
-    except RbeeError as exc:  # HIVE_KEY_CHANGED; ACCESS_DENIED: no key for an address off loopback
-        view.error, view.error_code = exc.message, exc.code
-        if a is not None and not a.key and exc.code == "ACCESS_DENIED":
-            view.error = (
-                "announces no key, so it cannot be a hive on the LAN (those always use CURVE): "
-                "never contacted"
-            )
-        return
-    kept = False
-    try:
-        asked = client.send(Hello(client="keeper")), client.send(Status())  # one round trip
-        # While ZeroMQ connects, a plain TCP probe learns at once whether anyone listens.
-        if view.source != "local" and _refuses(view.host, view.port, deadline - time.monotonic()):
-            view.error = "nothing listens on its port"
-            view.error_code = "HIVE_UNREACHABLE"
+    def __init__(self, host: str, port: int) -> None:
+        self.sock: socket.socket | None = None  # while the connection is pending
+        self.refused = False
+        try:
+            family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+        except (ValueError, OSError):
             return
-        hello = next(client.replies(asked[0], max(deadline - time.monotonic(), 0.0)))
-        status = next(client.replies(asked[1], max(deadline - time.monotonic(), 0.0)))
-        if isinstance(hello, HelloReply) and isinstance(status, HiveStatus):
-            view.hello, view.status = hello, status
-            if keep:
-                view.client, kept = client, True
-    except RbeeError as exc:
-        view.error, view.error_code = exc.message, exc.code
-        if exc.code == "HIVE_UNREACHABLE":
-            view.error = NO_ANSWER  # replies() would name the time that was left, not the deadline
-    finally:
-        if not kept:
-            client.close()
+        sock.setblocking(False)
+        failed = sock.connect_ex((host, port))
+        if failed in (errno.EINPROGRESS, errno.EAGAIN):
+            self.sock = sock  # writable once it connects or fails
+        else:
+            sock.close()
+            self.refused = failed == errno.ECONNREFUSED
+
+    def settle(self) -> None:
+        """Read the outcome once the socket is writable, and close it."""
+        if self.sock is not None:
+            failed = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            self.refused = failed == errno.ECONNREFUSED
+            self.close()
+
+    def close(self) -> None:
+        """Stop waiting (harmless when settled)."""
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
+
+
+def _refuses(host: str, port: int, timeout_s: float) -> bool:
+    """Whether ``host`` refuses a TCP connection to ``port`` within ``timeout_s``."""
+    probe = _Probe(host, port)
+    if probe.sock is not None and select.select([], [probe.sock], [], max(timeout_s, 0.001))[1]:
+        probe.settle()
+    probe.close()
+    return probe.refused
+
+
+class _Ask:
+    """One hive asked Hello and Status, both answered by the deadline; what went wrong lands in
+    the view's error. It sends at once, then reads what the survey's one poll says is ready."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        view: HiveView,
+        deadline: float,
+        poller: zmq.Poller,
+    ) -> None:
+        self.view, self.poller = view, poller
+        self.client: DealerClient | None = None
+        self.probe: _Probe | None = None
+        self.asked: tuple[int, int] = (0, 0)  # the request ids of Hello and Status
+        self.answers: dict[int, Frame] = {}
+        self.done = True
+        if view.source == "local" and _refuses(view.host, view.port, deadline - time.monotonic()):
+            view.error = "nothing listens there"
+            return
+        a = view.announcement
+        try:
+            if a is not None and a.key:
+                view.curve = curve_for(view.endpoint, a.node_id, a.key, a.node)
+                if view.curve is None:
+                    view.error = f"not paired: `rbee pair {a.node} CODE`"
+                    view.error_code = "NOT_PAIRED"
+                    return
+            else:
+                view.curve = curve_for(view.endpoint)
+            self.client = DealerClient(ctx, tcp_endpoint(view.host, view.port), view.curve)
+        except RbeeError as exc:  # HIVE_KEY_CHANGED; ACCESS_DENIED: no key off loopback
+            view.error, view.error_code = exc.message, exc.code
+            if a is not None and not a.key and exc.code == "ACCESS_DENIED":
+                view.error = (
+                    "announces no key, so it cannot be a hive on the LAN (those always use "
+                    "CURVE): never contacted"
+                )
+            return
+        self.asked = self.client.send(Hello(client="keeper")), self.client.send(Status())
+        for sock in self.client.pollables():
+            poller.register(sock, zmq.POLLIN)
+        if view.source != "local":
+            # While ZeroMQ connects, a plain TCP connection learns at once whether anyone listens.
+            self.probe = _Probe(view.host, view.port)
+            if self.probe.sock is not None:
+                poller.register(self.probe.sock.fileno(), zmq.POLLOUT)  # polls return fds
+        self.done = False
+        if self.probe is not None and self.probe.refused:
+            self._end("nothing listens on its port", "HIVE_UNREACHABLE")
+
+    def step(self, ready: dict[Any, int]) -> None:
+        """Take what ``ready`` says has come: the probe's outcome, replies, a refusal."""
+        assert self.client is not None
+        probe = self.probe
+        if probe is not None and probe.sock is not None and probe.sock.fileno() in ready:
+            self.poller.unregister(probe.sock.fileno())
+            probe.settle()
+            if probe.refused:
+                self._end("nothing listens on its port", "HIVE_UNREACHABLE")
+                return
+        if not any(sock in ready for sock in self.client.pollables()):
+            return
+        try:
+            while (env := self.client.take()) is not None:
+                if env.rid in self.asked:
+                    self.answers[env.rid] = raise_if_error(env.frame)
+        except RbeeError as exc:
+            self._end(exc.message, exc.code)  # an Error reply, another protocol version
+            return
+        if len(self.answers) == len(self.asked):
+            hello, status = (self.answers[rid] for rid in self.asked)
+            if isinstance(hello, HelloReply) and isinstance(status, HiveStatus):
+                self.view.hello, self.view.status = hello, status
+            self._end()
+
+    def _end(self, error: str = "", code: str = "") -> None:
+        """Stop waiting on this hive (``error``: why it gave no answer)."""
+        if error:
+            self.view.error, self.view.error_code = error, code
+        if self.probe is not None and self.probe.sock is not None:
+            self.poller.unregister(self.probe.sock.fileno())
+            self.probe.close()
+        if self.client is not None:
+            for sock in self.client.pollables():
+                self.poller.unregister(sock)
+        self.done = True
+
+    def finish(self, keep: bool) -> None:
+        """After the deadline: an unanswered hive is late; a connection stays open only for a
+        hive that answered, and only when the survey keeps connections."""
+        if not self.done:
+            self._end(NO_ANSWER, "HIVE_UNREACHABLE")
+        if self.client is not None and keep and self.view.hello is not None:
+            self.view.client = self.client
+        elif self.client is not None:
+            self.client.close()
 
 
 def _dedupe_and_flag(views: list[HiveView]) -> list[HiveView]:

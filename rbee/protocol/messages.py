@@ -11,13 +11,14 @@ Three conversations use these frames:
 * worker → hive → keeper (PUB/SUB, topic = job id): Token frames with a sequence number, then
   exactly one terminal frame, Done or StreamError, whose ``seq`` is the token count.
 
-A frame type's ``TYPE`` is its wire name; ``FRAME_TYPES`` is the one registry the codec uses.
+A frame type's ``TYPE`` is its wire name; each class adds itself to ``FRAME_TYPES``, the one
+registry the codec uses.
 """
 
 from __future__ import annotations
 
 import secrets
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from rbee.protocol.schema import Record, spec
 
@@ -53,10 +54,19 @@ def new_job_id() -> str:
     return "j-" + secrets.token_hex(16)
 
 
+FRAME_TYPES: dict[str, type[Frame]] = {}  # wire name → class: each frame type adds itself
+
+
 class Frame(Record):
     """Base of every frame type; ``TYPE`` is the name on the wire."""
 
     TYPE: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.TYPE or cls.TYPE in FRAME_TYPES:
+            raise TypeError(f"{cls.__name__} needs a TYPE of its own (got {cls.TYPE!r})")
+        FRAME_TYPES[cls.TYPE] = cls
 
 
 # --------------------------------------------------------------------------- shared records
@@ -506,46 +516,5 @@ class StreamError(Frame):
     message: str = spec(max_len=16 * 1024)
     suggestion: str = spec(default="", max_len=2048)  # what to try, shown as `hint:`
 
-
-FRAME_TYPES: dict[str, type[Frame]] = {
-    cls.TYPE: cls
-    for cls in (
-        Hello,
-        HelloReply,
-        Status,
-        HiveStatus,
-        EnsureWorker,
-        Progress,
-        WorkerAssigned,
-        PullModel,
-        ModelPulled,
-        StartJob,
-        JobAccepted,
-        Cancel,
-        ListWorkers,
-        WorkerList,
-        StopWorker,
-        FetchFrames,
-        FramesReply,
-        GetLogs,
-        LogLines,
-        Ack,
-        Error,
-        PairHello,
-        PairHelloReply,
-        PairConfirm,
-        PairAccepted,
-        WorkerLoading,
-        WorkerReady,
-        WorkerFailed,
-        Heartbeat,
-        RunJob,
-        CancelJob,
-        StopRequest,
-        Token,
-        Done,
-        StreamError,
-    )
-}
 
 StreamFrame = Token | Done | StreamError

@@ -323,6 +323,29 @@ class DealerClient:
         self.sock.send(data)
         return rid
 
+    def pollables(self) -> tuple[zmq.Socket[bytes], zmq.Socket[bytes]]:
+        """The request socket and its handshake monitor: what a caller waiting on many clients
+        in one poll (the survey) registers for POLLIN, then calls ``take`` when either is ready."""
+        return self.sock, self.monitor
+
+    def take(self) -> Envelope | None:
+        """The next frame that has arrived, without waiting (None: none yet). A refused
+        handshake or a peer of another protocol version raises; a malformed frame is skipped."""
+        refused = self._refused()
+        if refused is not None:
+            raise refused
+        while True:
+            try:
+                data = self.sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            try:
+                return decode(data)
+            except VersionMismatch:
+                raise  # the peer speaks another protocol: say so, don't wait it out
+            except RbeeError:
+                continue
+
     def replies(self, rid: int, timeout_s: float) -> Iterator[Frame]:
         """Yield the frames answering ``rid``; each wait is bounded by ``timeout_s``.
 
@@ -331,28 +354,16 @@ class DealerClient:
         """
         while True:
             deadline = time.monotonic() + timeout_s
-            while True:
-                left_ms = int((deadline - time.monotonic()) * 1000)
-                ready = dict(self._poller.poll(max(left_ms, 0)))
-                refused = self._refused() if self.monitor in ready else None
-                if refused is not None:
-                    raise refused
-                if self.sock not in ready:
-                    if time.monotonic() < deadline:
-                        continue  # a monitor event that was no refusal
+            while (env := self.take()) is None or env.rid != rid:
+                left_s = deadline - time.monotonic()
+                if env is None and left_s <= 0:
                     raise HiveUnreachable(
                         f"no answer from {self.endpoint} within {timeout_s:.1f} s",
                         suggestion="check that `rbee hive` runs there and the port is reachable",
                     )
-                try:
-                    env = decode(self.sock.recv())
-                except VersionMismatch:
-                    raise  # the peer speaks another protocol: say so, don't wait it out
-                except RbeeError:
-                    continue
-                if env.rid == rid:
-                    yield raise_if_error(env.frame)
-                    break
+                if env is None:
+                    self._poller.poll(max(int(left_s * 1000), 1))
+            yield raise_if_error(env.frame)
 
     def request(self, frame: Frame, timeout_s: float) -> Frame:
         """Send one request and return its single reply (an Error reply is raised)."""

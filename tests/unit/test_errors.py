@@ -74,6 +74,15 @@ def test_errors_by_code_covers_every_subclass() -> None:
         assert cls.code == code
 
 
+def test_a_class_setting_a_taken_code_is_refused() -> None:
+    with pytest.raises(TypeError, match="reuses Timeout's code"):
+
+        class Late(RbeeError):
+            code = "TIMEOUT"
+
+    assert ERRORS_BY_CODE["TIMEOUT"] is Timeout
+
+
 def test_exit_codes_are_known_exit_codes() -> None:
     known = {v for k, v in vars(ExitCode).items() if k.isupper()}
     classes: list[type[RbeeError]] = [RbeeError, *SUBCLASSES]
