@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 from rbee import __version__, config
-from rbee.config import COUNT_FLAG, PORT_FLAG, POSITIVE_FLAG
+from rbee.config import COUNT_FLAG, PORT_FLAG, POSITIVE_FLAG, SLOTS_FLAG
 from rbee.errors import Canceled, ExitCode, InvalidRequest, OutputFailed, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
 from rbee.protocol.messages import (
@@ -177,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=COUNT_FLAG,
         default=int(env("RBEE_THREADS", "0")),
         help="CPU threads per worker (default 0: the physical cores this hive may use)",
+    )
+    hive.add_argument(
+        "--parallel",
+        type=SLOTS_FLAG,
+        default=int(env("RBEE_PARALLEL", "0")),
+        metavar="N",
+        help="jobs each worker decodes together, each with its own context (default 0: "
+        "automatic, 4 or as many as fit in free memory)",
     )
     hive.add_argument(
         "--secure",
@@ -518,6 +526,7 @@ def _hive(args: argparse.Namespace) -> int:
         keep_alive_s=args.keep_alive,
         secure=args.secure,
         threads=max(0, args.threads),
+        parallel=args.parallel,
     )
     return run_hive(config)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.errors import InvalidRequest
+from rbee.protocol.messages import MAX_SLOTS
 
 
 def _port(value: Any) -> str:
@@ -36,6 +37,12 @@ def _count(value: Any) -> str:
 def _positive(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError("a whole number ≥ 1")
+    return str(value)
+
+
+def _slots(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SLOTS:
+        raise ValueError(f"a whole number 0-{MAX_SLOTS} (0: automatic)")
     return str(value)
 
 
@@ -63,6 +70,7 @@ def flag_type(check: Callable[[Any], str]) -> Callable[[str], int]:
 PORT_FLAG = flag_type(_any_port)
 POSITIVE_FLAG = flag_type(_positive)
 COUNT_FLAG = flag_type(_count)
+SLOTS_FLAG = flag_type(_slots)
 
 
 def _text(value: Any) -> str:
@@ -136,6 +144,14 @@ SETTINGS = (
         "hive", "threads", "RBEE_THREADS", _count, "0", "CPU threads per worker (0: physical cores)"
     ),
     Setting(
+        "hive",
+        "parallel",
+        "RBEE_PARALLEL",
+        _slots,
+        "0",
+        "jobs each worker decodes together (0: automatic, up to 4 as memory allows)",
+    ),
+    Setting(
         "lan",
         "mdns_interfaces",
         "RBEE_MDNS_INTERFACES",
@@ -197,7 +213,7 @@ ENV_FALSE = ("0", "false", "no", "off")
 def _from_env(setting: Setting, text: str) -> Any:
     """An environment variable's text as the file would hold it, for the same check."""
     text = text.strip()
-    if setting.check in (_port, _count, _positive):
+    if setting.check in (_port, _count, _positive, _slots):
         return int(text) if text.isascii() and text.isdigit() else text
     if setting.check is _bool:
         lowered = text.lower()

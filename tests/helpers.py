@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import threading
@@ -34,8 +35,10 @@ def run_rbee(
 
 @contextmanager
 def hive_in_thread(data_dir: Path, **overrides: object) -> Iterator[Hive]:
-    """A real Hive (real sockets, real worker processes) serving from a thread of this test."""
+    """A real Hive (real sockets, real worker processes) serving from a thread of this test;
+    ``overrides`` set HiveConfig fields (``parallel=2``)."""
     config = HiveConfig(host="127.0.0.1", port=0, stream_port=0, data_dir=data_dir, node="test")
+    config = dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
     hive = Hive(config)
     thread = threading.Thread(target=hive.serve, name="hive", daemon=True)
     thread.start()

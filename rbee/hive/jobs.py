@@ -1,5 +1,6 @@
-"""The hive's jobs: a bounded FIFO queue in front of the workers, dispatch once the keeper's
-subscription is seen, and the relay that keeps every stream frame for gap-filling fetches.
+"""The hive's jobs: a bounded FIFO queue in front of the workers' slots, dispatch to a free slot
+once the keeper's subscription is seen, and the relay that keeps every stream frame for
+gap-filling fetches. A job that ends frees its slot, and the next queued job takes it at once.
 
 Each job belongs to the key that started it: only that key hears its stream (rbee.hive.streams),
 fetches its frames or sees its id; an admin key may cancel it, and the owner is told so. The desk
@@ -28,7 +29,13 @@ from rbee.errors import (
 )
 from rbee.hive.pool import SIGNAL_HINT, Event, WorkerPool
 from rbee.hive.provision import NeedsPull, Provisioner
-from rbee.hive.registry import JobRecord, WorkerRecord, expired_jobs, pick_idle
+from rbee.hive.registry import (
+    JobRecord,
+    WorkerRecord,
+    expired_jobs,
+    pick_free,
+    waiting_for_slots,
+)
 from rbee.hive.request import Replies, Request
 from rbee.hive.settings import RETRY_AFTER_S, HiveConfig
 from rbee.hive.streams import StreamGate
@@ -82,7 +89,7 @@ class JobDesk:
         self.draining = draining
         self.secure = config.secure or not config.loopback_only
         self.jobs: dict[str, JobRecord] = {}
-        self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a worker or a subscription
+        self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a slot or a subscription
         self.gate = StreamGate()
         self.dropped_stream_frames = 0
 
@@ -96,8 +103,10 @@ class JobDesk:
         return request.admin or (job is not None and job.owner == request.key)
 
     def on_start_job(self, request: Request, frame: StartJob) -> None:
-        """Queue the job; it starts on an idle worker holding the model once the keeper's
-        subscription is seen. The final reply (JobAccepted) comes when it starts."""
+        """Queue the job; it starts in a free slot of a worker holding the model once the
+        keeper's subscription is seen. The final reply (JobAccepted) comes when it starts.
+        ALL_SLOTS_BUSY only when no slot is free for it and ``max_queue`` jobs already wait
+        for one."""
         if frame.job_id in self.jobs or self.gate.owner(frame.job_id) not in (None, request.key):
             raise InvalidRequest(f"job id {frame.job_id} is already in use")
         preferred = self.pool.workers.get(frame.worker_id)
@@ -116,14 +125,7 @@ class JobDesk:
                     suggestion=f"`rbee models pull {need.reference}` (or run it with rbee infer)",
                 ) from None
             model, path = entry.name, entry.path
-        if len(self.queue) >= self.config.limits.max_queue:
-            raise AllSlotsBusy(
-                f"the queue of {self.node} is full ({len(self.queue)} jobs waiting)",
-                retry_after_s=RETRY_AFTER_S,
-                suggestion="try again shortly",
-            )
         keep_alive = frame.keep_alive_s
-        self.gate.claim(frame.job_id, request.key)
         job = JobRecord(
             job_id=frame.job_id,
             model=model,
@@ -137,13 +139,22 @@ class JobDesk:
             backend=preferred.backend if preferred is not None else "",
             device=preferred.device if preferred is not None else "",
         )
+        waiting = waiting_for_slots([*self.queue, job], self.pool.records())
+        if len(waiting) > self.config.limits.max_queue:
+            raise AllSlotsBusy(
+                f"every slot of {self.node} for {model} is busy and its queue is full "
+                f"({len(waiting) - 1} jobs waiting)",
+                retry_after_s=RETRY_AFTER_S,
+                suggestion="try again shortly",
+            )
+        self.gate.claim(frame.job_id, request.key)
         self.jobs[job.job_id] = job
         self.queue.append(job)
         logger.info("job queued", job=job.job_id, model=model, waiting=len(self.queue))
         self.schedule(time.monotonic())
 
     def schedule(self, now: float) -> None:
-        """Start queued jobs on idle workers (FIFO per model); keep waiting keepers informed."""
+        """Start queued jobs in free slots (FIFO per model); keep waiting keepers informed."""
         for job in list(self.queue):
             if not self.gate.listeners(job.job_id):
                 if now - job.queued_at > SUBSCRIBE_TIMEOUT_S:
@@ -155,7 +166,7 @@ class JobDesk:
                         ),
                     )
                 continue
-            worker = pick_idle(
+            worker = pick_free(
                 self.pool.records(), job.model_path, job.preferred_worker, serves=job.runs_on
             )
             if worker is not None:
@@ -180,10 +191,15 @@ class JobDesk:
     def _dispatch(self, job: JobRecord, worker: WorkerRecord) -> None:
         self.queue.remove(job)
         job.dispatched, job.worker_id = True, worker.worker_id
-        worker.state, worker.job_id = "busy", job.job_id
-        worker.last_activity = time.time()
+        worker.start_job(job.job_id, job.keep_alive_s)
         waited_ms = round((time.monotonic() - job.queued_at) * 1000)
-        logger.info("job started", job=job.job_id, worker=worker.worker_id, waited_ms=waited_ms)
+        logger.info(
+            "job started",
+            job=job.job_id,
+            worker=worker.worker_id,
+            waited_ms=waited_ms,
+            slots_busy=f"{len(worker.job_ids)}/{worker.slots}",
+        )
         self.replies.send(job.request, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id))
         assert job.params is not None  # a queued job has them
         self.pool.send(worker, RunJob(job_id=job.job_id, params=job.params))
@@ -240,10 +256,11 @@ class JobDesk:
             self.fail_queued(job, self._ended_by_other(job, "while queued"))
 
     def cancel_on(self, worker: WorkerRecord, by: str) -> None:
-        """Stop the job ``worker`` runs, if any (the worker is being stopped by ``by``)."""
-        job = self.jobs.get(worker.job_id)
-        if job is not None:
-            self.cancel(job, by)
+        """Stop every job ``worker`` runs (the worker is being stopped by ``by``)."""
+        for job_id in list(worker.job_ids):
+            job = self.jobs.get(job_id)
+            if job is not None:
+                self.cancel(job, by)
 
     def _ended_by_other(self, job: JobRecord, when: str) -> RbeeError:
         """JOB_STOPPED when the hive or an admin ended the job (its keeper says so and saves
@@ -312,7 +329,8 @@ class JobDesk:
         self._finish(job, terminal)
 
     def _finish(self, job: JobRecord, terminal: Frame, data: bytes | None = None) -> None:
-        """Record and publish a job's one terminal frame; its worker becomes idle."""
+        """Record and publish a job's one terminal frame; its slot is free for the next job
+        (its worker becomes idle with its last job)."""
         data = data if data is not None else encode(terminal)
         job.keep(data)
         job.finished_at = time.monotonic()
@@ -335,12 +353,8 @@ class JobDesk:
                 error=terminal.message[:200],
             )
         worker = self.pool.workers.get(job.worker_id)
-        if worker is not None and worker.job_id == job.job_id:
-            worker.jobs_served += 1
-            if worker.state == "busy":
-                worker.became_idle(time.monotonic(), job.keep_alive_s)
-            else:
-                worker.job_id = ""
+        if worker is not None:
+            worker.end_job(job.job_id, time.monotonic())
         self.schedule(time.monotonic())
 
     def on_subscription(self) -> None:
@@ -378,12 +392,15 @@ class JobDesk:
             return None
 
     def on_worker_gone(self, event: Event) -> None:
-        """A worker process ended: a job it was running ends with WORKER_CRASHED (or
-        JOB_STOPPED, when it was being stopped on purpose)."""
+        """A worker process ended: every job it was running ends with WORKER_CRASHED (or
+        JOB_STOPPED, when it was being stopped on purpose), after the frames it produced."""
+        for job_id in list(event.worker.job_ids):
+            job = self.jobs.get(job_id)
+            if job is not None and not job.finished:
+                self._end_on_exit(job, event)
+
+    def _end_on_exit(self, job: JobRecord, event: Event) -> None:
         worker = event.worker
-        job = self.jobs.get(worker.job_id)
-        if job is None or job.finished:
-            return
         if job.canceled_by:  # stopped on purpose before its Done came: not a crash
             self._fail(job, self._ended_by_other(job, f"after {len(job.frames)} tokens"))
             return

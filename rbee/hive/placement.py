@@ -1,6 +1,6 @@
 """Where a worker runs and whether its model fits there: pure decisions, tested without a GPU.
 
-The hive asks two questions before it spawns a worker:
+The hive asks three questions before it spawns a worker:
 
 1. **Which device?** ``choose_device`` turns a request (``cpu``, or ``cuda`` with an optional
    index or UUID) and the machine's Inventory (rbee.gpu) into a Placement. A request this hive
@@ -9,24 +9,29 @@ The hive asks two questions before it spawns a worker:
    asked for a GPU and silently got a CPU would wait ten times longer and not know why.
 2. **Does it fit?** ``estimate_memory`` adds up what llama.cpp will allocate, read from the GGUF
    header alone (the model is not loaded): the weights (the file's size, an upper bound: the
-   token embeddings stay in RAM even with every layer on the GPU), the KV cache for the context,
-   llama.cpp's compute buffer for its worst-case batch, and the backend's own runtime (the CUDA
-   context and cuBLAS on a GPU; the interpreter and libraries on the CPU). ``check_fits``
+   token embeddings stay in RAM even with every layer on the GPU), the KV cache for every slot's
+   context, llama.cpp's compute buffer for its worst-case batch, and the backend's own runtime
+   (the CUDA context and cuBLAS on a GPU; the interpreter and libraries on the CPU). ``check_fits``
    refuses with INSUFFICIENT_VRAM or INSUFFICIENT_RAM, needed vs free in MiB, instead of
    letting llama.cpp run out of memory halfway through a load.
+3. **How many slots?** A worker decodes ``slots`` jobs together, each with its own ``n_ctx``
+   cells of KV cache. ``fit_slots`` takes the hive's ``--parallel N``, or with 0 (automatic, as
+   llama-server's default) AUTO_SLOTS, fewer while the estimate does not fit, never below 1.
 
 The compute-buffer formula follows llama.cpp's graph reservation without flash attention (the
 llama-cpp-python default): the larger of the logits of a full batch and the attention scores of a
 full batch against the whole context. On the CPU it matches llama.cpp's reported buffer exactly
 for the default model (99.4 MiB at 2048 tokens, 166.4 MiB at 8192); GPU_RESULTS.md compares the
-whole estimate with what the worker's process really held on an H100.
+whole estimate with what the worker's process really held on an H100. With several slots the
+attention is counted against all of them (slots × n_ctx cells): exact for a unified KV cache, an
+upper bound for one split per sequence.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from rbee.errors import BackendUnavailable, InsufficientRam, InsufficientVram
@@ -41,6 +46,7 @@ F32_BYTES = 4
 CUDA_RUNTIME_BYTES = 600 * MIB  # CUDA context, cuBLAS, kernels: 587-589 MiB on an H100
 CPU_RUNTIME_BYTES = 0  # the worker's baseline RSS exists before the model: not the model's cost
 UNKNOWN_SHAPE_MARGIN_BYTES = 256 * MIB  # a header without the shape keys: weights + this
+AUTO_SLOTS = 4  # slots per worker when the hive sets none (llama-server's automatic --parallel)
 
 
 @dataclass(frozen=True)
@@ -91,8 +97,9 @@ class MemoryEstimate:
     kv_bytes: int
     compute_bytes: int
     runtime_bytes: int
-    n_ctx: int
+    n_ctx: int  # per slot
     shape_known: bool = True
+    slots: int = 1
 
     @property
     def total_bytes(self) -> int:
@@ -105,7 +112,8 @@ class MemoryEstimate:
         return self.total_bytes - self.runtime_bytes
 
     def breakdown(self) -> str:
-        """``weights 98 + KV cache 90 + compute 99 + runtime 600 MiB, 4096 tokens``."""
+        """``weights 98 + KV cache 360 + compute 326 + runtime 600 MiB, 4 slots of 4096
+        tokens``."""
         parts = f"weights {self.weights_bytes // MIB} + KV cache {self.kv_bytes // MIB} + " + (
             f"compute {self.compute_bytes // MIB}"
             if self.shape_known
@@ -113,10 +121,12 @@ class MemoryEstimate:
         )
         if self.runtime_bytes:
             parts += f" + runtime {self.runtime_bytes // MIB}"
-        return f"{parts} MiB, {self.n_ctx} tokens"
+        slots = f"{self.slots} slot" + ("s" if self.slots != 1 else "")
+        return f"{parts} MiB, {slots} of {self.n_ctx} tokens"
 
     def describe(self) -> str:
-        """``1,026 MiB (weights 98 + KV cache 90 + compute 99 + runtime 600 MiB, 4096 tokens)``."""
+        """``1,026 MiB (weights 98 + KV cache 90 + compute 99 + runtime 600 MiB, 1 slot of
+        4096 tokens)``."""
         return f"{mib(self.total_bytes)} MiB ({self.breakdown()})"
 
 
@@ -254,31 +264,40 @@ def kv_cache_bytes(shape: ModelShape, n_ctx: int) -> int:
     return kv_cells(n_ctx) * per_cell * KV_BYTES_PER_ELEMENT
 
 
-def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int = N_UBATCH) -> int:
+def compute_bytes(shape: ModelShape, n_ctx: int, n_ubatch: int = N_UBATCH, slots: int = 1) -> int:
     """llama.cpp's compute buffer for a full batch, without flash attention.
 
     The graph allocator reuses memory, so the buffer is its largest live set: either the
     logits of every token of the batch (n_vocab wide) or one layer's attention scores and mask
-    (n_ctx × (n_head + 1) per token), each next to a few hidden-state-sized tensors.
+    (n_ctx × (n_head + 1) per token), each next to a few hidden-state-sized tensors. With
+    ``slots``, the attention spans every slot's cells: the bound for a unified cache.
     """
-    u = min(n_ubatch, max(1, n_ctx))
+    u = min(n_ubatch, max(1, slots * n_ctx))
     logits = u * (shape.n_vocab + 3 * shape.n_embd)
-    attention = u * (kv_cells(n_ctx) * (shape.n_head + 1) + 3 * shape.n_embd + shape.n_ff)
+    cells = slots * kv_cells(n_ctx)
+    attention = u * (cells * (shape.n_head + 1) + 3 * shape.n_embd + shape.n_ff)
     return F32_BYTES * max(logits, attention)
 
 
 def estimate(
-    metadata: Mapping[str, object] | None, file_bytes: int, n_ctx: int, backend: str
+    metadata: Mapping[str, object] | None,
+    file_bytes: int,
+    n_ctx: int,
+    backend: str,
+    slots: int = 1,
 ) -> MemoryEstimate:
-    """The memory one worker needs for a model with this header and size, at ``n_ctx`` tokens."""
+    """The memory one worker needs for a model with this header and size, with ``slots`` slots
+    of ``n_ctx`` tokens each."""
     shape = model_shape(metadata) if metadata is not None else None
-    return estimate_shape(shape, file_bytes, n_ctx, backend)
+    return estimate_shape(shape, file_bytes, n_ctx, backend, slots)
 
 
 def estimate_shape(
-    shape: ModelShape | None, file_bytes: int, n_ctx: int, backend: str
+    shape: ModelShape | None, file_bytes: int, n_ctx: int, backend: str, slots: int = 1
 ) -> MemoryEstimate:
-    """``estimate`` from a shape already read (None: the header did not say)."""
+    """``estimate`` from a shape already read (None: the header did not say). The KV cache
+    holds every slot's n_ctx cells; the compute buffer is sized for attention over all of them
+    (an upper bound: with a cache split per sequence, a batch attends to one slot's cells)."""
     runtime = CUDA_RUNTIME_BYTES if backend == "cuda" else CPU_RUNTIME_BYTES
     if shape is None:
         return MemoryEstimate(
@@ -288,17 +307,34 @@ def estimate_shape(
             runtime_bytes=runtime,
             n_ctx=n_ctx,
             shape_known=False,
+            slots=slots,
         )
     return MemoryEstimate(
         weights_bytes=file_bytes,
-        kv_bytes=kv_cache_bytes(shape, n_ctx),
-        compute_bytes=compute_bytes(shape, n_ctx),
+        kv_bytes=slots * kv_cache_bytes(shape, n_ctx),
+        compute_bytes=compute_bytes(shape, n_ctx, slots=slots),
         runtime_bytes=runtime,
         n_ctx=n_ctx,
+        slots=slots,
     )
 
 
-def estimate_for_file(path: str, n_ctx: int, backend: str) -> MemoryEstimate:
+def fit_slots(
+    estimate_for: Callable[[int], MemoryEstimate], free_bytes: int, parallel: int = 0
+) -> MemoryEstimate:
+    """The estimate of a new worker with its slot count: ``parallel`` when set (``check_fits``
+    refuses it if it does not fit, as for any worker), else (0) the most slots, AUTO_SLOTS at
+    most, whose estimate fits ``free_bytes``; 1 when none does (and that is then refused)."""
+    if parallel > 0:
+        return estimate_for(parallel)
+    for slots in range(AUTO_SLOTS, 1, -1):
+        needed = estimate_for(slots)
+        if needed.total_bytes <= free_bytes:
+            return needed
+    return estimate_for(1)
+
+
+def estimate_for_file(path: str, n_ctx: int, backend: str, slots: int = 1) -> MemoryEstimate:
     """``estimate`` for a model file, reading only its header (a synthetic model needs nothing).
 
     Walking a header with a 50,000-token vocabulary takes about 0.1 s, so the shape is cached
@@ -307,11 +343,11 @@ def estimate_for_file(path: str, n_ctx: int, backend: str) -> MemoryEstimate:
     try:
         stat = os.stat(path)
     except OSError:
-        return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False)
+        return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False, slots=slots)
     if not stat.st_size:
-        return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False)
+        return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False, slots=slots)
     shape = _file_shape(path, stat.st_size, stat.st_mtime_ns)
-    return estimate_shape(shape, stat.st_size, n_ctx, backend)
+    return estimate_shape(shape, stat.st_size, n_ctx, backend, slots)
 
 
 @functools.lru_cache(maxsize=64)

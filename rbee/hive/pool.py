@@ -72,10 +72,10 @@ class WorkerPool:
         return list(self.workers.values())
 
     def spawn(
-        self, model: str, path: str, n_ctx: int, where: Placement | None = None
+        self, model: str, path: str, n_ctx: int, where: Placement | None = None, slots: int = 1
     ) -> WorkerRecord:
-        """Start a worker process for one model on one device (the CPU unless ``where`` says);
-        it reports back on the local ROUTER."""
+        """Start a worker process for one model on one device (the CPU unless ``where`` says)
+        with ``slots`` slots of ``n_ctx`` tokens each; it reports back on the local ROUTER."""
         where = where or Placement(backend="cpu", device="cpu")
         worker_id = "w-" + uuid.uuid4().hex[:8]
         args = WorkerArgs(
@@ -89,6 +89,7 @@ class WorkerPool:
             device=where.device if where.backend == "cuda" else "",
             threads=self.engine.threads,
             extra_bufts=self.engine.extra_bufts,
+            slots=slots,
         )
         proc = spawn_worker(args, where.uuid, self.engine.worker_env())
         record = WorkerRecord(
@@ -98,11 +99,17 @@ class WorkerPool:
             pid=proc.pid,
             backend=where.backend,
             device=where.device,
+            slots=slots,
         )
         self.workers[worker_id] = record
         self.procs[worker_id] = proc
         logger.info(
-            "worker spawned", worker=worker_id, model=model, pid=proc.pid, device=where.label
+            "worker spawned",
+            worker=worker_id,
+            model=model,
+            pid=proc.pid,
+            device=where.label,
+            slots=slots,
         )
         return record
 
@@ -134,6 +141,7 @@ class WorkerPool:
         elif isinstance(frame, WorkerReady) and worker.state == "loading":
             worker.state, worker.load_s = "idle", frame.load_s
             worker.vram_bytes, worker.gpu_layers = frame.vram_bytes, frame.gpu_layers
+            worker.slots = min(worker.slots, frame.slots)  # never more than estimated for
             worker.last_activity = time.time()
             logger.info(
                 "worker ready",
@@ -145,6 +153,7 @@ class WorkerPool:
                 rss_mib=frame.rss_bytes >> 20,
                 vram_mib=frame.vram_bytes >> 20,
                 estimate_mib=worker.estimate_bytes >> 20,
+                slots=frame.slots,
             )
             events.append(Event("ready", worker))
         elif isinstance(frame, WorkerFailed):

@@ -1,7 +1,8 @@
 """Getting a worker for a request: resolve the model (downloading a Hub model first), then
-reuse, wait for, spawn or queue on a worker, by the registry's pure plan. The provisioner owns
-the answers to EnsureWorker and PullModel: it tells each waiting request how its download and its
-worker's load are going, and what it got."""
+reuse (a free slot), wait for, spawn or queue on a worker, by the registry's pure plan. A new
+worker gets the hive's ``--parallel`` slots, or as many of AUTO_SLOTS as fit in free memory. The
+provisioner owns the answers to EnsureWorker and PullModel: it tells each waiting request how
+its download and its worker's load are going, and what it got."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from rbee.hive import placement
 from rbee.hive.placement import MemoryEstimate, Placement
 from rbee.hive.pool import Event, WorkerPool
 from rbee.hive.pulls import Finished, Pulls, PullWaiter, describe_progress
-from rbee.hive.registry import JobRecord, WorkerRecord, plan_worker
+from rbee.hive.registry import JobRecord, WorkerRecord, plan_worker, waiting_for_slots
 from rbee.hive.request import Replies, Request
 from rbee.hive.settings import RETRY_AFTER_S, HiveConfig
 from rbee.hub.refs import is_hub_reference, parse_reference
@@ -90,9 +91,10 @@ class Provisioner:
         return entry
 
     def on_ensure_worker(self, request: Request, frame: EnsureWorker) -> None:
-        """Reuse an idle worker holding the model, join one loading it, spawn one, or name a
-        busy one (the job will queue); a Hub model not here yet is downloaded first. A backend
-        or device this hive lacks is refused before anything is downloaded."""
+        """Reuse a worker with a free slot holding the model, join one loading it, spawn one,
+        or name one whose slots are all busy (the job will queue); a Hub model not here yet is
+        downloaded first. A backend or device this hive lacks is refused before anything is
+        downloaded."""
         self.place(frame.backend, frame.device)
         try:
             entry = self.resolve(frame.model)
@@ -112,7 +114,7 @@ class Provisioner:
         try:
             entry = self.resolve(reference)
             where = self.place("cpu", "")
-            needed = placement.estimate_for_file(entry.path, self.context(entry, 0), "cpu")
+            needed = self.estimate(entry, 0, where)
             plan = plan_worker(
                 self.pool.records(),
                 entry.path,
@@ -137,7 +139,7 @@ class Provisioner:
         self, request: Request, entry: ModelEntry, n_ctx: int, backend: str, device: str
     ) -> None:
         where = self.place(backend, device)
-        needed = placement.estimate_for_file(entry.path, self.context(entry, n_ctx), backend)
+        needed = self.estimate(entry, n_ctx, where)
         plan = plan_worker(
             self.pool.records(),
             entry.path,
@@ -244,8 +246,19 @@ class Provisioner:
             suggestion="try again shortly",
         )
 
+    def estimate(self, entry: ModelEntry, n_ctx: int, where: Placement) -> MemoryEstimate:
+        """What a new worker of ``entry`` needs on ``where``, with its slot count: the hive's
+        ``parallel``, or (0) as many of AUTO_SLOTS as fit the free memory there."""
+        context = self.context(entry, n_ctx)
+        return placement.fit_slots(
+            lambda slots: placement.estimate_for_file(entry.path, context, where.backend, slots),
+            where.free_bytes,
+            self.config.parallel,
+        )
+
     def context(self, entry: ModelEntry, n_ctx: int) -> int:
-        """The context a worker loads with: as asked, else the model's own, at most the default."""
+        """The context of each slot of a worker: as asked, else the model's own, at most the
+        default."""
         return n_ctx or min(entry.context_length or DEFAULT_CTX_TOKENS, DEFAULT_CTX_TOKENS)
 
     def spawn(
@@ -255,35 +268,38 @@ class Provisioner:
         where: Placement | None = None,
         needed: MemoryEstimate | None = None,
     ) -> WorkerRecord:
-        """Start a worker for ``entry`` (its keep-alive the hive's default until a job ends)."""
-        worker = self.pool.spawn(entry.name, entry.path, self.context(entry, n_ctx), where)
+        """Start a worker for ``entry`` with ``needed.slots`` slots (its keep-alive the hive's
+        default until a job ends)."""
+        slots = needed.slots if needed is not None else 1
+        worker = self.pool.spawn(entry.name, entry.path, self.context(entry, n_ctx), where, slots)
         worker.keep_alive_s = self.config.keep_alive_s
         worker.estimate_bytes = needed.total_bytes if needed is not None else 0
         return worker
 
     def scale_for(self, queue: list[JobRecord]) -> None:
-        """A queued job whose model has no worker coming may get a new one (within limits)."""
+        """A queued job that no free or loading slot will take may get a new worker (within
+        limits); the new worker's slots then count for the jobs after it."""
         if self.draining():
             return
-        for job in queue:
+        tried: set[str] = set()
+        while True:
             records = self.pool.records()
-            coming = [
-                w
-                for w in records
-                if w.model_path == job.model_path
-                and w.state in ("idle", "loading")
-                and job.runs_on(w)
-            ]
-            if coming:
-                continue
+            uncovered = waiting_for_slots(queue, records, loading=True)
+            job = next((j for j in uncovered if j.job_id not in tried), None)
+            if job is None:
+                return
+            tried.add(job.job_id)
+            limits = self.config.limits
+            if plan_worker(records, job.model_path, limits, True, job.runs_on).action != "spawn":
+                continue  # at a limit: no need to look at memory
             try:
                 entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
                 where = self.place(job.backend or "cpu", job.device)
             except RbeeError:
                 continue
-            needed = placement.estimate_for_file(entry.path, self.context(entry, 0), where.backend)
+            needed = self.estimate(entry, 0, where)
             fits = needed.total_bytes <= where.free_bytes
-            plan = plan_worker(records, job.model_path, self.config.limits, fits, job.runs_on)
+            plan = plan_worker(records, job.model_path, limits, fits, job.runs_on)
             if plan.action == "spawn":
                 if plan.evict is not None:
                     self.pool.stop(plan.evict, f"making room for {entry.name}")

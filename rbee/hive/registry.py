@@ -1,8 +1,12 @@
 """The hive's in-memory picture of its workers and jobs, and the pure decisions made from it.
 
+A worker has ``slots``: the jobs it decodes together. The hive schedules slots, not workers: a
+job goes to a free slot of a worker holding its model, a new worker for the model comes only
+when no slot is free and the limits allow, and a job waits in the queue while no slot is free.
+
 Nothing here touches a socket or a process: the server feeds events in and acts on the answers,
-so the rules (which worker to reuse, when to spawn, queue or refuse, when a job's buffer may be
-forgotten, when an idle worker unloads) are tested directly.
+so the rules (which worker takes a job, when to spawn, queue or refuse, when a job's buffer may
+be forgotten, when an idle worker unloads) are tested directly.
 """
 
 from __future__ import annotations
@@ -39,8 +43,9 @@ class WorkerRecord:
     pid: int
     backend: str = "cpu"
     device: str = "cpu"
-    state: WorkerState = "loading"
-    job_id: str = ""
+    state: WorkerState = "loading"  # idle: runs no job; busy: runs at least one
+    slots: int = 1  # jobs it runs at once: as asked at spawn, then as its WorkerReady says
+    job_ids: list[str] = field(default_factory=list)  # the jobs it runs, oldest first
     started_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
@@ -56,11 +61,23 @@ class WorkerRecord:
     vram_bytes: int = 0  # measured by the worker once loaded (NVML, its own process)
     estimate_bytes: int = 0  # what the hive expected it to need (rbee.hive.placement)
     gpu_layers: int = 0
+    next_keep_alive_s: float = HIVE_KEEP_ALIVE_S  # the latest job's: applies once it is idle
+
+    @property
+    def free_slots(self) -> int:
+        """How many more jobs it may take now (none while it loads or stops)."""
+        if self.state not in ("idle", "busy"):
+            return 0
+        return max(0, self.slots - len(self.job_ids))
 
     def info(
-        self, rss_bytes: int = 0, vram_bytes: int | None = None, job_shown: bool = True
+        self,
+        rss_bytes: int = 0,
+        vram_bytes: int | None = None,
+        job_shown: Callable[[str], bool] = lambda job_id: True,
     ) -> WorkerInfo:
-        """The wire form shown to keepers (``job_shown``: whether they may see its job's id)."""
+        """The wire form shown to keepers: ``job_id`` is the oldest of its jobs that
+        ``job_shown`` lets them see ("" when none)."""
         return WorkerInfo(
             worker_id=self.worker_id,
             model=self.model,
@@ -69,17 +86,41 @@ class WorkerRecord:
             pid=self.pid,
             state=self.state,
             last_activity=self.last_activity,
-            job_id=self.job_id if job_shown else "",
+            job_id=next((j for j in self.job_ids if job_shown(j)), ""),
             rss_bytes=rss_bytes,
             jobs_served=self.jobs_served,
             keep_alive_s=self.keep_alive_s,
             vram_bytes=self.vram_bytes if vram_bytes is None else vram_bytes,
             estimate_bytes=self.estimate_bytes,
+            slots=self.slots,
+            slots_busy=len(self.job_ids),
         )
 
+    def start_job(self, job_id: str, keep_alive_s: float) -> None:
+        """A job took one of its free slots; ``keep_alive_s`` (the job's) applies once the
+        worker is idle again, unless a later job brings its own (the latest request wins, as
+        in Ollama)."""
+        self.job_ids.append(job_id)
+        self.state = "busy"
+        self.idle_deadline = math.inf
+        self.next_keep_alive_s = keep_alive_s
+        self.last_activity = time.time()
+
+    def end_job(self, job_id: str, now: float) -> None:
+        """A job it ran ended (its slot is free); with its last job it becomes idle and its
+        keep-alive starts. A stopping worker stays stopping."""
+        if job_id not in self.job_ids:
+            return
+        self.job_ids.remove(job_id)
+        self.jobs_served += 1
+        self.last_activity = time.time()
+        if self.state == "busy" and not self.job_ids:
+            self.became_idle(now, self.next_keep_alive_s)
+
     def became_idle(self, now: float, keep_alive_s: float) -> None:
-        """A job ended: the worker is idle and unloads after ``keep_alive_s`` (-1: never)."""
-        self.state, self.job_id = "idle", ""
+        """It runs no job (it just loaded, or its last job ended): it unloads after
+        ``keep_alive_s`` (-1: never)."""
+        self.state = "idle"
         self.last_activity = time.time()
         self.keep_alive_s = keep_alive_s
         self.idle_deadline = math.inf if keep_alive_s < 0 else now + keep_alive_s
@@ -147,14 +188,17 @@ class Plan:
     evict: WorkerRecord | None = None
 
 
-def pick_idle(
+def pick_free(
     workers: list[WorkerRecord], model_path: str, prefer: str = "", serves: Serves = _anywhere
 ) -> WorkerRecord | None:
-    """The idle worker holding ``model_path`` where ``serves`` says: ``prefer`` if idle, else
-    the most recently used one (its caches are warm)."""
-    idle = [w for w in workers if w.state == "idle" and w.model_path == model_path and serves(w)]
-    preferred = [w for w in idle if w.worker_id == prefer]
-    return preferred[0] if preferred else max(idle, key=lambda w: w.last_activity, default=None)
+    """The worker holding ``model_path``, where ``serves`` says, that takes a job now:
+    ``prefer`` if it has a free slot, else the one with the most free slots (the most recently
+    used on a tie: its caches are warm)."""
+    free = [w for w in workers if w.free_slots and w.model_path == model_path and serves(w)]
+    preferred = [w for w in free if w.worker_id == prefer]
+    if preferred:
+        return preferred[0]
+    return max(free, key=lambda w: (w.free_slots, w.last_activity), default=None)
 
 
 def pick_loading(
@@ -176,14 +220,14 @@ def plan_worker(
 ) -> Plan:
     """Decide how to get a worker for ``model_path`` on the device ``serves`` accepts.
 
-    ``fits``: whether one more worker of this model fits in free memory. Order: an idle worker;
-    one already loading; a new one while under both limits and it fits; a new one in place of
-    the least recently used idle worker of another model (or device); else a busy worker of this
-    model (the job queues); else busy.
+    ``fits``: whether one more worker of this model fits in free memory. Order: a worker with a
+    free slot; one already loading; a new one while under both limits and it fits; a new one in
+    place of the least recently used idle worker of another model (or device); else a worker of
+    this model whose slots are all busy (the job queues); else busy.
     """
-    idle = pick_idle(workers, model_path, serves=serves)
-    if idle is not None:
-        return Plan("reuse", idle)
+    free = pick_free(workers, model_path, serves=serves)
+    if free is not None:
+        return Plan("reuse", free)
     loading = pick_loading(workers, model_path, serves)
     if loading is not None:
         return Plan("wait", loading)
@@ -198,6 +242,26 @@ def plan_worker(
     if same:
         return Plan("queue", min(same, key=lambda w: w.last_activity))
     return Plan("busy")
+
+
+def waiting_for_slots(
+    jobs: list[JobRecord], workers: list[WorkerRecord], loading: bool = False
+) -> list[JobRecord]:
+    """The jobs, oldest first, that no free slot covers: each job in turn takes a free slot of a
+    worker holding its model where it may run. With ``loading``, a loading worker's slots count
+    as free too (they soon are)."""
+    left = {w: w.slots if loading and w.state == "loading" else w.free_slots for w in workers}
+    waiting = []
+    for job in jobs:
+        worker = next(
+            (w for w in workers if left[w] and w.model_path == job.model_path and job.runs_on(w)),
+            None,
+        )
+        if worker is None:
+            waiting.append(job)
+        else:
+            left[worker] -= 1
+    return waiting
 
 
 def expired_jobs(jobs: list[JobRecord], now: float) -> list[str]:
@@ -216,5 +280,5 @@ def expired_jobs(jobs: list[JobRecord], now: float) -> list[str]:
 
 
 def idle_expired(workers: list[WorkerRecord], now: float) -> list[WorkerRecord]:
-    """Idle workers whose keep-alive ran out (never one that is loading or busy)."""
+    """Idle workers whose keep-alive ran out (never one that is loading or runs a job)."""
     return [w for w in workers if w.state == "idle" and now >= w.idle_deadline]

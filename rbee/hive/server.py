@@ -10,9 +10,9 @@ Sockets:
   subscription and starts a job only once its keeper is listening (no lost first tokens).
 
 Every stream frame passing through is validated and kept per job, so a keeper that missed frames
-(slow reader, high-water mark) gets them again with FetchFrames. Jobs that find no idle worker
-wait in a bounded FIFO queue. SIGTERM drains: no new work, running jobs get a grace period, then
-workers are asked, told (SIGTERM) and finally forced (SIGKILL) to stop.
+(slow reader, high-water mark) gets them again with FetchFrames. Jobs that find no free slot of a
+worker wait in a bounded FIFO queue. SIGTERM drains: no new work, running jobs get a grace period,
+then workers are asked, told (SIGTERM) and finally forced (SIGKILL) to stop.
 """
 
 from __future__ import annotations
@@ -367,7 +367,8 @@ class Hive:
 
     def _worker_infos(self, request: Request) -> list[WorkerInfo]:
         """The workers as the caller may see them: the id of a job shows to its owner and to
-        admins only (an id would let another key ask for the job's frames)."""
+        admins only (an id would let another key ask for the job's frames); a worker running
+        several jobs shows the oldest one the caller may see."""
         infos = []
         for w in self.pool.records():
             try:
@@ -375,11 +376,12 @@ class Hive:
             except psutil.Error:
                 rss = 0
             vram = gpu.process_vram_bytes(w.pid) if w.backend == "cuda" else None
-            infos.append(w.info(rss, vram, self.desk.shown_to(request, w.job_id)))
+            infos.append(w.info(rss, vram, lambda job_id: self.desk.shown_to(request, job_id)))
         return infos
 
     def on_stop_worker(self, request: Request, frame: StopWorker) -> None:
-        """Ask a worker to exit (its running job is stopped first, and its keeper told who)."""
+        """Ask a worker to exit (its running jobs are stopped first, and their keepers told
+        who)."""
         worker = self.workers.get(frame.worker_id)
         if worker is None:
             raise WorkerNotFound(f"no worker {frame.worker_id} on {self.node}")
@@ -399,7 +401,7 @@ class Hive:
 
     def _on_worker_event(self, event: Event) -> None:
         """Something happened to a worker: its waiting requests hear of it, and the desk
-        schedules onto it (ready) or ends the job it ran (exited)."""
+        schedules onto its slots (ready) or ends every job it ran (exited)."""
         self.provisioner.on_worker_event(event)
         if event.kind == "ready":
             event.worker.became_idle(time.monotonic(), event.worker.keep_alive_s)

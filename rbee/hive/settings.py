@@ -29,6 +29,7 @@ class HiveConfig:
     drain_grace_s: float = DRAIN_GRACE_S
     secure: bool = False  # CURVE even on loopback (always on for any other address)
     threads: int = 0  # CPU threads per worker; 0: as many as llama.cpp's own default
+    parallel: int = 0  # slots (jobs decoded together) per worker; 0: AUTO_SLOTS, as memory allows
 
     @property
     def loopback_only(self) -> bool:

@@ -1,10 +1,10 @@
 """Choosing a hive for a request: a pure function over what the hives said about themselves.
 
-Order of preference: an idle worker already holding the model (on the backend asked for); a
-hive whose catalog has the model and has room for a worker; a hive that can pull the model (an
-``hf:`` reference) with the most free memory; a hive holding the model whose workers are busy
-(the job queues there). A hive that speaks another protocol version, is draining, or lacks a
-usable GPU of the backend asked for is never chosen.
+Order of preference: a worker with a free slot already holding the model (on the backend asked
+for); a hive whose catalog has the model and has room for a worker; a hive that can pull the
+model (an ``hf:`` reference) with the most free memory; a hive holding the model whose slots are
+all busy (the job queues there). A hive that speaks another protocol version, is draining, or
+lacks a usable GPU of the backend asked for is never chosen.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from rbee.protocol.messages import PROTOCOL_VERSION, DeviceInfo, HiveStatus, Wor
 
 MEMORY_MARGIN_BYTES = 256 * 1024 * 1024
 PULLABLE_PREFIXES = ("hf:",)
-IDLE = "an idle worker there already holds"
+FREE_SLOT = "a worker there with a free slot already holds"
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,14 @@ class Choice:
 
 def _gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
+
+
+def has_free_slot(worker: WorkerInfo) -> bool:
+    """Whether a loaded worker takes another job now (a busy one counts at least one job)."""
+    if worker.state not in ("idle", "busy"):
+        return False
+    busy = max(worker.slots_busy, 1 if worker.state == "busy" else 0)
+    return busy < worker.slots
 
 
 def gpus(status: HiveStatus, backend: str, device: str = "") -> list[DeviceInfo]:
@@ -86,15 +94,15 @@ def choose(
             return False
         return cpu or w.device in {str(d.index) for d in gpus(c.status, backend, device)}
 
-    idle = [
+    warm = [
         c
         for c in usable
         if c.status
-        and any(w.model == model and w.state == "idle" and runs_it(c, w) for w in c.status.workers)
+        and any(w.model == model and has_free_slot(w) and runs_it(c, w) for w in c.status.workers)
     ]
-    if idle:
-        best = max(idle, key=free)
-        return Choice(best, f"{IDLE} {model}")
+    if warm:
+        best = max(warm, key=free)
+        return Choice(best, f"{FREE_SLOT} {model}")
     home = [c for c in usable if c.status and any(m.name == model for m in c.status.models)]
     roomy = [c for c in home if _has_room(c, model, free(c))]
     if roomy:
@@ -109,7 +117,7 @@ def choose(
         )
     if home:
         best = min(home, key=lambda c: c.status.queue_length if c.status else 0)
-        return Choice(best, f"it holds {model}; its workers are busy, so the job will queue")
+        return Choice(best, f"it holds {model}; every slot is busy, so the job will queue")
     return None
 
 
@@ -120,4 +128,5 @@ def _has_room(c: Candidate, model: str, free_bytes: int) -> bool:
     if free_bytes < size + MEMORY_MARGIN_BYTES:
         return False
     live = [w for w in status.workers if w.state != "stopping"]
+    # an idle worker (no job at all) may be evicted to make room
     return len(live) < status.max_workers or any(w.state == "idle" for w in live)

@@ -16,7 +16,7 @@ import time
 import zmq
 
 from rbee.errors import AccessDenied, HiveKeyChanged, RbeeError
-from rbee.keeper.choose import IDLE, choose
+from rbee.keeper.choose import FREE_SLOT, choose
 from rbee.keeper.link import (
     HELLO_TIMEOUTS_S,
     EphemeralHive,
@@ -44,10 +44,11 @@ def connect(
     """Open a link to the hive that should run ``model``; its notes say which and why.
 
     The connections that asked hives Hello and Status stay open, and the chosen one carries
-    the request: no second handshake, and the status tells whether a worker is idle. With no
-    hive on this machine, and none on the LAN the last time this machine looked, an ephemeral
-    hive starts at once (loading ``model``'s worker if ``preload`` and the backend is the CPU)
-    while the LAN is surveyed; it is stopped again if a hive there is the better choice.
+    the request: no second handshake, and the status tells whether a worker has a free slot.
+    With no hive on this machine, and none on the LAN the last time this machine looked, an
+    ephemeral hive starts at once (loading ``model``'s worker if ``preload`` and the backend is
+    the CPU) while the LAN is surveyed; it is stopped again if a hive there is the better
+    choice.
     """
     preloaded = model if preload and backend == "cpu" and not device else ""
     if node:
@@ -66,7 +67,7 @@ def connect(
             ephemeral, spare = spare, None
             return ephemeral.link(ctx)
         warm = choose([here.candidate()], model, backend, device) if here else None
-        if here is not None and warm is not None and warm.reason.startswith(IDLE):
+        if here is not None and warm is not None and warm.reason.startswith(FREE_SLOT):
             return _here(ctx, here, warm.reason)  # nothing beats a warm worker on this machine
         views = survey(ctx, browse_s=INFER_BROWSE_S, keep=True, local=here)
         remember_lan(views)

@@ -31,6 +31,7 @@ from rbee.errors import (
     Timeout,
     WorkerNotFound,
 )
+from rbee.keeper.choose import has_free_slot
 from rbee.keeper.link import HiveLink
 from rbee.keeper.stream import JobStream, describe
 from rbee.protocol.messages import (
@@ -207,21 +208,22 @@ class InferJob:
             sub.close()
 
     def _worker(self) -> Generator[JobEvent, None, WorkerAssigned]:
-        """The worker for this request: an idle one the hive's status showed while the keeper
-        chose it (StartJob goes to it with no EnsureWorker round trip), else whatever
-        EnsureWorker gives. The status is used once: a retry asks the hive."""
+        """The worker for this request: one with a free slot the hive's status showed while the
+        keeper chose it (StartJob goes to it with no EnsureWorker round trip; if its slots fill
+        meanwhile, the job queues there), else whatever EnsureWorker gives. The status is used
+        once: a retry asks the hive."""
         status, self.link.status = self.link.status, None
         request = self.request
         for w in status.workers if status is not None else []:
             if (
                 w.model == request.model
-                and w.state == "idle"
+                and has_free_slot(w)
                 and w.backend == request.backend
                 and request.device in ("", w.device)
             ):
-                idle = WorkerAssigned(worker_id=w.worker_id, model=w.model, reused=True, load_s=0)
-                yield assigned_event(idle)
-                return idle
+                warm = WorkerAssigned(worker_id=w.worker_id, model=w.model, reused=True, load_s=0)
+                yield assigned_event(warm)
+                return warm
         return (yield from self._ensure_worker())
 
     def _ensure_worker(self) -> Generator[JobEvent, None, WorkerAssigned]:
@@ -338,11 +340,12 @@ def progress_event(frame: ProgressFrame) -> Waiting | Progress:
 
 
 def assigned_event(frame: WorkerAssigned) -> Waiting:
-    """What EnsureWorker's answer says: a busy worker (the job will queue), a reused one, or
-    one that just loaded."""
+    """What EnsureWorker's answer says: a worker whose slots are all busy (the job will queue),
+    a loaded one with a free slot, or one that just loaded."""
+    named = f"worker {frame.worker_id} ({frame.model})"
     if frame.busy:
-        return Waiting("worker", f"worker {frame.worker_id} ({frame.model}) is busy")
+        return Waiting("worker", f"every slot of {named} is busy")
     if frame.reused:
-        return Waiting("worker", f"reusing idle worker {frame.worker_id} ({frame.model})")
+        return Waiting("worker", f"reusing {named}: a slot is free")
     loaded = f"worker {frame.worker_id} loaded {frame.model} in {frame.load_s:.2f} s"
     return Waiting("ready", loaded)

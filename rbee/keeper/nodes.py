@@ -147,7 +147,8 @@ def list_nodes(
 
 
 def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
-    """`rbee ps`: the workers of one hive (--node) or of every hive in reach."""
+    """`rbee ps`: the workers of one hive (--node) or of every hive in reach; SLOTS is the jobs
+    each runs now of the jobs it can run at once."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         found: list[tuple[str, WorkerInfo]] = []
@@ -169,7 +170,7 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
         return
     rows = [
         [
-            *("NODE", "WORKER", "MODEL", "STATE", "BACKEND", "PID", "RSS"),
+            *("NODE", "WORKER", "MODEL", "STATE", "SLOTS", "BACKEND", "PID", "RSS"),
             *("VRAM", "ESTIMATE", "JOBS", "IDLE FOR"),
         ]
     ]
@@ -181,6 +182,7 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
                 w.worker_id,
                 w.model,
                 w.state,
+                f"{w.slots_busy}/{w.slots}",
                 f"{w.backend}:{w.device}",
                 str(w.pid),
                 size(w.rss_bytes),

@@ -34,6 +34,7 @@ ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # job, worker and node ids: nothing
 TOPIC_END = b"/"  # ends a stream topic; not in ID_PATTERN, so "j-1/" is no prefix of "j-12/"
 STATES = ("loading", "idle", "busy", "stopping")
 STOP_REASONS = ("eos", "length", "stop", "canceled")
+MAX_SLOTS = 256  # sequences one worker may decode together (llama.cpp's n_seq_max limit)
 BACKENDS = ("cpu", "cuda")  # what a worker can run on; Metal is documented in rbee/gpu.py only
 DEVICE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # a device index ("0") or an NVML UUID ("GPU-…")
 
@@ -145,6 +146,8 @@ class WorkerInfo(Record):
     keep_alive_s: float = spec(default=0.0, min=-1.0)
     vram_bytes: int = spec(default=0, min=0)
     estimate_bytes: int = spec(default=0, min=0)
+    slots: int = spec(default=1, min=1, max=MAX_SLOTS)  # sequences it decodes together
+    slots_busy: int = spec(default=0, min=0, max=MAX_SLOTS)
 
 
 class ModelInfo(Record):
@@ -399,6 +402,7 @@ class WorkerReady(Frame):
     gpu_layers: int = spec(default=0, min=0)
     rss_bytes: int = spec(default=0, min=0)
     vram_bytes: int = spec(default=0, min=0)
+    slots: int = spec(default=1, min=1, max=MAX_SLOTS)  # jobs it runs at once (n_ctx each)
 
 
 class WorkerFailed(Frame):
@@ -419,7 +423,9 @@ class Heartbeat(Frame):
 
 
 class RunJob(Frame):
-    """Hive → worker: generate; the keeper's subscription is already in place."""
+    """Hive → worker: generate in a free slot; the keeper's subscription is already in place.
+
+    A worker runs up to its ``slots`` jobs at once; the hive never sends more."""
 
     TYPE = "run_job"
     job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)

@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass
 
 from rbee.errors import InvalidRequest
-from rbee.protocol.messages import BACKENDS
+from rbee.protocol.messages import BACKENDS, MAX_SLOTS
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,7 @@ class WorkerArgs:
     device: str = ""  # a CUDA device's NVML index (the machine's numbering); "" on the CPU
     threads: int = 0  # 0: rbee.llamacpp.default_threads()
     extra_bufts: bool = True  # False where the hive's engine probe saw them fail
+    slots: int = 1  # jobs decoded together, each with a context of n_ctx tokens
 
     def argv(self) -> list[str]:
         """The flags after `rbee worker` (``--backend``/``--device`` only off the CPU, so a CPU
@@ -52,6 +53,8 @@ class WorkerArgs:
             argv += ["--threads", str(self.threads)]
         if not self.extra_bufts:
             argv += ["--no-extra-bufts"]
+        if self.slots != 1:
+            argv += ["--slots", str(self.slots)]
         return argv
 
     @classmethod
@@ -62,6 +65,8 @@ class WorkerArgs:
                 "rbee worker is started by a hive: --worker-id, --control, --stream and "
                 "--hive-pid are required (or --probe)"
             )
+        if not 1 <= args.slots <= MAX_SLOTS:
+            raise InvalidRequest(f"--slots must be 1 to {MAX_SLOTS} (got {args.slots})")
         return cls(
             args.worker_id,
             args.model_path,
@@ -73,6 +78,7 @@ class WorkerArgs:
             device=args.device,
             threads=args.threads,
             extra_bufts=args.extra_bufts,
+            slots=args.slots,
         )
 
 
@@ -89,3 +95,6 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-extra-bufts", dest="extra_bufts", action="store_false")
     parser.add_argument("--probe", action="store_true", help="decode a few tokens and report")
     parser.add_argument("--device", default="", help="a CUDA device's NVML index")
+    parser.add_argument(
+        "--slots", type=int, default=1, help="jobs decoded together, each with --n-ctx tokens"
+    )

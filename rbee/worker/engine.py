@@ -1,9 +1,17 @@
-"""llama.cpp behind one small interface: load a GGUF, turn a request into tokens, generate.
+"""llama.cpp behind one small interface: load a GGUF with N sequence slots, turn a request into
+tokens, decode one batch, sample one slot.
 
-Generation drives ``Llama.generate()`` (the engine's own speed) with rbee's incremental,
-UTF-8-safe detokenizer instead of ``create_completion``, whose per-token Python work can cost most
-of the engine's speed (shared/GPU.md). Prompts are tokenized exactly as llama-cpp-python's own
-completion and chat functions do, so greedy output matches them token for token.
+The decode loop itself lives in rbee.worker.slots: it drives llama.cpp's low-level API
+(``llama_decode`` on one batch holding every running sequence's next token, a sampler chain per
+sequence) instead of ``Llama.generate()``, whose per-token Python work costs speed and which can
+only run one sequence (shared/GPU.md). Prompts are tokenized exactly as llama-cpp-python's own
+completion and chat functions do, and a sequence's sampler chain is the one ``Llama.generate()``
+builds, so a lone greedy job's output matches llama-cpp-python token for token.
+
+Slots: the context holds ``slots`` sequences of ``n_ctx`` cells each (llama.cpp's ``n_seq_max``
+with a KV cache split per sequence, not unified: each sequence's attention then reads only its own
+cells, which measured faster for independent streams; llama.cpp's own comment on ``kv_unified``
+says the same).
 
 CPU: a worker runs ``threads`` threads for generation and prompt processing alike (by default
 as many as llama.cpp's own tools: rbee.llamacpp.default_threads), and loads with llama.cpp's
@@ -18,28 +26,27 @@ without GPU support raises BACKEND_UNAVAILABLE: llama.cpp itself would quietly r
 
 from __future__ import annotations
 
-import codecs
 import ctypes
 import functools
 import os
 import re
-import threading
-import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any
 
-from rbee.errors import BackendUnavailable, InvalidModel, InvalidRequest
+from rbee.errors import BackendUnavailable, InternalError, InvalidModel, InvalidRequest
 from rbee.llamacpp import EngineChoice, default_threads, import_llama, loaded_variant
-from rbee.protocol.messages import DEFAULT_CTX_TOKENS, SYNTHETIC_PREFIX, GenerateParams
+from rbee.protocol.messages import DEFAULT_CTX_TOKENS, GenerateParams
 
 LLAMA_LOG_LINES = 20
 GGML_LOG_WARN = 3  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
 GGML_LOG_CONT = 5
 
 ALL_LAYERS = -1  # llama-cpp-python's n_gpu_layers for "every layer"
+BATCH_TOKENS = 512  # tokens one decode step may hold (llama.cpp's default n_batch and n_ubatch)
+MIN_P = 0.05  # llama-cpp-python's default, which rbee's requests do not change
+KV_UNIFIED = False  # one KV cache per sequence (see the module docstring)
 OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 
 ProgressFn = Callable[[float], None]
@@ -50,60 +57,53 @@ _offloaded = {"layers": 0, "of": 0}  # from llama.cpp's "offloaded N/M layers to
 _log_callback: Any = None  # the ctypes callback must outlive every call into llama.cpp
 
 
-@dataclass(frozen=True)
-class Piece:
-    """One generated token and the text it releases (empty while text is held back)."""
+class Batch:
+    """A ``llama_batch`` over arrays this object owns, filled by slices (no per-token ctypes
+    call): one token, position and sequence id per row, and whether llama.cpp keeps its logits.
+    Never handed to ``llama_batch_free``: Python frees the arrays."""
 
-    token_id: int
-    text: str
+    def __init__(self, llama_cpp: Any, capacity: int) -> None:
+        self.capacity = capacity
+        self.tokens = (ctypes.c_int32 * capacity)()
+        self.positions = (ctypes.c_int32 * capacity)()
+        self.seq_ids = (ctypes.c_int32 * capacity)()
+        self.logits = (ctypes.c_int8 * capacity)()
+        n_seq_id = (ctypes.c_int32 * capacity)(*([1] * capacity))
+        int_p = ctypes.POINTER(ctypes.c_int32)
+        rows = (int_p * capacity)(
+            *(ctypes.cast(ctypes.byref(self.seq_ids, 4 * i), int_p) for i in range(capacity))
+        )
+        self._keep = (n_seq_id, rows)
+        self.struct = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=ctypes.cast(self.tokens, ctypes.POINTER(llama_cpp.llama_token)),
+            embd=None,
+            pos=ctypes.cast(self.positions, ctypes.POINTER(llama_cpp.llama_pos)),
+            n_seq_id=n_seq_id,
+            seq_id=ctypes.cast(rows, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))),
+            logits=self.logits,
+        )
+        self.size = 0
 
+    def clear(self) -> None:
+        """Empty the batch for the next step."""
+        self.size = 0
 
-@dataclass
-class Outcome:
-    """How a generation ended, filled in as it runs."""
-
-    stop_reason: str = "length"
-    prompt_tokens: int = 0
-    tokens: int = 0
-    ttft_s: float = 0.0
-    decode_s: float = 0.0
-    tail: str = ""
-
-
-class StopMatcher:
-    """Releases generated text, holding back whatever could still become a stop string."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.held = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add text; return (text safe to release, whether a stop string was hit)."""
-        if not self.stops:
-            return text, False
-        self.held += text
-        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            out, self.held = self.held[: min(hits)], ""
-            return out, True
-        keep = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.held)), keep, -1):
-                if self.held.endswith(s[:n]):
-                    keep = n
-                    break
-        cut = len(self.held) - keep
-        out, self.held = self.held[:cut], self.held[cut:]
-        return out, False
-
-    def flush(self) -> str:
-        """Release what is still held when generation ends without a stop string."""
-        out, self.held = self.held, ""
-        return out
+    def add(self, seq: int, tokens: Sequence[int], first_pos: int, logits_last: bool) -> int:
+        """Append one sequence's tokens at positions from ``first_pos``; returns the row of the
+        last one (where its logits are, when ``logits_last``)."""
+        start, end = self.size, self.size + len(tokens)
+        self.tokens[start:end] = list(tokens)
+        self.positions[start:end] = list(range(first_pos, first_pos + len(tokens)))
+        self.seq_ids[start:end] = [seq] * len(tokens)
+        self.logits[start:end] = [0] * len(tokens)
+        self.logits[end - 1] = 1 if logits_last else 0
+        self.size = end
+        return end - 1
 
 
 class Engine:
-    """One loaded model. Not thread-safe: one generation at a time, from one thread."""
+    """One loaded model with ``slots`` sequences. Not thread-safe: one thread drives it."""
 
     def __init__(
         self,
@@ -114,25 +114,30 @@ class Engine:
         main_gpu: int = 0,
         threads: int = 0,
         extra_bufts: bool = True,
+        slots: int = 1,
     ) -> None:
-        """Load ``model_path`` with a context of ``n_ctx`` tokens (0: DEFAULT_CTX_TOKENS) on
-        ``backend``; for ``cuda``, every layer goes to GPU ``main_gpu``. ``threads`` 0 means
-        rbee's default; ``extra_bufts`` False loads without llama.cpp's repacked weights."""
+        """Load ``model_path`` with ``slots`` sequences of ``n_ctx`` tokens each (0:
+        DEFAULT_CTX_TOKENS) on ``backend``; for ``cuda``, every layer goes to GPU ``main_gpu``.
+        ``threads`` 0 means rbee's default; ``extra_bufts`` False loads without llama.cpp's
+        repacked weights."""
         try:
             llama_cpp = import_llama()
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise InvalidModel(f"llama-cpp-python is not importable: {exc}") from None
         self._llama_cpp = llama_cpp
         self.backend = backend
+        self.slots = slots
         capture_llama_log(llama_cpp)
         placement = gpu_params(llama_cpp, backend, main_gpu)
         _offloaded.update(layers=0, of=0)
         self.threads = threads or default_threads()
-        with _load_params(llama_cpp, on_progress, extra_bufts):
+        with _load_params(llama_cpp, on_progress, extra_bufts, slots):
             try:
                 self.llama: Any = llama_cpp.Llama(
                     model_path=model_path,
-                    n_ctx=n_ctx or DEFAULT_CTX_TOKENS,
+                    n_ctx=(n_ctx or DEFAULT_CTX_TOKENS) * slots,
+                    n_batch=BATCH_TOKENS,
+                    n_ubatch=BATCH_TOKENS,
                     n_threads=self.threads,
                     n_threads_batch=self.threads,
                     flash_attn=True,  # "auto" (see _load_params), as llama.cpp decides
@@ -145,17 +150,23 @@ class Engine:
                     f"llama.cpp could not load {model_path}: {exc}"
                     + (f"\nllama.cpp said:\n{said}" if said else "")
                 ) from None
+        self.llama._batch.close()  # its own batch (n_batch × n_ctx sequence ids) is never used
         self.template: str = self.llama.metadata.get("tokenizer.chat_template", "")
         self.gpu_layers = _offloaded["layers"] if backend == "cuda" else 0
         if backend == "cuda" and _offloaded["of"] and self.gpu_layers < _offloaded["of"]:
             raise BackendUnavailable(
                 f"llama.cpp put only {self.gpu_layers} of {_offloaded['of']} layers on the GPU"
             )
+        self._ctx = self.llama._ctx.ctx
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self._vocab = self.llama._model.vocab
+        self._batch = Batch(llama_cpp, BATCH_TOKENS)
+        self.batch_tokens = BATCH_TOKENS
 
     @property
     def n_ctx(self) -> int:
-        """The context size the model was loaded with, in tokens."""
-        return int(self.llama.n_ctx())
+        """Each slot's context, in tokens."""
+        return int(self._llama_cpp.llama_n_ctx_seq(self._ctx))
 
     @property
     def has_chat_template(self) -> bool:
@@ -163,10 +174,19 @@ class Engine:
         return bool(self.template)
 
     @functools.cached_property
+    def pieces(self) -> list[bytes]:
+        """Every token's bytes, as ``Llama.detokenize([token])`` gives them (read once, ~50 ms
+        for a 49k vocabulary): the decode loop looks a token up instead of calling llama.cpp."""
+        return [self.llama.detokenize([t]) for t in range(self.llama.n_vocab())]
+
+    @functools.cached_property
     def longest_token_bytes(self) -> int:
-        """The most bytes one token of this vocabulary stands for (read once, ~50 ms)."""
-        vocab = range(self.llama.n_vocab())
-        return max((len(self.llama.detokenize([t])) for t in vocab), default=1) or 1
+        """The most bytes one token of this vocabulary stands for."""
+        return max(map(len, self.pieces), default=1) or 1
+
+    def is_eog(self, token: int) -> bool:
+        """Whether ``token`` ends a generation (end of sequence, end of turn …)."""
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     def _tokenize(self, text: bytes, add_bos: bool) -> list[int]:
         """Tokens of ``text``; a text that cannot fit the context is refused before the
@@ -174,10 +194,11 @@ class Engine:
         would hold the worker for seconds)."""
         at_least = len(text) // self.longest_token_bytes
         if at_least > self.n_ctx:
-            raise self._too_long(f"at least {at_least}")
+            raise self.too_long(f"at least {at_least}")
         return list(self.llama.tokenize(text, add_bos=add_bos, special=True))
 
-    def _too_long(self, count: str) -> InvalidRequest:
+    def too_long(self, count: str) -> InvalidRequest:
+        """The error for a prompt of ``count`` tokens that leaves no room to generate."""
         return InvalidRequest(
             f"the prompt has {count} tokens but the context holds {self.n_ctx}",
             suggestion="shorten the prompt or load the model with a larger context",
@@ -204,129 +225,71 @@ class Engine:
         result = fmt(messages=messages)
         return self._tokenize(result.prompt.encode(), add_bos=not result.added_special)
 
-    def generate(
-        self, params: GenerateParams, cancel: threading.Event, outcome: Outcome
-    ) -> Iterator[Piece]:
-        """Yield one Piece per generated token; ``outcome`` holds the totals at the end."""
-        started = time.perf_counter()
-        tokens = self.prompt_tokens(params)
-        outcome.prompt_tokens = len(tokens)
-        room = self.n_ctx - len(tokens)
-        if room <= 0:
-            raise self._too_long(str(len(tokens)))
-        limit = min(params.max_tokens, room)
-        if params.seed >= 0:
-            self.llama.set_seed(params.seed)
-        else:
-            self.llama.set_seed(int.from_bytes(os.urandom(4), "little"))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        matcher = StopMatcher(params.stop)
-        vocab = self.llama._model.vocab
-        is_eog = self._llama_cpp.llama_token_is_eog
-        first_at = 0.0
-        outcome.stop_reason = "length"
-        for token in self.llama.generate(
-            tokens,
-            top_k=params.top_k,
-            top_p=params.top_p,
-            min_p=0.05,
-            temp=params.temperature,
-            repeat_penalty=1.0,
-            reset=True,
-        ):
-            if outcome.tokens == 0:
-                first_at = time.perf_counter()
-                outcome.ttft_s = first_at - started
-            if is_eog(vocab, token) and not params.ignore_eos:
-                outcome.stop_reason = "eos"
-                break
-            outcome.tokens += 1
-            text, hit = matcher.feed(decoder.decode(self.llama.detokenize([token])))
-            yield Piece(token_id=int(token), text=text)
-            if hit:
-                outcome.stop_reason = "stop"
-                break
-            if cancel.is_set():
-                outcome.stop_reason = "canceled"
-                break
-            if outcome.tokens >= limit:
-                break
-        if outcome.stop_reason != "stop":
-            outcome.tail = matcher.feed(decoder.decode(b"", final=True))[0] + matcher.flush()
-        outcome.decode_s = time.perf_counter() - first_at if first_at else 0.0
+    def new_sampler(self, params: GenerateParams) -> Any:
+        """A sampler chain for one sequence, the one ``Llama.generate()`` builds for these
+        settings (its no-op repeat penalty left out): greedy at temperature 0, else top-k,
+        typical (off), top-p, min-p, temperature and a seeded draw."""
+        lc = self._llama_cpp
+        chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+        add = functools.partial(lc.llama_sampler_chain_add, chain)
+        if params.temperature == 0:
+            add(lc.llama_sampler_init_greedy())
+            return chain
+        seed = params.seed if params.seed >= 0 else int.from_bytes(os.urandom(4), "little")
+        add(lc.llama_sampler_init_top_k(params.top_k))
+        add(lc.llama_sampler_init_typical(1.0, 1))
+        add(lc.llama_sampler_init_top_p(params.top_p, 1))
+        add(lc.llama_sampler_init_min_p(MIN_P, 1))
+        add(lc.llama_sampler_init_temp(params.temperature))
+        add(lc.llama_sampler_init_dist(seed))
+        return chain
 
+    def free_sampler(self, sampler: Any) -> None:
+        """Free a chain made by ``new_sampler`` (and every sampler in it)."""
+        self._llama_cpp.llama_sampler_free(sampler)
 
-class SyntheticEngine:
-    """A stand-in model that emits numbered words at a fixed rate (0: as fast as it can).
+    def sample(self, sampler: Any, row: int) -> int:
+        """Draw the next token from the logits of batch row ``row``."""
+        return int(self._llama_cpp.llama_sampler_sample(sampler, self._ctx, row))
 
-    It measures rbee's own cost (transport, relay, keeper) without llama.cpp in the way, for
-    benchmarks and for tests that need more tokens than a real model makes in a few seconds.
-    Reference: ``synthetic:TOKENS_PER_S``, accepted only by a loopback-only hive.
-    """
+    def forget(self, seq: int, from_pos: int) -> bool:
+        """Drop sequence ``seq``'s cells from ``from_pos`` on; False where llama.cpp cannot cut a
+        sequence part way (then the caller drops it whole, from 0, which never fails)."""
+        return bool(self._llama_cpp.llama_memory_seq_rm(self._memory, seq, from_pos, -1))
 
-    n_ctx = 1 << 20
-    has_chat_template = False
+    @property
+    def batch(self) -> Batch:
+        """The batch the next ``decode`` runs (filled by the caller)."""
+        return self._batch
 
-    def __init__(self, reference: str) -> None:
-        rate = reference.removeprefix(SYNTHETIC_PREFIX) or "0"
-        try:
-            self.interval_s = 1.0 / float(rate) if float(rate) > 0 else 0.0
-        except ValueError:
-            raise InvalidModel(f"bad synthetic model {reference!r}: want synthetic:RATE") from None
-
-    def generate(
-        self, params: GenerateParams, cancel: threading.Event, outcome: Outcome
-    ) -> Iterator[Piece]:
-        """Yield ``max_tokens`` words, paced at the configured rate."""
-        started = time.perf_counter()
-        outcome.prompt_tokens = len(params.prompt.split())
-        next_at = started
-        for i in range(params.max_tokens):
-            if self.interval_s:
-                next_at += self.interval_s
-                time.sleep(max(0.0, next_at - time.perf_counter()))
-            if i == 0:
-                outcome.ttft_s = time.perf_counter() - started
-            outcome.tokens += 1
-            yield Piece(token_id=i, text=f" w{i}")
-            if cancel.is_set():
-                outcome.stop_reason = "canceled"
-                break
-        else:
-            outcome.stop_reason = "length"
-        outcome.decode_s = time.perf_counter() - started - outcome.ttft_s
-
-
-def open_engine(
-    model_path: str,
-    n_ctx: int,
-    on_progress: ProgressFn,
-    backend: str = "cpu",
-    main_gpu: int = 0,
-    threads: int = 0,
-    extra_bufts: bool = True,
-) -> Engine | SyntheticEngine:
-    """The engine for a model path: llama.cpp, or the synthetic stand-in (which ignores the
-    backend: it computes nothing)."""
-    if model_path.startswith(SYNTHETIC_PREFIX):
-        on_progress(1.0)
-        return SyntheticEngine(model_path)
-    return Engine(model_path, n_ctx, on_progress, backend, main_gpu, threads, extra_bufts)
+    def decode(self) -> None:
+        """Run the batch through the model (the one call per step that does the work)."""
+        self._batch.struct.n_tokens = self._batch.size
+        code = self._llama_cpp.llama_decode(self._ctx, self._batch.struct)
+        if code != 0:
+            raise InternalError(f"llama.cpp could not decode a batch (llama_decode said {code})")
 
 
 def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_CTX_TOKENS) -> Any:
-    """A plain ``llama_cpp.Llama`` loaded exactly as a hive's worker loads it (threads, extra
-    buffer types, CPU variant): the in-process baseline of tests and benchmarks."""
+    """A plain ``llama_cpp.Llama`` loaded exactly as a hive's one-slot worker loads it (threads,
+    extra buffer types, CPU variant): the in-process baseline of tests and benchmarks."""
     import_llama()  # loads the probed variant, unless this process loaded another one already
     running = loaded_variant()
     if choice.running and running and running != choice.running:
         raise InvalidModel(
             f"this process runs llama.cpp's {running} CPU variant, workers {choice.running}"
         )
-    engine = Engine(
-        model_path, n_ctx, lambda _f: None, threads=choice.threads, extra_bufts=choice.extra_bufts
-    )
-    return engine.llama
+    llama_cpp = import_llama()
+    with _load_params(llama_cpp, lambda _f: None, choice.extra_bufts, slots=1):
+        return llama_cpp.Llama(
+            model_path=model_path,
+            n_ctx=n_ctx,
+            n_threads=choice.threads or default_threads(),
+            n_threads_batch=choice.threads or default_threads(),
+            flash_attn=True,
+            verbose=False,
+            n_gpu_layers=0,
+        )
 
 
 def gpu_params(llama_cpp: Any, backend: str, main_gpu: int) -> dict[str, Any]:
@@ -372,12 +335,15 @@ def capture_llama_log(llama_cpp: Any) -> None:
 
 
 @contextmanager
-def _load_params(llama_cpp: Any, on_progress: ProgressFn, extra_bufts: bool) -> Iterator[None]:
+def _load_params(
+    llama_cpp: Any, on_progress: ProgressFn, extra_bufts: bool, slots: int
+) -> Iterator[None]:
     """Hook llama.cpp's model-loading progress callback, set whether it may use extra buffer
-    types, and let llama.cpp decide on flash attention, for the duration of one load.
+    types, give the context ``slots`` sequences, and let llama.cpp decide on flash attention,
+    for the duration of one load.
 
     llama-cpp-python builds its parameters inside ``Llama.__init__`` and offers no parameter for
-    the first two, so the default-params factory is wrapped while loading. For flash attention
+    the first three, so the default-params factories are wrapped while loading. For flash attention
     it offers on or off, where llama.cpp's own default (llama-server's) is "auto": on wherever
     the device supports it for the model (on this project's CPUs 7-13 % more tokens/s for the
     default model). ``Llama(flash_attn=True)`` reads the "enabled" constant from the module, so
@@ -385,6 +351,7 @@ def _load_params(llama_cpp: Any, on_progress: ProgressFn, extra_bufts: bool) -> 
     """
     module = llama_cpp.llama_cpp
     original = module.llama_model_default_params
+    original_context = module.llama_context_default_params
     enabled = module.LLAMA_FLASH_ATTN_TYPE_ENABLED
     callback_type = module.llama_progress_callback
 
@@ -401,10 +368,18 @@ def _load_params(llama_cpp: Any, on_progress: ProgressFn, extra_bufts: bool) -> 
         params.use_extra_bufts = extra_bufts
         return params
 
+    def context_with_slots() -> Any:
+        params = original_context()
+        params.n_seq_max = slots
+        params.kv_unified = KV_UNIFIED
+        return params
+
     module.llama_model_default_params = params_with_progress
+    module.llama_context_default_params = context_with_slots
     module.LLAMA_FLASH_ATTN_TYPE_ENABLED = module.LLAMA_FLASH_ATTN_TYPE_AUTO
     try:
         yield
     finally:
         module.llama_model_default_params = original
+        module.llama_context_default_params = original_context
         module.LLAMA_FLASH_ATTN_TYPE_ENABLED = enabled

@@ -5,15 +5,13 @@ Two threads, each owning its sockets (a ZeroMQ rule):
 * the control thread (main) owns the DEALER to the hive: it forwards loading progress and the
   readiness callback, sends heartbeats, takes RunJob/CancelJob/StopRequest, and exits when the
   hive goes away;
-* the generation thread owns llama.cpp and the XPUB that streams tokens to the hive. Before it
-  reports Ready it waits for the hive's subscription to arrive, so no token is ever published
-  into the void; the hop to the hive has no high-water mark, so none is dropped either.
+* the generation thread owns llama.cpp and the XPUB that streams tokens to the hive. It runs
+  the batch loop (rbee.worker.slots): up to ``--slots`` jobs decoded together, one step at a
+  time, taking new jobs between steps. Before it reports Ready it waits for the hive's
+  subscription to arrive, so no token is ever published into the void; the hop to the hive has
+  no high-water mark, so none is dropped either.
 
 The threads talk over an inproc PAIR (frames up) and a queue plus per-job events (jobs down).
-
-Token frames are the hot path (one every 1.5 ms on an H100): ``TokenFrames`` validates a job's
-constant fields once and packs each frame directly, byte for byte what ``encode(Token(…))``
-gives (a unit test holds it to that); the hive still validates every frame it relays.
 
 A CUDA worker is started with CUDA_VISIBLE_DEVICES naming its one GPU (rbee.hive.supervisor), so
 inside it that GPU is CUDA device 0 whatever its index on the machine; ``--device`` keeps the
@@ -32,7 +30,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from types import FrameType
 
-import msgpack
 import psutil
 import zmq
 
@@ -41,22 +38,21 @@ from rbee.errors import InternalError, InvalidModel, RbeeError
 from rbee.process import die_with_parent
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
-    PROTOCOL_VERSION,
+    SYNTHETIC_PREFIX,
     CancelJob,
-    Done,
-    Frame,
     Heartbeat,
     RunJob,
     StopRequest,
-    StreamError,
-    Token,
     WorkerFailed,
     WorkerLoading,
     WorkerReady,
 )
 from rbee.transport.sockets import LINGER_MS, LOCAL_HWM, connect, new_socket
 from rbee.worker.args import WorkerArgs
-from rbee.worker.engine import Engine, Outcome, SyntheticEngine, open_engine
+from rbee.worker.engine import Engine
+from rbee.worker.slots import Slots, SyntheticEngine, TokenFrames
+
+__all__ = ["TokenFrames", "Worker", "main_gpu", "run"]
 
 HEARTBEAT_INTERVAL_S = 1.0
 SUBSCRIBE_TIMEOUT_S = 15.0
@@ -65,7 +61,7 @@ PROGRESS_STEP = 0.05
 STOP_JOIN_S = 5.0
 MAX_MESSAGE_CHARS = 8000
 PIPE = "inproc://rbee-worker-up"
-FAST_TEXT_CHARS = 1024  # longer token text (held-back stop text) takes the validated path
+MAX_CANCELS = 1024  # cancel events kept for recent jobs (far more than slots)
 
 logger = log.get(__name__)
 
@@ -103,26 +99,8 @@ def measure_usage(backend: str, device: str, used_before: int | None) -> Usage:
     return Usage(rss_bytes=rss, vram_bytes=vram or 0)
 
 
-class TokenFrames:
-    """One job's Token frames, encoded fast: the job id is validated once, not per token."""
-
-    def __init__(self, job_id: str) -> None:
-        Token(job_id=job_id, seq=0, text="")  # raises if the id is not a valid job id
-        self.job_id = job_id
-        self.packer = msgpack.Packer()
-
-    def encode(self, seq: int, text: str, token_id: int) -> bytes:
-        """The bytes ``encode(Token(job_id, seq, text, token_id))`` would give."""
-        if len(text) > FAST_TEXT_CHARS or seq < 0 or token_id < -1:
-            frame = Token(job_id=self.job_id, seq=seq, text=text, token_id=token_id)
-            return encode(frame)
-        body = {"job_id": self.job_id, "seq": seq, "text": text, "token_id": token_id}
-        data: bytes = self.packer.pack({"v": PROTOCOL_VERSION, "t": Token.TYPE, "r": 0, "b": body})
-        return data
-
-
 class Generator(threading.Thread):
-    """Loads the model, then runs jobs one at a time and publishes their frames."""
+    """Loads the model, then runs the batch loop over its slots and publishes their frames."""
 
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], args: WorkerArgs) -> None:
         super().__init__(name="generation", daemon=True)
@@ -174,18 +152,25 @@ class Generator(threading.Thread):
         )
         cuda = args.backend == "cuda"
         used_before = gpu.device_used_bytes(int(args.device)) if cuda and args.device else None
-        engine = open_engine(
-            args.model_path,
-            args.n_ctx,
-            on_progress,
-            args.backend,
-            main_gpu(args.device, os.environ),
-            args.threads,
-            args.extra_bufts,
-        )
+        engine: Engine | SyntheticEngine
+        if args.model_path.startswith(SYNTHETIC_PREFIX):
+            on_progress(1.0)
+            engine = SyntheticEngine(args.model_path, args.slots)
+        else:
+            engine = Engine(
+                args.model_path,
+                args.n_ctx,
+                on_progress,
+                args.backend,
+                main_gpu(args.device, os.environ),
+                args.threads,
+                args.extra_bufts,
+                args.slots,
+            )
+            engine.pieces  # noqa: B018 - read the vocabulary now, not in the first job
         load_s = time.perf_counter() - started
         usage = measure_usage(args.backend, args.device, used_before)
-        gpu_layers = engine.gpu_layers if isinstance(engine, Engine) else 0
+        gpu_layers = engine.gpu_layers
         logger.info(
             "model loaded",
             load_s=round(load_s, 3),
@@ -209,53 +194,40 @@ class Generator(threading.Thread):
                     gpu_layers=gpu_layers,
                     rss_bytes=usage.rss_bytes,
                     vram_bytes=usage.vram_bytes,
+                    slots=args.slots,
                 )
             )
         )
-        while (item := self.jobs.get()) is not None:
-            job, cancel = item
-            self._run_job(engine, pub, job, cancel)
 
-    def _run_job(
-        self,
-        engine: Engine | SyntheticEngine,
-        pub: zmq.Socket[bytes],
-        job: RunJob,
-        cancel: threading.Event,
-    ) -> None:
-        topic = job.job_id.encode()
-        frames = TokenFrames(job.job_id)
-        outcome = Outcome()
-        seq = 0
-        terminal: Frame
-        try:
-            for piece in engine.generate(job.params, cancel, outcome):
-                pub.send_multipart([topic, frames.encode(seq, piece.text, piece.token_id)])
-                seq += 1
-            terminal = Done(
-                job_id=job.job_id,
-                seq=seq,
-                tokens=outcome.tokens,
-                prompt_tokens=outcome.prompt_tokens,
-                ttft_s=outcome.ttft_s,
-                decode_s=outcome.decode_s,
-                stop_reason=outcome.stop_reason,
-                tail=outcome.tail,
-            )
-        except RbeeError as exc:
-            terminal = StreamError(
-                job_id=job.job_id, seq=seq, code=exc.code, message=exc.message[:MAX_MESSAGE_CHARS]
-            )
-        except Exception as exc:  # llama.cpp failures must still end the stream
-            logger.exception("generation failed", job=job.job_id)
-            error = InternalError.of(exc)
-            terminal = StreamError(
-                job_id=job.job_id,
-                seq=seq,
-                code=error.code,
-                message=error.message[:MAX_MESSAGE_CHARS],
-            )
-        pub.send_multipart([topic, encode(terminal)])
+        def publish(topic: bytes, data: bytes) -> None:
+            pub.send_multipart([topic, data])
+
+        self._loop(Slots(engine, publish))
+
+    def _take(self, wait: bool) -> list[tuple[RunJob, threading.Event] | None]:
+        """Every job handed over since the last step (the first one waited for if ``wait``);
+        None stands for "stop"."""
+        taken = [self.jobs.get()] if wait else []
+        while True:
+            try:
+                taken.append(self.jobs.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def _loop(self, slots: Slots) -> None:
+        """Take jobs between steps (waiting for one only while no slot is busy) and step."""
+        while True:
+            for item in self._take(wait=not slots.busy()):
+                if item is None:
+                    slots.stop()
+                    return
+                slots.admit(*item)
+            if slots.busy():
+                try:
+                    slots.step()
+                except Exception as exc:  # llama.cpp failures must still end every stream
+                    logger.exception("generation failed", jobs=slots.running())
+                    slots.fail_all(InternalError.of(exc))
 
 
 class Worker:
@@ -321,7 +293,9 @@ class Worker:
             return
         if isinstance(frame, RunJob):
             event = threading.Event()
-            self.cancels = {frame.job_id: event}  # one job at a time; older events are done
+            self.cancels[frame.job_id] = event
+            if len(self.cancels) > MAX_CANCELS:  # the oldest jobs ended long ago
+                del self.cancels[next(iter(self.cancels))]
             generator.jobs.put((frame, event))
         elif isinstance(frame, CancelJob):
             if frame.job_id in self.cancels:

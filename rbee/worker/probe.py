@@ -14,8 +14,10 @@ import threading
 import time
 
 from rbee.llamacpp import PROBE_FAULT_ENV, cpu_features, loaded_variant
-from rbee.protocol.messages import GenerateParams
-from rbee.worker.engine import Engine, Outcome
+from rbee.protocol.codec import decode
+from rbee.protocol.messages import Done, GenerateParams, RunJob
+from rbee.worker.engine import Engine
+from rbee.worker.slots import Slots
 
 PROBE_CTX = 256
 PROBE_TOKENS = 32  # enough to tell two settings' speeds apart (about 0.4 s)
@@ -33,15 +35,25 @@ def run_probe(model_path: str, threads: int, extra_bufts: bool) -> int:
     params = GenerateParams(
         prompt=PROBE_PROMPT, max_tokens=PROBE_TOKENS, temperature=0.0, raw=True, ignore_eos=True
     )
-    outcome = Outcome()
-    for _ in engine.generate(params, threading.Event(), outcome):
-        pass
+    ends: list[Done] = []
+
+    def keep_done(_topic: bytes, data: bytes) -> None:
+        frame = decode(data).frame
+        if isinstance(frame, Done):
+            ends.append(frame)
+
+    slots = Slots(engine, keep_done)  # the very loop a worker runs
+    slots.admit(RunJob(job_id="probe", params=params), threading.Event())
+    while slots.busy():
+        slots.step()
+    tokens = ends[0].tokens if ends else 0
+    decode_s = ends[0].decode_s if ends else 0.0
     report = {
         "variant": loaded_variant(),
         "features": cpu_features(),
-        "tokens": outcome.tokens,
-        "tokens_per_s": (outcome.tokens - 1) / outcome.decode_s if outcome.decode_s else 0.0,
+        "tokens": tokens,
+        "tokens_per_s": (tokens - 1) / decode_s if decode_s else 0.0,
         "seconds": round(time.perf_counter() - started, 3),
     }
     print(json.dumps(report), flush=True)
-    return 0 if outcome.tokens == PROBE_TOKENS else 1
+    return 0 if tokens == PROBE_TOKENS else 1

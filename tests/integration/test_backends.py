@@ -79,7 +79,7 @@ def test_a_context_that_cannot_fit_is_insufficient_ram(tmp_path: Path, model_pat
 
 @pytest.mark.model
 def test_a_cpu_worker_reports_its_device_estimate_and_rss(tmp_path: Path, model_path: Path) -> None:
-    with hive_in_thread(tmp_path) as hive, keeper(hive) as (client, _):
+    with hive_in_thread(tmp_path, parallel=1) as hive, keeper(hive) as (client, _):
         assigned = ensure(client, backend="cpu")
         reply = client.request(ListWorkers(), 5)
         assert isinstance(reply, WorkerList)

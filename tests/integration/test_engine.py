@@ -81,7 +81,7 @@ def test_a_worker_killed_by_a_signal_before_its_first_token_says_what_ran(
         start(client, job_id, assigned.worker_id, GenerateParams(prompt="hi", max_tokens=4))
         worker = hive.workers[assigned.worker_id]
         deadline = time.monotonic() + 5
-        while worker.job_id != job_id and time.monotonic() < deadline:
+        while job_id not in worker.job_ids and time.monotonic() < deadline:
             time.sleep(0.05)
         os.kill(worker.pid, signal.SIGSEGV)
         frames = list(JobStream(client, sub, job_id))

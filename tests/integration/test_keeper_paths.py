@@ -54,7 +54,7 @@ def test_a_warm_request_goes_straight_to_the_idle_worker(ensures: list[EnsureWor
     assert len(ensures) == 1
     warm, said = run()
     assert warm.tokens == 8 and warm.worker_id == cold.worker_id
-    assert f"[worker] reusing idle worker {cold.worker_id}" in said, said
+    assert f"[worker] reusing worker {cold.worker_id}" in said, said
     assert len(ensures) == 1, "the status already showed the idle worker"
     with pytest.raises(BackendUnavailable):  # an idle CPU worker is no answer to a CUDA request
         run(infer.InferRequest(MODEL, REQUEST.params, backend="cuda"))
@@ -84,6 +84,6 @@ def test_a_worker_gone_since_the_status_is_replaced(
         result, said = run()
     finally:
         ctx.destroy(linger=0)
-    assert f"reusing idle worker {first.worker_id}" in said, said
+    assert f"reusing worker {first.worker_id}" in said, said
     assert result.tokens == 8 and result.worker_id != first.worker_id, said
     assert "[ready] worker" in said

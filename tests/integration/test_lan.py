@@ -167,7 +167,8 @@ def test_hives_are_found_and_serve_across_the_lan(
         again = rbee_on(
             h3, keeper, "infer", "-m", "only-on-beta", "-t", "0", "-n", "32", "Why is the sky blue?"
         )
-        assert "an idle worker there already holds only-on-beta" in again.stderr, again.stderr
+        said = again.stderr
+        assert "a worker there with a free slot already holds only-on-beta" in said, said
         # README's promise: the same request on the same engine state gives the same text. A
         # warm worker reuses the cached prompt (it computes only the last prompt token), so its
         # answers equal each other; a fresh worker's may differ in the last bits of the logits.

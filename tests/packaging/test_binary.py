@@ -138,7 +138,7 @@ def test_infer_through_an_ephemeral_hive(
     for phase in ("[hive] no hive running here", "[worker] ", "[done]"):
         assert phase in done.stderr, f"missing {phase!r} in:\n{done.stderr}"
     # The hive started loading the model while the keeper surveyed: still loading, or done.
-    assert re.search(r"already loading|reusing idle worker", done.stderr), done.stderr
+    assert re.search(r"already loading|reusing worker", done.stderr), done.stderr
     summary = SUMMARY.search(done.stderr)
     assert summary is not None and int(summary.group(1)) >= 8, done.stderr
     assert done.stdout.strip(), "tokens on stdout"
@@ -177,7 +177,7 @@ def test_hive_spawns_workers_from_the_binary(
 
         second = run(rbee_binary, *args, env=env)
         assert second.returncode == 0, second.stderr
-        assert "[worker] reusing idle worker" in second.stderr, second.stderr
+        assert "[worker] reusing worker" in second.stderr, second.stderr
         assert second.stdout == first.stdout, "greedy output is the same on both runs"
     finally:
         hive.send_signal(signal.SIGTERM)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from rbee.keeper.choose import IDLE, Candidate, choose
+from rbee.keeper.choose import FREE_SLOT, Candidate, choose, has_free_slot
 from rbee.protocol.messages import DeviceInfo, HiveStatus, ModelInfo, WorkerInfo
 
 GIB = 2**30
@@ -24,8 +24,16 @@ def model(name: str = M, size: int = 100 * 2**20) -> ModelInfo:
 
 
 def worker(
-    name: str = M, state: str = "idle", backend: str = "cpu", device: str = "cpu"
+    name: str = M,
+    state: str = "idle",
+    backend: str = "cpu",
+    device: str = "cpu",
+    slots: int = 1,
+    busy: int | None = None,
 ) -> WorkerInfo:
+    """A worker as a hive shows it; a busy one has all its slots busy unless ``busy`` says."""
+    if busy is None:
+        busy = slots if state == "busy" else 0
     return WorkerInfo(
         worker_id="w-1",
         model=name,
@@ -34,6 +42,8 @@ def worker(
         pid=1,
         state=state,
         last_activity=1.0,
+        slots=slots,
+        slots_busy=busy,
     )
 
 
@@ -70,7 +80,35 @@ def test_an_idle_worker_wins_over_free_memory() -> None:
     roomy = hive("roomy", 30, [model()])
     choice = choose([roomy, warm], M)
     assert choice is not None and choice.candidate.name == "warm"
-    assert choice.reason == f"{IDLE} {M}"
+    assert choice.reason == f"{FREE_SLOT} {M}"
+
+
+def test_a_busy_worker_with_a_free_slot_wins_over_free_memory() -> None:
+    """Slots, not workers: a worker running jobs still takes one while a slot is free."""
+    batching = hive("batching", 1, [model()], [worker(state="busy", slots=4, busy=3)])
+    roomy = hive("roomy", 30, [model()])
+    choice = choose([roomy, batching], M)
+    assert choice is not None and choice.candidate.name == "batching"
+    assert choice.reason == f"{FREE_SLOT} {M}"
+
+
+def test_a_worker_with_every_slot_busy_is_no_free_slot() -> None:
+    full = hive("full", 1, [model()], [worker(state="busy", slots=4)], max_workers=1)
+    roomy = hive("roomy", 30, [model()])
+    choice = choose([full, roomy], M)
+    assert choice is not None and choice.candidate.name == "roomy"
+    assert FREE_SLOT not in choice.reason
+    choice = choose([full], M)  # alone, it is where the job queues
+    assert choice is not None and "every slot is busy, so the job will queue" in choice.reason
+
+
+def test_which_workers_have_a_free_slot() -> None:
+    assert has_free_slot(worker(slots=4))
+    assert has_free_slot(worker(state="busy", slots=4, busy=3))
+    assert not has_free_slot(worker(state="busy", slots=4, busy=4))
+    assert not has_free_slot(worker(state="busy", slots=1, busy=0))  # busy runs at least one
+    assert not has_free_slot(worker(state="loading", slots=4))
+    assert not has_free_slot(worker(state="stopping", slots=4))
 
 
 def test_the_models_home_with_room_wins_and_more_free_memory_breaks_ties() -> None:
@@ -147,6 +185,7 @@ def test_an_idle_gpu_worker_counts_only_on_its_device() -> None:
     )
     roomy = hive("roomy", 1, [model()], devices=[gpu(0, 40)])
     choice = choose([roomy, on_gpu1], M, "cuda")
-    assert choice is not None and choice.candidate.name == "on-gpu1" and IDLE in choice.reason
+    assert choice is not None and choice.candidate.name == "on-gpu1" and FREE_SLOT in choice.reason
     choice = choose([roomy, on_gpu1], M, "cuda", "0")
-    assert choice is not None and choice.candidate.name == "roomy" and IDLE not in choice.reason
+    assert choice is not None and choice.candidate.name == "roomy"
+    assert FREE_SLOT not in choice.reason

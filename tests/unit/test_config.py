@@ -130,6 +130,9 @@ def test_each_bad_environment_value_is_named(
         (("--max-queue", "0"), "--max-queue: expected a whole number ≥ 1"),
         (("--max-workers-per-model", "0"), "--max-workers-per-model: expected a whole number ≥ 1"),
         (("--threads", "-2"), "--threads: expected a whole number ≥ 0"),
+        (("--parallel", "-1"), "--parallel: expected a whole number 0-256 (0: automatic)"),
+        (("--parallel", "257"), "--parallel: expected a whole number 0-256"),
+        (("--parallel", "four"), "--parallel: expected a whole number 0-256"),
     ],
 )
 def test_hive_flags_are_checked_like_the_file(
@@ -147,4 +150,23 @@ def test_a_zero_worker_limit_is_refused_in_the_file_and_environment_too(
 ) -> None:
     monkeypatch.setenv("RBEE_MAX_WORKERS", "0")
     with pytest.raises(InvalidRequest, match="RBEE_MAX_WORKERS='0': expected a whole number ≥ 1"):
+        config.check_environment()
+
+
+def test_parallel_from_the_file_the_environment_and_the_flag(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rbee import cli
+
+    assert cli.build_parser().parse_args(["hive"]).parallel == 0  # automatic by default
+    clean_env.write_text("[hive]\nparallel = 8\n")
+    config.apply()
+    assert os.environ["RBEE_PARALLEL"] == "8"
+    assert cli.build_parser().parse_args(["hive"]).parallel == 8
+    assert cli.build_parser().parse_args(["hive", "--parallel", "2"]).parallel == 2
+    clean_env.write_text("[hive]\nparallel = 300\n")
+    with pytest.raises(InvalidRequest, match=r"hive.parallel: expected a whole number 0-256"):
+        config.apply()
+    monkeypatch.setenv("RBEE_PARALLEL", "-3")
+    with pytest.raises(InvalidRequest, match="RBEE_PARALLEL='-3': expected a whole number 0-256"):
         config.check_environment()

@@ -353,10 +353,42 @@ def test_the_idle_worker_of_the_status_is_used_once(monkeypatch: pytest.MonkeyPa
     the retry asks the hive (EnsureWorker) instead of the status."""
     gone = WorkerNotFound(f"no worker {WORKER}")
     link, client, _ = setup(monkeypatch, {EnsureWorker: [COLD], StartJob: [[gone], [accepted]]})
-    idle = SimpleNamespace(worker_id=WORKER, model=MODEL, state="idle", backend="cpu", device="")
+    idle = SimpleNamespace(
+        worker_id=WORKER,
+        model=MODEL,
+        state="idle",
+        backend="cpu",
+        device="",
+        slots=1,
+        slots_busy=0,
+    )
     link.status = SimpleNamespace(workers=[idle])  # type: ignore[assignment]
     events = run(InferJob(link, REQUEST))
-    assert events[0] == Waiting("worker", f"reusing idle worker {WORKER} ({MODEL})")
+    assert events[0] == Waiting("worker", f"reusing worker {WORKER} ({MODEL}): a slot is free")
     assert client.of_type(StartJob)[0].worker_id == WORKER
     assert len(client.of_type(EnsureWorker)) == 1 and link.status is None
+    assert isinstance(events[-1], Finished)
+
+
+@pytest.mark.parametrize(("busy", "direct"), [(3, True), (4, False)])
+def test_a_status_worker_is_used_only_with_a_free_slot(
+    monkeypatch: pytest.MonkeyPatch, busy: int, direct: bool
+) -> None:
+    """A worker running jobs takes another while a slot is free; with every slot busy the
+    keeper asks the hive (EnsureWorker) instead."""
+    link, client, _ = setup(monkeypatch, {EnsureWorker: [COLD], StartJob: [[accepted]]})
+    shown = SimpleNamespace(
+        worker_id=WORKER,
+        model=MODEL,
+        state="busy",
+        backend="cpu",
+        device="",
+        slots=4,
+        slots_busy=busy,
+    )
+    link.status = SimpleNamespace(workers=[shown])  # type: ignore[assignment]
+    events = run(InferJob(link, REQUEST))
+    assert len(client.of_type(EnsureWorker)) == (0 if direct else 1)
+    if direct:
+        assert events[0] == Waiting("worker", f"reusing worker {WORKER} ({MODEL}): a slot is free")
     assert isinstance(events[-1], Finished)

@@ -169,7 +169,49 @@ def test_estimate_adds_weights_kv_compute_and_the_cuda_runtime() -> None:
     cuda = placement.estimate(SMOLLM2, 100 * MIB, 4096, "cuda")
     assert cuda.total_bytes == cpu.total_bytes + placement.CUDA_RUNTIME_BYTES
     assert "weights 100 + KV cache 90 + compute 99" in cuda.describe()
-    assert "runtime 600 MiB, 4096 tokens" in cuda.describe()
+    assert "runtime 600 MiB, 1 slot of 4096 tokens" in cuda.describe()
+    assert cpu.slots == cuda.slots == 1
+
+
+def test_each_slot_adds_its_own_kv_cache_and_the_compute_buffer_spans_them_all() -> None:
+    one = placement.estimate(SMOLLM2, 100 * MIB, 4096, "cpu")
+    four = placement.estimate(SMOLLM2, 100 * MIB, 4096, "cpu", slots=4)
+    assert four.slots == 4 and four.n_ctx == 4096  # the context stays per slot
+    assert four.kv_bytes == 4 * one.kv_bytes == 360 * MIB  # slots × n_ctx cells, non-unified
+    shape = placement.model_shape(SMOLLM2)
+    assert shape is not None
+    # the upper bound: attention against every slot's cells, as one context of 4 × 4096 would
+    assert four.compute_bytes == placement.compute_bytes(shape, 4 * 4096) > one.compute_bytes
+    assert placement.compute_bytes(shape, 4096, slots=4) == four.compute_bytes
+    assert four.weights_bytes == one.weights_bytes  # one copy of the weights
+    assert four.describe().endswith(
+        f"(weights 100 + KV cache 360 + compute {four.compute_bytes // MIB} MiB, "
+        "4 slots of 4096 tokens)"
+    )
+
+
+def test_fit_slots_takes_auto_slots_or_as_many_as_fit_never_below_one() -> None:
+    def estimate(slots: int) -> MemoryEstimate:
+        return placement.estimate(SMOLLM2, 100 * MIB, 4096, "cpu", slots)
+
+    sizes = {n: estimate(n).total_bytes for n in range(1, 9)}
+    assert placement.AUTO_SLOTS == 4
+    assert placement.fit_slots(estimate, 100 * GIB).slots == 4  # automatic: 4, not more
+    assert placement.fit_slots(estimate, sizes[4]).slots == 4  # exactly fits
+    assert placement.fit_slots(estimate, sizes[4] - 1).slots == 3
+    assert placement.fit_slots(estimate, sizes[2]).slots == 2
+    assert placement.fit_slots(estimate, sizes[2] - 1).slots == 1
+    tiny = placement.fit_slots(estimate, 1)  # nothing fits: 1 slot, which check_fits refuses
+    assert tiny.slots == 1
+    with pytest.raises(InsufficientRam, match=r"1 slot of 4096 tokens\); 0 MiB are free"):
+        placement.check_fits(tiny, Placement(backend="cpu", device="cpu", free_bytes=1), "m")
+    # explicit: as asked, whether it fits or not (a --parallel that does not fit is refused)
+    assert placement.fit_slots(estimate, 100 * GIB, parallel=8).slots == 8
+    explicit = placement.fit_slots(estimate, sizes[2], parallel=3)
+    assert explicit.slots == 3 and explicit.total_bytes == sizes[3] > sizes[2]
+    with pytest.raises(InsufficientRam, match="3 slots of 4096 tokens"):
+        where = Placement(backend="cpu", device="cpu", free_bytes=sizes[2])
+        placement.check_fits(explicit, where, "m")
 
 
 def test_an_unknown_shape_falls_back_to_weights_and_a_margin() -> None:
@@ -177,6 +219,8 @@ def test_an_unknown_shape_falls_back_to_weights_and_a_margin() -> None:
     assert not est.shape_known
     assert est.total_bytes == 500 * MIB + placement.UNKNOWN_SHAPE_MARGIN_BYTES
     assert "(shape unknown)" in est.describe()
+    two = placement.estimate({"general.architecture": "mamba"}, 500 * MIB, 4096, "cpu", 2)
+    assert two.slots == 2 and "2 slots of 4096 tokens" in two.describe()
 
 
 def test_estimate_for_a_real_file_and_for_none(model_path: Path) -> None:
@@ -188,6 +232,9 @@ def test_estimate_for_a_real_file_and_for_none(model_path: Path) -> None:
     )
     missing = placement.estimate_for_file("/no/such/file.gguf", 4096, "cuda")
     assert missing.total_bytes == 0  # synthetic: and vanished files need nothing here
+    four = placement.estimate_for_file(str(model_path), 4096, "cpu", slots=4)
+    assert four.slots == 4 and four.kv_bytes == 360 * MIB
+    assert placement.estimate_for_file("/no/such/file.gguf", 4096, "cpu", 4).slots == 4
 
 
 def test_estimate_for_a_file_that_is_not_gguf(tmp_path: Path) -> None:
@@ -212,7 +259,8 @@ def test_check_fits_refuses_with_needed_and_free_in_mib() -> None:
         placement.check_fits(needed, gpu0, "tinyllama", node="alpha")
     assert err.value.message == (
         "tinyllama needs about 2,600 MiB of GPU memory on cuda:0 (NVIDIA H100 80GB HBM3) "
-        "(weights 2000 + KV cache 500 + compute 100 MiB, 4096 tokens); 1,024 MiB are free on alpha"
+        "(weights 2000 + KV cache 500 + compute 100 MiB, 1 slot of 4096 tokens); 1,024 MiB are "
+        "free on alpha"
     )
     assert err.value.code == "INSUFFICIENT_VRAM" and err.value.exit_code == 7
     ram = Placement(backend="cpu", device="cpu", free_bytes=2000 * MIB)

@@ -16,9 +16,10 @@ from rbee.hive.registry import (
     WorkerState,
     expired_jobs,
     idle_expired,
-    pick_idle,
+    pick_free,
     pick_loading,
     plan_worker,
+    waiting_for_slots,
 )
 from rbee.hive.request import Request
 from rbee.protocol.codec import decode, encode
@@ -29,8 +30,16 @@ B = "/models/b.gguf"
 
 
 def worker(
-    wid: str, path: str = A, state: WorkerState = "idle", last_activity: float = 100.0
+    wid: str,
+    path: str = A,
+    state: WorkerState = "idle",
+    last_activity: float = 100.0,
+    slots: int = 1,
+    jobs: int | None = None,
 ) -> WorkerRecord:
+    """A worker record; a busy one runs ``jobs`` jobs (all its slots unless told)."""
+    if jobs is None:
+        jobs = slots if state == "busy" else 0
     return WorkerRecord(
         worker_id=wid,
         model=path.rsplit("/", 1)[-1],
@@ -38,69 +47,182 @@ def worker(
         pid=1000 + len(wid),
         state=state,
         last_activity=last_activity,
+        slots=slots,
+        job_ids=[f"{wid}-job{i}" for i in range(jobs)],
     )
 
 
-def job(jid: str, finished_at: float = 0.0) -> JobRecord:
+def job(
+    jid: str, finished_at: float = 0.0, path: str = A, backend: str = "", device: str = ""
+) -> JobRecord:
     return JobRecord(
         job_id=jid,
-        model="a.gguf",
-        model_path=A,
+        model=path.rsplit("/", 1)[-1],
+        model_path=path,
         request=Request(who=b"keeper", rid=1, role="infer"),
         params=GenerateParams(prompt="hi"),
         keep_alive_s=300.0,
         finished_at=finished_at,
+        backend=backend,
+        device=device,
     )
 
 
-# --------------------------------------------------------------------------- pick_idle
+# --------------------------------------------------------------------------- pick_free
 
 
-def test_pick_idle_prefers_the_most_recently_active() -> None:
+def test_pick_free_prefers_the_most_recently_active() -> None:
     old = worker("old", last_activity=10.0)
     new = worker("new", last_activity=30.0)
     mid = worker("mid", last_activity=20.0)
-    assert pick_idle([old, new, mid], A) is new
-    assert pick_idle([mid, old], A) is mid
+    assert pick_free([old, new, mid], A) is new
+    assert pick_free([mid, old], A) is mid
 
 
-def test_pick_idle_ignores_workers_that_are_not_idle() -> None:
+def test_pick_free_ignores_workers_without_a_free_slot() -> None:
     workers = [
         worker("busy", state="busy", last_activity=90.0),
         worker("loading", state="loading", last_activity=80.0),
         worker("stopping", state="stopping", last_activity=70.0),
         worker("idle", state="idle", last_activity=1.0),
     ]
-    assert pick_idle(workers, A) is workers[3]
-    assert pick_idle(workers[:3], A) is None
+    assert pick_free(workers, A) is workers[3]
+    assert pick_free(workers[:3], A) is None
+    full = worker("full", state="busy", slots=4, jobs=4, last_activity=99.0)
+    assert full.free_slots == 0 and full.state != "idle"
+    assert pick_free([full], A) is None
+    assert pick_free([full, workers[3]], A) is workers[3]
 
 
-def test_pick_idle_ignores_other_models() -> None:
+def test_pick_free_takes_a_busy_worker_with_a_free_slot() -> None:
+    """A worker running jobs still takes one while a slot is free: slots, not workers."""
+    busy = worker("busy", state="busy", slots=4, jobs=3)
+    assert busy.free_slots == 1
+    assert pick_free([busy], A) is busy
+    assert plan_worker([busy], A, ROOMY, fits=True) == Plan("reuse", busy)
+
+
+def test_pick_free_takes_the_most_free_slots_then_the_most_recent() -> None:
+    roomy = worker("roomy", state="busy", slots=4, jobs=1, last_activity=1.0)
+    tight = worker("tight", state="busy", slots=4, jobs=3, last_activity=99.0)
+    assert pick_free([tight, roomy], A) is roomy  # 3 free beat 1, however recent
+    twin = worker("twin", state="busy", slots=4, jobs=1, last_activity=50.0)
+    assert pick_free([roomy, twin, tight], A) is twin  # a tie in free slots: the most recent
+    idle = worker("idle", slots=2, last_activity=200.0)
+    assert pick_free([roomy, idle], A) is roomy  # 3 free beat an idle worker's 2
+
+
+def test_pick_free_ignores_other_models() -> None:
     other = worker("other", path=B, last_activity=99.0)
     mine = worker("mine", path=A, last_activity=1.0)
-    assert pick_idle([other, mine], A) is mine
-    assert pick_idle([other, mine], B) is other
-    assert pick_idle([other], A) is None
-    assert pick_idle([], A) is None
+    assert pick_free([other, mine], A) is mine
+    assert pick_free([other, mine], B) is other
+    assert pick_free([other], A) is None
+    assert pick_free([], A) is None
 
 
-def test_pick_idle_matches_the_path_not_the_name() -> None:
+def test_pick_free_matches_the_path_not_the_name() -> None:
     w = worker("w", path=A)
     w.model = "same-name"
-    assert pick_idle([w], "same-name") is None
-    assert pick_idle([w], A) is w
+    assert pick_free([w], "same-name") is None
+    assert pick_free([w], A) is w
 
 
-def test_pick_idle_honours_an_idle_preferred_worker() -> None:
+def test_pick_free_honours_a_preferred_worker_with_a_free_slot() -> None:
     old = worker("old", last_activity=10.0)
     new = worker("new", last_activity=30.0)
-    assert pick_idle([old, new], A, prefer="old") is old
-    assert pick_idle([old, new], A, prefer="") is new
-    assert pick_idle([old, new], A, prefer="unknown") is new
+    assert pick_free([old, new], A, prefer="old") is old
+    assert pick_free([old, new], A, prefer="") is new
+    assert pick_free([old, new], A, prefer="unknown") is new
     busy = worker("busy", state="busy", last_activity=1.0)
-    assert pick_idle([old, busy], A, prefer="busy") is old  # preferred but not idle
+    assert pick_free([old, busy], A, prefer="busy") is old  # preferred but no free slot
     other = worker("other", path=B)
-    assert pick_idle([old, other], A, prefer="other") is old  # preferred but another model
+    assert pick_free([old, other], A, prefer="other") is old  # preferred but another model
+    # preferred with one free slot beats another worker with more
+    one_left = worker("one-left", state="busy", slots=4, jobs=3, last_activity=1.0)
+    empty = worker("empty", slots=4, last_activity=99.0)
+    assert pick_free([empty, one_left], A, prefer="one-left") is one_left
+
+
+def test_pick_free_honours_where_the_job_may_run() -> None:
+    cpu = worker("cpu", slots=4)
+    gpu = worker("gpu", slots=1)
+    gpu.backend, gpu.device = "cuda", "0"
+    on_gpu = job("j", backend="cuda", device="0")
+    assert pick_free([cpu, gpu], A, serves=on_gpu.runs_on) is gpu
+    gpu.start_job("other", 300.0)
+    assert pick_free([cpu, gpu], A, serves=on_gpu.runs_on) is None  # never the CPU worker
+
+
+# --------------------------------------------------------------------------- slots
+
+
+def test_free_slots_by_state() -> None:
+    assert worker("loading", state="loading", slots=4).free_slots == 0
+    assert worker("stopping", state="stopping", slots=4).free_slots == 0
+    assert worker("idle", slots=4).free_slots == 4
+    assert worker("busy", state="busy", slots=4, jobs=1).free_slots == 3
+    assert worker("full", state="busy", slots=4).free_slots == 0
+
+
+def test_jobs_take_and_free_slots_and_the_last_one_starts_the_keep_alive() -> None:
+    w = worker("w", slots=3)
+    w.became_idle(now=0.0, keep_alive_s=60.0)
+    w.start_job("j1", keep_alive_s=30.0)
+    assert (w.state, w.job_ids, w.free_slots) == ("busy", ["j1"], 2)
+    assert w.idle_deadline == math.inf  # its keep-alive runs only while it is idle
+    assert idle_expired([w], now=1e9) == []
+    w.start_job("j2", keep_alive_s=-1.0)
+    w.start_job("j3", keep_alive_s=10.0)  # the latest request's keep-alive wins
+    assert w.free_slots == 0 and pick_free([w], A) is None
+    w.end_job("j1", now=100.0)
+    assert (w.state, w.job_ids, w.free_slots, w.jobs_served) == ("busy", ["j2", "j3"], 1, 1)
+    assert idle_expired([w], now=1e9) == []  # one job ended, two still run: not idle
+    w.end_job("j3", now=100.0)
+    w.end_job("unknown", now=100.0)  # harmless, counts nothing
+    assert (w.state, w.jobs_served) == ("busy", 2)
+    w.end_job("j2", now=200.0)
+    assert (w.state, w.job_ids, w.free_slots, w.jobs_served) == ("idle", [], 3, 3)
+    assert (w.keep_alive_s, w.idle_deadline) == (10.0, 210.0)
+    assert idle_expired([w], now=210.0) == [w]
+
+
+def test_a_stopping_worker_stays_stopping_as_its_jobs_end() -> None:
+    w = worker("w", state="busy", slots=2, jobs=2)
+    w.state = "stopping"
+    assert w.free_slots == 0
+    w.end_job("w-job0", now=1.0)
+    w.end_job("w-job1", now=1.0)
+    assert (w.state, w.job_ids, w.jobs_served, w.free_slots) == ("stopping", [], 2, 0)
+    assert idle_expired([w], now=1e9) == []
+
+
+def test_waiting_for_slots_fills_free_slots_in_order() -> None:
+    a4 = worker("a4", state="busy", slots=4, jobs=2)  # 2 free
+    a1 = worker("a1")  # 1 free
+    b = worker("b", path=B, slots=4)
+    jobs = [job(f"j{i}") for i in range(5)]
+    assert waiting_for_slots(jobs, [a4, a1, b]) == jobs[3:]  # 3 free slots for A: 3 start
+    assert waiting_for_slots(jobs, []) == jobs
+    on_b = job("jb", path=B)
+    assert waiting_for_slots([*jobs, on_b], [a4, b]) == jobs[2:]
+
+
+def test_waiting_for_slots_counts_loading_slots_only_when_asked() -> None:
+    loading = worker("loading", state="loading", slots=4)
+    jobs = [job(f"j{i}") for i in range(6)]
+    assert waiting_for_slots(jobs, [loading]) == jobs  # no slot is free now
+    assert waiting_for_slots(jobs, [loading], loading=True) == jobs[4:]  # 4 are coming
+    stopping = worker("stopping", state="stopping", slots=4)
+    assert waiting_for_slots(jobs, [stopping], loading=True) == jobs
+
+
+def test_waiting_for_slots_honours_where_each_job_may_run() -> None:
+    gpu = worker("gpu", slots=2)
+    gpu.backend, gpu.device = "cuda", "0"
+    cpu = worker("cpu", slots=2)
+    on_gpu = [job(f"g{i}", backend="cuda", device="0") for i in range(3)]
+    assert waiting_for_slots(on_gpu, [cpu, gpu]) == on_gpu[2:]
 
 
 # --------------------------------------------------------------------------- pick_loading
@@ -118,10 +240,10 @@ def test_pick_loading() -> None:
 
 
 def test_new_worker_record_starts_loading() -> None:
-    w = WorkerRecord(worker_id="w-1", model="m", model_path=A, pid=5)
-    assert w.state == "loading"
+    w = WorkerRecord(worker_id="w-1", model="m", model_path=A, pid=5, slots=4)
+    assert w.state == "loading" and w.free_slots == 0
     assert pick_loading([w], A) is w
-    assert pick_idle([w], A) is None
+    assert pick_free([w], A) is None
 
 
 # --------------------------------------------------------------------------- expired_jobs
@@ -188,8 +310,10 @@ def test_surplus_can_remove_recent_jobs_too() -> None:
 
 
 def test_worker_record_info_is_a_valid_worker_info() -> None:
-    w = WorkerRecord(worker_id="w-abc", model="tiny", model_path=A, pid=4321)
-    w.state, w.job_id, w.jobs_served, w.keep_alive_s = "busy", "job-7", 5, -1.0
+    w = WorkerRecord(worker_id="w-abc", model="tiny", model_path=A, pid=4321, slots=4)
+    w.start_job("job-7", 300.0)
+    w.start_job("job-8", 300.0)
+    w.jobs_served, w.keep_alive_s = 5, -1.0
     info = w.info(rss_bytes=2048)
     assert isinstance(info, WorkerInfo)
     assert info == WorkerInfo(
@@ -204,6 +328,8 @@ def test_worker_record_info_is_a_valid_worker_info() -> None:
         rss_bytes=2048,
         jobs_served=5,
         keep_alive_s=-1.0,
+        slots=4,
+        slots_busy=2,
     )
     assert abs(info.last_activity - time.time()) < 60  # wall clock, not monotonic
     # and it goes over the wire intact
@@ -217,6 +343,17 @@ def test_worker_record_info_defaults() -> None:
     assert info.rss_bytes == 0
     assert info.job_id == ""
     assert info.state == "loading"
+    assert (info.slots, info.slots_busy) == (1, 0)
+
+
+def test_worker_info_shows_only_a_job_the_caller_may_see() -> None:
+    w = worker("w", slots=3)
+    for job_id in ("theirs-1", "mine", "theirs-2"):
+        w.start_job(job_id, 300.0)
+    assert w.info().job_id == "theirs-1"  # an admin: the oldest job
+    assert w.info(job_shown=lambda j: j == "mine").job_id == "mine"
+    hidden = w.info(job_shown=lambda j: False)
+    assert (hidden.job_id, hidden.slots_busy, hidden.slots) == ("", 3, 3)  # counts, no ids
 
 
 def test_finished_property() -> None:
@@ -228,11 +365,11 @@ def test_finished_property() -> None:
 
 
 def test_became_idle() -> None:
-    w = worker("w", state="busy")
-    w.job_id = "job-1"
+    w = worker("w")
+    w.start_job("job-1", keep_alive_s=30.0)
     before = time.time()
-    w.became_idle(now=1000.0, keep_alive_s=30.0)
-    assert (w.state, w.job_id, w.keep_alive_s, w.idle_deadline) == ("idle", "", 30.0, 1030.0)
+    w.end_job("job-1", now=1000.0)
+    assert (w.state, w.job_ids, w.keep_alive_s, w.idle_deadline) == ("idle", [], 30.0, 1030.0)
     assert w.last_activity >= before  # wall clock, shown to keepers
     w.became_idle(now=1000.0, keep_alive_s=-1.0)
     assert w.idle_deadline == math.inf
@@ -289,6 +426,28 @@ def test_plan_spawns_when_there_is_room() -> None:
 
 def test_plan_refuses_what_does_not_fit() -> None:
     assert plan_worker([], A, ROOMY, fits=False) == Plan("busy")
+
+
+def test_plan_reuses_a_worker_with_a_free_slot_before_spawning_another() -> None:
+    busy = worker("busy", state="busy", slots=4, jobs=3)
+    roomy = Limits(max_workers=4, max_workers_per_model=2)
+    assert plan_worker([busy], A, roomy, fits=True) == Plan("reuse", busy)
+    busy.start_job("fourth", 300.0)
+    assert plan_worker([busy], A, roomy, fits=True) == Plan("spawn")  # no slot free: a 2nd
+    assert plan_worker([busy], A, roomy, fits=False) == Plan("queue", busy)  # memory says no
+    one = Limits(max_workers=4, max_workers_per_model=1)
+    assert plan_worker([busy], A, one, fits=True) == Plan("queue", busy)  # the limit says no
+    full = Limits(max_workers=1, max_workers_per_model=2)
+    assert plan_worker([busy], A, full, fits=True) == Plan("queue", busy)
+
+
+def test_plan_never_evicts_a_worker_that_runs_a_job() -> None:
+    limits = Limits(max_workers=2, max_workers_per_model=1)
+    b_busy = worker("b-busy", path=B, state="busy", slots=4, jobs=1, last_activity=1.0)
+    b_idle = worker("b-idle", path=B, slots=4, last_activity=50.0)
+    assert plan_worker([b_busy, b_idle], A, limits, fits=True) == Plan("spawn", evict=b_idle)
+    b_idle.start_job("j", 300.0)
+    assert plan_worker([b_busy, b_idle], A, limits, fits=True) == Plan("busy")
 
 
 def test_plan_queues_on_the_same_model_at_its_limit() -> None:

@@ -10,7 +10,7 @@ import pytest
 
 import rbee.worker
 import rbee.worker.engine
-from rbee.worker.engine import StopMatcher
+from rbee.worker.slots import StopMatcher
 
 
 def run(stops: list[str], chunks: list[str]) -> tuple[list[str], bool, str]:
@@ -28,9 +28,11 @@ def run(stops: list[str], chunks: list[str]) -> tuple[list[str], bool, str]:
 def test_importing_the_engine_does_not_need_llama_cpp(monkeypatch: pytest.MonkeyPatch) -> None:
     # A None entry in sys.modules makes ``import llama_cpp`` raise ImportError.
     monkeypatch.setitem(sys.modules, "llama_cpp", None)
-    monkeypatch.setattr(rbee.worker, "engine", rbee.worker.engine)  # restored afterwards
-    monkeypatch.delitem(sys.modules, "rbee.worker.engine")
-    fresh = importlib.import_module("rbee.worker.engine")
+    for name in ("engine", "slots"):
+        monkeypatch.setattr(rbee.worker, name, getattr(rbee.worker, name))  # restored afterwards
+        monkeypatch.delitem(sys.modules, f"rbee.worker.{name}")
+    assert importlib.import_module("rbee.worker.engine").BATCH_TOKENS > 0
+    fresh = importlib.import_module("rbee.worker.slots")
     assert fresh.StopMatcher(["x"]).feed("axb") == ("a", True)
 
 

@@ -1,0 +1,121 @@
+"""The batch loop's bookkeeping, driven with the synthetic model (no llama.cpp, no sockets)."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+
+from rbee.protocol.codec import decode
+from rbee.protocol.messages import Done, Frame, GenerateParams, RunJob, StreamError, Token
+from rbee.worker.slots import Slots, SyntheticEngine, common_prefix
+
+
+class Recorder:
+    """Every frame each job published, in order."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, list[Frame]] = defaultdict(list)
+
+    def __call__(self, topic: bytes, data: bytes) -> None:
+        frame = decode(data).frame
+        assert topic == frame.job_id.encode()  # type: ignore[attr-defined]
+        self.frames[topic.decode()].append(frame)
+
+
+def job(job_id: str, max_tokens: int, stop: list[str] | None = None) -> RunJob:
+    params = GenerateParams(prompt="a b c", max_tokens=max_tokens, stop=stop or [])
+    return RunJob(job_id=job_id, params=params)
+
+
+def run_all(slots: Slots, limit: int = 10_000) -> int:
+    steps = 0
+    while slots.busy():
+        slots.step()
+        steps += 1
+        assert steps < limit
+    return steps
+
+
+def test_jobs_share_steps_and_each_stream_is_whole() -> None:
+    out = Recorder()
+    slots = Slots(SyntheticEngine("synthetic:0", slots=4), out)
+    lengths = {"j-1": 5, "j-2": 9, "j-3": 1, "j-4": 7}
+    for job_id, n in lengths.items():
+        slots.admit(job(job_id, n), threading.Event())
+    steps = run_all(slots)
+    assert steps == 9  # the prefill step gives each its first token, then one per step each
+    for job_id, n in lengths.items():
+        frames = out.frames[job_id]
+        tokens, end = frames[:-1], frames[-1]
+        assert [f.seq for f in tokens] == list(range(n))  # type: ignore[attr-defined]
+        assert "".join(f.text for f in tokens) == "".join(f" w{i}" for i in range(n))  # type: ignore[attr-defined]
+        assert isinstance(end, Done) and end.seq == n and end.tokens == n
+        assert end.stop_reason == "length"
+
+
+def test_more_jobs_than_slots_wait_and_start_as_slots_free() -> None:
+    out = Recorder()
+    slots = Slots(SyntheticEngine("synthetic:0", slots=2), out)
+    for i in range(5):
+        slots.admit(job(f"j-{i}", 3), threading.Event())
+    assert slots.free() == 0 and len(slots.backlog) == 3
+    run_all(slots)
+    assert sorted(out.frames) == [f"j-{i}" for i in range(5)]
+    assert all(isinstance(f[-1], Done) and f[-1].tokens == 3 for f in out.frames.values())
+
+
+def test_a_canceled_job_ends_within_one_step_and_the_others_go_on() -> None:
+    out = Recorder()
+    slots = Slots(SyntheticEngine("synthetic:0", slots=3), out)
+    cancels = {f"j-{i}": threading.Event() for i in range(3)}
+    for job_id, cancel in cancels.items():
+        slots.admit(job(job_id, 20), cancel)
+    for _ in range(5):
+        slots.step()
+    cancels["j-1"].set()
+    slots.step()
+    canceled = out.frames["j-1"][-1]
+    assert isinstance(canceled, Done) and canceled.stop_reason == "canceled"
+    assert canceled.tokens == 5  # no token after the cancel was seen
+    assert slots.free() == 1
+    run_all(slots)
+    for job_id in ("j-0", "j-2"):
+        end = out.frames[job_id][-1]
+        assert isinstance(end, Done) and end.tokens == 20 and end.stop_reason == "length"
+
+
+def test_stop_strings_end_one_stream() -> None:
+    out = Recorder()
+    slots = Slots(SyntheticEngine("synthetic:0", slots=2), out)
+    slots.admit(job("j-a", 50, stop=[" w3"]), threading.Event())
+    slots.admit(job("j-b", 6), threading.Event())
+    run_all(slots)
+    a = out.frames["j-a"]
+    assert "".join(f.text for f in a[:-1]) == " w0 w1 w2"  # type: ignore[attr-defined]
+    assert isinstance(a[-1], Done) and a[-1].stop_reason == "stop"
+    b = out.frames["j-b"][-1]
+    assert isinstance(b, Done) and b.tokens == 6
+
+
+def test_fail_all_ends_running_and_waiting_jobs_with_one_error_each() -> None:
+    from rbee.errors import JobStopped
+
+    out = Recorder()
+    slots = Slots(SyntheticEngine("synthetic:0", slots=1), out)
+    slots.admit(job("j-run", 10), threading.Event())
+    slots.admit(job("j-wait", 10), threading.Event())
+    slots.step()
+    slots.step()
+    slots.fail_all(JobStopped("stopping"))
+    assert not slots.busy()
+    run_end, wait_end = out.frames["j-run"][-1], out.frames["j-wait"][-1]
+    assert isinstance(run_end, StreamError) and run_end.seq == 2  # after its two tokens
+    assert isinstance(wait_end, StreamError) and wait_end.seq == 0
+    assert run_end.code == wait_end.code == "JOB_STOPPED"
+    assert all(isinstance(f, Token) for f in out.frames["j-run"][:-1])
+
+
+def test_common_prefix() -> None:
+    assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix([], [1]) == 0
+    assert common_prefix([1, 2], [1, 2, 3]) == 2
