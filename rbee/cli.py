@@ -291,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DURATION",
         help="keep workers loaded this long after a job (default: the hive's)",
     )
+    serve.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="cpu",
+        help="where workers for its requests run, as `rbee infer --backend` (default: cpu)",
+    )
+    serve.add_argument("--device", default="", metavar="N|UUID", help="the GPU for --backend cuda")
 
     worker = sub.add_parser("worker", help="(started by a hive) serve one model")
     worker.set_defaults(run=_worker)
@@ -501,6 +508,8 @@ def _serve(args: argparse.Namespace) -> int:
         api_keys_file=args.api_keys_file,
         ready_timeout_s=args.ready_timeout,
         worker_keep_alive_s=args.keep_alive,
+        backend=args.backend,
+        device=args.device,
     )
 
 

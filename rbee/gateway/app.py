@@ -53,6 +53,8 @@ class GatewayConfig:
     keepalive_s: float = KEEPALIVE_INTERVAL_S
     ready_timeout_s: float = READY_TIMEOUT_S
     worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT
+    backend: str = "cpu"  # where workers for its requests run (`rbee serve --backend`)
+    device: str = ""  # the GPU for backend cuda ("": the one with most free memory)
 
 
 def error_response(exc: RbeeError) -> JSONResponse:
@@ -138,7 +140,12 @@ class Gateway:
             call = parse_call(kind, body, allow_local_models=self.config.allow_local_models)
             job = self.jobs.start(
                 InferRequest(
-                    call.model, call.params, self.config.node, self.config.worker_keep_alive_s
+                    call.model,
+                    call.params,
+                    self.config.node,
+                    self.config.worker_keep_alive_s,
+                    self.config.backend,
+                    self.config.device,
                 )
             )
         except RbeeError as exc:

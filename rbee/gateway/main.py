@@ -118,6 +118,8 @@ def prepare(
     ready_timeout_s: float = READY_TIMEOUT_S,
     keepalive_s: float = KEEPALIVE_INTERVAL_S,
     worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT,
+    backend: str = "cpu",
+    device: str = "",
 ) -> Server:
     """Check the key rules and bind; raises InvalidRequest or AccessDenied instead of starting
     an open gateway on the network."""
@@ -137,6 +139,8 @@ def prepare(
         keepalive_s=keepalive_s,
         ready_timeout_s=ready_timeout_s,
         worker_keep_alive_s=worker_keep_alive_s,
+        backend=backend,
+        device=device,
     )
     return Server(host, port, config)
 
@@ -148,6 +152,8 @@ def run(
     api_keys_file: str | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
     worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT,
+    backend: str = "cpu",
+    device: str = "",
 ) -> int:
     """`rbee serve`: run the gateway until SIGINT/SIGTERM; the exit code."""
     server = prepare(
@@ -156,6 +162,8 @@ def run(
         api_keys_file=api_keys_file,
         ready_timeout_s=ready_timeout_s,
         worker_keep_alive_s=worker_keep_alive_s,
+        backend=backend,
+        device=device,
     )
     keys = server.config.api_keys
     logger.info(
@@ -164,6 +172,7 @@ def run(
         openai_base_url=server.url + "/v1",
         auth=f"{len(keys)} API keys" if keys else "none (loopback only)",
         node=node or "chosen per request",
+        backend=backend + (f":{device}" if device else ""),
     )
     server.serve()
     logger.info("gateway stopped")

@@ -255,7 +255,7 @@ class InferJob:
         for frame in self._replies(self.link.client.send(start)):
             if isinstance(frame, ProgressFrame) and frame.phase == "queued":
                 if frame.message != said:  # the hive repeats it every second: say what changed
-                    yield Waiting("queue", f"waiting for a free worker: {frame.message}")
+                    yield Waiting("queue", f"waiting for a free slot: {frame.message}")
                     said = frame.message
             elif isinstance(frame, JobAccepted):
                 return frame.worker_id

@@ -232,7 +232,7 @@ HELPED = [("infer",), ("models",), ("hive",)]
 
 def test_a_queued_job_says_its_place_once_per_change(rbee_env: dict[str, str]) -> None:
     """Off a terminal the hive's once-a-second queue reports are said only when they change."""
-    with running_hive(rbee_env):
+    with running_hive(rbee_env, "--parallel", "1"):  # one slot: the second job queues
         first = subprocess.Popen(
             rbee_cmd("infer", "-t", "0", "--ignore-eos", "-n", "300", "Tell a story"),
             env=rbee_env,

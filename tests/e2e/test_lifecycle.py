@@ -159,11 +159,11 @@ def test_ctrl_c_cancels_and_the_worker_serves_the_next_job(rbee_env: dict[str, s
 
 
 def test_a_queued_job_runs_after_the_first(rbee_env: dict[str, str]) -> None:
-    with running_hive(rbee_env, "--max-workers", "1"):
+    with running_hive(rbee_env, "--max-workers", "1", "--parallel", "1"):
         first = Keeper(rbee_env, "--raw", "-t", "0", "--ignore-eos", "-n", "150", "Hello")
         first.wait_for("[inference]")
         second = Keeper(rbee_env, *SHORT)
-        second.wait_for("[queue] waiting for a free worker: position 1 of 1")
+        second.wait_for("[queue] waiting for a free slot: position 1 of 1")
         code1, _, err1 = first.finish()
         code2, _, err2 = second.finish()
         assert code1 == 0 and code2 == 0, err1 + err2

@@ -474,9 +474,23 @@ def test_the_wait_for_a_worker_has_a_deadline(start_hive: HiveFactory) -> None:
         assert r.status_code == 504 and b"TIMEOUT" in raw
 
 
+def test_a_gateway_pinned_to_a_gpu_never_runs_on_the_cpu(start_hive: HiveFactory) -> None:
+    """`rbee serve --backend cuda` on a hive without a usable GPU: every request is refused with
+    BACKEND_UNAVAILABLE naming what exists, none runs on the CPU."""
+    port = start_hive()
+    body = {"model": DEFAULT_MODEL, "prompt": STORY, "max_tokens": 3}
+    with serving(backend="cuda") as server:
+        refused = httpx.post(server.url + "/v1/completions", json=body, timeout=60)
+    assert refused.status_code >= 400
+    error = refused.json()["error"]
+    assert error["code"] == "BACKEND_UNAVAILABLE" and "cpu" in error["message"].lower()
+    assert workers(port) == []
+
+
 def test_busy_hive_is_429_with_retry_after(start_hive: HiveFactory) -> None:
-    """One worker runs a long job and the queue's one place is taken: the next request is 429."""
-    port = start_hive("--max-queue", "1", "--max-workers", "1")
+    """One worker with one slot runs a long job and the queue's one place is taken: the next
+    request is 429."""
+    port = start_hive("--max-queue", "1", "--max-workers", "1", "--parallel", "1")
     body = {"model": DEFAULT_MODEL, "prompt": STORY, "max_tokens": 3}
     long = {**body, "max_tokens": 4000, "ignore_eos": True, "stream": True}
     with serving() as server:
@@ -500,7 +514,7 @@ def test_a_busy_hive_is_retried_like_the_cli(
 ) -> None:
     """ALL_SLOTS_BUSY is retried with backoff (the keeper's job loop does it for both): slots
     that free up meanwhile serve the request."""
-    port = start_hive("--max-queue", "1", "--max-workers", "1")
+    port = start_hive("--max-queue", "1", "--max-workers", "1", "--parallel", "1")
     events: list[JobEvent] = []
     forward = Job._forward
 

@@ -302,7 +302,7 @@ def test_a_stop_while_queued_cancels_the_job(monkeypatch: pytest.MonkeyPatch) ->
     job = InferJob(link, REQUEST, should_stop=lambda: stopped)
     events = run(job, until=stop)
     queue = [e for e in events if isinstance(e, Waiting) and e.phase == "queue"]
-    assert queue == [Waiting("queue", "waiting for a free worker: position 1 of 1")]
+    assert queue == [Waiting("queue", "waiting for a free slot: position 1 of 1")]
     assert isinstance(events[-1], Failed) and isinstance(events[-1].error, Canceled)
     assert [c.job_id for c in client.of_type(Cancel)] == [job.job_id] and subs[0].closed
 
