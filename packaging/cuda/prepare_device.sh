@@ -3,8 +3,9 @@
 # machine that has none (Python 3.12, CUDA, cmake, numpy): about 25 MB, in two git-ignored
 # folders that the device tool carries (`carry: [".whl", ".gpu"]`).
 #
-#   .whl/  cp312 manylinux wheels: rbee's hive/worker/keeper dependencies, nvidia-ml-py, gguf
-#          and pyyaml (to write models there), scikit-build-core and pathspec (to build there)
+#   .whl/  cp312 manylinux wheels: rbee's hive/worker/keeper/gateway dependencies, httpx (the
+#          benchmarks' client), nvidia-ml-py, gguf and pyyaml (to write models there),
+#          scikit-build-core and pathspec (to build there)
 #   .gpu/  the llama-cpp-python sdist, slimmed from 76 to 12 MB; the default model's tokenizer
 #          (0.4 MB: the model itself, 98 MB, is over what a call may carry)
 #
@@ -22,6 +23,9 @@ wanted=(
     "$(pin pyzmq)" "$(pin msgpack)" "$(pin structlog)" "$(pin psutil)" "$(pin zeroconf)"
     "$(pin sqlite-utils)" "$(pin huggingface_hub)" "$(pin httpx2)" "$(pin jinja2)"
     "$(pin diskcache)" "$(pin pyyaml)" "$(pin typing_extensions)"
+    "$(pin httpcore2)" "$(pin truststore)" "$(pin anyio)" "$(pin idna)" "$(pin sniffio)"
+    "$(pin starlette)" "$(pin uvicorn)" "$(pin h11)" "$(pin click)"
+    "$(pin httpx)" "$(pin httpcore)" "$(pin certifi)"
     nvidia-ml-py gguf scikit-build-core pathspec
 )
 python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
