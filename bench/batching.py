@@ -23,6 +23,11 @@ Per K and side, from ``time.perf_counter()`` in the client threads:
   recorded separately in the JSON, not in the figure; on a GPU, the peak GPU memory NVML reports
   for the same processes (blank where NVML is missing or does not list them).
 
+`rbee serve` is pinned to the benchmark's hive (``--node``), as llama-server is one server: the
+figures are the batching's, not a LAN survey's. At the end, a consistency pass: 8 prompts run one
+at a time, then all at once, on each server, the whole prompt computed every time
+(``cache_prompt`` false); how many texts batching left the same goes to the JSON and the output.
+
 Tokens are counted as the server's own count where it gives one: both send ``usage`` (asked for
 with ``stream_options.include_usage``; llama-server's text-completion stream carries it on its
 last chunk anyway) with ``completion_tokens``, the tokens the model generated. Where ``usage`` is
@@ -113,6 +118,7 @@ from peers import only_variant
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results"
 DEFAULT_MODEL = "smollm2-135m-instruct"  # the bundled model's catalog name
+CONSISTENCY_STREAMS = 8  # prompts run alone and then together, on both servers
 TEXTS = (
     "The old lighthouse keeper climbed the stairs",
     "In the kitchen, the bread was slowly rising",
@@ -151,6 +157,7 @@ class Stream:
     usage: int | None = None  # the server's completion_tokens
     finish: str | None = None
     chars: int = 0
+    text: str = ""
 
     @property
     def tokens(self) -> int:
@@ -169,9 +176,11 @@ class Stream:
         return (self.tokens - 1) / span if self.tokens > 1 and span > 0 else float("nan")
 
 
-def body(model: str, prompt: str, tokens: int) -> dict[str, Any]:
-    """The request both servers get."""
+def body(model: str, prompt: str, tokens: int, cache_prompt: bool = True) -> dict[str, Any]:
+    """The request both servers get (``cache_prompt`` false: the whole prompt is computed even
+    where a slot holds its prefix; both servers accept it)."""
     return {
+        "cache_prompt": cache_prompt,
         "model": model,
         "prompt": prompt,
         "max_tokens": tokens,
@@ -206,6 +215,7 @@ def one_stream(client: Any, base: str, request: dict[str, Any], go: threading.Ba
                     s.last = now
                     s.events += 1
                     s.chars += len(text)
+                    s.text += text
                 s.finish = choice.get("finish_reason") or s.finish
             if usage := event.get("usage"):
                 s.usage = int(usage["completion_tokens"])
@@ -216,7 +226,12 @@ def one_stream(client: Any, base: str, request: dict[str, Any], go: threading.Ba
 
 
 def streams(
-    base: str, model: str, prompts: Sequence[str], tokens: int, timeout: float
+    base: str,
+    model: str,
+    prompts: Sequence[str],
+    tokens: int,
+    timeout: float,
+    cache_prompt: bool = True,
 ) -> list[Stream]:
     """K = len(prompts) streams at once, one thread and one connection each."""
     import httpx
@@ -230,7 +245,8 @@ def streams(
 
     def run(i: int) -> None:
         try:
-            done[i] = one_stream(clients[i], base, body(model, prompts[i], tokens), go)
+            request = body(model, prompts[i], tokens, cache_prompt)
+            done[i] = one_stream(clients[i], base, request, go)
         except BaseException as exc:
             failed.append(exc)
             go.abort()
@@ -604,7 +620,7 @@ def run(config: Config) -> tuple[list[Row], dict[str, Any]]:
         nvml(),
         running_hive(tmp, *hive_args) as hive,
         serving(peer_argv, None, peer_port, "/v1/models") as peer,
-        serving(gateway_argv, hive.env, gateway_port, "/health") as gateway,
+        serving(pinned(gateway_argv, hive.env), hive.env, gateway_port, "/health") as gateway,
     ):
 
         def rbee_pids() -> list[int]:
@@ -631,12 +647,43 @@ def run(config: Config) -> tuple[list[Row], dict[str, Any]]:
                     f" {p.ttft(50):.0f} ms (rbee vs llama-server)",
                     flush=True,
                 )
+        k = min(CONSISTENCY_STREAMS, slots, rbee_slots or slots)
+        about["consistency"] = {
+            "streams": k,
+            "peer": consistency(peer.base, "peer", k, run_id, config),
+            "rbee": consistency(gateway.base, rbee_model, k, run_id, config),
+        }
+        print(f"[consistency] {about['consistency']}", flush=True)
     rows = rows_of(raw, config)
     about["runs"] = {
         str(k): {side: [s.to_json() for s in sides] for side, sides in by_side.items()}
         for k, by_side in raw.items()
     }
     return rows, about
+
+
+def pinned(gateway_argv: list[str], hive_env: dict[str, str]) -> list[str]:
+    """`rbee serve` sending every request to the benchmark's hive (``--node``), as llama-server
+    is one server: the figures are the batching's, not a LAN survey's."""
+    return [*gateway_argv, "--node", f"127.0.0.1:{hive_env['RBEE_HIVE_PORT']}"]
+
+
+def consistency(base: str, model: str, k: int, run_id: str, config: Config) -> dict[str, Any]:
+    """How often batching changes greedy text: K prompts run one at a time, then all K at once,
+    the whole prompt computed every time (``cache_prompt`` false on both servers); how many of
+    the K texts are the same, and after how many characters the others part."""
+    texts = prompts(k, f"c{run_id}")
+    alone = [
+        streams(base, model, [p], config.tokens, config.timeout, cache_prompt=False)[0].text
+        for p in texts
+    ]
+    together = [s.text for s in streams(base, model, texts, config.tokens, config.timeout, False)]
+    parted = [
+        next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+        for a, b in zip(alone, together, strict=True)
+        if a != b
+    ]
+    return {"same": sum(a == b for a, b in zip(alone, together, strict=True)), "parted_at": parted}
 
 
 def figure_row(

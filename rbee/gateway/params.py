@@ -4,7 +4,8 @@ Everything a worker can honour maps onto GenerateParams; what it cannot (several
 logprobs, tools, penalties …) is refused with a 400 naming the parameter, as the OpenAI API
 refuses values it does not support, so a client never gets silently different behaviour.
 Fields that change nothing about the output (``user``, ``metadata``, ``store`` …) are ignored.
-Two extensions that llama.cpp's and vLLM's servers accept too: ``top_k`` and ``ignore_eos``.
+Extensions that llama.cpp's server accepts too: ``top_k``, ``ignore_eos`` (vLLM's as well) and
+``cache_prompt`` (false: compute the whole prompt even where a slot holds its prefix).
 """
 
 from __future__ import annotations
@@ -96,6 +97,7 @@ def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
         seed=int(_number(body, "seed", -1, -1, SEED_MAX, integer=True)),
         stop=_stop(body.get("stop")),
         ignore_eos=_bool(body, "ignore_eos"),
+        cache_prompt=_bool(body, "cache_prompt", default=True),
     )
     return Call(kind, model, params, stream, include_usage)
 
@@ -248,10 +250,10 @@ def _num(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else str(x)
 
 
-def _bool(body: dict[str, Any], name: str, prefix: str = "") -> bool:
+def _bool(body: dict[str, Any], name: str, prefix: str = "", default: bool = False) -> bool:
     value = body.get(name)
     if value is None:
-        return False
+        return default
     if not isinstance(value, bool):
         raise BadParameter(prefix + name, f"{prefix}{name} must be true or false")
     return value

@@ -97,6 +97,7 @@ class GenerateParams(Record):
     stop: list[str] = spec(default_factory=list, max_len=MAX_STOP_STRINGS)
     raw: bool = spec(default=False)
     ignore_eos: bool = spec(default=False)
+    cache_prompt: bool = spec(default=True)  # reuse a slot's cached prefix (llama-server's name)
     messages: list[ChatMessage] = spec(default_factory=list, max_len=MAX_CHAT_MESSAGES)
 
     def whole_problems(self) -> list[str]:

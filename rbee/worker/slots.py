@@ -226,6 +226,8 @@ class Slots:
         free = [s for s in self.slots if s.job is None]
         slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
         keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)  # recompute >= 1 token
+        if not run.params.cache_prompt:
+            keep = 0
         if not self.model.forget(slot.seq, keep):
             self.model.forget(slot.seq, 0)
             keep = 0

@@ -88,6 +88,11 @@ def test_max_completion_tokens_wins_and_extensions_pass() -> None:
         allow_local_models=False,
     )
     assert (call.params.max_tokens, call.params.top_k, call.params.ignore_eos) == (9, 3, True)
+    assert call.params.cache_prompt  # llama-server's default
+    fresh = parse_call("chat", chat(cache_prompt=False), allow_local_models=False)
+    assert not fresh.params.cache_prompt
+    with pytest.raises(InvalidRequest, match="cache_prompt must be true or false"):
+        parse_call("chat", chat(cache_prompt="no"), allow_local_models=False)
 
 
 @pytest.mark.parametrize(

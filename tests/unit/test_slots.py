@@ -119,3 +119,42 @@ def test_common_prefix() -> None:
     assert common_prefix([1, 2, 3], [1, 2, 4]) == 2
     assert common_prefix([], [1]) == 0
     assert common_prefix([1, 2], [1, 2, 3]) == 2
+
+
+class CachingModel(SyntheticEngine):
+    """The synthetic model with real prompt tokens, recording what each slot was told to forget."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__("synthetic:0", slots)
+        self.forgot: list[tuple[int, int]] = []
+
+    def prompt_tokens(self, params: GenerateParams) -> list[int]:
+        return [ord(c) for c in params.prompt]
+
+    def forget(self, seq: int, from_pos: int) -> bool:
+        self.forgot.append((seq, from_pos))
+        return True
+
+
+def test_a_prompt_goes_to_the_slot_holding_its_prefix_and_computes_only_the_rest() -> None:
+    model = CachingModel(slots=3)
+    slots = Slots(model, Recorder())
+    for job_id, prompt in (("j-a", "hello there"), ("j-b", "goodbye now")):
+        slots.admit(
+            RunJob(job_id=job_id, params=GenerateParams(prompt=prompt, max_tokens=2)),
+            threading.Event(),
+        )
+    run_all(slots)
+    held = {s.seq: s.cached for s in slots.slots}
+    seq_b = next(seq for seq, cached in held.items() if cached[:7] == [ord(c) for c in "goodbye"])
+    model.forgot.clear()
+    follow_up = GenerateParams(prompt="goodbye now, and more", max_tokens=2)
+    slots.admit(RunJob(job_id="j-c", params=follow_up), threading.Event())
+    assert model.forgot == [(seq_b, len("goodbye now"))]  # the shared prefix stays cached
+    assert slots.slots[seq_b].pending == [ord(c) for c in ", and more"]
+    run_all(slots)
+    model.forgot.clear()
+    whole = GenerateParams(prompt="goodbye now, and more", max_tokens=2, cache_prompt=False)
+    slots.admit(RunJob(job_id="j-d", params=whole), threading.Event())
+    assert model.forgot == [(seq_b, 0)]  # cache_prompt false: the whole prompt is computed
+    assert len(slots.slots[seq_b].pending) == len("goodbye now, and more")
