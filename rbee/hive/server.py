@@ -81,6 +81,7 @@ from rbee.transport.sockets import (
 )
 
 POLL_INTERVAL_S = 0.1
+HOUSEKEEPING_EVERY_S = 0.1  # reaping, keep-alives, queue reports: not on every token relayed
 DRAIN_BATCH = 1000
 ENGINE_TEXT_CHARS = 1024
 FRONT_HWM = 64  # requests queued per keeper connection while the loop is busy
@@ -249,6 +250,7 @@ class Hive:
         logger.info(
             "hive ready", node=self.node, router=self.front_endpoint, stream=self.stream_endpoint
         )
+        next_housekeeping = 0.0
         try:
             while not self.stopped:
                 events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
@@ -265,7 +267,10 @@ class Hive:
                     poller.unregister(extra_fd)
                     self.request_stop()
                     self.request_stop()  # nobody waits for running jobs: stop now
-                self.housekeeping(time.monotonic())
+                now = time.monotonic()
+                if now >= next_housekeeping or not events:
+                    self.housekeeping(now)
+                    next_housekeeping = now + HOUSEKEEPING_EVERY_S
         finally:
             self._close()
 
