@@ -103,6 +103,7 @@ from typing import Any
 from common import (
     RBEE,
     Row,
+    Server,
     default_model,
     free_port,
     machine,
@@ -110,7 +111,7 @@ from common import (
     median,
     percentile,
     running_hive,
-    stop,
+    serving,
     table,
 )
 from peers import only_variant
@@ -380,39 +381,6 @@ def descendants(pid: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ the servers
-
-
-@dataclass
-class Server:
-    """A running HTTP server: its base URL and process."""
-
-    base: str
-    proc: subprocess.Popen[bytes]
-
-
-@contextlib.contextmanager
-def serving(argv: list[str], env: dict[str, str] | None, port: int, path: str) -> Iterator[Server]:
-    """Start an HTTP server on ``port``; yield it once GET ``path`` answers 200 (bench/peers.py's
-    ``serving``, keeping the process for its memory)."""
-    import httpx
-
-    base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:  # not a pipe: a chatty server would block on it
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    said = log.read().decode(errors="replace")[-3000:]
-                    raise SystemExit(f"{' '.join(argv[:3])} did not start:\n{said}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base + path, timeout=1).status_code == 200:
-                        break
-                time.sleep(0.2)
-            yield Server(base, proc)
-        finally:
-            stop(proc)  # type: ignore[arg-type]
 
 
 def build_llama_server() -> Path:

@@ -18,6 +18,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -471,3 +472,36 @@ def standalone(bench: Callable[[int], list[Row]], reps: int) -> int:
     args = parser.parse_args()
     print(table(bench(args.reps)))
     return 0
+
+
+@dataclass
+class Server:
+    """A running HTTP server: its base URL and process."""
+
+    base: str
+    proc: subprocess.Popen[bytes]
+
+
+@contextlib.contextmanager
+def serving(argv: list[str], env: dict[str, str] | None, port: int, path: str) -> Iterator[Server]:
+    """Start an HTTP server on ``port``; yield it (its base URL, and its process for its memory)
+    once GET ``path`` answers 200."""
+    import httpx
+
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:  # not a pipe: a chatty server would block on it
+        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    said = log.read().decode(errors="replace")[-3000:]
+                    raise SystemExit(f"{' '.join(argv[:3])} did not start:\n{said}")
+                with contextlib.suppress(httpx.HTTPError):
+                    if httpx.get(base + path, timeout=1).status_code == 200:
+                        break
+                time.sleep(0.2)
+            yield Server(base, proc)
+        finally:
+            stop(proc)  # type: ignore[arg-type]

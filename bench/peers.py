@@ -19,14 +19,12 @@ machine where repacking crashes, llama-server would crash too).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from common import (
@@ -37,37 +35,13 @@ from common import (
     infer_argv,
     run_one,
     running_hive,
+    serving,
     standalone,
-    stop,
 )
 from stream_efficiency import PROMPT
 
 TOKENS = 256
 BENCH = Path(__file__).resolve().parent
-
-
-@contextlib.contextmanager
-def serving(argv: list[str], env: dict[str, str] | None, port: int, path: str) -> Iterator[str]:
-    """Start an HTTP server on ``port``; yield its base URL once GET ``path`` answers 200."""
-    import httpx
-
-    base = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryFile() as log:  # not a pipe: a chatty server would block on it
-        proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.seek(0)
-                    said = log.read().decode(errors="replace")[-3000:]
-                    raise SystemExit(f"{' '.join(argv[1:3])} did not start:\n{said}")
-                with contextlib.suppress(httpx.HTTPError):
-                    if httpx.get(base + path, timeout=1).status_code == 200:
-                        break
-                time.sleep(0.2)
-            yield base
-        finally:
-            stop(proc)  # type: ignore[arg-type]
 
 
 def completion(base: str, model: str) -> tuple[float, float]:
@@ -141,9 +115,10 @@ def run(reps: int) -> list[Row]:
     with (
         tempfile.TemporaryDirectory() as tmp,
         running_hive(tmp) as hive,
-        serving(peer_argv, None, peer_port, "/v1/models") as peer_url,
-        serving(gateway_argv, hive.env, gateway_port, "/health") as gateway_url,
+        serving(peer_argv, None, peer_port, "/v1/models") as peer_server,
+        serving(gateway_argv, hive.env, gateway_port, "/health") as gateway_server,
     ):
+        peer_url, gateway_url = peer_server.base, gateway_server.base
         completion(peer_url, "peer")  # warm: the first request of each
         completion(gateway_url, "smollm2-135m-instruct")  # loads rbee's worker
         for _ in range(reps):

@@ -211,7 +211,8 @@ class HiveStatus(Frame):
 
 
 class EnsureWorker(Frame):
-    """Get an idle worker holding ``model``: reuse one, or spawn and wait for it to load.
+    """Get a worker holding ``model`` with a free slot: reuse one, or spawn and wait for it to
+    load.
 
     ``backend`` "cuda" puts every layer on one GPU: ``device`` (an index or an NVML UUID), or the
     GPU with the most free memory when empty. A hive that cannot do that answers
@@ -274,8 +275,9 @@ class ModelPulled(Frame):
 class StartJob(Frame):
     """Run a generation on a worker holding ``model``; the keeper subscribes to ``job_id`` first.
 
-    The job runs on ``worker_id`` if it is idle, else on the first idle worker holding the model;
-    until then it waits in the hive's bounded queue and the keeper gets Progress("queued").
+    The job runs in a free slot of ``worker_id``, else of another worker holding the model (on
+    the same device); until a slot frees it waits in the hive's bounded queue and the keeper gets
+    Progress("queued").
     """
 
     TYPE = "start_job"

@@ -9,9 +9,10 @@ completion and chat functions do, and a sequence's sampler chain is the one ``Ll
 builds, so a lone greedy job's output matches llama-cpp-python token for token.
 
 Slots: the context holds ``slots`` sequences of ``n_ctx`` cells each (llama.cpp's ``n_seq_max``
-with a KV cache split per sequence, not unified: each sequence's attention then reads only its own
-cells, which measured faster for independent streams; llama.cpp's own comment on ``kv_unified``
-says the same).
+with a KV cache split per sequence, not unified): each sequence's attention reads only its own
+cells and every slot is sure of its whole context. Measured on the 2-core CPU (8 slots, 1-8
+streams of the default model) the unified cache was no faster (within the run-to-run spread);
+llama.cpp's own comment on ``kv_unified`` advises against it for streams that share no prefix.
 
 CPU: a worker runs ``threads`` threads for generation and prompt processing alike (by default
 as many as llama.cpp's own tools: rbee.llamacpp.default_threads), and loads with llama.cpp's

@@ -29,6 +29,7 @@ from rbee.protocol.messages import (
     WorkerList,
 )
 from rbee.worker.engine import in_process
+from rbee.worker.slots import common_prefix
 from tests.helpers import hive_in_thread, keeper
 from tests.integration.test_hive_worker import MODEL, ensure, start
 
@@ -100,15 +101,6 @@ def greedy(prompt: str, n: int, **extra: object) -> GenerateParams:
     return GenerateParams(prompt=prompt, max_tokens=n, temperature=0.0, raw=True, **extra)  # type: ignore[arg-type]
 
 
-def prefix_len(a: str, b: str) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def test_eight_streams_on_one_worker_continue_their_own_prompts(
     data_dir: Path, model_path: Path
 ) -> None:
@@ -146,8 +138,8 @@ def test_eight_streams_on_one_worker_continue_their_own_prompts(
         assert isinstance(run.end, Done), run.end
         assert run.end.tokens == n == len(run.tokens) and run.end.stop_reason == "length"
         assert [t.seq for t in run.tokens] == list(range(n)) and run.end.seq == n
-        own = prefix_len(run.text, alone[i])
-        others = [prefix_len(run.text, alone[j]) for j in range(len(PROMPTS)) if j != i]
+        own = common_prefix(run.text, alone[i])
+        others = [common_prefix(run.text, alone[j]) for j in range(len(PROMPTS)) if j != i]
         assert own > max(others), (PROMPTS[i], run.text, alone[i])
         identical += run.text == alone[i]
     print(f"\nbatched greedy text equal to the prompt alone: {identical} of {len(PROMPTS)}")
