@@ -499,10 +499,11 @@ def _uninstall(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from rbee import log
+    from rbee.gateway.main import prepare
     from rbee.gateway.main import run as run_gateway
 
     log.configure("gateway")
-    return run_gateway(
+    server = prepare(
         args.listen,
         node=args.node,
         api_keys_file=args.api_keys_file,
@@ -511,6 +512,7 @@ def _serve(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
     )
+    return run_gateway(server)
 
 
 def _hive(args: argparse.Namespace) -> int:

@@ -145,34 +145,16 @@ def prepare(
     return Server(host, port, config)
 
 
-def run(
-    listen: str = DEFAULT_LISTEN,
-    *,
-    node: str | None = None,
-    api_keys_file: str | None = None,
-    ready_timeout_s: float = READY_TIMEOUT_S,
-    worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT,
-    backend: str = "cpu",
-    device: str = "",
-) -> int:
-    """`rbee serve`: run the gateway until SIGINT/SIGTERM; the exit code."""
-    server = prepare(
-        listen,
-        node=node,
-        api_keys_file=api_keys_file,
-        ready_timeout_s=ready_timeout_s,
-        worker_keep_alive_s=worker_keep_alive_s,
-        backend=backend,
-        device=device,
-    )
-    keys = server.config.api_keys
+def run(server: Server) -> int:
+    """`rbee serve`: run a prepared gateway until SIGINT/SIGTERM; the exit code."""
+    config = server.config
     logger.info(
         "gateway listening",
         url=server.url,
         openai_base_url=server.url + "/v1",
-        auth=f"{len(keys)} API keys" if keys else "none (loopback only)",
-        node=node or "chosen per request",
-        backend=backend + (f":{device}" if device else ""),
+        auth=f"{len(config.api_keys)} API keys" if config.api_keys else "none (loopback only)",
+        node=config.node or "chosen per request",
+        backend=config.backend + (f":{config.device}" if config.device else ""),
     )
     server.serve()
     logger.info("gateway stopped")

@@ -590,7 +590,7 @@ def test_with_no_hive_running_an_ephemeral_one_serves(rbee_env: dict[str, str]) 
 def test_serve_runs_until_sigterm_and_exits_zero(rbee_env: dict[str, str]) -> None:
     script = (
         "from rbee import log; log.configure('gateway', json=True); "
-        "from rbee.gateway.main import run; raise SystemExit(run('127.0.0.1:0'))"
+        "from rbee.gateway.main import prepare, run; raise SystemExit(run(prepare('127.0.0.1:0')))"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", script], env=rbee_env, stderr=subprocess.PIPE, text=True
