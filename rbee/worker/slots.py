@@ -152,6 +152,7 @@ class Job:
     seq: int = 0  # the next frame's sequence number
     tokens: int = 0
     first_at: float = 0.0
+    order: int = 0  # when it was admitted: waiting prompts are read first come, first served
 
 
 @dataclass(eq=False)
@@ -186,7 +187,7 @@ class Slots:
         self.slots = [Slot(seq) for seq in range(model.slots)]
         self.backlog: deque[tuple[RunJob, threading.Event]] = deque()
         self.pieces = model.pieces
-        self.order = itertools.count()  # admission order: prompts are prefilled first come
+        self.order = itertools.count()
 
     def free(self) -> int:
         """Slots without a job."""
@@ -245,6 +246,7 @@ class Slots:
             frames=frames,
             topic=run.job_id.encode(),
             matcher=StopMatcher(run.params.stop),
+            order=next(self.order),
         )
 
     def step(self) -> None:
@@ -258,16 +260,18 @@ class Slots:
         for slot in generating:
             slot.row = batch.add(slot.seq, (slot.next_token,), len(slot.cached), True)
             slot.cached.append(slot.next_token)
-        prefilling = [s for s in self.slots if s.job is not None and s.pending]
+        prefilling = sorted(
+            (s for s in self.slots if s.job is not None and s.pending),
+            key=lambda s: s.job.order if s.job is not None else 0,
+        )
         for slot in prefilling:
             room = model.batch_tokens - batch.size
             if room <= 0:
                 slot.row = -1
                 continue
             chunk, slot.pending = slot.pending[:room], slot.pending[room:]
-            slot.row = batch.add(slot.seq, chunk, len(slot.cached), not slot.pending)
-            if slot.pending:
-                slot.row = -1
+            last = batch.add(slot.seq, chunk, len(slot.cached), not slot.pending)
+            slot.row = -1 if slot.pending else last  # logits only once the prompt is read
             slot.cached.extend(chunk)
         try:
             if batch.size:
