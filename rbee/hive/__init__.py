@@ -1,0 +1,1 @@
+"""hive: the daemon of one machine (see README.md, Layout)."""

@@ -1,0 +1,1 @@
+"""keeper: the CLI's side (finding a hive, a job's events, the verbs)."""

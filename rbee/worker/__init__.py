@@ -1,0 +1,1 @@
+"""worker: one process per loaded model, started by a hive."""
