@@ -445,5 +445,7 @@ class SyntheticEngine:
         if not self.interval_s:
             return
         now = time.perf_counter()
-        self.next_at = max(self.next_at, now - self.interval_s) + self.interval_s
+        if now - self.next_at > self.interval_s:  # idle since the last step: a new beat
+            self.next_at = now
+        self.next_at += self.interval_s
         time.sleep(max(0.0, self.next_at - now))

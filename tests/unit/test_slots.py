@@ -158,3 +158,24 @@ def test_a_prompt_goes_to_the_slot_holding_its_prefix_and_computes_only_the_rest
     slots.admit(RunJob(job_id="j-d", params=whole), threading.Event())
     assert model.forgot == [(seq_b, 0)]  # cache_prompt false: the whole prompt is computed
     assert len(slots.slots[seq_b].pending) == len("goodbye now, and more")
+
+
+def test_the_synthetic_model_paces_every_stream_from_the_first_token_on() -> None:
+    """At 20 tokens/s the first token of a job comes one interval after it starts, also after
+    the model sat idle, and the others follow one interval apart (shared by the streams)."""
+    import time
+
+    out = Recorder()
+    model = SyntheticEngine("synthetic:20", slots=2)
+    slots = Slots(model, out)
+    time.sleep(0.1)  # idle before the job
+    started = time.perf_counter()
+    slots.admit(job("j-a", 3), threading.Event())
+    slots.admit(job("j-b", 3), threading.Event())
+    slots.step()
+    first = time.perf_counter() - started
+    run_all(slots)
+    total = time.perf_counter() - started
+    assert 0.045 <= first < 0.1, first
+    assert 0.14 <= total < 0.3, total
+    assert all(isinstance(f[-1], Done) and f[-1].tokens == 3 for f in out.frames.values())
