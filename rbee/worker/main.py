@@ -50,7 +50,7 @@ from rbee.protocol.messages import (
 from rbee.transport.sockets import LINGER_MS, LOCAL_HWM, connect, new_socket
 from rbee.worker.args import WorkerArgs
 from rbee.worker.engine import Engine
-from rbee.worker.slots import Slots, SyntheticEngine, TokenFrames
+from rbee.worker.slots import MAX_MESSAGE_CHARS, Slots, SyntheticEngine, TokenFrames
 
 __all__ = ["TokenFrames", "Worker", "main_gpu", "run"]
 
@@ -59,7 +59,6 @@ SUBSCRIBE_TIMEOUT_S = 15.0
 POLL_INTERVAL_S = 0.2
 PROGRESS_STEP = 0.05
 STOP_JOIN_S = 5.0
-MAX_MESSAGE_CHARS = 8000
 PIPE = "inproc://rbee-worker-up"
 MAX_CANCELS = 1024  # cancel events kept for recent jobs (far more than slots)
 
