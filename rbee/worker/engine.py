@@ -64,7 +64,6 @@ class Batch:
     Never handed to ``llama_batch_free``: Python frees the arrays."""
 
     def __init__(self, llama_cpp: Any, capacity: int) -> None:
-        self.capacity = capacity
         self.tokens = (ctypes.c_int32 * capacity)()
         self.positions = (ctypes.c_int32 * capacity)()
         self.seq_ids = (ctypes.c_int32 * capacity)()
@@ -134,16 +133,12 @@ class Engine:
         self.threads = threads or default_threads()
         with _load_params(llama_cpp, on_progress, extra_bufts, slots):
             try:
-                self.llama: Any = llama_cpp.Llama(
-                    model_path=model_path,
-                    n_ctx=(n_ctx or DEFAULT_CTX_TOKENS) * slots,
-                    n_batch=BATCH_TOKENS,
-                    n_ubatch=BATCH_TOKENS,
-                    n_threads=self.threads,
-                    n_threads_batch=self.threads,
-                    flash_attn=True,  # "auto" (see _load_params), as llama.cpp decides
-                    verbose=False,
-                    **placement,
+                self.llama: Any = _new_llama(
+                    llama_cpp,
+                    model_path,
+                    (n_ctx or DEFAULT_CTX_TOKENS) * slots,
+                    self.threads,
+                    placement,
                 )
             except (ValueError, RuntimeError, OSError) as exc:
                 said = "".join(LLAMA_LOG).strip()
@@ -161,7 +156,7 @@ class Engine:
         self._ctx = self.llama._ctx.ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self._vocab = self.llama._model.vocab
-        self._batch = Batch(llama_cpp, BATCH_TOKENS)
+        self.batch = Batch(llama_cpp, BATCH_TOKENS)  # filled by the caller, run by ``decode``
         self.batch_tokens = BATCH_TOKENS
 
     @property
@@ -258,15 +253,10 @@ class Engine:
         sequence part way (then the caller drops it whole, from 0, which never fails)."""
         return bool(self._llama_cpp.llama_memory_seq_rm(self._memory, seq, from_pos, -1))
 
-    @property
-    def batch(self) -> Batch:
-        """The batch the next ``decode`` runs (filled by the caller)."""
-        return self._batch
-
     def decode(self) -> None:
         """Run the batch through the model (the one call per step that does the work)."""
-        self._batch.struct.n_tokens = self._batch.size
-        code = self._llama_cpp.llama_decode(self._ctx, self._batch.struct)
+        self.batch.struct.n_tokens = self.batch.size
+        code = self._llama_cpp.llama_decode(self._ctx, self.batch.struct)
         if code != 0:
             raise InternalError(f"llama.cpp could not decode a batch (llama_decode said {code})")
 
@@ -274,23 +264,33 @@ class Engine:
 def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_CTX_TOKENS) -> Any:
     """A plain ``llama_cpp.Llama`` loaded exactly as a hive's one-slot worker loads it (threads,
     extra buffer types, CPU variant): the in-process baseline of tests and benchmarks."""
-    import_llama()  # loads the probed variant, unless this process loaded another one already
+    llama_cpp = import_llama()  # the probed variant, unless this process loaded another one
     running = loaded_variant()
     if choice.running and running and running != choice.running:
         raise InvalidModel(
             f"this process runs llama.cpp's {running} CPU variant, workers {choice.running}"
         )
-    llama_cpp = import_llama()
     with _load_params(llama_cpp, lambda _f: None, choice.extra_bufts, slots=1):
-        return llama_cpp.Llama(
-            model_path=model_path,
-            n_ctx=n_ctx,
-            n_threads=choice.threads or default_threads(),
-            n_threads_batch=choice.threads or default_threads(),
-            flash_attn=True,
-            verbose=False,
-            n_gpu_layers=0,
-        )
+        threads = choice.threads or default_threads()
+        return _new_llama(llama_cpp, model_path, n_ctx, threads, {"n_gpu_layers": 0})
+
+
+def _new_llama(
+    llama_cpp: Any, model_path: str, n_ctx: int, threads: int, placement: dict[str, Any]
+) -> Any:
+    """``Llama()`` as every rbee load makes it (inside ``_load_params``): ``threads`` for
+    generation and prompt alike, BATCH_TOKENS a batch, flash attention as llama.cpp decides."""
+    return llama_cpp.Llama(
+        model_path=model_path,
+        n_ctx=n_ctx,
+        n_batch=BATCH_TOKENS,
+        n_ubatch=BATCH_TOKENS,
+        n_threads=threads,
+        n_threads_batch=threads,
+        flash_attn=True,  # "auto" (see _load_params)
+        verbose=False,
+        **placement,
+    )
 
 
 def gpu_params(llama_cpp: Any, backend: str, main_gpu: int) -> dict[str, Any]:

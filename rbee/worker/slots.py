@@ -213,9 +213,9 @@ class Slots:
             try:
                 self._start(run, cancel)
             except RbeeError as exc:
-                self._end_before_start(run.job_id, exc)
+                self._send_error(run.job_id, 0, exc)
             except Exception as exc:  # a template or tokenizer failure ends only this job
-                self._end_before_start(run.job_id, InternalError.of(exc))
+                self._send_error(run.job_id, 0, InternalError.of(exc))
 
     def _start(self, run: RunJob, cancel: threading.Event) -> None:
         started = time.perf_counter()
@@ -346,9 +346,6 @@ class Slots:
         slot.job, slot.pending, slot.row, slot.next_token = None, [], -1, -1
         return job
 
-    def _end_before_start(self, job_id: str, error: RbeeError) -> None:
-        self._send_error(job_id, 0, error)
-
     def _send_error(self, job_id: str, seq: int, error: RbeeError) -> None:
         frame: Frame = StreamError(
             job_id=job_id, seq=seq, code=error.code, message=error.message[:MAX_MESSAGE_CHARS]
@@ -362,7 +359,7 @@ class Slots:
                 self._fail(slot, error)
         while self.backlog:
             run, _ = self.backlog.popleft()
-            self._end_before_start(run.job_id, error)
+            self._send_error(run.job_id, 0, error)
 
 
 # --------------------------------------------------------------------------- the stand-in
