@@ -22,12 +22,12 @@ from rbee.config import COUNT_FLAG, PORT_FLAG, POSITIVE_FLAG, SLOTS_FLAG
 from rbee.errors import Canceled, ExitCode, InvalidRequest, OutputFailed, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
 from rbee.protocol.messages import (
-    BACKENDS,
     DEFAULT_MODEL,
     FILE_PREFIX,
     HIVE_KEEP_ALIVE_S,
     KEEP_ALIVE_DEFAULT,
     PAIR_WINDOW_S,
+    PLACEMENTS,
     PROTOCOL_VERSION,
 )
 from rbee.protocol.schema import not_unicode
@@ -53,6 +53,7 @@ def version_text() -> str:
 
 
 SECURITY = "rbee.keeper.security"
+EXPLAIN = "rbee.keeper.explain"
 MODELS = "rbee.keeper.models"
 NODES = "rbee.keeper.nodes"
 
@@ -113,9 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     infer.add_argument(
         "--backend",
-        choices=BACKENDS,
-        default="cpu",
-        help="cpu, or cuda: every layer on one GPU, never a silent CPU run (default: cpu)",
+        choices=PLACEMENTS,
+        default="auto",
+        help="auto: the hive places the model (one GPU, several, part GPU and part CPU, or the "
+        "CPU; `rbee explain` shows why); cpu; or cuda: every layer on one GPU, never a silent "
+        "CPU run (default: auto)",
     )
     infer.add_argument(
         "--device",
@@ -185,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="jobs each worker decodes together, each with its own context (default 0: "
         "automatic, 4 or as many as fit in free memory)",
+    )
+    hive.add_argument(
+        "--backend",
+        choices=PLACEMENTS,
+        default=env("RBEE_BACKEND", "auto"),
+        help="where requests that name no backend run (default auto: one GPU, several, part GPU "
+        "and part CPU, or the CPU, as the model fits; cpu or cuda pins them)",
     )
     hive.add_argument(
         "--secure",
@@ -293,9 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--backend",
-        choices=BACKENDS,
-        default="cpu",
-        help="where workers for its requests run, as `rbee infer --backend` (default: cpu)",
+        choices=PLACEMENTS,
+        default="auto",
+        help="where workers for its requests run, as `rbee infer --backend` (default: auto)",
     )
     serve.add_argument("--device", default="", metavar="N|UUID", help="the GPU for --backend cuda")
 
@@ -337,6 +347,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cshow.set_defaults(run=_config_show)
 
+    explain = sub.add_parser(
+        "explain", help="where a request for a model would run and why (needed against free)"
+    )
+    explain.set_defaults(run=_keeper(EXPLAIN, "explain", "model", "node", "backend", "device"))
+    explain.add_argument("model", help="catalog name or hf: reference")
+    explain.add_argument("--node", help="HOST[:PORT] or node name: only this hive")
+    explain.add_argument("--backend", choices=PLACEMENTS, default="auto", help="as for infer")
+    explain.add_argument("--device", default="", metavar="N|UUID", help="as for infer")
     ps = sub.add_parser("ps", help="list the workers of every hive in reach")
     ps.set_defaults(run=_keeper(NODES, "list_workers", "node"))
     ps.add_argument("--node", help="HOST[:PORT] or node name: only this hive")
@@ -538,6 +556,7 @@ def _hive(args: argparse.Namespace) -> int:
         secure=args.secure,
         threads=max(0, args.threads),
         parallel=args.parallel,
+        backend=args.backend,
     )
     return run_hive(config)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.errors import InvalidRequest
-from rbee.protocol.messages import MAX_SLOTS
+from rbee.protocol.messages import MAX_SLOTS, PLACEMENTS
 
 
 def _port(value: Any) -> str:
@@ -111,6 +111,12 @@ def _level(value: Any) -> str:
     return str(value)
 
 
+def _placement(value: Any) -> str:
+    if value not in PLACEMENTS:
+        raise ValueError(" or ".join(f'"{p}"' for p in PLACEMENTS))
+    return str(value)
+
+
 def _bool(value: Any) -> str:
     if not isinstance(value, bool):
         raise ValueError("true or false (in the environment also 1/0, yes/no, on/off)")
@@ -150,6 +156,14 @@ SETTINGS = (
         _slots,
         "0",
         "jobs each worker decodes together (0: automatic, up to 4 as memory allows)",
+    ),
+    Setting(
+        "hive",
+        "backend",
+        "RBEE_BACKEND",
+        _placement,
+        "auto",
+        "where requests that name no backend run (auto: GPUs first, as the model fits)",
     ),
     Setting(
         "lan",

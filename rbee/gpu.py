@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -266,6 +266,39 @@ def device_used_bytes(index: int, *, nvml: Any = None) -> int | None:
         return int(module.nvmlDeviceGetMemoryInfo(module.nvmlDeviceGetHandleByIndex(index)).used)
     except Exception:
         return None
+
+
+def placement_label(
+    backend: str,
+    device: str,
+    layers: Sequence[int] = (),
+    n_layers: int = 0,
+    on_cpu: bool = False,
+) -> str:
+    """Where a worker's layers are, as `rbee ps` and `rbee explain` show it: ``cpu``,
+    ``cuda:0 31/31``, ``cuda:0+1 16+15/31``, ``cpu+cuda:0 9+22/31`` (the CPU's share first, as
+    the rest of the layers; counts only when the layer count is known)."""
+    if backend == "cpu":
+        return "cpu"
+    where = f"{backend}:{device}"
+    if on_cpu:
+        where = f"cpu+{where}"
+    if not n_layers:
+        return where
+    shares = list(layers) or [n_layers]
+    if on_cpu:
+        shares = [n_layers - sum(shares), *shares]
+    return f"{where} {'+'.join(str(n) for n in shares)}/{n_layers}"
+
+
+def worker_label(
+    backend: str, device: str, gpu_layers: int, n_layers: int, layers: Sequence[int] = ()
+) -> str:
+    """``placement_label`` for a loaded worker: ``gpu_layers`` of ``n_layers`` on its GPUs (as
+    llama.cpp reported them), ``layers`` per GPU when several; fewer than all is a partial
+    offload."""
+    shares = list(layers) or ([gpu_layers] if n_layers else [])
+    return placement_label(backend, device, shares, n_layers, 0 < gpu_layers < n_layers)
 
 
 @functools.cache

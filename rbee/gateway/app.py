@@ -53,7 +53,7 @@ class GatewayConfig:
     keepalive_s: float = KEEPALIVE_INTERVAL_S
     ready_timeout_s: float = READY_TIMEOUT_S
     worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT
-    backend: str = "cpu"  # where workers for its requests run (`rbee serve --backend`)
+    backend: str = "auto"  # where workers for its requests run (`rbee serve --backend`)
     device: str = ""  # the GPU for backend cuda ("": the one with most free memory)
 
 

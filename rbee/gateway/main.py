@@ -118,7 +118,7 @@ def prepare(
     ready_timeout_s: float = READY_TIMEOUT_S,
     keepalive_s: float = KEEPALIVE_INTERVAL_S,
     worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT,
-    backend: str = "cpu",
+    backend: str = "auto",
     device: str = "",
 ) -> Server:
     """Check the key rules and bind; raises InvalidRequest or AccessDenied instead of starting

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from rbee.errors import BackendUnavailable, InsufficientRam, InsufficientVram
 from rbee.gguf import GGUFError, read_gguf_info
-from rbee.gpu import CudaDevice, Inventory
+from rbee.gpu import CudaDevice, Inventory, placement_label
 
 MIB = 1 << 20
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type for K and V is f16
@@ -54,20 +54,31 @@ class Placement:
     """Where one worker runs: the backend, and for CUDA the GPU (NVML index and UUID)."""
 
     backend: str  # "cpu" | "cuda"
-    device: str  # "cpu", or the CUDA device's NVML index as text (WorkerRecord.device)
-    uuid: str = ""  # what CUDA_VISIBLE_DEVICES names for a CUDA worker
+    device: str  # "cpu", or the CUDA devices' NVML indexes as text, "0" or "0+1" (WorkerRecord)
+    uuid: str = ""  # what CUDA_VISIBLE_DEVICES names for a CUDA worker ("GPU-…,GPU-…")
     name: str = "cpu"
     free_bytes: int = 0
+    layers: tuple[int, ...] = ()  # layers per GPU, in ``device`` order; (): all on one GPU
+    n_layers: int = 0  # llama.cpp's offloadable layers (0: unknown)
+    on_cpu: bool = False  # a partial offload: the layers not on a GPU run on the CPU
 
     @property
     def index(self) -> int:
-        """The NVML index of a CUDA device (-1 on the CPU)."""
-        return int(self.device) if self.backend == "cuda" else -1
+        """The NVML index of the (first) CUDA device (-1 on the CPU)."""
+        return int(self.device.split("+")[0]) if self.backend == "cuda" else -1
+
+    @property
+    def gpu_layers(self) -> int:
+        """llama.cpp's ``n_gpu_layers``: -1 for all of them, else how many go to the GPUs."""
+        return sum(self.layers) if self.on_cpu else -1
 
     @property
     def label(self) -> str:
-        """``cpu`` or ``cuda:0 (NVIDIA H100 80GB HBM3)``."""
-        return "cpu" if self.backend == "cpu" else f"cuda:{self.device} ({self.name})"
+        """``cpu``, ``cuda:0 (NVIDIA H100 80GB HBM3)``, ``cuda:0+1 16+15/31 (…)``."""
+        if self.backend == "cpu":
+            return "cpu"
+        where = placement_label("cuda", self.device, self.layers, self.n_layers, self.on_cpu)
+        return f"{where} ({self.name})"
 
     @property
     def memory_kind(self) -> str:
@@ -100,6 +111,7 @@ class MemoryEstimate:
     n_ctx: int  # per slot
     shape_known: bool = True
     slots: int = 1
+    n_layers: int = 0  # llama.cpp's offloadable layers: the blocks and the output (0: unknown)
 
     @property
     def total_bytes(self) -> int:
@@ -316,6 +328,7 @@ def estimate_shape(
         runtime_bytes=runtime,
         n_ctx=n_ctx,
         slots=slots,
+        n_layers=shape.n_layers + 1,
     )
 
 

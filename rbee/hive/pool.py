@@ -90,6 +90,8 @@ class WorkerPool:
             threads=self.engine.threads,
             extra_bufts=self.engine.extra_bufts,
             slots=slots,
+            gpu_layers=where.gpu_layers,
+            layers=where.layers,
         )
         proc = spawn_worker(args, where.uuid, self.engine.worker_env())
         record = WorkerRecord(
@@ -100,6 +102,7 @@ class WorkerPool:
             backend=where.backend,
             device=where.device,
             slots=slots,
+            layers=where.layers if len(where.layers) > 1 else (),
         )
         self.workers[worker_id] = record
         self.procs[worker_id] = proc
@@ -141,6 +144,7 @@ class WorkerPool:
         elif isinstance(frame, WorkerReady) and worker.state == "loading":
             worker.state, worker.load_s = "idle", frame.load_s
             worker.vram_bytes, worker.gpu_layers = frame.vram_bytes, frame.gpu_layers
+            worker.n_layers = frame.n_layers
             worker.slots = min(worker.slots, frame.slots)  # never more than estimated for
             worker.last_activity = time.time()
             logger.info(

@@ -7,24 +7,36 @@ its download and its worker's load are going, and what it got."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from rbee import gpu, log
 from rbee.catalog import Catalog, ModelEntry
-from rbee.errors import AllSlotsBusy, HiveDraining, InvalidRequest, RbeeError
-from rbee.hive import placement
+from rbee.errors import AllSlotsBusy, HiveDraining, InvalidRequest, ModelNotFound, RbeeError
+from rbee.hive import fit, placement
+from rbee.hive.ledger import GpuLedger
 from rbee.hive.placement import MemoryEstimate, Placement
 from rbee.hive.pool import Event, WorkerPool
 from rbee.hive.pulls import Finished, Pulls, PullWaiter, describe_progress
-from rbee.hive.registry import JobRecord, WorkerRecord, plan_worker, waiting_for_slots
+from rbee.hive.registry import (
+    JobRecord,
+    Serves,
+    WorkerRecord,
+    pick_free,
+    plan_worker,
+    waiting_for_slots,
+)
 from rbee.hive.request import Replies, Request
 from rbee.hive.settings import RETRY_AFTER_S, HiveConfig
 from rbee.hub.refs import is_hub_reference, parse_reference
 from rbee.protocol.messages import (
     DEFAULT_CTX_TOKENS,
     EnsureWorker,
+    Explain,
+    Explanation,
     Frame,
     ModelPulled,
+    PlacementOption,
     Progress,
     PullModel,
     WorkerAssigned,
@@ -54,6 +66,28 @@ def _pulled(entry: ModelEntry, downloaded: bool) -> ModelPulled:
     )
 
 
+@dataclass(frozen=True)
+class Spot:
+    """Where a new worker of a model would go and what it would need; ``refusal`` says why it
+    does not fit there (INSUFFICIENT_VRAM/RAM), ``serves`` which running workers answer the same
+    request, ``plan`` every option automatic placement weighed (`rbee explain`)."""
+
+    placement: Placement | None
+    needed: MemoryEstimate
+    refusal: RbeeError | None
+    serves: Serves
+    plan: fit.Plan | None = None
+
+    @property
+    def fits(self) -> bool:
+        """Whether a new worker fits now."""
+        return self.placement is not None and self.refusal is None
+
+
+def _any_device(worker: WorkerRecord) -> bool:
+    return True
+
+
 class Provisioner:
     """Models and workers for requests. It owns the hive's downloads and the requests waiting
     on them or on a loading worker; the pool owns the workers themselves."""
@@ -74,6 +108,7 @@ class Provisioner:
         self.replies = replies
         self.draining = draining
         self.pulls = Pulls(config.data_dir / "models")
+        self.ledger = GpuLedger()
 
     def resolve(self, reference: str) -> ModelEntry:
         """The catalog entry ``reference`` names (NeedsPull for a Hub model not here yet)."""
@@ -95,36 +130,80 @@ class Provisioner:
         or name one whose slots are all busy (the job will queue); a Hub model not here yet is
         downloaded first. A backend or device this hive lacks is refused before anything is
         downloaded."""
-        self.place(frame.backend, frame.device)
+        backend = self.backend_for(frame.backend)
+        if backend != "auto" or frame.device:
+            self.place(_forced(backend), frame.device)
         try:
             entry = self.resolve(frame.model)
         except NeedsPull as need:
             request.require_admin(f"downloading {need.reference}")
-            waiter = PullWaiter(request, "ensure", frame.n_ctx, frame.backend, frame.device)
+            waiter = PullWaiter(request, "ensure", frame.n_ctx, backend, frame.device)
             self.pulls.join(need.reference, waiter)
             self.replies.send(request, Progress(phase="download", message=need.reference))
             return
-        self._ensure(request, entry, frame.n_ctx, frame.backend, frame.device)
+        self._ensure(request, entry, frame.n_ctx, backend, frame.device)
+
+    def backend_for(self, asked: str) -> str:
+        """The backend a request gets: as asked, or the hive's pin (``--backend``) for one that
+        names none."""
+        return self.config.backend if asked == "auto" else asked
+
+    def on_explain(self, request: Request, frame: Explain) -> None:
+        """Where a request for ``frame.model`` would run here, and why: a worker with a free
+        slot, else the placement a new worker would get, with every option weighed."""
+        try:
+            entry = self.resolve(frame.model)
+        except NeedsPull as need:
+            raise ModelNotFound(
+                f"{need.reference} is not downloaded on {self.node}, so its size is unknown here",
+                suggestion=f"`rbee models pull {need.reference} --node {self.node}`, then again",
+            ) from None
+        spot = self.spot(entry, frame.n_ctx, self.backend_for(frame.backend), frame.device)
+        warm = pick_free(self.pool.records(), entry.path, serves=spot.serves)
+        if spot.plan is not None:
+            options = [
+                PlacementOption(kind=o.kind, label=o.label, fits=o.fits, why=o.why, slots=o.slots)
+                for o in spot.plan.options
+            ]
+        else:  # the backend was forced: the one device asked for
+            assert spot.placement is not None
+            why = spot.refusal.message if spot.refusal else f"needs {spot.needed.describe()}"
+            options = [
+                PlacementOption(
+                    kind=spot.placement.backend,
+                    label=spot.placement.label,
+                    fits=spot.refusal is None,
+                    why=why[:2048],
+                    slots=spot.needed.slots,
+                )
+            ]
+        explanation = Explanation(
+            node=self.node,
+            model=entry.name,
+            warm=f"worker {warm.worker_id} on {warm.where}, {warm.free_slots} free slots"
+            if warm is not None
+            else "",
+            chosen=spot.placement.label if spot.fits and spot.placement else "",
+            estimate=spot.needed.describe(),
+            options=options,
+            refusal=spot.refusal.message[:16000] if spot.refusal else "",
+        )
+        self.replies.send(request, explanation)
 
     def preload(self, reference: str) -> None:
-        """Start loading a CPU worker for a model nobody asked for yet: an ephemeral hive does
+        """Start loading a worker for a model nobody asked for yet: an ephemeral hive does
         this for the model its keeper is about to ask for, so the load overlaps the keeper's
         LAN survey. A model that needs a download or does not fit waits for the request,
         which says why."""
         try:
             entry = self.resolve(reference)
-            where = self.place("cpu", "")
-            needed = self.estimate(entry, 0, where)
+            spot = self.spot(entry, 0, self.config.backend, "")
             plan = plan_worker(
-                self.pool.records(),
-                entry.path,
-                self.config.limits,
-                needed.total_bytes <= where.free_bytes,
-                serves=lambda w: w.backend == "cpu",
+                self.pool.records(), entry.path, self.config.limits, spot.fits, spot.serves
             )
-            if plan.action != "spawn" or plan.evict is not None:
+            if plan.action != "spawn" or plan.evict is not None or spot.placement is None:
                 return
-            worker = self.spawn(entry, 0, where, needed)
+            worker = self.spawn(entry, 0, spot.placement, spot.needed)
             logger.info("preloading", model=entry.name, worker=worker.worker_id)
         except (NeedsPull, RbeeError) as exc:
             logger.info("not preloaded", model=reference, reason=str(exc))
@@ -135,17 +214,43 @@ class Provisioner:
             return placement.choose_device(gpu.Inventory(cpu=gpu.cpu_info()), "cpu")
         return placement.choose_device(gpu.detect(), backend, device, self.node)
 
+    def spot(self, entry: ModelEntry, n_ctx: int, backend: str, device: str) -> Spot:
+        """Where a new worker of ``entry`` would go: placed automatically (``auto`` with no
+        device: rbee.hive.fit over the ledger's free memory), or on the backend and device
+        asked for (``auto`` naming a device means that GPU)."""
+        context = self.context(entry, n_ctx)
+        if backend == "auto" and not device:
+            inventory = self.ledger.available(gpu.detect(), gpu.process_vram_bytes)
+
+            def estimate_for(on: str, slots: int) -> MemoryEstimate:
+                needed = placement.estimate_for_file(entry.path, context, on, slots)
+                return self.ledger.corrected(entry.path, needed)
+
+            got = fit.plan(inventory, estimate_for, self.config.parallel)
+            refusal: RbeeError | None = None
+            if got.placement is None:
+                refusal = got.refusal(entry.name, self.node)
+            return Spot(got.placement, got.estimate, refusal, _any_device, got)
+        where = self.place(_forced(backend), device)
+        needed = self.estimate(entry, n_ctx, where)
+        try:
+            placement.check_fits(needed, where, entry.name, self.node)
+            refusal = None
+        except RbeeError as exc:
+            refusal = exc
+        return Spot(
+            where,
+            needed,
+            refusal,
+            lambda w: placement.serves(w.backend, w.device, where, device),
+        )
+
     def _ensure(
         self, request: Request, entry: ModelEntry, n_ctx: int, backend: str, device: str
     ) -> None:
-        where = self.place(backend, device)
-        needed = self.estimate(entry, n_ctx, where)
+        spot = self.spot(entry, n_ctx, backend, device)
         plan = plan_worker(
-            self.pool.records(),
-            entry.path,
-            self.config.limits,
-            needed.total_bytes <= where.free_bytes,
-            serves=lambda w: placement.serves(w.backend, w.device, where, device),
+            self.pool.records(), entry.path, self.config.limits, spot.fits, spot.serves
         )
         if plan.action in ("reuse", "queue"):
             assert plan.worker is not None
@@ -159,14 +264,15 @@ class Provisioner:
             self.replies.send(request, assigned)
             return
         if plan.action == "busy":
-            self._refuse_busy(entry, where, needed)
+            self._refuse_busy(entry, spot)
         if plan.action == "spawn":
+            assert spot.placement is not None  # it fits
             if plan.evict is not None:
                 self.pool.stop(plan.evict, f"making room for {entry.name}")
-            worker = self.spawn(entry, n_ctx, where, needed)
+            worker = self.spawn(entry, n_ctx, spot.placement, spot.needed)
             message = (
                 f"spawned worker {worker.worker_id} (pid {worker.pid}) for {entry.name} on "
-                f"{where.label}; it needs about {needed.describe()}"
+                f"{spot.placement.label}; it needs about {spot.needed.describe()}"
             )
         else:
             assert plan.worker is not None
@@ -232,14 +338,12 @@ class Provisioner:
         except RbeeError as exc:
             self.replies.error(waiter.request, exc)
 
-    def _refuse_busy(self, entry: ModelEntry, where: Placement, needed: MemoryEstimate) -> None:
+    def _refuse_busy(self, entry: ModelEntry, spot: Spot) -> None:
         """INSUFFICIENT_VRAM/RAM when the model does not fit and no worker of it runs there;
         else every slot is busy."""
-        if not any(
-            w.model_path == entry.path and placement.serves(w.backend, w.device, where, "")
-            for w in self.pool.records()
-        ):
-            placement.check_fits(needed, where, entry.name, self.node)
+        holders = [w for w in self.pool.records() if w.model_path == entry.path and spot.serves(w)]
+        if spot.refusal is not None and not holders:
+            raise spot.refusal
         raise AllSlotsBusy(
             f"all {self.config.limits.max_workers} workers of {self.node} are busy",
             retry_after_s=RETRY_AFTER_S,
@@ -273,7 +377,12 @@ class Provisioner:
         slots = needed.slots if needed is not None else 1
         worker = self.pool.spawn(entry.name, entry.path, self.context(entry, n_ctx), where, slots)
         worker.keep_alive_s = self.config.keep_alive_s
-        worker.estimate_bytes = needed.total_bytes if needed is not None else 0
+        if needed is not None and where is not None and where.backend == "cuda":
+            per_gpu = fit.gpu_bytes(where, needed)
+            worker.estimate_bytes = sum(per_gpu)  # what its GPUs hold (a partial offload's part)
+            self.ledger.reserve(worker.worker_id, worker.pid, where, per_gpu)
+        else:
+            worker.estimate_bytes = needed.total_bytes if needed is not None else 0
         return worker
 
     def scale_for(self, queue: list[JobRecord]) -> None:
@@ -294,16 +403,14 @@ class Provisioner:
                 continue  # at a limit: no need to look at memory
             try:
                 entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
-                where = self.place(job.backend or "cpu", job.device)
-            except RbeeError:
+                spot = self.spot(entry, 0, job.backend or self.config.backend, job.device)
+            except RbeeError:  # e.g. a worker over several GPUs: no second copy of it
                 continue
-            needed = self.estimate(entry, 0, where)
-            fits = needed.total_bytes <= where.free_bytes
-            plan = plan_worker(records, job.model_path, limits, fits, job.runs_on)
-            if plan.action == "spawn":
+            plan = plan_worker(records, job.model_path, limits, spot.fits, job.runs_on)
+            if plan.action == "spawn" and spot.placement is not None:
                 if plan.evict is not None:
                     self.pool.stop(plan.evict, f"making room for {entry.name}")
-                self.spawn(entry, 0, where, needed)
+                self.spawn(entry, 0, spot.placement, spot.needed)
 
     def on_worker_event(self, event: Event) -> None:
         """Tell the requests waiting for a worker how its load goes, and what they got."""
@@ -314,6 +421,9 @@ class Provisioner:
             case "loading":
                 self._tell(worker, _loading(worker))
             case "ready":
+                self.ledger.release(worker.worker_id)
+                if worker.backend == "cuda":
+                    self.ledger.learn(worker.model_path, worker.estimate_bytes, worker.vram_bytes)
                 assigned = WorkerAssigned(
                     worker_id=worker.worker_id,
                     model=worker.model,
@@ -323,6 +433,7 @@ class Provisioner:
                 self._tell(worker, assigned)
                 worker.waiters.clear()
             case "load_failed" | "exited":
+                self.ledger.release(worker.worker_id)
                 if event.error is not None:
                     for request in worker.waiters:
                         self.replies.error(request, event.error)
@@ -352,6 +463,11 @@ class Provisioner:
     def _tell(self, worker: WorkerRecord, frame: Frame) -> None:
         for request in worker.waiters:
             self.replies.send(request, frame)
+
+
+def _forced(backend: str) -> str:
+    """The backend a request that names a device means: ``auto`` with a device is that GPU."""
+    return "cuda" if backend == "auto" else backend
 
 
 def _loading(worker: WorkerRecord) -> Progress:

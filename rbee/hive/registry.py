@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
+from rbee.gpu import worker_label
 from rbee.hive.request import Request
 from rbee.protocol.messages import HIVE_KEEP_ALIVE_S, GenerateParams, WorkerInfo
 
@@ -60,8 +61,15 @@ class WorkerRecord:
     idle_deadline: float = math.inf
     vram_bytes: int = 0  # measured by the worker once loaded (NVML, its own process)
     estimate_bytes: int = 0  # what the hive expected it to need (rbee.hive.placement)
-    gpu_layers: int = 0
+    gpu_layers: int = 0  # as llama.cpp reported once loaded
+    n_layers: int = 0  # of how many (llama.cpp's offloadable layers)
+    layers: tuple[int, ...] = ()  # the planned layers per GPU, when several
     next_keep_alive_s: float = HIVE_KEEP_ALIVE_S  # the latest job's: applies once it is idle
+
+    @property
+    def where(self) -> str:
+        """Where its layers are: ``cpu``, ``cuda:0 31/31``, ``cpu+cuda:0 9+22/31`` …"""
+        return worker_label(self.backend, self.device, self.gpu_layers, self.n_layers, self.layers)
 
     @property
     def free_slots(self) -> int:
@@ -94,6 +102,9 @@ class WorkerRecord:
             estimate_bytes=self.estimate_bytes,
             slots=self.slots,
             slots_busy=len(self.job_ids),
+            gpu_layers=self.gpu_layers,
+            n_layers=self.n_layers,
+            layers=list(self.layers),
         )
 
     def start_job(self, job_id: str, keep_alive_s: float) -> None:

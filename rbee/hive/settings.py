@@ -30,6 +30,7 @@ class HiveConfig:
     secure: bool = False  # CURVE even on loopback (always on for any other address)
     threads: int = 0  # CPU threads per worker; 0: as many as llama.cpp's own default
     parallel: int = 0  # slots (jobs decoded together) per worker; 0: AUTO_SLOTS, as memory allows
+    backend: str = "auto"  # what a request naming no backend gets: auto, or pinned to cpu/cuda
 
     @property
     def loopback_only(self) -> bool:

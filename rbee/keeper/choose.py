@@ -1,10 +1,12 @@
 """Choosing a hive for a request: a pure function over what the hives said about themselves.
 
 Order of preference: a worker with a free slot already holding the model (on the backend asked
-for); a hive whose catalog has the model and has room for a worker; a hive that can pull the
-model (an ``hf:`` reference) with the most free memory; a hive holding the model whose slots are
-all busy (the job queues there). A hive that speaks another protocol version, is draining, or
-lacks a usable GPU of the backend asked for is never chosen.
+for; with ``auto``, on any); a hive whose catalog has the model and has room for a worker (with
+``auto``, one whose GPU holds the whole model first); a hive that can pull the model (an ``hf:``
+reference) with the most free memory; a hive holding the model whose slots are all busy (the job
+queues there). A hive that speaks another protocol version, is draining, or lacks a usable GPU
+of the backend asked for is never chosen. Free memory means RAM for ``cpu``, the best GPU's for
+``cuda``, and the larger of the two for ``auto`` (the hive then places it: rbee.hive.fit).
 """
 
 from __future__ import annotations
@@ -69,27 +71,39 @@ def gpus(status: HiveStatus, backend: str, device: str = "") -> list[DeviceInfo]
 
 
 def choose(
-    candidates: list[Candidate], model: str, backend: str = "cpu", device: str = ""
+    candidates: list[Candidate], model: str, backend: str = "auto", device: str = ""
 ) -> Choice | None:
     """Pick the hive for ``model`` on ``backend`` (and ``device``); None when no usable hive
     can serve it. For a GPU backend only hives with such a GPU count, and free memory means
     the free memory of their best one."""
-    cpu = backend == "cpu"
+    cpu, auto = backend == "cpu", backend == "auto"
     usable = [
         c
         for c in candidates
-        if c.usable and (cpu or (c.status and gpus(c.status, backend, device)))
+        if c.usable and (cpu or auto or (c.status and gpus(c.status, backend, device)))
     ]
-    memory = "" if cpu else f" {backend.upper()}"
+    memory = "" if cpu or auto else f" {backend.upper()}"
+
+    def gpu_free(c: Candidate) -> int:
+        assert c.status is not None
+        return max((d.free_bytes for d in gpus(c.status, "cuda", device)), default=0)
 
     def free(c: Candidate) -> int:
         assert c.status is not None
         if cpu:
             return c.status.ram_free_bytes
-        return max(d.free_bytes for d in gpus(c.status, backend, device))
+        if auto:
+            return max(gpu_free(c), c.status.ram_free_bytes)
+        return gpu_free(c)
+
+    def on_gpu(c: Candidate) -> bool:
+        """With ``auto``: whether the hive's best GPU holds the whole model."""
+        return auto and gpu_free(c) >= _size(c, model) + MEMORY_MARGIN_BYTES
 
     def runs_it(c: Candidate, w: WorkerInfo) -> bool:
         assert c.status is not None
+        if auto:
+            return True
         if w.backend != backend:
             return False
         return cpu or w.device in {str(d.index) for d in gpus(c.status, backend, device)}
@@ -106,10 +120,12 @@ def choose(
     home = [c for c in usable if c.status and any(m.name == model for m in c.status.models)]
     roomy = [c for c in home if _has_room(c, model, free(c))]
     if roomy:
-        best = max(roomy, key=free)
-        return Choice(
-            best, f"its catalog has {model} and it has room ({_gib(free(best))}{memory} free)"
-        )
+        best = max(roomy, key=lambda c: (on_gpu(c), free(c)))
+        if on_gpu(best):
+            room = f"a GPU with room ({_gib(gpu_free(best))} free)"
+        else:
+            room = f"it has room ({_gib(free(best))}{memory} free)"
+        return Choice(best, f"its catalog has {model} and {room}")
     if model.startswith(PULLABLE_PREFIXES) and usable:
         best = max(usable, key=free)
         return Choice(
@@ -121,11 +137,15 @@ def choose(
     return None
 
 
+def _size(c: Candidate, model: str) -> int:
+    assert c.status is not None
+    return next((m.size_bytes for m in c.status.models if m.name == model), 0)
+
+
 def _has_room(c: Candidate, model: str, free_bytes: int) -> bool:
     status = c.status
     assert status is not None
-    size = next((m.size_bytes for m in status.models if m.name == model), 0)
-    if free_bytes < size + MEMORY_MARGIN_BYTES:
+    if free_bytes < _size(c, model) + MEMORY_MARGIN_BYTES:
         return False
     live = [w for w in status.workers if w.state != "stopping"]
     # an idle worker (no job at all) may be evicted to make room

@@ -37,7 +37,7 @@ def connect(
     ctx: zmq.Context[zmq.Socket[bytes]],
     node: str | None,
     model: str,
-    backend: str = "cpu",
+    backend: str = "auto",
     device: str = "",
     preload: bool = True,
 ) -> HiveLink:
@@ -46,11 +46,11 @@ def connect(
     The connections that asked hives Hello and Status stay open, and the chosen one carries
     the request: no second handshake, and the status tells whether a worker has a free slot.
     With no hive on this machine, and none on the LAN the last time this machine looked, an
-    ephemeral hive starts at once (loading ``model``'s worker if ``preload`` and the backend is
-    the CPU) while the LAN is surveyed; it is stopped again if a hive there is the better
+    ephemeral hive starts at once (loading ``model``'s worker if ``preload`` and the hive is to
+    place it) while the LAN is surveyed; it is stopped again if a hive there is the better
     choice.
     """
-    preloaded = model if preload and backend == "cpu" and not device else ""
+    preloaded = model if preload and backend == "auto" and not device else ""
     if node:
         return open_named(ctx, node)
     here = local_view(ctx)

@@ -66,7 +66,7 @@ class InferRequest:
     params: GenerateParams
     node: str | None = None
     keep_alive_s: float = KEEP_ALIVE_DEFAULT
-    backend: str = "cpu"
+    backend: str = "auto"  # auto: the hive places it (GPU first); cpu; cuda: all on one GPU
     device: str = ""  # a GPU index or UUID for backend "cuda" ("": the hive picks)
 
 
@@ -218,7 +218,7 @@ class InferJob:
             if (
                 w.model == request.model
                 and has_free_slot(w)
-                and w.backend == request.backend
+                and request.backend in ("auto", w.backend)
                 and request.device in ("", w.device)
             ):
                 warm = WorkerAssigned(worker_id=w.worker_id, model=w.model, reused=True, load_s=0)

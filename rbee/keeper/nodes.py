@@ -9,6 +9,7 @@ from typing import Any, TextIO
 
 import zmq
 
+from rbee.gpu import worker_label
 from rbee.keeper.connect import open_named
 from rbee.keeper.survey import HiveView, survey
 from rbee.protocol.messages import (
@@ -170,7 +171,7 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
         return
     rows = [
         [
-            *("NODE", "WORKER", "MODEL", "STATE", "SLOTS", "BACKEND", "PID", "RSS"),
+            *("NODE", "WORKER", "MODEL", "STATE", "SLOTS", "WHERE", "PID", "RSS"),
             *("VRAM", "ESTIMATE", "JOBS", "IDLE FOR"),
         ]
     ]
@@ -183,7 +184,7 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
                 w.model,
                 w.state,
                 f"{w.slots_busy}/{w.slots}",
-                f"{w.backend}:{w.device}",
+                where_text(w),
                 str(w.pid),
                 size(w.rss_bytes),
                 size(w.vram_bytes) if w.backend == "cuda" else "-",
@@ -193,6 +194,12 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
             ]
         )
     table(rows, out)
+
+
+def where_text(w: WorkerInfo) -> str:
+    """Where a worker's layers are: ``cpu``, ``cuda:0 31/31``, ``cuda:0+1 16+15/31``,
+    ``cpu+cuda:0 9+22/31`` (a partial offload: the CPU's share first)."""
+    return worker_label(w.backend, w.device, w.gpu_layers, w.n_layers, w.layers)
 
 
 def stop_worker(worker_id: str, node: str | None, out: TextIO = sys.stdout) -> None:

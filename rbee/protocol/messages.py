@@ -36,6 +36,8 @@ STATES = ("loading", "idle", "busy", "stopping")
 STOP_REASONS = ("eos", "length", "stop", "canceled")
 MAX_SLOTS = 256  # sequences one worker may decode together (llama.cpp's n_seq_max limit)
 BACKENDS = ("cpu", "cuda")  # what a worker can run on; Metal is documented in rbee/gpu.py only
+PLACEMENTS = ("auto", *BACKENDS)  # what a request may ask for; auto: the hive places it
+MAX_GPUS = 64  # GPUs one worker's layers may span
 DEVICE_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # a device index ("0") or an NVML UUID ("GPU-…")
 
 # Model references besides catalog names; both only for a hive that listens on loopback alone.
@@ -149,6 +151,9 @@ class WorkerInfo(Record):
     estimate_bytes: int = spec(default=0, min=0)
     slots: int = spec(default=1, min=1, max=MAX_SLOTS)  # sequences it decodes together
     slots_busy: int = spec(default=0, min=0, max=MAX_SLOTS)
+    gpu_layers: int = spec(default=0, min=0)  # layers llama.cpp put on its GPUs
+    n_layers: int = spec(default=0, min=0)  # of how many (0: unknown, or the CPU)
+    layers: list[int] = spec(default_factory=list, max_len=MAX_GPUS)  # per GPU, when several
 
 
 class ModelInfo(Record):
@@ -214,14 +219,16 @@ class EnsureWorker(Frame):
     """Get a worker holding ``model`` with a free slot: reuse one, or spawn and wait for it to
     load.
 
-    ``backend`` "cuda" puts every layer on one GPU: ``device`` (an index or an NVML UUID), or the
-    GPU with the most free memory when empty. A hive that cannot do that answers
-    BACKEND_UNAVAILABLE; it never runs the model on the CPU instead.
+    ``backend`` "auto" (the default) lets the hive place it: one GPU, several, part GPU and
+    part CPU, or the CPU (rbee.hive.fit). "cuda" puts every layer on one GPU: ``device`` (an
+    index or an NVML UUID), or the GPU with the most free memory when empty; a hive that cannot
+    do that answers BACKEND_UNAVAILABLE, it never runs the model on the CPU instead. "cpu" keeps
+    the model on the CPU.
     """
 
     TYPE = "ensure_worker"
     model: str = spec(max_len=4096)
-    backend: str = spec(default="cpu", choices=BACKENDS)
+    backend: str = spec(default="auto", choices=PLACEMENTS)
     n_ctx: int = spec(default=0, min=0, max=1 << 20)  # 0: the model's own, up to the default
     device: str = spec(default="", max_len=96, pattern=f"|{DEVICE_PATTERN}")
 
@@ -316,6 +323,40 @@ class WorkerList(Frame):
     workers: list[WorkerInfo] = spec(default_factory=list)
 
 
+class Explain(Frame):
+    """Ask where a new worker of ``model`` would run on this hive, and why (`rbee explain`)."""
+
+    TYPE = "explain"
+    model: str = spec(max_len=4096)
+    backend: str = spec(default="auto", choices=PLACEMENTS)
+    device: str = spec(default="", max_len=96, pattern=f"|{DEVICE_PATTERN}")
+    n_ctx: int = spec(default=0, min=0, max=1 << 20)
+
+
+class PlacementOption(Record):
+    """One way to place a model that a hive weighed: ``kind`` gpu, split, partial or cpu."""
+
+    kind: str = spec(max_len=16)
+    label: str = spec(max_len=256)
+    fits: bool
+    why: str = spec(max_len=2048)
+    slots: int = spec(default=1, min=1, max=MAX_SLOTS)
+
+
+class Explanation(Frame):
+    """Reply to Explain: a worker that would serve it now (``warm``), else where a new one would
+    go (``chosen``; "" when nowhere: ``refusal`` says why), its estimate, every option weighed."""
+
+    TYPE = "explanation"
+    node: str = spec(max_len=256)
+    model: str = spec(max_len=4096)
+    warm: str = spec(default="", max_len=512)
+    chosen: str = spec(default="", max_len=512)
+    estimate: str = spec(default="", max_len=1024)
+    options: list[PlacementOption] = spec(default_factory=list, max_len=16)
+    refusal: str = spec(default="", max_len=16000)
+
+
 class StopWorker(Frame):
     """Unload a worker (graceful, then forced)."""
 
@@ -406,6 +447,7 @@ class WorkerReady(Frame):
     rss_bytes: int = spec(default=0, min=0)
     vram_bytes: int = spec(default=0, min=0)
     slots: int = spec(default=1, min=1, max=MAX_SLOTS)  # jobs it runs at once (n_ctx each)
+    n_layers: int = spec(default=0, min=0)  # llama.cpp's offloadable layers (gpu_layers of these)
 
 
 class WorkerFailed(Frame):

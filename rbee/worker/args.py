@@ -29,6 +29,8 @@ class WorkerArgs:
     threads: int = 0  # 0: rbee.llamacpp.default_threads()
     extra_bufts: bool = True  # False where the hive's engine probe saw them fail
     slots: int = 1  # jobs decoded together, each with a context of n_ctx tokens
+    gpu_layers: int = -1  # CUDA: layers on the GPUs (-1: all; fewer: the rest on the CPU)
+    layers: tuple[int, ...] = ()  # CUDA over several GPUs: layers per GPU ("0+1" in ``device``)
 
     def argv(self) -> list[str]:
         """The flags after `rbee worker` (``--backend``/``--device`` only off the CPU, so a CPU
@@ -49,6 +51,10 @@ class WorkerArgs:
         ]
         if self.backend != "cpu":
             argv += ["--backend", self.backend, "--device", self.device or "0"]
+            if self.gpu_layers >= 0:
+                argv += ["--gpu-layers", str(self.gpu_layers)]
+            if len(self.layers) > 1:
+                argv += ["--tensor-split", ",".join(str(n) for n in self.layers)]
         if self.threads:
             argv += ["--threads", str(self.threads)]
         if not self.extra_bufts:
@@ -67,6 +73,14 @@ class WorkerArgs:
             )
         if not 1 <= args.slots <= MAX_SLOTS:
             raise InvalidRequest(f"--slots must be 1 to {MAX_SLOTS} (got {args.slots})")
+        try:
+            layers = tuple(int(n) for n in args.tensor_split.split(",") if n)
+        except ValueError:
+            raise InvalidRequest(
+                f"--tensor-split wants counts like 16,15: {args.tensor_split!r}"
+            ) from None
+        if any(n < 0 for n in layers) or args.gpu_layers < -1:
+            raise InvalidRequest("--gpu-layers and --tensor-split take counts of layers")
         return cls(
             args.worker_id,
             args.model_path,
@@ -79,6 +93,8 @@ class WorkerArgs:
             threads=args.threads,
             extra_bufts=args.extra_bufts,
             slots=args.slots,
+            gpu_layers=args.gpu_layers,
+            layers=layers,
         )
 
 
@@ -94,7 +110,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: rbee's default)")
     parser.add_argument("--no-extra-bufts", dest="extra_bufts", action="store_false")
     parser.add_argument("--probe", action="store_true", help="decode a few tokens and report")
-    parser.add_argument("--device", default="", help="a CUDA device's NVML index")
+    parser.add_argument("--device", default="", help="CUDA devices' NVML indexes: 0, or 0+1")
+    parser.add_argument("--gpu-layers", type=int, default=-1, help="layers on the GPUs (-1: all)")
+    parser.add_argument("--tensor-split", default="", help="layers per GPU, e.g. 16,15")
     parser.add_argument(
         "--slots", type=int, default=1, help="jobs decoded together, each with --n-ctx tokens"
     )

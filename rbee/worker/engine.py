@@ -20,9 +20,12 @@ extra buffer types (weights repacked for AMX or AVX-512 kernels) only where the 
 probe saw them work on this machine (rbee.hive.probe): on some CPUs decoding through them
 crashes.
 
-Backends: ``cpu`` loads no layer on a GPU; ``cuda`` loads every layer on one GPU (split mode
-none, ``main_gpu`` as CUDA numbers the devices this process sees). A CUDA request on a build
-without GPU support raises BACKEND_UNAVAILABLE: llama.cpp itself would quietly run on the CPU.
+Backends: ``cpu`` loads no layer on a GPU; ``cuda`` loads ``gpu_layers`` layers (all by
+default) on one GPU (split mode none, ``main_gpu`` as CUDA numbers the devices this process
+sees) or, given ``layers`` per GPU, over several (llama.cpp's layer split in those proportions);
+layers not on a GPU stay on the CPU (a partial offload, which the hive plans: rbee.hive.fit). A
+CUDA request on a build without GPU support raises BACKEND_UNAVAILABLE: llama.cpp itself would
+quietly run on the CPU.
 """
 
 from __future__ import annotations
@@ -115,6 +118,8 @@ class Engine:
         threads: int = 0,
         extra_bufts: bool = True,
         slots: int = 1,
+        gpu_layers: int = ALL_LAYERS,
+        layers: Sequence[int] = (),
     ) -> None:
         """Load ``model_path`` with ``slots`` sequences of ``n_ctx`` tokens each (0:
         DEFAULT_CTX_TOKENS) on ``backend``; for ``cuda``, every layer goes to GPU ``main_gpu``.
@@ -128,7 +133,7 @@ class Engine:
         self.backend = backend
         self.slots = slots
         capture_llama_log(llama_cpp)
-        placement = gpu_params(llama_cpp, backend, main_gpu)
+        placement = gpu_params(llama_cpp, backend, main_gpu, gpu_layers, layers)
         _offloaded.update(layers=0, of=0)
         self.threads = threads or default_threads()
         with _load_params(llama_cpp, on_progress, extra_bufts, slots):
@@ -149,9 +154,12 @@ class Engine:
         self.llama._batch.close()  # its own batch (n_batch × n_ctx sequence ids) is never used
         self.template: str = self.llama.metadata.get("tokenizer.chat_template", "")
         self.gpu_layers = _offloaded["layers"] if backend == "cuda" else 0
-        if backend == "cuda" and _offloaded["of"] and self.gpu_layers < _offloaded["of"]:
+        self.n_layers = _offloaded["of"] if backend == "cuda" else 0
+        wanted = self.n_layers if gpu_layers == ALL_LAYERS else min(gpu_layers, self.n_layers)
+        if backend == "cuda" and self.n_layers and self.gpu_layers < wanted:
             raise BackendUnavailable(
-                f"llama.cpp put only {self.gpu_layers} of {_offloaded['of']} layers on the GPU"
+                f"llama.cpp put only {self.gpu_layers} of {self.n_layers} layers on the GPU, "
+                f"not the {wanted} planned"
             )
         self._ctx = self.llama._ctx.ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
@@ -293,8 +301,15 @@ def _new_llama(
     )
 
 
-def gpu_params(llama_cpp: Any, backend: str, main_gpu: int) -> dict[str, Any]:
-    """``Llama()``'s placement arguments for a backend; refuses CUDA on a CPU-only build."""
+def gpu_params(
+    llama_cpp: Any,
+    backend: str,
+    main_gpu: int,
+    gpu_layers: int = ALL_LAYERS,
+    layers: Sequence[int] = (),
+) -> dict[str, Any]:
+    """``Llama()``'s placement arguments for a backend (``gpu_layers`` on the GPUs, split over
+    them as ``layers`` says when there are several); refuses CUDA on a CPU-only build."""
     if backend == "cpu":
         return {"n_gpu_layers": 0}
     if backend != "cuda":
@@ -304,8 +319,15 @@ def gpu_params(llama_cpp: Any, backend: str, main_gpu: int) -> dict[str, Any]:
             "this llama.cpp build has no GPU support, so it cannot run a model on CUDA",
             suggestion="install the CUDA build of llama-cpp-python (packaging/cuda/build.sh)",
         )
+    if len(layers) > 1:  # the devices this process sees, in the order CUDA_VISIBLE_DEVICES gave
+        return {
+            "n_gpu_layers": gpu_layers,
+            "main_gpu": 0,
+            "split_mode": int(llama_cpp.LLAMA_SPLIT_MODE_LAYER),
+            "tensor_split": [float(n) for n in layers],
+        }
     return {
-        "n_gpu_layers": ALL_LAYERS,
+        "n_gpu_layers": gpu_layers,
         "main_gpu": main_gpu,
         "split_mode": int(llama_cpp.LLAMA_SPLIT_MODE_NONE),
     }

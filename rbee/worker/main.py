@@ -150,7 +150,8 @@ class Generator(threading.Thread):
             cuda_visible_devices=os.environ.get(gpu.CUDA_VISIBLE_DEVICES),
         )
         cuda = args.backend == "cuda"
-        used_before = gpu.device_used_bytes(int(args.device)) if cuda and args.device else None
+        first = args.device.split("+")[0]  # "0+1": layers over several GPUs
+        used_before = gpu.device_used_bytes(int(first)) if cuda and first.isdigit() else None
         engine: Engine | SyntheticEngine
         if args.model_path.startswith(SYNTHETIC_PREFIX):
             on_progress(1.0)
@@ -165,6 +166,8 @@ class Generator(threading.Thread):
                 args.threads,
                 args.extra_bufts,
                 args.slots,
+                args.gpu_layers,
+                args.layers,
             )
             engine.pieces  # noqa: B018 - read the vocabulary now, not in the first job
         load_s = time.perf_counter() - started
@@ -194,6 +197,7 @@ class Generator(threading.Thread):
                     rss_bytes=usage.rss_bytes,
                     vram_bytes=usage.vram_bytes,
                     slots=args.slots,
+                    n_layers=engine.n_layers,
                 )
             )
         )

@@ -401,6 +401,7 @@ class SyntheticEngine:
     n_ctx = 1 << 20
     has_chat_template = False
     gpu_layers = 0
+    n_layers = 0
     batch_tokens = 1 << 20
     pieces: Sequence[bytes] = _Words()  # type: ignore[assignment]
 

@@ -7,16 +7,20 @@ success path cannot run here; packaging/cuda/prove_h100.sh runs it on an H100 (G
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import psutil
 import pytest
 
-from rbee.errors import BackendUnavailable, InsufficientRam
+from rbee.errors import BackendUnavailable, InsufficientRam, ModelNotFound
 from rbee.gpu import detect
 from rbee.hive.placement import MIB, estimate_for_file
+from rbee.keeper.nodes import where_text
 from rbee.protocol.messages import (
     EnsureWorker,
+    Explain,
+    Explanation,
     HiveStatus,
     ListWorkers,
     Status,
@@ -53,7 +57,9 @@ def test_cuda_on_a_gpu_less_hive_is_backend_unavailable(tmp_path: Path) -> None:
         with pytest.raises(BackendUnavailable):
             ensure(client, backend="cuda", device="7")
         with pytest.raises(BackendUnavailable, match="cpu backend has no device '3'"):
-            ensure(client, device="3")
+            ensure(client, backend="cpu", device="3")
+        with pytest.raises(BackendUnavailable, match="no GPU support"):
+            ensure(client, device="3")  # auto naming a GPU means that GPU
         assert not hive.workers  # nothing was spawned, least of all a CPU worker
 
 
@@ -73,6 +79,9 @@ def test_a_context_that_cannot_fit_is_insufficient_ram(tmp_path: Path, model_pat
         pytest.skip("this machine has the RAM for the huge context")
     with hive_in_thread(tmp_path) as hive, keeper(hive) as (client, _):
         with pytest.raises(InsufficientRam, match=r"MiB of RAM on cpu \(.*\); [\d,]+ MiB are free"):
+            ensure(client, backend="cpu", n_ctx=HUGE_CTX)
+        # placed automatically: every option weighed, needed against free
+        with pytest.raises(InsufficientRam, match=r"fits nowhere on test: .*cpu: needs [\d,]+ MiB"):
             ensure(client, n_ctx=HUGE_CTX)
         assert not hive.workers
 
@@ -99,3 +108,54 @@ def test_rbee_infer_backend_cuda_exits_7(rbee_env: dict[str, str]) -> None:
     assert "error: BACKEND_UNAVAILABLE:" in result.stderr
     assert "hint:" in result.stderr
     assert result.stdout == ""
+
+
+@pytest.mark.model
+def test_no_backend_places_the_model_and_explain_says_why(
+    tmp_path: Path, rbee_env: dict[str, str]
+) -> None:
+    with hive_in_thread(tmp_path, parallel=2) as hive, keeper(hive) as (client, _):
+        before = client.request(Explain(model=MODEL), 5)
+        assert isinstance(before, Explanation)
+        assert (before.chosen, before.warm, before.model) == ("cpu", "", MODEL)
+        cpu = before.options[-1]
+        assert (cpu.kind, cpu.fits, cpu.slots) == ("cpu", True, 2)
+        assert re.fullmatch(r"needs [\d,]+ MiB of RAM, [\d,]+ MiB free", cpu.why)
+        assert "2 slots of 4096 tokens" in before.estimate
+        assert not hive.workers  # explaining spawns nothing
+
+        assigned = ensure(client)  # no backend: placed by the hive (here: the CPU)
+        reply = client.request(ListWorkers(), 5)
+        assert isinstance(reply, WorkerList)
+        (info,) = reply.workers
+        assert (info.backend, info.device, info.slots) == ("cpu", "cpu", 2)
+        assert (info.gpu_layers, info.n_layers, info.layers) == (0, 0, [])
+        assert where_text(info) == "cpu"
+
+        after = client.request(Explain(model=MODEL), 5)
+        assert isinstance(after, Explanation)
+        assert after.warm.startswith(f"worker {assigned.worker_id} on cpu, 2 free slots")
+
+        port = hive.front_endpoint.rsplit(":", 1)[1]
+        shown = run_rbee("explain", MODEL, "--node", f"127.0.0.1:{port}", env=rbee_env)
+        assert shown.returncode == 0, shown.stderr
+        assert f"now: worker {assigned.worker_id} on cpu" in shown.stdout
+        assert "a new worker would run on cpu" in shown.stdout
+        assert re.search(r"yes cpu +cpu, 2 slots: needs [\d,]+ MiB of RAM", shown.stdout)
+        client.request(StopWorker(worker_id=assigned.worker_id), 5)
+
+
+def test_explain_a_model_the_hive_lacks_is_model_not_found(tmp_path: Path) -> None:
+    with hive_in_thread(tmp_path) as hive, keeper(hive) as (client, _):
+        with pytest.raises(ModelNotFound, match="no-such-model"):
+            client.request(Explain(model="no-such-model"), 5)
+        assert not hive.workers
+
+
+def test_a_hive_pinned_to_cuda_never_places_a_request_on_its_cpu(tmp_path: Path) -> None:
+    with hive_in_thread(tmp_path, backend="cuda") as hive, keeper(hive) as (client, _):
+        with pytest.raises(BackendUnavailable, match="no GPU support"):
+            ensure(client)  # names no backend: the hive's pin decides
+        with pytest.raises(BackendUnavailable, match="no GPU support"):
+            client.request(Explain(model=MODEL), 5)
+        assert not hive.workers

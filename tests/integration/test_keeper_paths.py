@@ -58,7 +58,7 @@ def test_a_warm_request_goes_straight_to_the_idle_worker(ensures: list[EnsureWor
     assert len(ensures) == 1, "the status already showed the idle worker"
     with pytest.raises(BackendUnavailable):  # an idle CPU worker is no answer to a CUDA request
         run(infer.InferRequest(MODEL, REQUEST.params, backend="cuda"))
-    assert [e.backend for e in ensures] == ["cpu", "cuda"]
+    assert [e.backend for e in ensures] == ["auto", "cuda"]
 
 
 def test_a_worker_gone_since_the_status_is_replaced(

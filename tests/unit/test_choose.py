@@ -189,3 +189,26 @@ def test_an_idle_gpu_worker_counts_only_on_its_device() -> None:
     choice = choose([roomy, on_gpu1], M, "cuda", "0")
     assert choice is not None and choice.candidate.name == "roomy"
     assert FREE_SLOT not in choice.reason
+
+
+def test_auto_takes_a_warm_worker_on_any_device_first() -> None:
+    on_gpu = hive("on-gpu", 1, [model()], [worker(backend="cuda", device="0")], devices=[gpu(0, 1)])
+    roomy = hive("roomy", 60, [model()], devices=[gpu(0, 70)])
+    choice = choose([roomy, on_gpu], M)  # no backend: auto
+    assert choice is not None and choice.candidate.name == "on-gpu" and FREE_SLOT in choice.reason
+
+
+def test_auto_prefers_a_hive_whose_gpu_holds_the_whole_model() -> None:
+    big = model(size=20 * GIB)
+    lots_of_ram = hive("lots-of-ram", 100, [big], devices=[gpu(0, 8)])
+    gpu_box = hive("gpu-box", 30, [big], devices=[gpu(0, 24)])
+    choice = choose([lots_of_ram, gpu_box], M)
+    assert choice is not None and choice.candidate.name == "gpu-box"
+    assert "a GPU with room (24.0 GiB free)" in choice.reason
+    # no GPU holds it: the most free memory, RAM or GPU, wins (the hive then splits it)
+    small_gpu = hive("small-gpu", 30, [big], devices=[gpu(0, 8)])
+    choice = choose([lots_of_ram, small_gpu], M)
+    assert choice is not None and choice.candidate.name == "lots-of-ram"
+    assert "it has room (100.0 GiB free)" in choice.reason
+    # forced to the CPU: GPUs do not count
+    assert choose([lots_of_ram, gpu_box], M, "cpu").candidate.name == "lots-of-ram"  # type: ignore[union-attr]

@@ -170,3 +170,19 @@ def test_parallel_from_the_file_the_environment_and_the_flag(
     monkeypatch.setenv("RBEE_PARALLEL", "-3")
     with pytest.raises(InvalidRequest, match="RBEE_PARALLEL='-3': expected a whole number 0-256"):
         config.check_environment()
+
+
+def test_a_hive_pins_the_backend_from_the_file_the_environment_and_the_flag(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rbee import cli
+
+    assert cli.build_parser().parse_args(["hive"]).backend == "auto"  # placed as it fits
+    clean_env.write_text('[hive]\nbackend = "cpu"\n')
+    config.apply()
+    assert os.environ["RBEE_BACKEND"] == "cpu"
+    assert cli.build_parser().parse_args(["hive"]).backend == "cpu"
+    assert cli.build_parser().parse_args(["hive", "--backend", "cuda"]).backend == "cuda"
+    clean_env.write_text('[hive]\nbackend = "metal"\n')
+    with pytest.raises(InvalidRequest, match=r'hive.backend: expected "auto" or "cpu" or "cuda"'):
+        config.apply()

@@ -16,9 +16,11 @@ import pytest
 from rbee import gpu
 from rbee.cli import build_parser
 from rbee.errors import BackendUnavailable, InvalidRequest
+from rbee.gpu import placement_label
 from rbee.hive.supervisor import device_env
+from rbee.keeper.nodes import where_text
 from rbee.protocol.codec import encode
-from rbee.protocol.messages import Token
+from rbee.protocol.messages import Token, WorkerInfo
 from rbee.worker.args import WorkerArgs
 from rbee.worker.engine import ALL_LAYERS, gpu_params
 from rbee.worker.main import TokenFrames, main_gpu
@@ -190,6 +192,7 @@ def test_this_machine_detects_without_raising() -> None:
 
 class FakeLlamaCpp:
     LLAMA_SPLIT_MODE_NONE = 0
+    LLAMA_SPLIT_MODE_LAYER = 1
 
     def __init__(self, offload: bool) -> None:
         self.offload = offload
@@ -202,6 +205,19 @@ def test_cuda_puts_every_layer_on_one_gpu() -> None:
     params = gpu_params(FakeLlamaCpp(offload=True), "cuda", 0)
     assert params == {"n_gpu_layers": ALL_LAYERS, "main_gpu": 0, "split_mode": 0}
     assert gpu_params(FakeLlamaCpp(offload=True), "cpu", 0) == {"n_gpu_layers": 0}
+
+
+def test_a_partial_offload_and_a_split_over_gpus() -> None:
+    llama = FakeLlamaCpp(offload=True)
+    partial = gpu_params(llama, "cuda", 0, gpu_layers=20)
+    assert partial == {"n_gpu_layers": 20, "main_gpu": 0, "split_mode": 0}
+    split = gpu_params(llama, "cuda", 0, gpu_layers=ALL_LAYERS, layers=[16, 15])
+    assert split == {
+        "n_gpu_layers": ALL_LAYERS,
+        "main_gpu": 0,
+        "split_mode": 1,  # llama.cpp's layer split, in these proportions
+        "tensor_split": [16.0, 15.0],
+    }
 
 
 def test_cuda_on_a_cpu_build_is_refused_not_run_on_the_cpu() -> None:
@@ -237,6 +253,8 @@ def test_worker_argv_names_the_backend_only_off_the_cpu() -> None:
     [
         WorkerArgs("w-1", "/m.gguf", "tcp://c", "tcp://s", 2048, 77),
         WorkerArgs("w-2", "/m b.gguf", "tcp://c", "tcp://s", 0, 9, "cuda", "3", 6, False),
+        WorkerArgs("w-3", "/m.gguf", "c", "s", 0, 9, "cuda", "0+1", layers=(16, 15)),
+        WorkerArgs("w-4", "/m.gguf", "c", "s", 0, 9, "cuda", "2", gpu_layers=20, slots=4),
     ],
 )
 def test_the_worker_reads_back_what_the_hive_wrote(args: WorkerArgs) -> None:
@@ -252,3 +270,26 @@ def test_fast_token_frames_are_the_codecs_bytes() -> None:
         assert frames.encode(seq, text, token_id) == expected
     with pytest.raises(InvalidRequest):
         TokenFrames("../etc")
+
+
+def test_placement_labels() -> None:
+    assert placement_label("cpu", "cpu", (), 31) == "cpu"
+    assert placement_label("cuda", "0", (), 31) == "cuda:0 31/31"
+    assert placement_label("cuda", "0+1", (16, 15), 31) == "cuda:0+1 16+15/31"
+    assert placement_label("cuda", "0", (22,), 31, on_cpu=True) == "cpu+cuda:0 9+22/31"
+    assert placement_label("cuda", "0+1", (10, 8), 31, on_cpu=True) == "cpu+cuda:0+1 13+10+8/31"
+    assert placement_label("cuda", "0") == "cuda:0"  # the layer count unknown
+
+
+def test_ps_shows_where_each_workers_layers_are() -> None:
+    def info(**fields: object) -> WorkerInfo:
+        base = dict(worker_id="w-1", model="m", pid=1, state="idle", last_activity=1.0)
+        return WorkerInfo(**{**base, **fields})  # type: ignore[arg-type]
+
+    assert where_text(info(backend="cpu", device="cpu")) == "cpu"
+    whole = info(backend="cuda", device="0", gpu_layers=31, n_layers=31)
+    assert where_text(whole) == "cuda:0 31/31"
+    split = info(backend="cuda", device="0+1", gpu_layers=31, n_layers=31, layers=[16, 15])
+    assert where_text(split) == "cuda:0+1 16+15/31"
+    partial = info(backend="cuda", device="0", gpu_layers=22, n_layers=31)
+    assert where_text(partial) == "cpu+cuda:0 9+22/31"

@@ -23,6 +23,8 @@ from rbee.protocol.messages import (
     Done,
     EnsureWorker,
     Error,
+    Explain,
+    Explanation,
     FetchFrames,
     Frame,
     FramesReply,
@@ -41,6 +43,7 @@ from rbee.protocol.messages import (
     PairConfirm,
     PairHello,
     PairHelloReply,
+    PlacementOption,
     Progress,
     PullModel,
     RunJob,
@@ -138,6 +141,14 @@ def _samples() -> list[Frame]:
         JobAccepted(job_id="job-1", worker_id="w-1"),
         Cancel(job_id="job-1"),
         ListWorkers(),
+        Explain(model="m", backend="cuda", device="0", n_ctx=2048),
+        Explanation(
+            node="n",
+            model="m",
+            chosen="cuda:0 31/31 (NVIDIA H200)",
+            estimate="1,000 MiB",
+            options=[PlacementOption(kind="gpu", label="cuda:0 31/31", fits=True, why="fits")],
+        ),
         WorkerList(workers=[WORKER]),
         StopWorker(worker_id="w-1"),
         FetchFrames(job_id="job-1", from_seq=5),
@@ -222,7 +233,7 @@ def test_nested_records_come_back_as_records() -> None:
 
 
 def test_frames_reply_carries_decodable_stream_frames() -> None:
-    reply = decode(encode(SAMPLES[14])).frame
+    reply = decode(encode(next(s for s in SAMPLES if isinstance(s, FramesReply)))).frame
     assert isinstance(reply, FramesReply)
     inner = [decode(b).frame for b in reply.frames]
     assert [type(f) for f in inner] == [Token, Done]
@@ -388,7 +399,11 @@ def test_wrong_type_for_list_and_text() -> None:
 @pytest.mark.parametrize(
     ("cls", "kwargs", "expected"),
     [
-        (EnsureWorker, {"model": "m", "backend": "metal"}, "backend must be one of cpu"),
+        (
+            EnsureWorker,
+            {"model": "m", "backend": "metal"},
+            "backend must be one of auto, cpu, cuda",
+        ),
         (
             Done,
             {
