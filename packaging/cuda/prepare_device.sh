@@ -5,7 +5,7 @@
 #
 #   .whl/  cp312 manylinux wheels: rbee's hive/worker/keeper/gateway dependencies, httpx (the
 #          benchmarks' client), nvidia-ml-py, gguf and pyyaml (to write models there),
-#          scikit-build-core and pathspec (to build there)
+#          scikit-build-core and pathspec (to build there), PyInstaller (the CUDA binary)
 #   .gpu/  the llama-cpp-python sdist, slimmed from 76 to 12 MB; the default model's tokenizer
 #          (0.4 MB: the model itself, 98 MB, is over what a call may carry)
 #
@@ -27,6 +27,7 @@ wanted=(
     "$(pin starlette)" "$(pin uvicorn)" "$(pin h11)" "$(pin click)"
     "$(pin httpx)" "$(pin httpcore)" "$(pin certifi)"
     nvidia-ml-py gguf scikit-build-core pathspec
+    "pyinstaller==6.*" pyinstaller-hooks-contrib altgraph packaging setuptools
 )
 python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
