@@ -15,7 +15,9 @@ Three checks and one measurement, all with no ``--backend`` anywhere:
    which picks the GPU layers itself with a 1 GiB margin, as rbee's placement does):
    tokens/s rbee ÷ llama-server, target ≥ 0.9, and how many layers each put on the GPU.
 
-The hive runs ``--parallel 1`` so that both sides hold one sequence's KV cache. Each side loads
+Steps 1 and 2 load the model whole on the GPU twice, so the hive's ledger has measured what
+the file really takes (rbee.hive.ledger) before it plans the partial offload. The hive runs
+``--parallel 1`` so that both sides hold one sequence's KV cache. Each side loads
 the model once and streams ``--reps`` times after a warm-up; llama-server first, then rbee, the
 hog holding its memory throughout.
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from batching import RESULTS, prompts, streams
+from batching import RESULTS, prompts, slot_context, streams
 from common import (
     RBEE,
     Row,
@@ -52,7 +53,6 @@ from common import (
 from rbee.hive import fit
 from rbee.hive.placement import estimate_for_file
 
-CTX = 4096
 MIB = 1 << 20
 
 
@@ -139,7 +139,8 @@ def rates(base: str, model: str, tag: str, tokens: int, reps: int) -> list[float
 
 def run(model: str, llama_server: str, tokens: int, reps: int) -> tuple[list[Row], dict[str, Any]]:
     rbee_model = f"file:{Path(model).resolve()}"
-    about: dict[str, Any] = {"model": model, "ctx": CTX}
+    ctx = slot_context(model)  # a worker's context, as the hive sets it
+    about: dict[str, Any] = {"model": model, "ctx": ctx}
     with tempfile.TemporaryDirectory() as tmp, running_hive(tmp, "--parallel", "1") as hive:
         env = hive.env
         node = f"127.0.0.1:{env['RBEE_HIVE_PORT']}"
@@ -161,7 +162,7 @@ def run(model: str, llama_server: str, tokens: int, reps: int) -> tuple[list[Row
             print(f"[serve] no --backend: {serve_where}", flush=True)
             stop_workers(node, env)
             # 3. and 4. under memory held by another process
-            need = estimate_for_file(model, CTX, "cuda", 1)
+            need = estimate_for_file(model, ctx, "cuda", 1)
             half = (need.n_layers // 2) * fit.layer_bytes(need)
             leave = fit.GPU_MARGIN_BYTES + fit.gpu_fixed_bytes(need) + half
             about["estimate"] = need.describe()
@@ -172,15 +173,17 @@ def run(model: str, llama_server: str, tokens: int, reps: int) -> tuple[list[Row
                 explained = rbee("explain", rbee_model, "--node", node, env=env).stdout
                 about["explain"] = explained
                 print(explained, flush=True)
-                peer_port, peer_log = free_port(), Path(tmp) / "llama-server.log"
-                peer_argv = [llama_server, "-m", model, "-c", str(CTX), "--parallel", "1"]
+                peer_port = free_port()
+                peer_argv = [llama_server, "-m", model, "-c", str(ctx), "--parallel", "1"]
                 peer_argv += ["--fit", "on", "--host", "127.0.0.1", "--port", str(peer_port)]
-                peer_argv += ["--log-file", str(peer_log)]
                 with serving(peer_argv, None, peer_port, "/v1/models") as peer:
                     peer_rates = rates(peer.base, "peer", "p", tokens, reps)
-                about["peer_layers"] = _offloaded(peer_log)
-                print(f"[llama-server] offloaded {about['peer_layers']} layers", flush=True)
                 rbee_rates = rates(gateway.base, rbee_model, "r", tokens, reps)
+                about["hive_log"] = [
+                    x
+                    for x in hive.log.read_text(errors="replace").splitlines()
+                    if "gpu memory measured" in x or "worker ready" in x
+                ]
                 partial_where = where_column(rbee("ps", "--node", node, env=env).stdout)
                 print(f"[partial] {partial_where}", flush=True)
     about.update(infer_where=infer_where, serve_where=serve_where, partial_where=partial_where)
@@ -200,13 +203,6 @@ def run(model: str, llama_server: str, tokens: int, reps: int) -> tuple[list[Row
         )
     ]
     return rows, about
-
-
-def _offloaded(log: Path) -> str:
-    """llama-server's "offloaded N/M layers" line, if its log has one."""
-    text = log.read_text(errors="replace") if log.exists() else ""
-    found = re.search(r"offloaded (\d+/\d+) layers", text)
-    return found[1] if found else ""
 
 
 def main() -> int:

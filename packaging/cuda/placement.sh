@@ -26,7 +26,19 @@ fi
 
 if [[ "${STAGE:-all}" != bench ]]; then
     step "the rbee binary with the CUDA engine (PyInstaller)"
-    "$PY" -m PyInstaller --noconfirm --log-level WARN --distpath /tmp/rbee-dist \
+    # A clean environment: the machine's Python may carry torch, transformers and setuptools,
+    # which the analysis would follow (and setuptools' distutils clashes with rbee.spec's
+    # exclusion on Python 3.12). numpy, which llama_cpp needs, is copied from it.
+    base="$("$PY" -c 'import sys; print(sys.base_prefix)')/bin/python3"
+    [[ -x /tmp/rbee-binvenv/bin/python ]] || "$base" -m venv --without-pip /tmp/rbee-binvenv
+    numpy_dir="$(PYTHONPATH= "$PY" -c 'import numpy, os; print(os.path.dirname(os.path.dirname(numpy.__file__)))')"
+    if [[ ! -d "$SITE"/numpy ]] || ! ls -d "$SITE"/numpy-*.dist-info >/dev/null 2>&1; then
+        rm -rf "$SITE"/numpy
+        cp -r "$numpy_dir"/numpy "$numpy_dir"/numpy-*.dist-info "$SITE"/
+        [[ ! -d "$numpy_dir"/numpy.libs ]] || cp -r "$numpy_dir"/numpy.libs "$SITE"/
+    fi
+    rm -rf "$SITE"/setuptools "$SITE"/_distutils_hack "$SITE"/pkg_resources
+    /tmp/rbee-binvenv/bin/python -m PyInstaller --noconfirm --log-level WARN --distpath /tmp/rbee-dist \
         --workpath /tmp/rbee-pyi rbee.spec >"$OUT/pyinstaller.log" 2>&1 \
         || { tail -n 30 "$OUT/pyinstaller.log"; exit 1; }
     bin=/tmp/rbee-dist/rbee/rbee

@@ -27,7 +27,7 @@ wanted=(
     "$(pin starlette)" "$(pin uvicorn)" "$(pin h11)" "$(pin click)"
     "$(pin httpx)" "$(pin httpcore)" "$(pin certifi)"
     nvidia-ml-py gguf scikit-build-core pathspec
-    "pyinstaller==6.*" pyinstaller-hooks-contrib altgraph packaging setuptools
+    "pyinstaller==6.*" pyinstaller-hooks-contrib altgraph packaging
 )
 python3 -m pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \

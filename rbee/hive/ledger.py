@@ -72,9 +72,10 @@ class GpuLedger:
 
     def learn(self, model_path: str, estimated_bytes: int, measured_bytes: int) -> None:
         """A worker of ``model_path`` loaded: it holds ``measured_bytes`` on its GPUs where
-        ``estimated_bytes`` were planned."""
+        ``estimated_bytes`` were planned (an estimate already ``corrected``: the new factor
+        is relative to the formula's own figure, not to the last correction)."""
         if estimated_bytes > 0 and measured_bytes > 0:
-            factor = measured_bytes / estimated_bytes
+            factor = self.factors.get(model_path, 1.0) * measured_bytes / estimated_bytes
             self.factors[model_path] = min(MAX_FACTOR, max(MIN_FACTOR, factor))
 
     def corrected(self, model_path: str, estimate: MemoryEstimate) -> MemoryEstimate:

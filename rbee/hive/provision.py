@@ -184,11 +184,18 @@ class Provisioner:
             if warm is not None
             else "",
             chosen=spot.placement.label if spot.fits and spot.placement else "",
-            estimate=spot.needed.describe(),
+            estimate=spot.needed.describe() + self._learned(entry.path, spot),
             options=options,
             refusal=spot.refusal.message[:16000] if spot.refusal else "",
         )
         self.replies.send(request, explanation)
+
+    def _learned(self, path: str, spot: Spot) -> str:
+        """What a measured load of the file changed in a GPU estimate, for `rbee explain`."""
+        factor = self.ledger.factors.get(path)
+        if factor is None or spot.placement is None or spot.placement.backend != "cuda":
+            return ""
+        return f"; GPU memory × {factor:.2f}, as its last load measured"
 
     def preload(self, reference: str) -> None:
         """Start loading a worker for a model nobody asked for yet: an ephemeral hive does
@@ -422,8 +429,15 @@ class Provisioner:
                 self._tell(worker, _loading(worker))
             case "ready":
                 self.ledger.release(worker.worker_id)
-                if worker.backend == "cuda":
-                    self.ledger.learn(worker.model_path, worker.estimate_bytes, worker.vram_bytes)
+                if worker.backend == "cuda":  # what it holds, as it said or as NVML says now
+                    held = worker.vram_bytes or gpu.process_vram_bytes(worker.pid) or 0
+                    self.ledger.learn(worker.model_path, worker.estimate_bytes, held)
+                    logger.info(
+                        "gpu memory measured",
+                        worker=worker.worker_id,
+                        estimate_mib=worker.estimate_bytes >> 20,
+                        held_mib=held >> 20,
+                    )
                 assigned = WorkerAssigned(
                     worker_id=worker.worker_id,
                     model=worker.model,

@@ -59,6 +59,10 @@ def test_a_measured_load_corrects_the_next_estimate_for_that_model() -> None:
     ledger.learn("/m/a.gguf", need.total_bytes, int(need.total_bytes * 1.25))
     assert ledger.corrected("/m/a.gguf", need).total_bytes == int(need.total_bytes * 1.25)
     assert ledger.corrected("/m/other.gguf", need) == need
+    # the next load was planned with the corrected figure and measured the same: it stays
+    corrected = ledger.corrected("/m/a.gguf", need).total_bytes
+    ledger.learn("/m/a.gguf", corrected, corrected)
+    assert ledger.factors["/m/a.gguf"] == 1.25
     ledger.learn("/m/a.gguf", need.total_bytes, need.total_bytes * 10)  # bounded
     assert ledger.factors["/m/a.gguf"] == MAX_FACTOR
     cpu = MemoryEstimate(8 * GIB, 1 * GIB, 1 * GIB, 0, 4096)
