@@ -4,7 +4,9 @@ ZeroMQ sockets belong to the thread that made them and the keeper's calls block,
 runs what `rbee infer` runs (connect, then the keeper's InferJob: worker, StartJob, stream, with
 its retries) on its own thread with its own sockets, sharing only the gateway's zmq.Context.
 Events go to an asyncio queue through ``call_soon_threadsafe``; the HTTP side never touches a
-socket.
+socket. Once a worker has taken the job, its tokens are read on the event loop itself
+(rbee.gateway.relay: the thread lends its SUB socket and waits), so a token wakes one thread,
+not two.
 
 The HTTP side stops a job by setting ``stop`` (the client went away). The keeper's job looks at
 it (and at the ready deadline) in every wait, a download's or a loading worker's too, and then
@@ -22,8 +24,10 @@ import zmq
 
 from rbee import log
 from rbee.errors import AllSlotsBusy, Canceled, InternalError, RbeeError, Timeout
+from rbee.gateway.relay import LoopReader
 from rbee.keeper.connect import connect
 from rbee.keeper.job import (
+    STOP_CHECK_S,
     Deadline,
     Failed,
     Finished,
@@ -34,7 +38,9 @@ from rbee.keeper.job import (
     Text,
 )
 from rbee.keeper.link import HiveLink
+from rbee.keeper.stream import JobStream, StreamFrame
 from rbee.protocol.messages import new_job_id
+from rbee.transport.sockets import StreamSubscriber
 
 READY_TIMEOUT_S = 600.0  # finding a hive, downloading and loading the model, and queueing
 MAX_JOBS_IN_FLIGHT = 256  # a thread and two sockets each; beyond this, clients are told to retry
@@ -121,7 +127,9 @@ class Job:
             self.where["node"] = link.hello.node
             for note in link.notes:
                 logger.info("route", job=self.job_id, note=note)
-            job = InferJob(link, request, self.stop.is_set, self._ready, self.job_id)
+            job = InferJob(
+                link, request, self.stop.is_set, self._ready, self.job_id, lend=self._lend
+            )
             for event in job.events():
                 self._forward(event)
         except RbeeError as exc:  # connect's: the job's own failures are events
@@ -132,6 +140,12 @@ class Job:
         finally:
             if link is not None:
                 link.close()
+
+    def _lend(self, sub: StreamSubscriber, stream: JobStream) -> StreamFrame | None:
+        """Let the event loop read the job's tokens (see rbee.gateway.relay)."""
+        assert self._loop is not None
+        reader = LoopReader(self._loop, sub, stream, self._events.put_nowait)
+        return reader.run(self.stop, STOP_CHECK_S)
 
     def _forward(self, event: JobEvent) -> None:
         """Pass an event on to the HTTP side, noting where the job runs (empty text, held back

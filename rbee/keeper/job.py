@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -33,7 +33,7 @@ from rbee.errors import (
 )
 from rbee.keeper.choose import has_free_slot
 from rbee.keeper.link import HiveLink
-from rbee.keeper.stream import JobStream, describe
+from rbee.keeper.stream import JobStream, StreamFrame, describe
 from rbee.protocol.messages import (
     KEEP_ALIVE_DEFAULT,
     Cancel,
@@ -124,6 +124,10 @@ class Failed:
 
 
 JobEvent = Waiting | Progress | Started | Text | Finished | Failed
+# Hands a started job's subscription to another reader (the gateway's event loop) while its
+# tokens come in order; returns the terminal frame it saw, or None: go on from the stream's
+# ``next_seq`` (a gap, a silence, a stop).
+Lend = Callable[[StreamSubscriber, JobStream], StreamFrame | None]
 
 
 def never() -> bool:
@@ -154,8 +158,10 @@ class InferJob:
         should_stop: Callable[[], bool] = never,
         ready: Deadline | None = None,
         job_id: str = "",
+        lend: Lend | None = None,
     ) -> None:
         self.link = link
+        self.lend = lend
         self.request = request
         self.should_stop = should_stop
         self.ready = ready
@@ -268,7 +274,13 @@ class InferJob:
         worker_id = yield from self._start(assigned)
         self.waiting = False
         yield Started(self.link.hello.node, worker_id, self.job_id, assigned.reused)
-        for frame in JobStream(self.link.client, sub, self.job_id, self._check):
+        stream = JobStream(self.link.client, sub, self.job_id, self._check)
+        frames: Iterable[StreamFrame] = stream
+        if self.lend is not None:
+            last = self.lend(sub, stream)  # its tokens went straight to the reader
+            self._check()
+            frames = [last] if last is not None else stream
+        for frame in frames:
             self._check()
             if isinstance(frame, Token):
                 yield Text(frame.text, more=sub.has_pending())

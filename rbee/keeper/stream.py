@@ -47,13 +47,17 @@ class JobStream:
         self.check = check
         self.next_seq = 0
         self.fetched = 0  # frames recovered over request/reply (a measure of PUB/SUB loss)
+        self.fetch_first = False  # another reader stopped at a gap or a silence: ask at once
 
     def __iter__(self) -> Iterator[StreamFrame]:
         while True:
-            data = self.sub.recv(IDLE_CHECK_S)
-            if data is None:
-                self.check()
-            frames = self._fetch() if data is None else [self._decode(data)]
+            if self.fetch_first:
+                self.fetch_first, data = False, None
+            else:
+                data = self.sub.recv(IDLE_CHECK_S)
+                if data is None:
+                    self.check()
+            frames = self._fetch() if data is None else [self.decode(data)]
             for frame in frames:
                 if frame.seq > self.next_seq:
                     frames_gap = self._fetch()
@@ -75,7 +79,7 @@ class JobStream:
     def _ended(self, frames: list[StreamFrame]) -> bool:
         return any(not isinstance(f, Token) and f.seq < self.next_seq for f in frames)
 
-    def _decode(self, data: bytes) -> StreamFrame:
+    def decode(self, data: bytes) -> StreamFrame:
         frame = decode(data).frame
         if not isinstance(frame, Token | Done | StreamError) or frame.job_id != self.job_id:
             raise ProtocolError(f"unexpected frame on the stream of job {self.job_id}")
@@ -98,7 +102,7 @@ class JobStream:
                     ) from None
         if not isinstance(reply, FramesReply):
             raise ProtocolError(f"FetchFrames answered with {reply.TYPE}")
-        frames = [self._decode(data) for data in reply.frames]
+        frames = [self.decode(data) for data in reply.frames]
         self.fetched += sum(1 for f in frames if f.seq >= self.next_seq)
         return frames
 
