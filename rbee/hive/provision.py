@@ -6,6 +6,7 @@ its download and its worker's load are going, and what it got."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,7 @@ from rbee.protocol.messages import (
 )
 
 LOAD_PROGRESS_EVERY_S = 1.0  # a keeper waiting for a load hears from the hive at least this often
+INVENTORY_TTL_S = 1.0  # how long NVML's picture of the GPUs is used before it is asked again
 
 logger = log.get(__name__)
 
@@ -109,6 +111,16 @@ class Provisioner:
         self.draining = draining
         self.pulls = Pulls(config.data_dir / "models")
         self.ledger = GpuLedger()
+        self._inventory: tuple[float, gpu.Inventory] | None = None
+
+    def inventory(self) -> gpu.Inventory:
+        """This machine's devices and their free memory, asked of NVML at most every
+        INVENTORY_TTL_S: the hive's one loop also relays every token, and NVML's queries take
+        milliseconds. Loads started meanwhile are the ledger's to count."""
+        now = time.monotonic()
+        if self._inventory is None or now - self._inventory[0] > INVENTORY_TTL_S:
+            self._inventory = (now, gpu.detect())
+        return self._inventory[1]
 
     def resolve(self, reference: str) -> ModelEntry:
         """The catalog entry ``reference`` names (NeedsPull for a Hub model not here yet)."""
@@ -131,11 +143,11 @@ class Provisioner:
         downloaded first. A backend or device this hive lacks is refused before anything is
         downloaded."""
         backend = self.backend_for(frame.backend)
-        if backend != "auto" or frame.device:
-            self.place(_forced(backend), frame.device)
         try:
             entry = self.resolve(frame.model)
         except NeedsPull as need:
+            if backend != "auto" or frame.device:
+                self.place(_forced(backend), frame.device)
             request.require_admin(f"downloading {need.reference}")
             waiter = PullWaiter(request, "ensure", frame.n_ctx, backend, frame.device)
             self.pulls.join(need.reference, waiter)
@@ -219,7 +231,7 @@ class Provisioner:
         """The device for a request now, or BACKEND_UNAVAILABLE; the CPU skips GPU detection."""
         if backend == "cpu" and not device:
             return placement.choose_device(gpu.Inventory(cpu=gpu.cpu_info()), "cpu")
-        return placement.choose_device(gpu.detect(), backend, device, self.node)
+        return placement.choose_device(self.inventory(), backend, device, self.node)
 
     def spot(self, entry: ModelEntry, n_ctx: int, backend: str, device: str) -> Spot:
         """Where a new worker of ``entry`` would go: placed automatically (``auto`` with no
@@ -227,7 +239,7 @@ class Provisioner:
         asked for (``auto`` naming a device means that GPU)."""
         context = self.context(entry, n_ctx)
         if backend == "auto" and not device:
-            inventory = self.ledger.available(gpu.detect(), gpu.process_vram_bytes)
+            inventory = self.ledger.available(self.inventory(), gpu.process_vram_bytes)
 
             def estimate_for(on: str, slots: int) -> MemoryEstimate:
                 needed = placement.estimate_for_file(entry.path, context, on, slots)
@@ -249,12 +261,20 @@ class Provisioner:
             where,
             needed,
             refusal,
-            lambda w: placement.serves(w.backend, w.device, where, device),
+            lambda w: placement.serves(w.backend, w.device, where, device) and not w.partial,
         )
 
     def _ensure(
         self, request: Request, entry: ModelEntry, n_ctx: int, backend: str, device: str
     ) -> None:
+        quick = _serves_without_devices(backend, device)
+        warm = pick_free(self.pool.records(), entry.path, serves=quick) if quick else None
+        if warm is not None:  # the common case, answered without asking NVML anything
+            assigned = WorkerAssigned(
+                worker_id=warm.worker_id, model=warm.model, reused=True, load_s=0
+            )
+            self.replies.send(request, assigned)
+            return
         spot = self.spot(entry, n_ctx, backend, device)
         plan = plan_worker(
             self.pool.records(), entry.path, self.config.limits, spot.fits, spot.serves
@@ -431,6 +451,7 @@ class Provisioner:
                 self.ledger.release(worker.worker_id)
                 if worker.backend == "cuda":  # what it holds, as it said or as NVML says now
                     held = worker.vram_bytes or gpu.process_vram_bytes(worker.pid) or 0
+                    worker.vram_bytes = held
                     self.ledger.learn(worker.model_path, worker.estimate_bytes, held)
                     logger.info(
                         "gpu memory measured",
@@ -477,6 +498,19 @@ class Provisioner:
     def _tell(self, worker: WorkerRecord, frame: Frame) -> None:
         for request in worker.waiters:
             self.replies.send(request, frame)
+
+
+def _serves_without_devices(backend: str, device: str) -> Serves | None:
+    """Which running workers answer a request, where that needs no device lookup (None: a
+    device named by UUID, or an invalid one, which the placement resolves or refuses). A
+    request that names a GPU or CUDA wants every layer there: a partial offload is no answer."""
+    if backend == "auto" and not device:
+        return _any_device
+    if backend == "cpu" and device in ("", "cpu", "0"):
+        return lambda w: w.backend == "cpu"
+    if backend in ("cuda", "auto") and (not device or device.isdigit()):
+        return lambda w: w.backend == "cuda" and not w.partial and device in ("", w.device)
+    return None
 
 
 def _forced(backend: str) -> str:

@@ -67,6 +67,12 @@ class WorkerRecord:
     next_keep_alive_s: float = HIVE_KEEP_ALIVE_S  # the latest job's: applies once it is idle
 
     @property
+    def partial(self) -> bool:
+        """Whether some of its layers run on the CPU though it is a GPU worker (known once it
+        loaded): no answer to a request that asked for every layer on a GPU."""
+        return 0 < self.gpu_layers < self.n_layers
+
+    @property
     def where(self) -> str:
         """Where its layers are: ``cpu``, ``cuda:0 31/31``, ``cpu+cuda:0 9+22/31`` …"""
         return worker_label(self.backend, self.device, self.gpu_layers, self.n_layers, self.layers)

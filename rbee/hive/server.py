@@ -363,7 +363,7 @@ class Hive:
             disk_free_bytes=psutil.disk_usage(str(self.config.data_dir)).free,
             queue_length=len(self.desk.queue),
             max_workers=self.config.limits.max_workers,
-            devices=gpu.detect().device_infos(),
+            devices=self.provisioner.inventory().device_infos(),
             engine=self.engine.describe()[:ENGINE_TEXT_CHARS],
         )
         self.replies.send(request, status)
@@ -382,7 +382,7 @@ class Hive:
                 rss = psutil.Process(w.pid).memory_info().rss
             except psutil.Error:
                 rss = 0
-            vram = gpu.process_vram_bytes(w.pid) if w.backend == "cuda" else None
+            vram = (w.vram_bytes or gpu.process_vram_bytes(w.pid)) if w.backend == "cuda" else None
             infos.append(w.info(rss, vram, lambda job_id: self.desk.shown_to(request, job_id)))
         return infos
 

@@ -54,7 +54,12 @@ def explain(
         finally:
             for view in views:
                 view.close()
-        if picked is None:
+        if not views:
+            out.write(
+                "no hive in reach: `rbee infer` would start one on this machine for the request"
+                " (`rbee hive` keeps one running; then ask again)\n"
+            )
+        elif picked is None:
             out.write(f"rbee infer: no hive in reach can serve {safe(model)}\n")
         else:
             out.write(

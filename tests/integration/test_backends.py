@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
 
+from rbee import gpu
 from rbee.errors import BackendUnavailable, InsufficientRam, ModelNotFound
-from rbee.gpu import detect
+from rbee.gpu import Inventory, detect
 from rbee.hive.placement import MIB, estimate_for_file
 from rbee.keeper.nodes import where_text
 from rbee.protocol.messages import (
@@ -159,3 +161,32 @@ def test_a_hive_pinned_to_cuda_never_places_a_request_on_its_cpu(tmp_path: Path)
         with pytest.raises(BackendUnavailable, match="no GPU support"):
             client.request(Explain(model=MODEL), 5)
         assert not hive.workers
+
+
+def test_explain_with_no_hive_in_reach_says_what_infer_would_do(rbee_env: dict[str, str]) -> None:
+    shown = run_rbee("explain", MODEL, env=rbee_env, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert "no hive in reach: `rbee infer` would start one on this machine" in shown.stdout
+
+
+@pytest.mark.model
+def test_a_request_for_a_free_slot_asks_nvml_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hive's one loop relays every token; NVML's queries take milliseconds each."""
+    calls: list[int] = []
+    real_detect = gpu.detect
+
+    def counted(**kwargs: Any) -> Inventory:
+        calls.append(1)
+        return real_detect(**kwargs)
+
+    monkeypatch.setattr(gpu, "detect", counted)
+    with hive_in_thread(tmp_path, parallel=2) as hive, keeper(hive) as (client, _):
+        first = ensure(client)  # placed: the devices were looked at
+        assert calls
+        asked = len(calls)
+        again = ensure(client)
+        assert (again.worker_id, again.reused) == (first.worker_id, True)
+        assert len(calls) == asked
+        client.request(StopWorker(worker_id=first.worker_id), 5)
