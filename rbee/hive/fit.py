@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from rbee.errors import InsufficientRam, InsufficientVram
 from rbee.gpu import CudaDevice, Inventory, placement_label
-from rbee.hive.placement import AUTO_SLOTS, MIB, MemoryEstimate, Placement, mib
+from rbee.hive.placement import AUTO_SLOTS, MemoryEstimate, Placement, mib
 
 GPU_MARGIN_BYTES = 1 << 30  # left free on every GPU used (llama-server's --fit margin)
 
@@ -283,6 +283,3 @@ def proportional(total: int, weights: Sequence[int]) -> list[int]:
         if not moved:
             break
     return shares
-
-
-__all__ = ["GPU_MARGIN_BYTES", "MIB", "Option", "Plan", "plan", "proportional"]
