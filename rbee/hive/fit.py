@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from rbee.errors import InsufficientRam, InsufficientVram
 from rbee.gpu import CudaDevice, Inventory, placement_label
-from rbee.hive.placement import AUTO_SLOTS, MemoryEstimate, Placement, mib
+from rbee.hive.placement import MemoryEstimate, Placement, first_fitting, mib, slot_counts
 
 GPU_MARGIN_BYTES = 1 << 30  # left free on every GPU used (llama-server's --fit margin)
 
@@ -68,11 +68,6 @@ class Plan:
         return InsufficientRam(
             text, suggestion="stop other workers (`rbee ps`) or use a smaller quantization"
         )
-
-
-def slot_counts(parallel: int) -> list[int]:
-    """The slot counts to try, most first: the hive's ``parallel``, or AUTO_SLOTS down to 1."""
-    return [parallel] if parallel > 0 else list(range(AUTO_SLOTS, 0, -1))
 
 
 def plan(inventory: Inventory, estimate_for: EstimateFor, parallel: int = 0) -> Plan:
@@ -142,17 +137,16 @@ def _whole(
     inventory: Inventory, gpus: list[CudaDevice], estimate_for: EstimateFor, counts: list[int]
 ) -> _Weighed:
     best = gpus[0]
-    for slots in counts:
-        need = estimate_for("cuda", slots)
-        if need.total_bytes + GPU_MARGIN_BYTES <= best.free_bytes:
-            why = (
-                f"needs {mib(need.total_bytes)} MiB + {mib(GPU_MARGIN_BYTES)} MiB margin, "
-                f"{mib(best.free_bytes)} MiB free ({need.breakdown()})"
-            )
-            where = _gpu_placement([best], [], need.n_layers)
-            label = placement_label("cuda", where.device, (), need.n_layers)
-            return where, Option("gpu", label, True, why, slots)
-    need = estimate_for("cuda", counts[-1])
+    room = best.free_bytes - GPU_MARGIN_BYTES
+    need, fits = first_fitting(lambda slots: estimate_for("cuda", slots), room, counts)
+    if fits:
+        why = (
+            f"needs {mib(need.total_bytes)} MiB + {mib(GPU_MARGIN_BYTES)} MiB margin, "
+            f"{mib(best.free_bytes)} MiB free ({need.breakdown()})"
+        )
+        where = _gpu_placement([best], [], need.n_layers)
+        label = placement_label("cuda", where.device, (), need.n_layers)
+        return where, Option("gpu", label, True, why, need.slots)
     why = (
         f"needs {mib(need.total_bytes)} MiB + {mib(GPU_MARGIN_BYTES)} MiB margin, the most "
         f"free on one GPU is {mib(best.free_bytes)} MiB (cuda:{best.index})"
@@ -221,13 +215,12 @@ def _partial(
 
 def _cpu(inventory: Inventory, estimate_for: EstimateFor, counts: list[int]) -> Option:
     free = inventory.cpu.ram_free_bytes
-    for slots in counts:
-        need = estimate_for("cpu", slots)
-        if need.total_bytes <= free:
-            why = f"needs {mib(need.total_bytes)} MiB of RAM, {mib(free)} MiB free"
-            return Option("cpu", "cpu", True, why, slots)
+    need, fits = first_fitting(lambda slots: estimate_for("cpu", slots), free, counts)
+    if fits:
+        why = f"needs {mib(need.total_bytes)} MiB of RAM, {mib(free)} MiB free"
+        return Option("cpu", "cpu", True, why, need.slots)
     why = f"needs {mib(need.total_bytes)} MiB of RAM ({need.breakdown()}), {mib(free)} MiB free"
-    return Option("cpu", "cpu", False, why, counts[-1])
+    return Option("cpu", "cpu", False, why, need.slots)
 
 
 def _gpu_placement(

@@ -332,19 +332,31 @@ def estimate_shape(
     )
 
 
+def slot_counts(parallel: int) -> list[int]:
+    """The slot counts a new worker may get, most first: the hive's ``parallel``, or (0)
+    AUTO_SLOTS down to 1."""
+    return [parallel] if parallel > 0 else list(range(AUTO_SLOTS, 0, -1))
+
+
+def first_fitting(
+    estimate_for: Callable[[int], MemoryEstimate], free_bytes: int, counts: list[int]
+) -> tuple[MemoryEstimate, bool]:
+    """The estimate for the first of ``counts`` (slot counts, most first) that fits
+    ``free_bytes``, and True; else the last one's, and False."""
+    for slots in counts:
+        needed = estimate_for(slots)
+        if needed.total_bytes <= free_bytes:
+            return needed, True
+    return needed, False
+
+
 def fit_slots(
     estimate_for: Callable[[int], MemoryEstimate], free_bytes: int, parallel: int = 0
 ) -> MemoryEstimate:
     """The estimate of a new worker with its slot count: ``parallel`` when set (``check_fits``
     refuses it if it does not fit, as for any worker), else (0) the most slots, AUTO_SLOTS at
     most, whose estimate fits ``free_bytes``; 1 when none does (and that is then refused)."""
-    if parallel > 0:
-        return estimate_for(parallel)
-    for slots in range(AUTO_SLOTS, 1, -1):
-        needed = estimate_for(slots)
-        if needed.total_bytes <= free_bytes:
-            return needed
-    return estimate_for(1)
+    return first_fitting(estimate_for, free_bytes, slot_counts(parallel))[0]
 
 
 def estimate_for_file(path: str, n_ctx: int, backend: str, slots: int = 1) -> MemoryEstimate:
