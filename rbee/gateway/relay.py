@@ -50,6 +50,7 @@ class LoopReader:
         self.last: StreamFrame | None = None  # the terminal frame, when that is what ended it
         self._fd = -1
         self._timer: asyncio.TimerHandle | None = None
+        self._last_frame = 0.0  # loop time of the last frame read
 
     # ------------------------------------------------------------------ on the job's thread
 
@@ -79,13 +80,18 @@ class LoopReader:
             return
         self._fd = int(self.sock.getsockopt(zmq.FD))
         self.loop.add_reader(self._fd, self._readable)
-        self._arm()
+        self._last_frame = self.loop.time()
+        self._timer = self.loop.call_later(IDLE_CHECK_S, self._watch_silence)
         self._readable()  # frames that came before the reader was added raise no event
 
-    def _arm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self.loop.call_later(IDLE_CHECK_S, self._give_back, True)
+    def _watch_silence(self) -> None:
+        """One timer for the whole stream, not one per token: it looks again when the last
+        frame would be IDLE_CHECK_S old, and gives the socket back once it is."""
+        quiet = self.loop.time() - self._last_frame
+        if quiet >= IDLE_CHECK_S:
+            self._give_back(True)
+        elif not self.done.is_set():
+            self._timer = self.loop.call_later(IDLE_CHECK_S - quiet, self._watch_silence)
 
     def _readable(self) -> None:
         """Every frame waiting now (ZeroMQ's descriptor signals edges, not levels)."""
@@ -105,7 +111,7 @@ class LoopReader:
                     return
                 if frame.text:
                     self.deliver(Text(frame.text))
-                self._arm()
+                self._last_frame = self.loop.time()
         except (zmq.ZMQError, RbeeError):  # a frame it cannot read: the thread decides
             self._give_back(True)
 
