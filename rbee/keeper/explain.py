@@ -17,13 +17,11 @@ import zmq
 from rbee.errors import ProtocolError, RbeeError
 from rbee.keeper.choose import choose
 from rbee.keeper.connect import open_named
+from rbee.keeper.nodes import NODES_BROWSE_S, REQUEST_TIMEOUT_S
 from rbee.keeper.survey import survey
 from rbee.protocol.messages import Explain, Explanation
 from rbee.terminal import safe
 from rbee.transport.sockets import DealerClient
-
-BROWSE_S = 1.5
-REQUEST_TIMEOUT_S = 5.0
 
 
 def explain(
@@ -40,7 +38,7 @@ def explain(
             finally:
                 link.close()
             return
-        views = survey(ctx, browse_s=BROWSE_S, keep=True)
+        views = survey(ctx, browse_s=NODES_BROWSE_S, keep=True)
         try:
             for view in views:
                 if view.client is None:
