@@ -28,14 +28,15 @@ figures are the batching's, not a LAN survey's. At the end, a consistency pass: 
 at a time, then all at once, on each server, the whole prompt computed every time
 (``cache_prompt`` false); how many texts batching left the same goes to the JSON and the output.
 
-Tokens are counted as the server's own count where it gives one: both send ``usage`` (asked for
-with ``stream_options.include_usage``; llama-server's text-completion stream carries it on its
-last chunk anyway) with ``completion_tokens``, the tokens the model generated. Where ``usage`` is
-missing, the count is the number of SSE events carrying text: llama-server sends one per
-generated token (fewer only when it holds back an incomplete UTF-8 sequence), rbee's gateway one
-per Text event of its keeper (on the default model both gave exactly one event per token:
-events = completion_tokens in every stream). Both counts go to the JSON; a stream that produced
-fewer tokens than asked for is reported in the table.
+Tokens are counted as the server's own count where it gives one: both send ``usage`` (asked for with
+``stream_options.include_usage``; llama-server's text-completion stream carries it on its last chunk
+anyway) with ``completion_tokens``, the tokens the model generated. Where ``usage`` is missing, the
+count is the number of SSE events carrying text: llama-server sends one per generated token (fewer
+only when it holds back an incomplete UTF-8 sequence), rbee's gateway one per Token frame of its
+worker, which carries the tokens made within the hive's stream interval (``--stream-interval-ms``,
+25 by default; the environment's ``RBEE_STREAM_INTERVAL_MS`` reaches the benchmark's hive, so
+``RBEE_STREAM_INTERVAL_MS=0`` measures one event per token). Both counts go to the JSON; a stream
+that produced fewer tokens than asked for is reported in the table.
 
 The peer is llama-server built from the very llama.cpp source llama-cpp-python vendors, with
 rbee's engine flags and CPU variants (bench/build_llama_server.sh: built once, cached in

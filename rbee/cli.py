@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 from rbee import __version__, config
-from rbee.config import COUNT_FLAG, PORT_FLAG, POSITIVE_FLAG, SLOTS_FLAG
+from rbee.config import COUNT_FLAG, INTERVAL_FLAG, PORT_FLAG, POSITIVE_FLAG, SLOTS_FLAG
 from rbee.errors import Canceled, ExitCode, InvalidRequest, OutputFailed, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
 from rbee.protocol.messages import (
@@ -29,6 +29,7 @@ from rbee.protocol.messages import (
     PAIR_WINDOW_S,
     PLACEMENTS,
     PROTOCOL_VERSION,
+    STREAM_INTERVAL_MS,
 )
 from rbee.protocol.schema import not_unicode
 from rbee.terminal import safe
@@ -188,6 +189,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="jobs each worker decodes together, each with its own context (default 0: "
         "automatic, 4 or as many as fit in free memory)",
+    )
+    hive.add_argument(
+        "--stream-interval-ms",
+        type=INTERVAL_FLAG,
+        default=int(env("RBEE_STREAM_INTERVAL_MS", str(STREAM_INTERVAL_MS))),
+        metavar="MS",
+        help=f"tokens that come closer together than this reach clients in one frame, saving "
+        f"a wake-up of every process on the way per token (default {STREAM_INTERVAL_MS}; 0: "
+        "one frame per token)",
     )
     hive.add_argument(
         "--backend",
@@ -557,6 +567,7 @@ def _hive(args: argparse.Namespace) -> int:
         threads=max(0, args.threads),
         parallel=args.parallel,
         backend=args.backend,
+        stream_interval_ms=args.stream_interval_ms,
     )
     return run_hive(config)
 

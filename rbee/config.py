@@ -19,7 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from rbee.errors import InvalidRequest
-from rbee.protocol.messages import MAX_SLOTS, PLACEMENTS
+from rbee.protocol.messages import (
+    MAX_SLOTS,
+    MAX_STREAM_INTERVAL_MS,
+    PLACEMENTS,
+    STREAM_INTERVAL_MS,
+)
 
 
 def _port(value: Any) -> str:
@@ -43,6 +48,13 @@ def _positive(value: Any) -> str:
 def _slots(value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SLOTS:
         raise ValueError(f"a whole number 0-{MAX_SLOTS} (0: automatic)")
+    return str(value)
+
+
+def _interval(value: Any) -> str:
+    top = MAX_STREAM_INTERVAL_MS
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= top:
+        raise ValueError(f"a whole number of ms, 0-{MAX_STREAM_INTERVAL_MS}")
     return str(value)
 
 
@@ -71,6 +83,7 @@ PORT_FLAG = flag_type(_any_port)
 POSITIVE_FLAG = flag_type(_positive)
 COUNT_FLAG = flag_type(_count)
 SLOTS_FLAG = flag_type(_slots)
+INTERVAL_FLAG = flag_type(_interval)
 
 
 def _text(value: Any) -> str:
@@ -159,6 +172,14 @@ SETTINGS = (
     ),
     Setting(
         "hive",
+        "stream_interval_ms",
+        "RBEE_STREAM_INTERVAL_MS",
+        _interval,
+        str(STREAM_INTERVAL_MS),
+        "tokens closer together than this go to clients in one frame (0: one per token)",
+    ),
+    Setting(
+        "hive",
         "backend",
         "RBEE_BACKEND",
         _placement,
@@ -227,7 +248,7 @@ ENV_FALSE = ("0", "false", "no", "off")
 def _from_env(setting: Setting, text: str) -> Any:
     """An environment variable's text as the file would hold it, for the same check."""
     text = text.strip()
-    if setting.check in (_port, _count, _positive, _slots):
+    if setting.check in (_port, _count, _positive, _slots, _interval):
         return int(text) if text.isascii() and text.isdigit() else text
     if setting.check is _bool:
         lowered = text.lower()

@@ -110,7 +110,7 @@ class LoopReader:
                     self._give_back(False)
                     return
                 if frame.text:
-                    self.deliver(Text(frame.text))
+                    self.deliver(Text(frame.text, frame.count))
                 self._last_frame = self.loop.time()
         except (zmq.ZMQError, RbeeError):  # a frame it cannot read: the thread decides
             self._give_back(True)

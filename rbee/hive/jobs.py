@@ -301,6 +301,7 @@ class JobDesk:
             return
         if isinstance(frame, Token):
             job.keep(parts[1])
+            job.tokens += frame.count
             # Drops at the HWM; FetchFrames heals.
             self.xpub.send_multipart([stream_topic(job.job_id), parts[1]], zmq.NOBLOCK)
         elif isinstance(frame, Done) and frame.stop_reason == "canceled" and job.canceled_by:
@@ -402,7 +403,7 @@ class JobDesk:
     def _end_on_exit(self, job: JobRecord, event: Event) -> None:
         worker = event.worker
         if job.canceled_by:  # stopped on purpose before its Done came: not a crash
-            self._fail(job, self._ended_by_other(job, f"after {len(job.frames)} tokens"))
+            self._fail(job, self._ended_by_other(job, f"after {job.tokens} tokens"))
             return
         tail = event.stderr_tail[-2000:]
         how = f"exited with code {event.exit_code}"

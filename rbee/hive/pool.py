@@ -21,6 +21,7 @@ from rbee.hive.registry import WorkerRecord
 from rbee.hive.supervisor import TERM_GRACE_S, WorkerProcess, signal_worker, spawn_worker
 from rbee.llamacpp import CPU_VARIANT_ENV, EngineChoice
 from rbee.protocol.messages import (
+    STREAM_INTERVAL_MS,
     Frame,
     Heartbeat,
     StopRequest,
@@ -58,9 +59,17 @@ class Event:
 class WorkerPool:
     """Worker records and their processes, keyed by worker id."""
 
-    def __init__(self, back: RouterServer, control: str, stream: str, engine: EngineChoice) -> None:
+    def __init__(
+        self,
+        back: RouterServer,
+        control: str,
+        stream: str,
+        engine: EngineChoice,
+        stream_interval_ms: int = STREAM_INTERVAL_MS,
+    ) -> None:
         self.back = back
         self.engine = engine  # how workers run llama.cpp here (the engine probe's verdict)
+        self.stream_interval_ms = stream_interval_ms
         self.control = control
         self.stream = stream
         self.workers: dict[str, WorkerRecord] = {}
@@ -92,6 +101,7 @@ class WorkerPool:
             slots=slots,
             gpu_layers=where.gpu_layers,
             layers=where.layers,
+            stream_interval_ms=self.stream_interval_ms,
         )
         proc = spawn_worker(args, where.uuid, self.engine.worker_env())
         record = WorkerRecord(

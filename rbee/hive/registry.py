@@ -162,6 +162,7 @@ class JobRecord:
     dispatched: bool = False
     frames: list[bytes] = field(default_factory=list)
     frame_bytes: int = 0
+    tokens: int = 0  # generated so far (a Token frame may carry several)
     finished_at: float = 0.0
     told_position: int = -1
     told_at: float = 0.0

@@ -162,7 +162,13 @@ class Hive:
             self.catalog.close()
             raise
         self.engine = self._choose_engine()
-        self.pool = WorkerPool(RouterServer(back), back_endpoint, xsub_endpoint, self.engine)
+        self.pool = WorkerPool(
+            RouterServer(back),
+            back_endpoint,
+            xsub_endpoint,
+            self.engine,
+            self.config.stream_interval_ms,
+        )
         clean_stale_parts(config.data_dir / "models")  # left by downloads cut short
         self.replies = Replies(self.front)
         self.provisioner = Provisioner(

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rbee.hive.registry import Limits
-from rbee.protocol.messages import HIVE_KEEP_ALIVE_S
+from rbee.protocol.messages import HIVE_KEEP_ALIVE_S, STREAM_INTERVAL_MS
 from rbee.transport.sockets import is_loopback
 
 DRAIN_GRACE_S = 10.0  # how long running jobs may finish after a SIGTERM
@@ -31,6 +31,7 @@ class HiveConfig:
     threads: int = 0  # CPU threads per worker; 0: as many as llama.cpp's own default
     parallel: int = 0  # slots (jobs decoded together) per worker; 0: AUTO_SLOTS, as memory allows
     backend: str = "auto"  # what a request naming no backend gets: auto, or pinned to cpu/cuda
+    stream_interval_ms: int = STREAM_INTERVAL_MS  # a worker's tokens closer together share a frame
 
     @property
     def loopback_only(self) -> bool:

@@ -147,9 +147,9 @@ class Printer:
             case Started(_, worker_id, job_id, reused):
                 result.worker_id, result.reused, self.job_id = worker_id, reused, job_id
                 self.report.phase("inference", f"job {job_id} on worker {worker_id}")
-            case Text(text, token, more):
-                if token:
-                    self._count()
+            case Text(text, tokens, more):
+                if tokens:
+                    self._count(tokens)
                 emit(self.out, text, result, flush=not more)
             case Finished(done):
                 result.done = done
@@ -158,12 +158,12 @@ class Printer:
                     raise with_partial(error, result, self.asked, self.job_id)
                 raise error
 
-    def _count(self) -> None:
+    def _count(self, tokens: int) -> None:
         result, now = self.result, time.monotonic()
         if not result.tokens:
             result.first_token_s = now - self.started
         result.stream_s = now - self.started - result.first_token_s
-        result.tokens += 1
+        result.tokens += tokens
 
     def end_line(self) -> None:
         """End the text with a newline, so the prompt (or the summary) starts on its own line."""

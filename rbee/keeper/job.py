@@ -101,11 +101,11 @@ class Started:
 
 @dataclass(frozen=True)
 class Text:
-    """Generated text: one token's worth (possibly empty: text held back for a stop sequence),
-    or, with ``token`` False, the held-back tail at the end."""
+    """Generated text: ``tokens`` tokens' worth (possibly empty: text held back for a stop
+    sequence), or, with ``tokens`` 0, the held-back tail at the end."""
 
     text: str
-    token: bool = True
+    tokens: int = 1
     more: bool = False  # more is already waiting: a printer may flush with the last of it
 
 
@@ -283,10 +283,10 @@ class InferJob:
         for frame in frames:
             self._check()
             if isinstance(frame, Token):
-                yield Text(frame.text, more=sub.has_pending())
+                yield Text(frame.text, frame.count, more=sub.has_pending())
             elif isinstance(frame, Done):
                 if frame.tail:
-                    yield Text(frame.tail, token=False)
+                    yield Text(frame.tail, tokens=0)
                 if frame.stop_reason == "canceled":  # not by us: we would not be here
                     raise JobStopped(f"job {self.job_id} was stopped on the hive")
                 return frame

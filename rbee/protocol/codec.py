@@ -138,7 +138,7 @@ def _plain_token(body: Any) -> Token | None:
     if type(body) is not dict:
         return None
     job_id, seq, text = body.get("job_id"), body.get("seq"), body.get("text")
-    token_id = body.get("token_id", -1)
+    token_id, count = body.get("token_id", -1), body.get("count", 1)
     limits = _TOKEN_LIMITS
     if not (
         type(job_id) is str
@@ -150,10 +150,13 @@ def _plain_token(body: Any) -> Token | None:
         and len(text) <= limits["text"].max_len
         and type(token_id) is int
         and token_id >= limits["token_id"].min
+        and type(count) is int
+        and limits["count"].min <= count <= limits["count"].max
     ):
         return None
     token = object.__new__(Token)  # every field checked above, as Token's own checks would
-    for name, value in (("job_id", job_id), ("seq", seq), ("text", text), ("token_id", token_id)):
+    fields = (("job_id", job_id), ("seq", seq), ("text", text), ("token_id", token_id))
+    for name, value in (*fields, ("count", count)):
         object.__setattr__(token, name, value)
     return token
 

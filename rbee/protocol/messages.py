@@ -35,6 +35,8 @@ TOPIC_END = b"/"  # ends a stream topic; not in ID_PATTERN, so "j-1/" is no pref
 STATES = ("loading", "idle", "busy", "stopping")
 STOP_REASONS = ("eos", "length", "stop", "canceled")
 MAX_SLOTS = 256  # sequences one worker may decode together (llama.cpp's n_seq_max limit)
+STREAM_INTERVAL_MS = 25  # a worker's tokens closer together than this share a frame (slots.py)
+MAX_STREAM_INTERVAL_MS = 1000
 BACKENDS = ("cpu", "cuda")  # what a worker can run on; Metal is documented in rbee/gpu.py only
 PLACEMENTS = ("auto", *BACKENDS)  # what a request may ask for; auto: the hive places it
 MAX_GPUS = 64  # GPUs one worker's layers may span
@@ -534,13 +536,16 @@ class PairAccepted(Frame):
 
 
 class Token(Frame):
-    """One generated token; ``text`` is what it adds (may be empty mid UTF-8 sequence)."""
+    """Generated text: ``count`` tokens (several when they came faster than the worker's stream
+    interval), ``text`` what they add (may be empty mid UTF-8 sequence), ``token_id`` the last
+    one's id."""
 
     TYPE = "token"
     job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     seq: int = spec(min=0)
     text: str = spec(max_len=4096)
     token_id: int = spec(default=-1, min=-1)
+    count: int = spec(default=1, min=1, max=4096)
 
 
 class Done(Frame):

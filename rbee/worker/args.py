@@ -11,7 +11,7 @@ import argparse
 from dataclasses import dataclass
 
 from rbee.errors import InvalidRequest
-from rbee.protocol.messages import BACKENDS, MAX_SLOTS
+from rbee.protocol.messages import BACKENDS, MAX_SLOTS, MAX_STREAM_INTERVAL_MS, STREAM_INTERVAL_MS
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,7 @@ class WorkerArgs:
     slots: int = 1  # jobs decoded together, each with a context of n_ctx tokens
     gpu_layers: int = -1  # CUDA: layers on the GPUs (-1: all; fewer: the rest on the CPU)
     layers: tuple[int, ...] = ()  # CUDA over several GPUs: layers per GPU ("0+1" in ``device``)
+    stream_interval_ms: int = STREAM_INTERVAL_MS  # tokens closer together share a frame
 
     def argv(self) -> list[str]:
         """The flags after `rbee worker` (``--backend``/``--device`` only off the CPU, so a CPU
@@ -61,6 +62,8 @@ class WorkerArgs:
             argv += ["--no-extra-bufts"]
         if self.slots != 1:
             argv += ["--slots", str(self.slots)]
+        if self.stream_interval_ms != STREAM_INTERVAL_MS:
+            argv += ["--stream-interval-ms", str(self.stream_interval_ms)]
         return argv
 
     @classmethod
@@ -73,6 +76,11 @@ class WorkerArgs:
             )
         if not 1 <= args.slots <= MAX_SLOTS:
             raise InvalidRequest(f"--slots must be 1 to {MAX_SLOTS} (got {args.slots})")
+        if not 0 <= args.stream_interval_ms <= MAX_STREAM_INTERVAL_MS:
+            raise InvalidRequest(
+                f"--stream-interval-ms must be 0 to {MAX_STREAM_INTERVAL_MS} "
+                f"(got {args.stream_interval_ms})"
+            )
         try:
             layers = tuple(int(n) for n in args.tensor_split.split(",") if n)
         except ValueError:
@@ -95,6 +103,7 @@ class WorkerArgs:
             slots=args.slots,
             gpu_layers=args.gpu_layers,
             layers=layers,
+            stream_interval_ms=args.stream_interval_ms,
         )
 
 
@@ -115,4 +124,10 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-split", default="", help="layers per GPU, e.g. 16,15")
     parser.add_argument(
         "--slots", type=int, default=1, help="jobs decoded together, each with --n-ctx tokens"
+    )
+    parser.add_argument(
+        "--stream-interval-ms",
+        type=int,
+        default=STREAM_INTERVAL_MS,
+        help="tokens that come closer together than this share a frame (0: one per token)",
     )

@@ -205,7 +205,7 @@ class Generator(threading.Thread):
         def publish(topic: bytes, data: bytes) -> None:
             pub.send_multipart([topic, data])
 
-        self._loop(Slots(engine, publish))
+        self._loop(Slots(engine, publish, args.stream_interval_ms / 1000))
 
     def _take(self, wait: bool) -> list[tuple[RunJob, threading.Event] | None]:
         """Every job handed over since the last step (the first one waited for if ``wait``);

@@ -63,6 +63,11 @@ class Run:
     accepted_at: float = 0.0
 
     @property
+    def count(self) -> int:
+        """Tokens seen so far (a frame may carry several)."""
+        return sum(t.count for t in self.tokens)
+
+    @property
     def text(self) -> str:
         tail = self.end.tail if isinstance(self.end, Done) else ""
         return "".join(t.text for t in self.tokens) + tail
@@ -126,7 +131,7 @@ def test_eight_streams_on_one_worker_continue_their_own_prompts(
         busy_seen: list[int] = []
 
         def watch(run: Run) -> None:
-            if run is runs[0] and len(run.tokens) == n // 2:
+            if run is runs[0] and run.count >= n // 2 and not busy_seen:
                 with keeper(hive) as (watcher, _sub):
                     now = watcher.request(ListWorkers(), 5)
                     assert isinstance(now, WorkerList)
@@ -136,8 +141,9 @@ def test_eight_streams_on_one_worker_continue_their_own_prompts(
     identical = 0
     for i, run in enumerate(runs):
         assert isinstance(run.end, Done), run.end
-        assert run.end.tokens == n == len(run.tokens) and run.end.stop_reason == "length"
-        assert [t.seq for t in run.tokens] == list(range(n)) and run.end.seq == n
+        assert run.end.tokens == n == run.count and run.end.stop_reason == "length"
+        frames = len(run.tokens)
+        assert [t.seq for t in run.tokens] == list(range(frames)) and run.end.seq == frames
         own = common_prefix(run.text, alone[i])
         others = [common_prefix(run.text, alone[j]) for j in range(len(PROMPTS)) if j != i]
         assert own > max(others), (PROMPTS[i], run.text, alone[i])
@@ -153,7 +159,7 @@ def test_cancel_one_stream_and_the_others_finish_intact(data_dir: Path) -> None:
         canceled = threading.Event()
 
         def cancel_second(run: Run) -> None:
-            if run is runs[1] and len(run.tokens) == 5 and not canceled.is_set():
+            if run is runs[1] and run.count >= 5 and not canceled.is_set():
                 canceled.set()
                 from rbee.protocol.messages import Cancel
 
@@ -167,8 +173,8 @@ def test_cancel_one_stream_and_the_others_finish_intact(data_dir: Path) -> None:
     assert 5 <= stopped.tokens < 48
     for run in (runs[0], runs[2], runs[3]):
         assert isinstance(run.end, Done) and run.end.stop_reason == "length"
-        assert run.end.tokens == 48 == len(run.tokens)
-        assert [t.seq for t in run.tokens] == list(range(48))
+        assert run.end.tokens == 48 == run.count
+        assert [t.seq for t in run.tokens] == list(range(run.end.seq))
 
 
 def test_sigkill_mid_batch_ends_every_stream_with_worker_crashed(data_dir: Path) -> None:
@@ -178,7 +184,7 @@ def test_sigkill_mid_batch_ends_every_stream_with_worker_crashed(data_dir: Path)
         killed = threading.Event()
 
         def kill_worker(run: Run) -> None:
-            if len(run.tokens) == 8 and not killed.is_set():
+            if run.count >= 8 and not killed.is_set():
                 killed.set()
                 pid = hive.pool.workers[assigned.worker_id].pid
                 os.kill(pid, signal.SIGKILL)
@@ -204,7 +210,7 @@ def test_a_long_prompt_delays_running_streams_by_at_most_one_chunk(data_dir: Pat
         launched: list[threading.Thread] = []
 
         def launch_long(run: Run) -> None:
-            if run is runs[0] and len(run.tokens) == 10 and not launched:
+            if run is runs[0] and run.count >= 10 and not launched:
                 t = threading.Thread(target=stream_one, args=(hive, assigned.worker_id, long, id))
                 launched.append(t)
                 t.start()
@@ -255,10 +261,13 @@ def test_late_slow_subscriber_among_batched_streams_gets_every_frame_once(
             time.sleep(0.5)
             slow_sub.subscribe("j-slow")
             next(slow_client.replies(rid, 5))
-            seen = []
+            frames = []
             for frame in JobStream(slow_client, slow_sub, "j-slow"):
-                seen.append(frame.seq)
+                frames.append(frame)
                 time.sleep(0.05)
         background.join(60)
-    assert seen == list(range(65)), seen
+    done = frames[-1]
+    assert isinstance(done, Done) and done.tokens == 64
+    assert [f.seq for f in frames] == list(range(done.seq + 1))
+    assert sum(f.count for f in frames[:-1]) == 64  # type: ignore[union-attr]
     assert all(isinstance(r.end, Done) and r.end.tokens == 64 for r in others)

@@ -274,7 +274,8 @@ def test_sse_bytes_are_openai_framing(gateway: Server) -> None:
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     content = [c for c in chunks[1:-2] if c["choices"][0]["delta"]]
-    assert len(content) == 5 and all(c["choices"][0]["finish_reason"] is None for c in content)
+    assert 1 <= len(content) <= 5  # tokens within the hive's stream interval share a chunk
+    assert all(c["choices"][0]["finish_reason"] is None for c in content)
     assert chunks[-2]["choices"][0] == {
         "index": 0,
         "delta": {},
@@ -286,7 +287,7 @@ def test_sse_bytes_are_openai_framing(gateway: Server) -> None:
     plain = {"model": DEFAULT_MODEL, "prompt": STORY, "max_tokens": 3, "stream": True}
     raw = httpx.post(gateway.url + "/v1/completions", json=plain, timeout=60).content
     events = sse_events(raw)
-    assert events[-1] == b"data: [DONE]" and len(events) == 5  # 3 tokens, finish, [DONE]
+    assert events[-1] == b"data: [DONE]" and 3 <= len(events) <= 5  # 1-3 of text, finish, [DONE]
     assert b'"usage"' not in raw
 
     missing = httpx.post(gateway.url + "/v1/completions", json={**plain, "model": "nope"})
@@ -456,7 +457,7 @@ def test_keep_alive_comments_while_the_model_loads(start_hive: HiveFactory) -> N
     events = sse_events(raw, comments=True)
     assert events[0] == b": keep-alive", "the wait is filled before any data"
     data = [e for e in events if e.startswith(b"data: ")]
-    assert len(data) == 5 and data[-1] == b"data: [DONE]"
+    assert 3 <= len(data) <= 5 and data[-1] == b"data: [DONE]"  # 1-3 chunks of text, 1 of the end
 
 
 def test_the_wait_for_a_worker_has_a_deadline(start_hive: HiveFactory) -> None:

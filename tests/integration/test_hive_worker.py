@@ -132,7 +132,7 @@ def test_streams_what_llama_cpp_generates_in_process(data_dir: Path, model_path:
         tokens, done, _ = run_job(client, sub, assigned.worker_id, raw)
         assert "".join(t.text for t in tokens) + done.tail == want_raw["text"]
         assert [t.seq for t in tokens] == list(range(len(tokens))) and done.seq == len(tokens)
-        assert done.tokens == len(tokens) >= 20 and done.prompt_tokens > 0
+        assert done.tokens == sum(t.count for t in tokens) >= 20 and done.prompt_tokens > 0
         chat = GenerateParams(prompt="Why is the sky blue?", max_tokens=48, temperature=0.0)
         tokens, done, _ = run_job(client, sub, assigned.worker_id, chat)
         assert "".join(t.text for t in tokens) + done.tail == want_chat
@@ -157,20 +157,25 @@ def test_late_slow_subscriber_gets_every_token_once(data_dir: Path) -> None:
         sub.subscribe(job_id)
         accepted = next(client.replies(rid, 5))
         assert isinstance(accepted, JobAccepted) and accepted.worker_id == assigned.worker_id
-        seen: list[int] = []
+        frames = []
         stream = JobStream(client, sub, job_id)
         for frame in stream:
-            seen.append(frame.seq)
-            time.sleep(0.05)  # ~4x slower than the model produces
-        assert seen == list(range(65)), seen
+            frames.append(frame)
+            time.sleep(0.05)  # slower than the model produces
+        done = frames[-1]
+        assert isinstance(done, Done) and done.tokens == 64
+        assert [f.seq for f in frames] == list(range(done.seq + 1))
+        assert sum(f.count for f in frames[:-1]) == 64  # type: ignore[union-attr]
 
 
 def test_dropped_frames_are_recovered(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A full-speed synthetic stream into a reader that stalls: the hive's high-water mark
-    drops frames (shrunk here, with small kernel buffers), and FetchFrames fills every gap."""
+    drops frames (shrunk here, with small kernel buffers), and FetchFrames fills every gap. One
+    frame per token (no stream interval), so that 20,000 tokens are 20,000 frames."""
     monkeypatch.setattr("rbee.hive.server.STREAM_HWM", 16)
     n = 20_000
-    with hive_in_thread(data_dir) as hive, keeper(hive, hwm=16) as (client, sub):
+    hive_ctx = hive_in_thread(data_dir, stream_interval_ms=0)
+    with hive_ctx as hive, keeper(hive, hwm=16) as (client, sub):
         hive.xpub.setsockopt(zmq.SNDBUF, 4096)
         sub.sock.setsockopt(zmq.RCVBUF, 4096)
         assigned, _ = ensure(client, "synthetic:0")
@@ -252,14 +257,17 @@ def test_cancel_stop_worker_and_vanished_keeper(data_dir: Path) -> None:
         )
         sub.subscribe("j-cancel")
         start(client, "j-cancel", assigned.worker_id, long)
-        frames = []
+        frames, seen = [], 0
         for frame in JobStream(client, sub, "j-cancel"):
             frames.append(frame)
+            seen += frame.count if isinstance(frame, Token) else 0
             if len(frames) == 5:
+                at_cancel = seen
                 assert isinstance(client.request(Cancel(job_id="j-cancel"), 5), Ack)
         done = frames[-1]
         assert isinstance(done, Done) and done.stop_reason == "canceled"
-        assert done.tokens <= 7, "the worker must stop within a token or two of the cancel"
+        # a token or two past the cancel, and those the worker held for the stream interval
+        assert done.tokens <= at_cancel + 5, "the worker must stop within a token of the cancel"
         assert isinstance(client.request(Cancel(job_id="j-cancel"), 5), Ack), "cancel twice"
 
         # A keeper that vanishes (its SUB closes) gets its job canceled by the hive.

@@ -133,6 +133,8 @@ def test_each_bad_environment_value_is_named(
         (("--parallel", "-1"), "--parallel: expected a whole number 0-256 (0: automatic)"),
         (("--parallel", "257"), "--parallel: expected a whole number 0-256"),
         (("--parallel", "four"), "--parallel: expected a whole number 0-256"),
+        (("--stream-interval-ms", "-1"), "--stream-interval-ms: expected a whole number of ms"),
+        (("--stream-interval-ms", "1001"), "--stream-interval-ms: expected a whole number of ms"),
     ],
 )
 def test_hive_flags_are_checked_like_the_file(
@@ -169,6 +171,25 @@ def test_parallel_from_the_file_the_environment_and_the_flag(
         config.apply()
     monkeypatch.setenv("RBEE_PARALLEL", "-3")
     with pytest.raises(InvalidRequest, match="RBEE_PARALLEL='-3': expected a whole number 0-256"):
+        config.check_environment()
+
+
+def test_stream_interval_from_the_file_the_environment_and_the_flag(
+    clean_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rbee import cli
+
+    assert cli.build_parser().parse_args(["hive"]).stream_interval_ms == 25
+    clean_env.write_text("[hive]\nstream_interval_ms = 0\n")
+    config.apply()
+    assert cli.build_parser().parse_args(["hive"]).stream_interval_ms == 0
+    flags = ["hive", "--stream-interval-ms", "40"]
+    assert cli.build_parser().parse_args(flags).stream_interval_ms == 40
+    clean_env.write_text("[hive]\nstream_interval_ms = 5000\n")
+    with pytest.raises(InvalidRequest, match=r"hive.stream_interval_ms: expected a whole"):
+        config.apply()
+    monkeypatch.setenv("RBEE_STREAM_INTERVAL_MS", "x")
+    with pytest.raises(InvalidRequest, match="RBEE_STREAM_INTERVAL_MS='x': expected"):
         config.check_environment()
 
 

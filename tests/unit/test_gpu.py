@@ -255,6 +255,7 @@ def test_worker_argv_names_the_backend_only_off_the_cpu() -> None:
         WorkerArgs("w-2", "/m b.gguf", "tcp://c", "tcp://s", 0, 9, "cuda", "3", 6, False),
         WorkerArgs("w-3", "/m.gguf", "c", "s", 0, 9, "cuda", "0+1", layers=(16, 15)),
         WorkerArgs("w-4", "/m.gguf", "c", "s", 0, 9, "cuda", "2", gpu_layers=20, slots=4),
+        WorkerArgs("w-5", "/m.gguf", "c", "s", 0, 9, stream_interval_ms=0),
     ],
 )
 def test_the_worker_reads_back_what_the_hive_wrote(args: WorkerArgs) -> None:
@@ -265,9 +266,10 @@ def test_the_worker_reads_back_what_the_hive_wrote(args: WorkerArgs) -> None:
 
 def test_fast_token_frames_are_the_codecs_bytes() -> None:
     frames = TokenFrames("j-0123456789abcdef")
-    for seq, text, token_id in [(0, "", -1), (7, " héllo", 1234), (9, "x" * 2000, 5)]:
-        expected = encode(Token(job_id="j-0123456789abcdef", seq=seq, text=text, token_id=token_id))
-        assert frames.encode(seq, text, token_id) == expected
+    cases = [(0, "", -1, 1), (7, " héllo", 1234, 1), (8, " a b", 9, 2), (9, "x" * 2000, 5, 30)]
+    for seq, text, token_id, count in cases:
+        frame = Token(job_id=frames.job_id, seq=seq, text=text, token_id=token_id, count=count)
+        assert frames.encode(seq, text, token_id, count) == encode(frame)
     with pytest.raises(InvalidRequest):
         TokenFrames("../etc")
 

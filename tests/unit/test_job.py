@@ -211,11 +211,11 @@ def test_a_cold_job_says_each_phase_then_streams(monkeypatch: pytest.MonkeyPatch
     ]
     assert events[3] == Started("alpha", WORKER, job.job_id, reused=False)
     texts = [e for e in events if isinstance(e, Text)]
-    assert [(t.text, t.token) for t in texts] == [
-        ("a", True),
-        ("", True),
-        ("b", True),
-        ("!", False),
+    assert [(t.text, t.tokens) for t in texts] == [
+        ("a", 1),
+        ("", 1),
+        ("b", 1),
+        ("!", 0),
     ]
     assert isinstance(events[-1], Finished) and events[-1].done.tokens == 3
     assert subs[0].closed and not client.of_type(Cancel)

@@ -99,7 +99,7 @@ MODEL = ModelInfo(
 
 
 def _samples() -> list[Frame]:
-    token = Token(job_id="job-1", seq=3, text="héllo", token_id=99)
+    token = Token(job_id="job-1", seq=3, text="héllo", token_id=99, count=2)
     done = Done(
         job_id="job-1",
         seq=4,
@@ -689,12 +689,14 @@ def test_the_token_fast_path_accepts_and_refuses_exactly_what_the_generic_path_d
         "seq": [0, 1, 2**40],
         "text": ["", " w1", "é€😀", "x" * 4096],
         "token_id": [-1, 0, 151_000],
+        "count": [1, 2, 4096],
     }
     bad: dict[str, list[Any]] = {
         "job_id": ["", "-j", "j/../x", "j" * 65, 5, None, b"j-1"],
         "seq": [-1, True, 1.0, "1", None],
         "text": ["x" * 4097, 3, None, b"x"],
         "token_id": [-2, False, 2.5, "0"],
+        "count": [0, -1, 4097, True, 1.0, None],
     }
     agreed = accepted = 0
     for _ in range(4000):

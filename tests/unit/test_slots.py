@@ -38,7 +38,7 @@ def run_all(slots: Slots, limit: int = 10_000) -> int:
 
 def test_jobs_share_steps_and_each_stream_is_whole() -> None:
     out = Recorder()
-    slots = Slots(SyntheticEngine("synthetic:0", slots=4), out)
+    slots = Slots(SyntheticEngine("synthetic:0", slots=4), out, interval_s=0)
     lengths = {"j-1": 5, "j-2": 9, "j-3": 1, "j-4": 7}
     for job_id, n in lengths.items():
         slots.admit(job(job_id, n), threading.Event())
@@ -55,7 +55,7 @@ def test_jobs_share_steps_and_each_stream_is_whole() -> None:
 
 def test_more_jobs_than_slots_wait_and_start_as_slots_free() -> None:
     out = Recorder()
-    slots = Slots(SyntheticEngine("synthetic:0", slots=2), out)
+    slots = Slots(SyntheticEngine("synthetic:0", slots=2), out, interval_s=0)
     for i in range(5):
         slots.admit(job(f"j-{i}", 3), threading.Event())
     assert slots.free() == 0 and len(slots.backlog) == 3
@@ -66,7 +66,7 @@ def test_more_jobs_than_slots_wait_and_start_as_slots_free() -> None:
 
 def test_a_canceled_job_ends_within_one_step_and_the_others_go_on() -> None:
     out = Recorder()
-    slots = Slots(SyntheticEngine("synthetic:0", slots=3), out)
+    slots = Slots(SyntheticEngine("synthetic:0", slots=3), out, interval_s=0)
     cancels = {f"j-{i}": threading.Event() for i in range(3)}
     for job_id, cancel in cancels.items():
         slots.admit(job(job_id, 20), cancel)
@@ -86,7 +86,7 @@ def test_a_canceled_job_ends_within_one_step_and_the_others_go_on() -> None:
 
 def test_stop_strings_end_one_stream() -> None:
     out = Recorder()
-    slots = Slots(SyntheticEngine("synthetic:0", slots=2), out)
+    slots = Slots(SyntheticEngine("synthetic:0", slots=2), out, interval_s=0)
     slots.admit(job("j-a", 50, stop=[" w3"]), threading.Event())
     slots.admit(job("j-b", 6), threading.Event())
     run_all(slots)
@@ -101,7 +101,7 @@ def test_fail_all_ends_running_and_waiting_jobs_with_one_error_each() -> None:
     from rbee.errors import JobStopped
 
     out = Recorder()
-    slots = Slots(SyntheticEngine("synthetic:0", slots=1), out)
+    slots = Slots(SyntheticEngine("synthetic:0", slots=1), out, interval_s=0)
     slots.admit(job("j-run", 10), threading.Event())
     slots.admit(job("j-wait", 10), threading.Event())
     slots.step()
@@ -138,7 +138,7 @@ class CachingModel(SyntheticEngine):
 
 def test_a_prompt_goes_to_the_slot_holding_its_prefix_and_computes_only_the_rest() -> None:
     model = CachingModel(slots=3)
-    slots = Slots(model, Recorder())
+    slots = Slots(model, Recorder(), interval_s=0)
     for job_id, prompt in (("j-a", "hello there"), ("j-b", "goodbye now")):
         slots.admit(
             RunJob(job_id=job_id, params=GenerateParams(prompt=prompt, max_tokens=2)),
@@ -167,7 +167,7 @@ def test_the_synthetic_model_paces_every_stream_from_the_first_token_on() -> Non
 
     out = Recorder()
     model = SyntheticEngine("synthetic:20", slots=2)
-    slots = Slots(model, out)
+    slots = Slots(model, out, interval_s=0)
     time.sleep(0.1)  # idle before the job
     started = time.perf_counter()
     slots.admit(job("j-a", 3), threading.Event())
@@ -179,3 +179,49 @@ def test_the_synthetic_model_paces_every_stream_from_the_first_token_on() -> Non
     assert 0.045 <= first < 0.1, first
     assert 0.14 <= total < 0.3, total
     assert all(isinstance(f[-1], Done) and f[-1].tokens == 3 for f in out.frames.values())
+
+
+def test_tokens_within_the_stream_interval_share_a_frame() -> None:
+    out = Recorder()
+    slots = Slots(SyntheticEngine("synthetic:0", slots=1), out, interval_s=3600)
+    slots.admit(job("j-1", 10), threading.Event())
+    run_all(slots)
+    first, rest, end = out.frames["j-1"]
+    assert isinstance(first, Token) and (first.seq, first.count, first.text) == (0, 1, " w0")
+    assert isinstance(rest, Token) and (rest.seq, rest.count, rest.token_id) == (1, 9, 9)
+    assert rest.text == "".join(f" w{i}" for i in range(1, 10))
+    assert isinstance(end, Done) and (end.seq, end.tokens) == (2, 10)
+
+
+def test_a_long_run_of_held_text_goes_out_in_frames_of_bounded_size() -> None:
+    out = Recorder()
+    slots = Slots(SyntheticEngine("synthetic:0", slots=1), out, interval_s=3600)
+    slots.admit(job("j-1", 600), threading.Event())
+    run_all(slots)
+    tokens = out.frames["j-1"][:-1]
+    assert all(isinstance(f, Token) for f in tokens) and len(tokens) > 3
+    assert [f.seq for f in tokens] == list(range(len(tokens)))  # type: ignore[attr-defined]
+    assert all(len(f.text) < 1030 for f in tokens)  # type: ignore[attr-defined]
+    assert sum(f.count for f in tokens) == 600  # type: ignore[attr-defined]
+    assert "".join(f.text for f in tokens) == "".join(f" w{i}" for i in range(600))  # type: ignore[attr-defined]
+
+
+def test_held_tokens_go_out_before_an_error_or_a_cancel() -> None:
+    from rbee.errors import JobStopped
+
+    out = Recorder()
+    slots = Slots(SyntheticEngine("synthetic:0", slots=2), out, interval_s=3600)
+    cancel = threading.Event()
+    slots.admit(job("j-fail", 10), threading.Event())
+    slots.admit(job("j-cancel", 10), cancel)
+    for _ in range(4):
+        slots.step()
+    cancel.set()
+    slots.step()
+    slots.fail_all(JobStopped("stopping"))
+    failed, canceled = out.frames["j-fail"], out.frames["j-cancel"]
+    assert [f.count for f in failed[:-1]] == [1, 4]  # type: ignore[attr-defined]
+    assert isinstance(failed[-1], StreamError) and failed[-1].seq == 2
+    assert [f.count for f in canceled[:-1]] == [1, 3]  # type: ignore[attr-defined]
+    assert isinstance(canceled[-1], Done) and canceled[-1].stop_reason == "canceled"
+    assert (canceled[-1].seq, canceled[-1].tokens) == (2, 4)
