@@ -18,7 +18,14 @@ from pathlib import Path
 from typing import Any, TextIO, cast
 
 from rbee import __version__, config
-from rbee.config import COUNT_FLAG, INTERVAL_FLAG, PORT_FLAG, POSITIVE_FLAG, SLOTS_FLAG
+from rbee.config import (
+    COUNT_FLAG,
+    INTERVAL_FLAG,
+    PORT_FLAG,
+    POSITIVE_FLAG,
+    SIZE_FLAG,
+    SLOTS_FLAG,
+)
 from rbee.errors import Canceled, ExitCode, InvalidRequest, OutputFailed, RbeeError
 from rbee.paths import data_dir, hive_port, stream_port
 from rbee.protocol.messages import (
@@ -35,6 +42,7 @@ from rbee.protocol.schema import not_unicode
 from rbee.terminal import safe
 from rbee.worker.args import WorkerArgs
 from rbee.worker.args import add_flags as add_worker_flags
+from rbee.worker.lender import add_flags as add_lender_flags
 
 
 def version_text() -> str:
@@ -212,6 +220,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=bool(env("RBEE_SECURE")),
         help="use CURVE keys even on loopback (always on when listening on any other address)",
     )
+    hive.add_argument(
+        "--lend",
+        action=argparse.BooleanOptionalAction,
+        default=env("RBEE_LEND", "true").strip().lower() not in config.ENV_FALSE,
+        help="lend this machine's memory to models that peer hives hold, over their CURVE "
+        "link, to keys with the hive or admin role (default on)",
+    )
+    hive.add_argument(
+        "--memory-limit",
+        type=SIZE_FLAG,
+        default=env("RBEE_MEMORY_LIMIT", "0"),
+        metavar="SIZE",
+        help="the most RAM this hive plans with, its workers' and lenders' included, e.g. 8G "
+        "(default 0: what the machine has)",
+    )
     hive.add_argument("--ephemeral", action="store_true", help=argparse.SUPPRESS)
     hive.add_argument("--preload", default="", help=argparse.SUPPRESS)
     hive_actions = hive.add_subparsers(
@@ -322,6 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="(started by a hive) serve one model")
     worker.set_defaults(run=_worker)
     add_worker_flags(worker)
+
+    lender = sub.add_parser("lender", help="(started by a hive) lend memory to another's model")
+    lender.set_defaults(run=_lender)
+    add_lender_flags(lender)
 
     models = sub.add_parser("models", help="this machine's model catalog")
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
@@ -511,6 +538,12 @@ def _worker(args: argparse.Namespace) -> int:
     return run_worker(WorkerArgs.parse(args))
 
 
+def _lender(args: argparse.Namespace) -> int:
+    from rbee.worker.lender import run as run_lender
+
+    return run_lender(args)
+
+
 def _install(args: argparse.Namespace) -> int:
     from rbee import install
 
@@ -564,6 +597,8 @@ def _hive(args: argparse.Namespace) -> int:
         limits=limits,
         keep_alive_s=args.keep_alive,
         secure=args.secure,
+        lend=args.lend,
+        memory_limit=args.memory_limit,
         threads=max(0, args.threads),
         parallel=args.parallel,
         backend=args.backend,

@@ -86,6 +86,15 @@ SLOTS_FLAG = flag_type(_slots)
 INTERVAL_FLAG = flag_type(_interval)
 
 
+def SIZE_FLAG(text: str) -> str:
+    """An argparse ``type`` for a size flag, checked as the file and the environment are."""
+    try:
+        parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected {exc}") from None
+    return text.strip()
+
+
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError("a non-empty string")
@@ -130,6 +139,29 @@ def _placement(value: Any) -> str:
     return str(value)
 
 
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``16G``, ``1.5T`` or a number of bytes (binary units, an optional ``iB``/``B``)."""
+    cleaned = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = cleaned.rstrip("KMGT"), cleaned[len(cleaned.rstrip("KMGT")) :]
+    try:
+        value = float(number) * SIZE_UNITS[unit]
+    except (KeyError, ValueError):
+        raise ValueError(f"a size such as 512M or 16G, not {text!r}") from None
+    if not 0 <= value < 1 << 60:
+        raise ValueError(f"a size such as 512M or 16G, not {text!r}")
+    return int(value)
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, str):
+        raise ValueError("a size such as 512M or 16G (0: no limit)")
+    parse_size(value)
+    return value
+
+
 def _bool(value: Any) -> str:
     if not isinstance(value, bool):
         raise ValueError("true or false (in the environment also 1/0, yes/no, on/off)")
@@ -159,6 +191,17 @@ SETTINGS = (
     Setting("hive", "max_workers", "RBEE_MAX_WORKERS", _positive, "4", "workers at once"),
     Setting("hive", "max_queue", "RBEE_MAX_QUEUE", _positive, "16", "jobs waiting"),
     Setting("hive", "secure", "RBEE_SECURE", _bool, "false", "CURVE even on loopback"),
+    Setting(
+        "hive", "lend", "RBEE_LEND", _bool, "true", "lend memory to peer hives' models (hive role)"
+    ),
+    Setting(
+        "hive",
+        "memory_limit",
+        "RBEE_MEMORY_LIMIT",
+        _size,
+        "0",
+        "the most RAM the hive plans with, its workers' and lenders' included (0: all)",
+    ),
     Setting(
         "hive", "threads", "RBEE_THREADS", _count, "0", "CPU threads per worker (0: physical cores)"
     ),

@@ -14,6 +14,8 @@ exit code. This module is the one place that ties the three together::
     ├── HiveLost                   HIVE_LOST          4
     ├── WorkerStartFailed          WORKER_START_FAILED 5
     ├── WorkerCrashed              WORKER_CRASHED     1
+    ├── LenderLost                 LENDER_LOST        4
+    ├── LendingRefused             LENDING_REFUSED    7
     ├── WorkerNotFound             WORKER_NOT_FOUND   1
     ├── JobNotFound                JOB_NOT_FOUND      1
     ├── AllSlotsBusy               ALL_SLOTS_BUSY     6
@@ -155,6 +157,21 @@ class WorkerCrashed(RbeeError):
     """A worker process died (or hung) while it ran a job."""
 
     code = "WORKER_CRASHED"
+
+
+class LenderLost(RbeeError):
+    """A hive lending memory to a model's layers died, was cut off or stalled."""
+
+    code = "LENDER_LOST"
+    exit_code = ExitCode.NETWORK
+    default_retryable = True
+
+
+class LendingRefused(RbeeError):
+    """A hive will not lend its memory (lending is off there, or it has no room)."""
+
+    code = "LENDING_REFUSED"
+    exit_code = ExitCode.RESOURCES
 
 
 class WorkerNotFound(RbeeError):

@@ -27,6 +27,7 @@ through the MIG handles; a MIG-enabled GPU shows up with its whole memory and a 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ from typing import Any
 
 import psutil
 
+from rbee.config import parse_size
 from rbee.protocol.messages import DeviceInfo
 
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
@@ -175,11 +177,27 @@ def detect(
 
 
 def cpu_info() -> CpuInfo:
-    """The CPU backend now: cores, total RAM and RAM available to a new process."""
+    """The CPU backend now: cores, total RAM and RAM available to a new process. Under a hive's
+    memory limit (``RBEE_MEMORY_LIMIT``) the total is the limit and what is free is the limit
+    less what this process's children (workers, lenders) hold, or less if the machine has less."""
     memory = psutil.virtual_memory()
-    return CpuInfo(
-        cores=os.cpu_count() or 1, ram_total_bytes=memory.total, ram_free_bytes=memory.available
-    )
+    total, free = memory.total, memory.available
+    limit = memory_limit()
+    if limit:
+        held = 0
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                held += child.memory_info().rss
+        total, free = min(total, limit), min(free, max(0, limit - held))
+    return CpuInfo(cores=os.cpu_count() or 1, ram_total_bytes=total, ram_free_bytes=free)
+
+
+def memory_limit() -> int:
+    """``RBEE_MEMORY_LIMIT`` in bytes (0: none; checked where the hive starts)."""
+    try:
+        return parse_size(os.environ.get("RBEE_MEMORY_LIMIT", "0") or "0")
+    except ValueError:
+        return 0
 
 
 def cuda_devices(nvml: Any) -> tuple[tuple[CudaDevice, ...], str]:
@@ -289,6 +307,14 @@ def placement_label(
     if on_cpu:
         shares = [n_layers - sum(shares), *shares]
     return f"{where} {'+'.join(str(n) for n in shares)}/{n_layers}"
+
+
+def lent_label(lenders: Sequence[str], layers: Sequence[int], n_layers: int) -> str:
+    """A CPU worker with ``layers`` in the memory of the ``lenders`` (peer hives), the rest
+    here: ``cpu+beta 11+20/31`` (this hive's share first)."""
+    n = n_layers or sum(layers)
+    counts = "+".join(str(c) for c in (n - sum(layers), *layers))
+    return f"cpu+{'+'.join(lenders)} {counts}/{n}"
 
 
 def worker_label(

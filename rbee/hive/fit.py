@@ -26,7 +26,14 @@ from dataclasses import dataclass
 
 from rbee.errors import InsufficientRam, InsufficientVram
 from rbee.gpu import CudaDevice, Inventory, placement_label
-from rbee.hive.placement import MemoryEstimate, Placement, first_fitting, mib, slot_counts
+from rbee.hive.placement import (
+    Lender,
+    MemoryEstimate,
+    Placement,
+    first_fitting,
+    mib,
+    slot_counts,
+)
 
 GPU_MARGIN_BYTES = 1 << 30  # left free on every GPU used (llama-server's --fit margin)
 
@@ -221,6 +228,61 @@ def _cpu(inventory: Inventory, estimate_for: EstimateFor, counts: list[int]) -> 
         return Option("cpu", "cpu", True, why, need.slots)
     why = f"needs {mib(need.total_bytes)} MiB of RAM ({need.breakdown()}), {mib(free)} MiB free"
     return Option("cpu", "cpu", False, why, need.slots)
+
+
+LENDER_RUNTIME_BYTES = 256 << 20  # a lender process (Python, llama.cpp) before any layer
+
+
+def borrow(
+    inventory: Inventory,
+    estimate_for: EstimateFor,
+    lenders: Sequence[Lender],
+    parallel: int = 0,
+) -> tuple[Placement | None, Option | None]:
+    """A model that fits nowhere here, run with some of its layers in peer hives' memory
+    (llama.cpp's RPC backend, rbee.hive.borrow): as many layers as this hive's RAM holds stay
+    here, the rest go to the lenders in proportion to what each has free, each lender holding
+    a compute buffer and its process besides. llama.cpp offloads the last layers, so the
+    output layer is always among the lent ones. (None, None) with no lender in reach."""
+    if not lenders:
+        return None, None
+    ram, counts = inventory.cpu.ram_free_bytes, slot_counts(parallel)
+    need = estimate_for("cpu", counts[-1])
+    for slots in counts:
+        need = estimate_for("cpu", slots)
+        if not need.n_layers:
+            return None, Option("borrow", "cpu+peers", False, "the model's layer count is unknown")
+        per = layer_bytes(need)
+        here = min(need.n_layers - 1, max(0, (ram - gpu_fixed_bytes(need)) // per))
+        lent = need.n_layers - here
+        room = [
+            (lender, max(0, (lender.free_bytes - need.compute_bytes - LENDER_RUNTIME_BYTES) // per))
+            for lender in lenders
+        ]
+        if sum(c for _, c in room) < lent:
+            continue
+        shares = proportional(lent, [c for _, c in room])
+        used = [(lender, n) for (lender, _), n in zip(room, shares, strict=True) if n > 0]
+        where = Placement(
+            "cpu",
+            "cpu",
+            free_bytes=ram,
+            layers=tuple(n for _, n in used),
+            n_layers=need.n_layers,
+            on_cpu=True,
+            lenders=tuple(lender for lender, _ in used),
+        )
+        kept = mib(here * per + gpu_fixed_bytes(need))
+        lent_why = ", ".join(
+            f"{lender.node} {n} ({mib(n * per + need.compute_bytes)} MiB of "
+            f"{mib(lender.free_bytes)} free)"
+            for lender, n in used
+        )
+        why = f"{here} layers here ({kept} MiB of {mib(ram)} free), {lent_why}"
+        return where, Option("borrow", where.label, True, why, slots)
+    free = ", ".join(f"{lender.node} {mib(lender.free_bytes)} MiB" for lender in lenders)
+    why = f"{need.n_layers} layers of {mib(layer_bytes(need))} MiB: more than here and {free} free"
+    return None, Option("borrow", "cpu+peers", False, why, need.slots)
 
 
 def _gpu_placement(

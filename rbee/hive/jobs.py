@@ -27,7 +27,7 @@ from rbee.errors import (
     WorkerCrashed,
     WorkerNotFound,
 )
-from rbee.hive.pool import SIGNAL_HINT, Event, WorkerPool
+from rbee.hive.pool import SIGNAL_HINT, Event, WorkerPool, lender_lost
 from rbee.hive.provision import NeedsPull, Provisioner
 from rbee.hive.registry import (
     JobRecord,
@@ -404,6 +404,9 @@ class JobDesk:
         worker = event.worker
         if job.canceled_by:  # stopped on purpose before its Done came: not a crash
             self._fail(job, self._ended_by_other(job, f"after {job.tokens} tokens"))
+            return
+        if worker.lender_failure:  # llama.cpp aborts when a lender's link breaks
+            self._fail(job, lender_lost(worker, f"during job {job.job_id}"))
             return
         tail = event.stderr_tail[-2000:]
         how = f"exited with code {event.exit_code}"

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 from rbee.errors import BackendUnavailable, InsufficientRam, InsufficientVram
 from rbee.gguf import GGUFError, read_gguf_info
-from rbee.gpu import CudaDevice, Inventory, placement_label
+from rbee.gpu import CudaDevice, Inventory, lent_label, placement_label
 
 MIB = 1 << 20
 KV_BYTES_PER_ELEMENT = 2  # llama.cpp's default cache type for K and V is f16
@@ -47,6 +47,16 @@ CUDA_RUNTIME_BYTES = 600 * MIB  # CUDA context, cuBLAS, kernels: 587-589 MiB on 
 CPU_RUNTIME_BYTES = 0  # the worker's baseline RSS exists before the model: not the model's cost
 UNKNOWN_SHAPE_MARGIN_BYTES = 256 * MIB  # a header without the shape keys: weights + this
 AUTO_SLOTS = 4  # slots per worker when the hive sets none (llama-server's automatic --parallel)
+
+
+@dataclass(frozen=True)
+class Lender:
+    """A peer hive that lends memory (rbee.hive.peers): where to reach it, its key, its room."""
+
+    node: str
+    endpoint: str  # its front socket, tcp://HOST:PORT
+    key: str  # its CURVE public key (this hive authorized it with the hive role)
+    free_bytes: int
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class Placement:
     layers: tuple[int, ...] = ()  # layers per GPU, in ``device`` order; (): all on one GPU
     n_layers: int = 0  # llama.cpp's offloadable layers (0: unknown)
     on_cpu: bool = False  # a partial offload: the layers not on a GPU run on the CPU
+    lenders: tuple[Lender, ...] = ()  # CPU here and ``layers`` in these hives' memory
 
     @property
     def index(self) -> int:
@@ -75,6 +86,8 @@ class Placement:
     @property
     def label(self) -> str:
         """``cpu``, ``cuda:0 (NVIDIA H100 80GB HBM3)``, ``cuda:0+1 16+15/31 (…)``."""
+        if self.lenders:
+            return lent_label([lender.node for lender in self.lenders], self.layers, self.n_layers)
         if self.backend == "cpu":
             return "cpu"
         where = placement_label("cuda", self.device, self.layers, self.n_layers, self.on_cpu)

@@ -11,12 +11,20 @@ import os
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 from rbee import log
-from rbee.errors import LoadingTimeout, RbeeError, WorkerStartFailed
-from rbee.hive.placement import Placement
+from rbee.errors import (
+    BackendUnavailable,
+    LenderLost,
+    LoadingTimeout,
+    RbeeError,
+    WorkerStartFailed,
+)
+from rbee.hive.borrow import Tunnel
+from rbee.hive.placement import Lender, Placement
 from rbee.hive.registry import WorkerRecord
 from rbee.hive.supervisor import TERM_GRACE_S, WorkerProcess, signal_worker, spawn_worker
 from rbee.llamacpp import CPU_VARIANT_ENV, EngineChoice
@@ -31,6 +39,18 @@ from rbee.protocol.messages import (
 )
 from rbee.transport.sockets import RouterServer
 from rbee.worker.args import WorkerArgs
+
+TunnelFactory = Callable[[Lender, str, str], Tunnel]  # (lender, pipe id, model) → a new link
+
+
+def lender_lost(worker: WorkerRecord, when: str) -> LenderLost:
+    """LENDER_LOST for a worker that ended because a link to lent memory broke."""
+    return LenderLost(
+        f"worker {worker.worker_id} ({worker.model} on {worker.where}) ended {when}: the hive "
+        f"lending it memory is gone ({worker.lender_failure})",
+        suggestion="try again: the model is placed anew with the hives in reach",
+    )
+
 
 HEARTBEAT_TIMEOUT_S = 5.0
 LOOP_HELD_UP_S = 1.0  # the hive's loop checks its workers ten times a second
@@ -66,10 +86,13 @@ class WorkerPool:
         stream: str,
         engine: EngineChoice,
         stream_interval_ms: int = STREAM_INTERVAL_MS,
+        tunnel: TunnelFactory | None = None,
     ) -> None:
+        """``tunnel``: makes the link to a lender hive for a worker that borrows memory."""
         self.back = back
         self.engine = engine  # how workers run llama.cpp here (the engine probe's verdict)
         self.stream_interval_ms = stream_interval_ms
+        self.tunnel = tunnel
         self.control = control
         self.stream = stream
         self.workers: dict[str, WorkerRecord] = {}
@@ -87,6 +110,14 @@ class WorkerPool:
         with ``slots`` slots of ``n_ctx`` tokens each; it reports back on the local ROUTER."""
         where = where or Placement(backend="cpu", device="cpu")
         worker_id = "w-" + uuid.uuid4().hex[:8]
+        tunnels = []
+        if where.lenders:
+            if self.tunnel is None:
+                raise BackendUnavailable("this hive cannot borrow memory (it has no CURVE keys)")
+            tunnels = [
+                self.tunnel(lender, f"{worker_id}-{i}", model).start()
+                for i, lender in enumerate(where.lenders)
+            ]
         args = WorkerArgs(
             worker_id,
             path,
@@ -102,6 +133,7 @@ class WorkerPool:
             gpu_layers=where.gpu_layers,
             layers=where.layers,
             stream_interval_ms=self.stream_interval_ms,
+            rpc=tuple(t.endpoint for t in tunnels),
         )
         proc = spawn_worker(args, where.uuid, self.engine.worker_env())
         record = WorkerRecord(
@@ -112,7 +144,10 @@ class WorkerPool:
             backend=where.backend,
             device=where.device,
             slots=slots,
-            layers=where.layers if len(where.layers) > 1 else (),
+            layers=where.layers if len(where.layers) > 1 or where.lenders else (),
+            lenders=tuple(lender.node for lender in where.lenders),
+            tunnels=tunnels,
+            n_layers=where.n_layers if where.lenders else 0,
         )
         self.workers[worker_id] = record
         self.procs[worker_id] = proc
@@ -228,11 +263,15 @@ class WorkerPool:
     def _exited(self, worker: WorkerRecord, proc: WorkerProcess, code: int) -> Event:
         del self.workers[worker.worker_id]
         del self.procs[worker.worker_id]
+        for tunnel in worker.tunnels:  # its connections are gone: each tunnel ends at once
+            tunnel.close()
         tail = proc.stderr_tail()
         log_at = logger.info if worker.state == "stopping" else logger.warning
         log_at("worker exited", worker=worker.worker_id, code=code, state=worker.state)
-        error = None
-        if worker.state == "loading":
+        error: RbeeError | None = None
+        if worker.state == "loading" and worker.lender_failure:
+            error = lender_lost(worker, "while it loaded")
+        elif worker.state == "loading":
             reason = f"the process exited with code {code}"
             if code < 0:  # a signal: say what the engine ran, which is what a crash report needs
                 reason += f" ({self.signal_death(code)})"

@@ -6,6 +6,7 @@ its download and its worker's load are going, and what it got."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from rbee.catalog import Catalog, ModelEntry
 from rbee.errors import AllSlotsBusy, HiveDraining, InvalidRequest, ModelNotFound, RbeeError
 from rbee.hive import fit, placement
 from rbee.hive.ledger import GpuLedger
-from rbee.hive.placement import MemoryEstimate, Placement
+from rbee.hive.placement import Lender, MemoryEstimate, Placement
 from rbee.hive.pool import Event, WorkerPool
 from rbee.hive.pulls import Finished, Pulls, PullWaiter, describe_progress
 from rbee.hive.registry import (
@@ -102,8 +103,11 @@ class Provisioner:
         pool: WorkerPool,
         replies: Replies,
         draining: Callable[[], bool],
+        lenders: Callable[[], tuple[Lender, ...]] = tuple,
     ) -> None:
+        """``lenders``: the trusted peer hives that lend memory now (rbee.hive.peers)."""
         self.config = config
+        self.lenders = lenders
         self.node = node
         self.catalog = catalog
         self.pool = pool
@@ -246,6 +250,8 @@ class Provisioner:
                 return self.ledger.corrected(entry.path, needed)
 
             got = fit.plan(inventory, estimate_for, self.config.parallel)
+            if got.placement is None:  # nowhere here: with some layers in peers' memory?
+                got = _with_borrowing(got, inventory, estimate_for, self.lenders(), self.config)
             refusal: RbeeError | None = None
             if got.placement is None:
                 refusal = got.refusal(entry.name, self.node)
@@ -498,6 +504,24 @@ class Provisioner:
     def _tell(self, worker: WorkerRecord, frame: Frame) -> None:
         for request in worker.waiters:
             self.replies.send(request, frame)
+
+
+def _with_borrowing(
+    got: fit.Plan,
+    inventory: gpu.Inventory,
+    estimate_for: fit.EstimateFor,
+    lenders: tuple[Lender, ...],
+    config: HiveConfig,
+) -> fit.Plan:
+    """``got`` (nothing fits here) with the option of lent memory weighed, and chosen if it
+    fits."""
+    where, option = fit.borrow(inventory, estimate_for, lenders, config.parallel)
+    if option is None:
+        return got
+    options = (*got.options, option)
+    if where is None:
+        return dataclasses.replace(got, options=options)
+    return fit.Plan(where, estimate_for("cpu", option.slots), options, got.gpus)
 
 
 def _serves_without_devices(backend: str, device: str) -> Serves | None:

@@ -15,11 +15,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from rbee.gpu import worker_label
+from rbee.gpu import lent_label, worker_label
 from rbee.hive.request import Request
 from rbee.protocol.messages import HIVE_KEEP_ALIVE_S, GenerateParams, WorkerInfo
+
+if TYPE_CHECKING:
+    from rbee.hive.borrow import Tunnel
 
 JOB_RETENTION_S = 300.0
 MAX_FINISHED_JOBS = 256
@@ -65,6 +68,13 @@ class WorkerRecord:
     n_layers: int = 0  # of how many (llama.cpp's offloadable layers)
     layers: tuple[int, ...] = ()  # the planned layers per GPU, when several
     next_keep_alive_s: float = HIVE_KEEP_ALIVE_S  # the latest job's: applies once it is idle
+    lenders: tuple[str, ...] = ()  # peer hives holding ``layers`` of its layers (lent memory)
+    tunnels: list[Tunnel] = field(default_factory=list)  # its RPC links to them
+
+    @property
+    def lender_failure(self) -> str:
+        """Why a link to a lender broke ("" while none did): what ended the worker."""
+        return next((f"{t.lender_name}: {t.reason}" for t in self.tunnels if t.failed), "")
 
     @property
     def partial(self) -> bool:
@@ -74,7 +84,10 @@ class WorkerRecord:
 
     @property
     def where(self) -> str:
-        """Where its layers are: ``cpu``, ``cuda:0 31/31``, ``cpu+cuda:0 9+22/31`` …"""
+        """Where its layers are: ``cpu``, ``cuda:0 31/31``, ``cpu+cuda:0 9+22/31``, with lent
+        memory ``cpu+beta 11+20/31`` …"""
+        if self.lenders:
+            return lent_label(self.lenders, self.layers, self.n_layers)
         return worker_label(self.backend, self.device, self.gpu_layers, self.n_layers, self.layers)
 
     @property
@@ -111,6 +124,7 @@ class WorkerRecord:
             gpu_layers=self.gpu_layers,
             n_layers=self.n_layers,
             layers=list(self.layers),
+            lenders=list(self.lenders),
         )
 
     def start_job(self, job_id: str, keep_alive_s: float) -> None:

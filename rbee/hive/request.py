@@ -15,7 +15,7 @@ from rbee.protocol.messages import Frame
 from rbee.transport.keys import fingerprint
 from rbee.transport.sockets import RouterServer
 
-Role = Literal["admin", "infer"]
+Role = Literal["admin", "infer", "hive"]  # hive: a peer hive (inference, and borrowing memory)
 
 
 @dataclass(frozen=True)

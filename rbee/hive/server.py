@@ -31,6 +31,7 @@ from zmq.auth.thread import ThreadAuthenticator
 
 from rbee import __version__, gpu, log
 from rbee.catalog import Catalog
+from rbee.config import parse_size
 from rbee.errors import (
     AccessDenied,
     HiveDraining,
@@ -40,7 +41,11 @@ from rbee.errors import (
     WorkerNotFound,
 )
 from rbee.hive import probe
+from rbee.hive.borrow import Tunnel
 from rbee.hive.jobs import JobDesk
+from rbee.hive.lending import LendingDesk
+from rbee.hive.peers import Peers
+from rbee.hive.placement import Lender
 from rbee.hive.pool import Event, WorkerPool
 from rbee.hive.provision import Provisioner
 from rbee.hive.registry import JobRecord, WorkerRecord, idle_expired
@@ -64,6 +69,9 @@ from rbee.protocol.messages import (
     HiveStatus,
     ListWorkers,
     LogLines,
+    PipeClose,
+    PipeData,
+    PipeOpen,
     PullModel,
     StartJob,
     Status,
@@ -75,6 +83,7 @@ from rbee.transport.keys import AuthorizedKeys, fingerprint, load_or_create
 from rbee.transport.sockets import (
     LOCAL_HWM,
     STREAM_HWM,
+    Curve,
     RouterServer,
     bind_endpoint,
     curve_server,
@@ -115,6 +124,8 @@ class Hive:
 
     def __init__(self, config: HiveConfig) -> None:
         self.config = config
+        if parse_size(config.memory_limit):  # rbee.gpu.cpu_info plans with it
+            os.environ["RBEE_MEMORY_LIMIT"] = config.memory_limit
         self.node = config.node or socket.gethostname()
         log.bind(node=self.node)
         self.catalog = Catalog(config.data_dir / "catalog.db")
@@ -162,18 +173,28 @@ class Hive:
             self.catalog.close()
             raise
         self.engine = self._choose_engine()
+        self.peers = None if self.keys is None else Peers(self.keys, self.authorized, self.node)
         self.pool = WorkerPool(
             RouterServer(back),
             back_endpoint,
             xsub_endpoint,
             self.engine,
             self.config.stream_interval_ms,
+            self._tunnel if self.keys is not None else None,
         )
         clean_stale_parts(config.data_dir / "models")  # left by downloads cut short
         self.replies = Replies(self.front)
         self.provisioner = Provisioner(
-            config, self.node, self.catalog, self.pool, self.replies, lambda: self.draining
+            config,
+            self.node,
+            self.catalog,
+            self.pool,
+            self.replies,
+            lambda: self.draining,
+            self.peers.lenders if self.peers is not None else tuple,
         )
+        if self.peers is not None:
+            self.peers.start()
         self.desk = JobDesk(
             config,
             self.node,
@@ -182,6 +203,15 @@ class Hive:
             self.replies,
             (self.xsub, self.xpub),
             lambda: self.draining,
+        )
+        self.poller = zmq.Poller()
+        self.lending = LendingDesk(
+            self.replies,
+            self.poller,
+            config.data_dir / "rpc-cache",
+            self.engine.threads,
+            self.engine.worker_env(),
+            config.lend,
         )
         self.draining_since = 0.0
         self.signals = 0
@@ -202,7 +232,16 @@ class Hive:
             StopWorker: self.on_stop_worker,
             FetchFrames: self.desk.on_fetch_frames,
             GetLogs: self.on_get_logs,
+            PipeOpen: self.lending.on_open,
+            PipeData: self.lending.on_data,
+            PipeClose: self.lending.on_close,
         }
+
+    def _tunnel(self, lender: Lender, pipe_id: str, model: str) -> Tunnel:
+        """A link for a worker's RPC connection to a lender hive, with this hive's key."""
+        assert self.keys is not None
+        curve = Curve(self.keys.public, self.keys.secret, lender.key)
+        return Tunnel(self.ctx, lender.endpoint, curve, pipe_id, model, lender.node)
 
     @property
     def workers(self) -> dict[str, WorkerRecord]:
@@ -250,7 +289,7 @@ class Hive:
 
     def serve(self, extra_fd: int | None = None) -> None:
         """Run until stopped; ``extra_fd`` closing (EOF) also stops an ephemeral hive."""
-        poller = zmq.Poller()
+        poller = self.poller
         for sock in (self.front.sock, self.pool.back.sock, self.xsub, self.xpub):
             poller.register(sock, zmq.POLLIN)
         if extra_fd is not None:
@@ -270,6 +309,9 @@ class Hive:
                     self._drain(self._on_back)
                 if self.front.sock in events:
                     self._drain(self._on_front)
+                for fd, flags in events.items():
+                    if isinstance(fd, int) and self.lending.owns(fd):
+                        self.lending.on_ready(fd, flags)
                 if extra_fd is not None and extra_fd in events and not os.read(extra_fd, 4096):
                     logger.info("the keeper that started this ephemeral hive is gone")
                     poller.unregister(extra_fd)
@@ -297,6 +339,8 @@ class Hive:
             return
         frame, rid = incoming.envelope.frame, incoming.envelope.rid
         handler = self.handlers.get(type(frame))
+        if self.lending.pipes:
+            self.lending.seen(incoming.identity)
         try:
             if handler is None:
                 raise InvalidRequest(f"a hive does not accept {frame.TYPE} frames from keepers")
@@ -320,12 +364,12 @@ class Hive:
         if not self.secure:
             return "admin"
         role = self.authorized.role(key)
-        if role not in ("admin", "infer"):
+        if role not in ("admin", "infer", "hive"):
             raise AccessDenied(
                 f"the key {fingerprint(key)} is no longer authorized on {self.node}",
                 suggestion="pair again: `rbee hive pair` there, `rbee pair NODE CODE` here",
             )
-        return "admin" if role == "admin" else "infer"
+        return "admin" if role == "admin" else "hive" if role == "hive" else "infer"
 
     def _key(self, key: str) -> str:
         return key if self.secure else ""
@@ -355,7 +399,7 @@ class Hive:
 
     def on_status(self, request: Request, frame: Status) -> None:
         """Workers, catalog and free resources."""
-        memory = psutil.virtual_memory()
+        memory = gpu.cpu_info()  # under the hive's memory limit, if it has one
         models = [e.info() for e in self.catalog.entries()]
         status = HiveStatus(
             node=self.node,
@@ -364,13 +408,15 @@ class Hive:
             workers=self._worker_infos(request),
             models=models,
             cpu_count=os.cpu_count() or 1,
-            ram_total_bytes=memory.total,
-            ram_free_bytes=memory.available,
+            ram_total_bytes=memory.ram_total_bytes,
+            ram_free_bytes=memory.ram_free_bytes,
             disk_free_bytes=psutil.disk_usage(str(self.config.data_dir)).free,
             queue_length=len(self.desk.queue),
             max_workers=self.config.limits.max_workers,
             devices=self.provisioner.inventory().device_infos(),
             engine=self.engine.describe()[:ENGINE_TEXT_CHARS],
+            lends=self.lending.enabled,
+            lendable_bytes=memory.ram_free_bytes if self.lending.enabled else 0,
         )
         self.replies.send(request, status)
 
@@ -428,6 +474,7 @@ class Hive:
         for event in self.pool.reap(now):
             self._on_worker_event(event)
         self.provisioner.tick(now)
+        self.lending.housekeeping(now)
         for worker in idle_expired(self.pool.records(), now):
             self.pool.stop(worker, f"idle for its keep-alive of {worker.keep_alive_s:g} s")
         self.desk.schedule(now)
@@ -452,6 +499,9 @@ class Hive:
 
     def _close(self) -> None:
         self.provisioner.pulls.close()
+        self.lending.close_all()
+        if self.peers is not None:
+            self.peers.close()
         if self.auth is not None:
             self.auth.stop()
         total = len(self.pool.workers)

@@ -32,6 +32,8 @@ class HiveConfig:
     parallel: int = 0  # slots (jobs decoded together) per worker; 0: AUTO_SLOTS, as memory allows
     backend: str = "auto"  # what a request naming no backend gets: auto, or pinned to cpu/cuda
     stream_interval_ms: int = STREAM_INTERVAL_MS  # a worker's tokens closer together share a frame
+    lend: bool = True  # lend memory to peer hives' models (keys with the hive or admin role)
+    memory_limit: str = "0"  # RBEE_MEMORY_LIMIT: the most RAM the hive plans with (0: all)
 
     @property
     def loopback_only(self) -> bool:

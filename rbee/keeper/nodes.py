@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 import zmq
 
-from rbee.gpu import worker_label
+from rbee.gpu import lent_label, worker_label
 from rbee.keeper.connect import open_named
 from rbee.keeper.survey import HiveView, survey
 from rbee.protocol.messages import (
@@ -198,7 +198,10 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
 
 def where_text(w: WorkerInfo) -> str:
     """Where a worker's layers are: ``cpu``, ``cuda:0 31/31``, ``cuda:0+1 16+15/31``,
-    ``cpu+cuda:0 9+22/31`` (a partial offload: the CPU's share first)."""
+    ``cpu+cuda:0 9+22/31`` (a partial offload: the CPU's share first), ``cpu+beta 11+20/31``
+    (layers in the memory another hive lends)."""
+    if w.lenders:
+        return lent_label(w.lenders, w.layers, w.n_layers)
     return worker_label(w.backend, w.device, w.gpu_layers, w.n_layers, w.layers)
 
 

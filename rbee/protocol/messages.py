@@ -156,6 +156,7 @@ class WorkerInfo(Record):
     gpu_layers: int = spec(default=0, min=0)  # layers llama.cpp put on its GPUs
     n_layers: int = spec(default=0, min=0)  # of how many (0: unknown, or the CPU)
     layers: list[int] = spec(default_factory=list, max_len=MAX_GPUS)  # per GPU, when several
+    lenders: list[str] = spec(default_factory=list, max_len=16)  # hives holding ``layers``
 
 
 class ModelInfo(Record):
@@ -215,6 +216,8 @@ class HiveStatus(Frame):
     max_workers: int = spec(default=0, min=0)
     devices: list[DeviceInfo] = spec(default_factory=list, max_len=64)
     engine: str = spec(default="", max_len=1024)  # CPU variant, features, what is off and why
+    lends: bool = spec(default=False)  # lends memory to peer hives' models (hive-role keys)
+    lendable_bytes: int = spec(default=0, min=0)  # RAM a lender could have now
 
 
 class EnsureWorker(Frame):
@@ -416,6 +419,49 @@ class Error(Frame):
     suggestion: str = spec(default="", max_len=1024)
     retryable: bool = spec(default=False)
     retry_after_s: float = spec(default=0.0, min=0.0, max=3600.0)
+
+
+# --------------------------------------------------------------------------- hive ⇄ hive
+
+PIPE_CHUNK_BYTES = 1 << 20  # one PipeData frame: a read of the RPC byte stream
+
+
+class PipeOpen(Frame):
+    """A peer hive asks to borrow this hive's memory: connect one of its worker's RPC
+    connections to the lease's lender (llama.cpp's RPC server on loopback, started for the
+    lease's first pipe) and carry the byte stream in PipeData frames on this connection."""
+
+    TYPE = "pipe_open"
+    pipe_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+    lease: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)  # one worker's loan: one lender
+    model: str = spec(default="", max_len=512)  # what it is for, shown in logs
+
+
+class PipeOpened(Frame):
+    """The lender is up and connected; PipeData may flow."""
+
+    TYPE = "pipe_opened"
+    pipe_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+    free_bytes: int = spec(default=0, min=0)  # what the lender's device had free
+
+
+class PipeData(Frame):
+    """Bytes of an RPC connection, either way, in order (ZeroMQ keeps order per connection)."""
+
+    TYPE = "pipe_data"
+    pipe_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+    seq: int = spec(min=0)  # per direction: a gap (a frame dropped at a high-water mark) ends it
+    data: bytes = spec(max_len=PIPE_CHUNK_BYTES)
+
+
+class PipeClose(Frame):
+    """Either side ends a pipe (the lender's connection closed, the worker closed its own);
+    with ``lease`` set, the borrower ends the whole loan (its worker is gone)."""
+
+    TYPE = "pipe_close"
+    pipe_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+    reason: str = spec(default="", max_len=1024)
+    lease: str = spec(default="", max_len=ID_CHARS, pattern=f"|{ID_PATTERN}")
 
 
 # --------------------------------------------------------------------------- hive ⇄ worker

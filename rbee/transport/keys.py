@@ -5,7 +5,8 @@ All three live in ``<data dir>/keys/``:
 * ``node.key``: this node's Curve25519 key pair (z85), created on first use with mode 0600. A
   private key that others can read is refused, not silently used.
 * ``authorized_keys`` (a hive's): ``KEY ROLE COMMENT`` per line; ROLE is ``infer`` (run
-  inference, list) or ``admin`` (also pull, remove, stop workers).
+  inference, list), ``hive`` (a peer hive: also borrow this hive's memory for a model's layers)
+  or ``admin`` (all of that, and pull, remove, stop workers).
 * ``known_hives`` (a keeper's): ``NODE_ID KEY ADDRESS NAME`` per line, pinned on first trust
   like SSH's known_hosts; a hive whose key changed is refused with HIVE_KEY_CHANGED.
 
@@ -26,7 +27,7 @@ from zmq.utils import z85
 
 from rbee.errors import AccessDenied, HiveKeyChanged, InvalidRequest
 
-ROLES = ("infer", "admin")
+ROLES = ("infer", "admin", "hive")
 KEY_FILE = "node.key"
 Z85_KEY_CHARS = 40
 

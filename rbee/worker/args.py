@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from rbee.errors import InvalidRequest
 from rbee.protocol.messages import BACKENDS, MAX_SLOTS, MAX_STREAM_INTERVAL_MS, STREAM_INTERVAL_MS
+from rbee.rpc import loopback_endpoint
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,7 @@ class WorkerArgs:
     gpu_layers: int = -1  # CUDA: layers on the GPUs (-1: all; fewer: the rest on the CPU)
     layers: tuple[int, ...] = ()  # CUDA over several GPUs: layers per GPU ("0+1" in ``device``)
     stream_interval_ms: int = STREAM_INTERVAL_MS  # tokens closer together share a frame
+    rpc: tuple[str, ...] = ()  # loopback RPC servers (lent memory) that hold ``gpu_layers`` layers
 
     def argv(self) -> list[str]:
         """The flags after `rbee worker` (``--backend``/``--device`` only off the CPU, so a CPU
@@ -52,6 +54,9 @@ class WorkerArgs:
         ]
         if self.backend != "cpu":
             argv += ["--backend", self.backend, "--device", self.device or "0"]
+        if self.rpc:
+            argv += ["--rpc", ",".join(self.rpc)]
+        if self.backend != "cpu" or self.rpc:  # layers on GPUs or lent memory
             if self.gpu_layers >= 0:
                 argv += ["--gpu-layers", str(self.gpu_layers)]
             if len(self.layers) > 1:
@@ -87,6 +92,9 @@ class WorkerArgs:
             raise InvalidRequest(
                 f"--tensor-split wants counts like 16,15: {args.tensor_split!r}"
             ) from None
+        rpc = tuple(e for e in args.rpc.split(",") if e)
+        for endpoint in rpc:
+            loopback_endpoint(endpoint)
         if any(n < 0 for n in layers) or args.gpu_layers < -1:
             raise InvalidRequest("--gpu-layers and --tensor-split take counts of layers")
         return cls(
@@ -104,6 +112,7 @@ class WorkerArgs:
             gpu_layers=args.gpu_layers,
             layers=layers,
             stream_interval_ms=args.stream_interval_ms,
+            rpc=rpc,
         )
 
 
@@ -124,6 +133,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tensor-split", default="", help="layers per GPU, e.g. 16,15")
     parser.add_argument(
         "--slots", type=int, default=1, help="jobs decoded together, each with --n-ctx tokens"
+    )
+    parser.add_argument(
+        "--rpc", default="", help="loopback RPC servers holding --gpu-layers layers: HOST:PORT,…"
     )
     parser.add_argument(
         "--stream-interval-ms",

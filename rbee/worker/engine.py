@@ -42,6 +42,7 @@ from typing import Any
 from rbee.errors import BackendUnavailable, InternalError, InvalidModel, InvalidRequest
 from rbee.llamacpp import EngineChoice, default_threads, import_llama, loaded_variant
 from rbee.protocol.messages import DEFAULT_CTX_TOKENS, GenerateParams
+from rbee.rpc import add_servers
 
 LLAMA_LOG_LINES = 20
 GGML_LOG_WARN = 3  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
@@ -120,11 +121,13 @@ class Engine:
         slots: int = 1,
         gpu_layers: int = ALL_LAYERS,
         layers: Sequence[int] = (),
+        rpc: Sequence[str] = (),
     ) -> None:
         """Load ``model_path`` with ``slots`` sequences of ``n_ctx`` tokens each (0:
         DEFAULT_CTX_TOKENS) on ``backend``; for ``cuda``, every layer goes to GPU ``main_gpu``.
         ``threads`` 0 means rbee's default; ``extra_bufts`` False loads without llama.cpp's
-        repacked weights."""
+        repacked weights. ``rpc``: loopback RPC servers (memory another hive lends) holding
+        ``gpu_layers`` of a CPU worker's layers, split over them as ``layers`` says."""
         try:
             llama_cpp = import_llama()
         except ImportError as exc:  # pragma: no cover - depends on the install
@@ -133,7 +136,9 @@ class Engine:
         self.backend = backend
         self.slots = slots
         capture_llama_log(llama_cpp)
-        placement = gpu_params(llama_cpp, backend, main_gpu, gpu_layers, layers)
+        if rpc:
+            add_servers(list(rpc))
+        placement = gpu_params(llama_cpp, backend, main_gpu, gpu_layers, layers, bool(rpc))
         _offloaded.update(layers=0, of=0)
         self.threads = threads or default_threads()
         with _load_params(llama_cpp, on_progress, extra_bufts, slots):
@@ -153,13 +158,14 @@ class Engine:
                 ) from None
         self.llama._batch.close()  # its own batch (n_batch × n_ctx sequence ids) is never used
         self.template: str = self.llama.metadata.get("tokenizer.chat_template", "")
-        self.gpu_layers = _offloaded["layers"] if backend == "cuda" else 0
-        self.n_layers = _offloaded["of"] if backend == "cuda" else 0
+        offloading = backend == "cuda" or bool(rpc)
+        self.gpu_layers = _offloaded["layers"] if offloading else 0
+        self.n_layers = _offloaded["of"] if offloading else 0
         wanted = self.n_layers if gpu_layers == ALL_LAYERS else min(gpu_layers, self.n_layers)
-        if backend == "cuda" and self.n_layers and self.gpu_layers < wanted:
+        if offloading and self.n_layers and self.gpu_layers < wanted:
             raise BackendUnavailable(
-                f"llama.cpp put only {self.gpu_layers} of {self.n_layers} layers on the GPU, "
-                f"not the {wanted} planned"
+                f"llama.cpp put only {self.gpu_layers} of {self.n_layers} layers on the "
+                f"{'GPU' if backend == 'cuda' else 'lent memory'}, not the {wanted} planned"
             )
         self._ctx = self.llama._ctx.ctx
         self._memory = llama_cpp.llama_get_memory(self._ctx)
@@ -307,9 +313,16 @@ def gpu_params(
     main_gpu: int,
     gpu_layers: int = ALL_LAYERS,
     layers: Sequence[int] = (),
+    rpc: bool = False,
 ) -> dict[str, Any]:
     """``Llama()``'s placement arguments for a backend (``gpu_layers`` on the GPUs, split over
-    them as ``layers`` says when there are several); refuses CUDA on a CPU-only build."""
+    them as ``layers`` says when there are several); refuses CUDA on a CPU-only build. A CPU
+    worker with ``rpc`` servers puts ``gpu_layers`` on them (llama.cpp counts RPC devices as
+    GPUs and offloads the last layers), the rest on this machine's CPU."""
+    if backend == "cpu" and rpc:
+        split = {"tensor_split": [float(n) for n in layers]} if len(layers) > 1 else {}
+        layer_split = int(llama_cpp.LLAMA_SPLIT_MODE_LAYER)
+        return {"n_gpu_layers": gpu_layers, "main_gpu": 0, "split_mode": layer_split, **split}
     if backend == "cpu":
         return {"n_gpu_layers": 0}
     if backend != "cuda":

@@ -168,6 +168,7 @@ class Generator(threading.Thread):
                 args.slots,
                 args.gpu_layers,
                 args.layers,
+                args.rpc,
             )
             engine.pieces  # noqa: B018 - read the vocabulary now, not in the first job
         load_s = time.perf_counter() - started

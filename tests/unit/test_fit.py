@@ -179,3 +179,34 @@ def test_one_to_eight_mixed_gpus_always_place_every_layer_once(gpus: int) -> Non
         for index, layers in zip(where.device.split("+"), where.layers, strict=True):
             free = int(frees[int(index)] * GIB)
             assert layers * per + fixed + fit.GPU_MARGIN_BYTES <= free
+
+
+# --------------------------------------------------------------------------- lent memory
+
+
+def lender(node: str, free_gib: float) -> placement.Lender:
+    return placement.Lender(node, f"tcp://10.0.0.{len(node)}:7830", "K" * 40, int(free_gib * GIB))
+
+
+def test_a_model_too_big_for_this_hive_borrows_the_rest_from_peers() -> None:
+    here = inventory(ram_gib=16, offload=False)
+    assert fit.plan(here, BIG).placement is None
+    where, option = fit.borrow(here, BIG, [lender("beta", 30), lender("gamma", 10)])
+    assert where is not None and option is not None and option.fits
+    need = BIG("cpu", option.slots)
+    per, kept = fit.layer_bytes(need), need.n_layers - sum(where.layers)
+    assert where.backend == "cpu" and where.on_cpu and where.gpu_layers == sum(where.layers)
+    assert [x.node for x in where.lenders] == ["beta", "gamma"]
+    assert kept * per + fit.gpu_fixed_bytes(need) <= 16 * GIB  # as much as fits stays here
+    assert (kept + 1) * per + fit.gpu_fixed_bytes(need) > 16 * GIB
+    assert where.layers[0] > 2 * where.layers[1]  # in proportion to what each has free
+    assert where.label == f"cpu+beta+gamma {kept}+{where.layers[0]}+{where.layers[1]}/81"
+    assert "beta" in option.why and "gamma" in option.why
+
+
+def test_borrowing_weighs_nothing_without_lenders_and_refuses_when_they_are_too_small() -> None:
+    here = inventory(ram_gib=16, offload=False)
+    assert fit.borrow(here, BIG, []) == (None, None)
+    where, option = fit.borrow(here, BIG, [lender("beta", 4)])
+    assert where is None and option is not None and not option.fits
+    assert "beta 4,096 MiB free" in option.why

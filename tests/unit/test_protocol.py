@@ -43,6 +43,10 @@ from rbee.protocol.messages import (
     PairConfirm,
     PairHello,
     PairHelloReply,
+    PipeClose,
+    PipeData,
+    PipeOpen,
+    PipeOpened,
     PlacementOption,
     Progress,
     PullModel,
@@ -193,6 +197,10 @@ def _samples() -> list[Frame]:
             router_port=7830,
             mac=b"m" * 32,
         ),
+        PipeOpen(pipe_id="w-1-0.1", lease="w-1-0", model="big"),
+        PipeOpened(pipe_id="w-1-0", free_bytes=1 << 30),
+        PipeData(pipe_id="w-1-0", seq=7, data=b"\x00rpc"),
+        PipeClose(pipe_id="w-1-0.1", reason="done", lease="w-1-0"),
     ]
 
 
