@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own llama-server, the peer rbee is measured against, from the very source
-# llama-cpp-python vendors and with the flags of rbee's engine (packaging/engine.sh, recipe
-# "variants"), and print its path on the last line. It is cached in $RBEE_BUILD_CACHE
-# (default ~/.cache/rbee-build).
+# Build llama.cpp's own llama-server and rpc-server, the peers rbee is measured against, from the
+# very source llama-cpp-python vendors and with the flags of rbee's engine (packaging/engine.sh,
+# recipe "variants", GGML_RPC on), and print llama-server's path on the last line (rpc-server is
+# beside it). They are cached in $RBEE_BUILD_CACHE (default ~/.cache/rbee-build).
 #
 # Only the server and the libraries it links are compiled here; the CPU backend variants it loads
 # at run time (from its own directory, as ggml does) are copied out of rbee's wheel, so both sides
@@ -21,7 +21,7 @@ flags="$("$ROOT/packaging/engine.sh" --print-cmake-args) -DLLAMA_BUILD_SERVER=ON
 -DLLAMA_OPENSSL=OFF -DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH=\$ORIGIN"
 out="$CACHE_DIR/llama-server/$(basename "$wheel_dir")"
 server="$out/bin/llama-server"
-if [[ ! -x "$server" ]]; then
+if [[ ! -x "$server" || ! -x "$out/bin/rpc-server" ]]; then
     sdist="$(find "$CACHE_DIR/sdist" -name 'llama_cpp_python-*.tar.gz' | head -n1)"
     [[ -n "$sdist" ]] || { log "no llama-cpp-python sdist in $CACHE_DIR/sdist"; exit 1; }
     src="$(mktemp -d "$CACHE_DIR/tmp.XXXXXX")"
@@ -31,9 +31,9 @@ if [[ ! -x "$server" ]]; then
     command -v cmake >/dev/null || { log "cmake is missing: pip install cmake"; exit 1; }
     # shellcheck disable=SC2086  # the flags are words
     cmake -S "$src/vendor/llama.cpp" -B "$src/build" -G Ninja $flags >/dev/null
-    cmake --build "$src/build" --target llama-server >/dev/null
+    cmake --build "$src/build" --target llama-server rpc-server >/dev/null
     mkdir -p "$out/bin"
-    cp -a "$src"/build/bin/llama-server "$src"/build/bin/*.so* "$out/bin/"
+    cp -a "$src"/build/bin/llama-server "$src"/build/bin/rpc-server "$src"/build/bin/*.so* "$out/bin/"
     "$PYTHON" - "$wheel" "$out/bin" <<'EOF'
 import sys, zipfile
 from pathlib import Path

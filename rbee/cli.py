@@ -40,6 +40,7 @@ from rbee.protocol.messages import (
 )
 from rbee.protocol.schema import not_unicode
 from rbee.terminal import safe
+from rbee.transport.keys import ROLES
 from rbee.worker.args import WorkerArgs
 from rbee.worker.args import add_flags as add_worker_flags
 from rbee.worker.lender import add_flags as add_lender_flags
@@ -260,9 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
     hpair.set_defaults(run=_lazily(SECURITY, "hive_pair"))
     hpair.add_argument(
         "--role",
-        choices=("infer", "admin"),
+        choices=ROLES,
         default="infer",
-        help="what the paired keeper may do (default: infer)",
+        help="what the paired keeper may do (default: infer; hive: a peer hive that may also "
+        "borrow this hive's memory; admin: everything)",
     )
     hpair.add_argument(
         "--timeout",
@@ -279,7 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     hauth = hive_actions.add_parser("authorize", help="admit a keeper's public key")
     hauth.set_defaults(run=_lazily(SECURITY, "hive_authorize"))
     hauth.add_argument("key", help="the keeper's public key (`rbee keys show` there)")
-    hauth.add_argument("--role", choices=("infer", "admin"), required=True)
+    hauth.add_argument(
+        "--role",
+        choices=ROLES,
+        required=True,
+        help="infer: run models; hive: a peer hive (also borrow memory); admin: everything",
+    )
     hauth.add_argument("--comment", default="", help="a note kept with the key")
     hrev = hive_actions.add_parser("revoke", help="stop admitting a key (by key or fingerprint)")
     hrev.set_defaults(run=_lazily(SECURITY, "hive_revoke"))

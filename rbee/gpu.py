@@ -335,9 +335,9 @@ def llama_gpu_offload() -> bool:
     runtime), so it is done on first use and cached: the build does not change under a process.
     """
     try:
-        from rbee.llamacpp import import_llama
+        from rbee.llamacpp import gpu_offload
 
-        return bool(import_llama().llama_supports_gpu_offload())
+        return gpu_offload()
     except Exception:  # not installed, or its library failed to load: no GPU offload
         return False
 

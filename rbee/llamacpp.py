@@ -99,6 +99,34 @@ def import_llama() -> Any:
     return llama_cpp
 
 
+GPU_DEVICE_TYPES = (1, 2)  # ggml_backend_dev_type: GPU, IGPU (0 is the CPU, 3 an accelerator)
+
+
+def gpu_offload() -> bool:
+    """Whether llama.cpp has a GPU to offload layers to. ``llama_supports_gpu_offload()`` also
+    says yes for a build with the RPC backend (remote devices count as GPUs), which every rbee
+    engine has: only a GPU device of a backend other than RPC counts here."""
+    llama_cpp = import_llama()
+    if not llama_cpp.llama_supports_gpu_offload():
+        return False
+    libs = Path(llama_cpp.__file__).parent / "lib"
+    ggml = ctypes.CDLL(str(mapped("libggml.so") or libs / "libggml.so.0"))
+    ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+    ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_dev_backend_reg.restype = ctypes.c_void_p
+    ggml.ggml_backend_dev_backend_reg.argtypes = [ctypes.c_void_p]
+    ggml.ggml_backend_reg_name.restype = ctypes.c_char_p
+    ggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        reg_name = ggml.ggml_backend_reg_name(ggml.ggml_backend_dev_backend_reg(dev))
+        if ggml.ggml_backend_dev_type(dev) in GPU_DEVICE_TYPES and reg_name != b"RPC":
+            return True
+    return False
+
+
 def mapped(prefix: str) -> Path | None:
     """The file of a shared library this process has loaded whose name starts with ``prefix``.
 

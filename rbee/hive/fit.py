@@ -252,8 +252,10 @@ def borrow(
         need = estimate_for("cpu", slots)
         if not need.n_layers:
             return None, Option("borrow", "cpu+peers", False, "the model's layer count is unknown")
+        if ram < gpu_fixed_bytes(need):
+            continue  # not even the compute buffer fits here: fewer slots need less
         per = layer_bytes(need)
-        here = min(need.n_layers - 1, max(0, (ram - gpu_fixed_bytes(need)) // per))
+        here = min(need.n_layers - 1, (ram - gpu_fixed_bytes(need)) // per)
         lent = need.n_layers - here
         room = [
             (lender, max(0, (lender.free_bytes - need.compute_bytes - LENDER_RUNTIME_BYTES) // per))

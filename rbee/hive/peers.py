@@ -1,16 +1,19 @@
 """The hives this hive may borrow memory from, and what each has free.
 
-A hive borrows only from hives whose key it has itself authorized with the ``hive`` role: the
-trust is mutual and explicit (each side runs `rbee hive authorize KEY --role hive` for the
-other), never granted because something answered on the LAN. A thread looks every
-PEERS_EVERY_S: it browses mDNS, asks each trusted hive that announces lending for its Status
-over CURVE with this hive's key, and keeps the answers; placement reads the latest picture
-without waiting for the LAN.
+A hive borrows only from hives it has paired with: their keys are pinned in its data
+directory's ``known_hives`` (`rbee hive pair --role hive` there, `rbee pair NODE CODE` with this
+hive's data directory here), never from something that merely answered on the LAN; and a lender
+lends only to keys it gave the ``hive`` or ``admin`` role. A thread looks every PEERS_EVERY_S
+while any hive is pinned: it browses mDNS, asks each pinned hive whose announced key matches
+for its Status over CURVE with this hive's key, and keeps those that lend; placement reads the
+latest picture without waiting for the LAN.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import time
 
 import zmq
 
@@ -18,12 +21,13 @@ from rbee import discovery, log
 from rbee.errors import RbeeError
 from rbee.hive.placement import Lender
 from rbee.protocol.messages import HiveStatus, Status
-from rbee.transport.keys import AuthorizedKeys, KeyPair
+from rbee.transport.keys import KeyPair, KnownHives
 from rbee.transport.sockets import Curve, DealerClient, tcp_endpoint
 
 logger = log.get(__name__)
 
 PEERS_EVERY_S = 10.0
+CHECK_EVERY_S = 1.0
 BROWSE_S = 1.0
 ASK_TIMEOUT_S = 2.0
 
@@ -31,13 +35,11 @@ ASK_TIMEOUT_S = 2.0
 class Peers:
     """The latest view of the trusted hives that lend (one thread keeps it fresh)."""
 
-    def __init__(self, keys: KeyPair, authorized: AuthorizedKeys, node: str) -> None:
+    def __init__(self, keys: KeyPair, known: KnownHives) -> None:
         self.keys = keys
-        self.authorized = authorized
-        self.node = node
+        self.known = known
         self._lenders: tuple[Lender, ...] = ()
         self._lock = threading.Lock()
-        self.looked = threading.Event()  # set after each look (tests wait on it)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peers", daemon=True)
 
@@ -58,23 +60,32 @@ class Peers:
 
     def _run(self) -> None:
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        looked_at, pinned = -PEERS_EVERY_S, self._pinned()
         try:
-            while not self._stop.is_set():
+            while not self._stop.wait(CHECK_EVERY_S):
+                now, stamp = time.monotonic(), self._pinned()
+                if now - looked_at < PEERS_EVERY_S and stamp == pinned:
+                    continue  # a new pairing is looked at at once, else every PEERS_EVERY_S
                 found = self.look(ctx)
                 with self._lock:
                     self._lenders = found
-                self.looked.set()
-                self._stop.wait(PEERS_EVERY_S)
+                looked_at, pinned = time.monotonic(), stamp
         finally:
             ctx.destroy(linger=0)
+
+    def _pinned(self) -> float:
+        with contextlib.suppress(OSError):
+            return self.known.path.stat().st_mtime
+        return 0.0
 
     def look(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[Lender, ...]:
         """Browse, then ask every trusted hive that announces itself for its free memory."""
         found: list[Lender] = []
-        if "hive" not in {role for role, _ in self.authorized.roles().values()}:
-            return ()  # no hive trusted to lend: nothing to look for
+        if not self.known.entries():
+            return ()  # paired with no hive: nothing to look for
         for a in discovery.browse(timeout_s=BROWSE_S):
-            if not a.key or a.key == self.keys.public or self.authorized.role(a.key) != "hive":
+            pinned = self.known.find(node_id=a.node_id)
+            if pinned is None or pinned.key != a.key or a.key == self.keys.public:
                 continue
             endpoint = tcp_endpoint(a.address, a.port)
             client = DealerClient(ctx, endpoint, Curve(self.keys.public, self.keys.secret, a.key))

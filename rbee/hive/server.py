@@ -79,7 +79,7 @@ from rbee.protocol.messages import (
     WorkerInfo,
     WorkerList,
 )
-from rbee.transport.keys import AuthorizedKeys, fingerprint, load_or_create
+from rbee.transport.keys import AuthorizedKeys, KnownHives, fingerprint, load_or_create
 from rbee.transport.sockets import (
     LOCAL_HWM,
     STREAM_HWM,
@@ -173,7 +173,8 @@ class Hive:
             self.catalog.close()
             raise
         self.engine = self._choose_engine()
-        self.peers = None if self.keys is None else Peers(self.keys, self.authorized, self.node)
+        known = KnownHives(config.data_dir)
+        self.peers = None if self.keys is None else Peers(self.keys, known)
         self.pool = WorkerPool(
             RouterServer(back),
             back_endpoint,

@@ -131,6 +131,15 @@ def choose(
         return Choice(
             best, f"it has the most free{memory} memory ({_gib(free(best))}) to pull {model}"
         )
+    lent = sum(c.status.lendable_bytes for c in usable if c.status and c.status.lends)
+    cold = [c for c in home if c.status and all(w.model != model for w in c.status.workers)]
+    if cold and lent:  # too big for each hive alone: one of them borrows the rest
+        best = max(cold, key=free)
+        return Choice(
+            best,
+            f"no hive holds {model} alone; {best.name} has it and may borrow memory from the "
+            f"hives that lend it ({_gib(lent)} free there)",
+        )
     if home:
         best = min(home, key=lambda c: c.status.queue_length if c.status else 0)
         return Choice(best, f"it holds {model}; every slot is busy, so the job will queue")

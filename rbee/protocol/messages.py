@@ -573,7 +573,7 @@ class PairAccepted(Frame):
     key: str = spec(max_len=40)
     node_id: str = spec(max_len=64)
     node: str = spec(max_len=256)
-    role: str = spec(choices=("infer", "admin"))
+    role: str = spec(choices=("infer", "admin", "hive"))
     router_port: int = spec(min=1, max=65535)
     mac: bytes = spec(max_len=64)
 

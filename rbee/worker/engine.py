@@ -25,7 +25,8 @@ default) on one GPU (split mode none, ``main_gpu`` as CUDA numbers the devices t
 sees) or, given ``layers`` per GPU, over several (llama.cpp's layer split in those proportions);
 layers not on a GPU stay on the CPU (a partial offload, which the hive plans: rbee.hive.fit). A
 CUDA request on a build without GPU support raises BACKEND_UNAVAILABLE: llama.cpp itself would
-quietly run on the CPU.
+quietly run on the CPU. (Such a build still says it supports offloading, RPC devices counting as
+GPUs; then the load puts no layer on a GPU, which the layer count check refuses.)
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from rbee.keeper.choose import FREE_SLOT, Candidate, choose, has_free_slot
@@ -128,6 +130,19 @@ def test_a_home_without_room_is_used_only_to_queue() -> None:
     tiny = hive("tiny", 0.1, [model(size=GIB)])
     choice = choose([tiny], M)
     assert choice is not None and "queue" in choice.reason
+
+
+def test_a_model_too_big_for_every_hive_goes_to_one_that_may_borrow_from_lenders() -> None:
+    big = model(size=20 * GIB)
+    alpha, beta = hive("alpha", 12, [big]), hive("beta", 6, [big])
+    assert "queue" in str(choose([alpha, beta], M))  # nobody lends: the old answer
+    gamma = hive("gamma", 16, [])
+    assert gamma.status is not None
+    lends = dataclasses.replace(gamma.status, lends=True, lendable_bytes=16 * GIB)
+    lender = dataclasses.replace(gamma, status=lends)
+    choice = choose([beta, lender, alpha], M)
+    assert choice is not None and choice.candidate.name == "alpha"
+    assert "no hive holds" in choice.reason and "borrow" in choice.reason and "16" in choice.reason
 
 
 def test_pullable_models_go_to_the_most_free_memory() -> None:
