@@ -31,9 +31,10 @@ if [[ ! -x "$server" || ! -x "$out/bin/rpc-server" ]]; then
     command -v cmake >/dev/null || { log "cmake is missing: pip install cmake"; exit 1; }
     # shellcheck disable=SC2086  # the flags are words
     cmake -S "$src/vendor/llama.cpp" -B "$src/build" -G Ninja $flags >/dev/null
-    cmake --build "$src/build" --target llama-server rpc-server >/dev/null
+    cmake --build "$src/build" --target llama-server ggml-rpc-server >/dev/null
     mkdir -p "$out/bin"
-    cp -a "$src"/build/bin/llama-server "$src"/build/bin/rpc-server "$src"/build/bin/*.so* "$out/bin/"
+    cp -a "$src"/build/bin/llama-server "$src"/build/bin/*.so* "$out/bin/"
+    cp -a "$src"/build/bin/ggml-rpc-server "$out/bin/rpc-server"  # the name llama.cpp documents
     "$PYTHON" - "$wheel" "$out/bin" <<'EOF'
 import sys, zipfile
 from pathlib import Path

@@ -14,12 +14,12 @@ the last layers to the remote device, the output layer among them).
 
 Every server has one slot of 4096 tokens and 2 threads (``-t``/``--threads``; rpc-server ``-t``).
 The same client for all (bench/batching.py's streamed ``/v1/completions``, run inside host 1):
-generation, one stream of ``--tokens`` tokens after a short prompt, tokens after the first ÷
-their time; prompt processing, a ~1,000-token prompt with ``max_tokens`` 1 and no prompt cache,
-prompt tokens ÷ time to the first token. Repetitions are interleaved (rbee, RPC, unsplit); the
-table shows medians and spreads. Figures: rbee ÷ llama.cpp RPC (target ≥ 0.9 for both) and
-rbee ÷ unsplit. Needs root (namespaces) and builds llama-server and rpc-server once
-(bench/build_llama_server.sh).
+generation, one stream of ``--tokens`` tokens after a short prompt, tokens after the first ÷ their
+time; prompt processing, a ~1,700-token prompt with ``max_tokens`` 1 and no prompt cache, prompt
+tokens ÷ time to the first token. All servers run at once (idle ones take no CPU) and the
+repetitions are interleaved (rbee, RPC, unsplit); the table shows medians and spreads. Figures: rbee
+÷ llama.cpp RPC (target ≥ 0.9 for both) and rbee ÷ unsplit. Needs root (namespaces) and builds
+llama-server and rpc-server once (bench/build_llama_server.sh).
 
     sudo python bench/lending.py [--reps 3] [--tokens 128] [--limit 200M] [--json PATH]
 """
@@ -51,8 +51,9 @@ BENCH = Path(__file__).resolve().parent
 CATALOG_NAME = "smollm2-135m-instruct"  # the bundled model, as rbee serve names it
 RPC_PORT = 50052
 HTTP_PORT = 8080
+PEER_PORTS = (8081, 8082)  # llama-server with --rpc, and unsplit
 THREADS = 2
-LONG_PROMPT = " ".join(f"item{i}" for i in range(450))  # ~1,000 tokens
+LONG_PROMPT = " ".join(f"item{i}" for i in range(450))  # ~1,700 tokens
 
 
 def measure(host: Host, base: str, model: str, tokens: int, tag: str) -> dict[str, float]:
@@ -125,14 +126,14 @@ def rbee(host: Host, env: dict[str, str], *args: str) -> subprocess.CompletedPro
 
 
 def pair(hive: Host, hive_env: dict[str, str], other: Host, env: dict[str, str], role: str) -> None:
-    """`rbee hive pair --role ROLE` on ``hive``, `rbee pair NAME CODE` on ``other``."""
+    """`rbee hive pair --role ROLE` on ``hive``, `rbee pair ADDRESS CODE` on ``other``."""
     name = hive_env["NODE"]
     argv = [sys.executable, "-m", "rbee", "hive", "pair", "--node-name", name, "--role", role]
     server = subprocess.Popen(hive.argv(argv), env=hive_env, stdout=subprocess.PIPE, text=True)
     assert server.stdout is not None
     code = re.search(r"\d{4}-\d{4}", server.stdout.readline())
     assert code is not None
-    paired = rbee(other, env, "pair", name, code.group(0))
+    paired = rbee(other, env, "pair", f"{hive.address}:7830", code.group(0))
     server.wait(30)
     if paired.returncode != 0:
         raise SystemExit(f"pairing with {name} failed: {paired.stderr}")
@@ -174,49 +175,42 @@ def run(args: argparse.Namespace) -> tuple[list[Row], dict[str, Any]]:
             time.sleep(3)
             pair(h1, alpha, h1, keeper, "infer")
             pair(h2, beta, h1, alpha, "hive")
-            serve = [sys.executable, "-m", "rbee", "serve", "--node", "alpha"]
-            serve += ["--port", str(HTTP_PORT)]
+            alpha_at = f"{h1.address}:7830"  # by address: mDNS does not loop back to its own host
+            serve = [sys.executable, "-m", "rbee", "serve", "--node", alpha_at]
+            serve += ["--listen", f"127.0.0.1:{HTTP_PORT}"]
             rbee_base = f"http://127.0.0.1:{HTTP_PORT}"
-            with started(h1, serve, keeper):
+            peer = [str(server), "-m", model, "-c", "4096", "-np", "1", "-t", str(THREADS)]
+            peer += ["-tb", str(THREADS), "--host", "127.0.0.1"]
+            peer += [] if choice.extra_bufts else ["--no-repack"]
+            rpc = [str(rpc_server), "-H", h2.address, "-p", str(RPC_PORT), "-t", str(THREADS)]
+            with started(h1, serve, keeper), started(h2, rpc):
                 wait_http(h1, rbee_base, "/v1/models")
                 time.sleep(3)  # alpha looks for lenders at once after pairing
                 measure(h1, rbee_base, CATALOG_NAME, 8, "warm-up")
-                ps = rbee(h1, keeper, "ps").stdout
+                ps = rbee(h1, keeper, "ps", "--node", alpha_at).stdout
                 split = re.search(r"cpu\+beta (\d+)\+(\d+)/(\d+)", ps)
                 if split is None:
                     raise SystemExit(f"alpha did not borrow from beta:\n{ps}")
                 here, lent, total = (int(g) for g in split.groups())
                 info["split"] = {"alpha": here, "beta": lent, "layers": total}
                 print(f"[split] alpha {here} layers, beta {lent} of {total}", flush=True)
-                for rep in range(args.reps):
-                    figures = measure(
-                        h1, rbee_base, "smollm2-135m-instruct", args.tokens, f"r{rep}"
-                    )
-                    raw["rbee"].append(figures)
-                    print(f"[rep {rep + 1}] rbee {figures}", flush=True)
-        peer = [str(server), "-m", model, "-c", "4096", "-np", "1", "-t", str(THREADS)]
-        peer += ["-tb", str(THREADS), "--host", "127.0.0.1", "--port", str(HTTP_PORT)]
-        peer += [] if choice.extra_bufts else ["--no-repack"]
-        base = f"http://127.0.0.1:{HTTP_PORT}"
-        rpc = [str(rpc_server), "-H", h2.address, "-p", str(RPC_PORT), "-t", str(THREADS)]
-        with started(h2, rpc):
-            time.sleep(2)
-            remote = ["--rpc", f"{h2.address}:{RPC_PORT}", "-ngl", str(lent)]
-            with started(h1, [*peer, *remote]):
-                wait_http(h1, base, "/health")
-                info["prompt_tokens"] = prompt_tokens(h1, base, model)
-                measure(h1, base, model, 8, "warm-up")
-                for rep in range(args.reps):
-                    figures = measure(h1, base, model, args.tokens, f"r{rep}")
-                    raw["rpc"].append(figures)
-                    print(f"[rep {rep + 1}] llama.cpp rpc {figures}", flush=True)
-        with started(h1, [*peer, "-ngl", "0"]):
-            wait_http(h1, base, "/health")
-            measure(h1, base, model, 8, "warm-up")
-            for rep in range(args.reps):
-                figures = measure(h1, base, model, args.tokens, f"r{rep}")
-                raw["unsplit"].append(figures)
-                print(f"[rep {rep + 1}] unsplit {figures}", flush=True)
+                remote = ["--rpc", f"{h2.address}:{RPC_PORT}", "-ngl", str(lent)]
+                rpc_base, alone_base = (f"http://127.0.0.1:{p}" for p in PEER_PORTS)
+                with (
+                    started(h1, [*peer, "--port", str(PEER_PORTS[0]), *remote]),
+                    started(h1, [*peer, "--port", str(PEER_PORTS[1]), "-ngl", "0"]),
+                ):
+                    for base in (rpc_base, alone_base):
+                        wait_http(h1, base, "/health")
+                        measure(h1, base, model, 8, "warm-up")
+                    info["prompt_tokens"] = prompt_tokens(h1, alone_base, model)
+                    sides = {"rbee": (rbee_base, CATALOG_NAME), "rpc": (rpc_base, model)}
+                    sides["unsplit"] = (alone_base, model)
+                    for rep in range(args.reps):  # interleaved: drift on a shared machine
+                        for name, (base, asked) in sides.items():
+                            figures = measure(h1, base, asked, args.tokens, f"r{rep}")
+                            raw[name].append(figures)
+                            print(f"[rep {rep + 1}] {name} {figures}", flush=True)
     n = info.get("prompt_tokens", 0)
 
     def pp(figures: dict[str, float]) -> float:

@@ -40,6 +40,7 @@ from rbee.protocol.messages import (
     PipeOpen,
     PipeOpened,
 )
+from rbee.rpc import read_burst
 from rbee.transport.sockets import Curve, curve_client, new_socket
 
 logger = log.get(__name__)
@@ -189,7 +190,7 @@ class Tunnel:
         while not self.stop.is_set():
             ready = dict(poller.poll(int(PING_EVERY_S * 1000 / 4)))
             if conn.fileno() in ready:
-                data = conn.recv(PIPE_CHUNK_BYTES)
+                data = read_burst(conn, PIPE_CHUNK_BYTES)
                 if not data:
                     with contextlib.suppress(zmq.Again):
                         closed = PipeClose(pipe_id=pipe_id, reason="the worker closed it")

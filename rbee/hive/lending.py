@@ -38,6 +38,7 @@ from rbee.paths import self_command
 from rbee.process import child_env
 from rbee.protocol.codec import encode
 from rbee.protocol.messages import PIPE_CHUNK_BYTES, PipeClose, PipeData, PipeOpen, PipeOpened
+from rbee.rpc import read_burst
 
 logger = log.get(__name__)
 
@@ -279,7 +280,7 @@ class LendingDesk:
     def _read(self, pipe: Pipe) -> None:
         assert pipe.sock is not None
         try:
-            data = pipe.sock.recv(PIPE_CHUNK_BYTES)
+            data = read_burst(pipe.sock, PIPE_CHUNK_BYTES)
         except BlockingIOError:
             return
         except OSError as exc:

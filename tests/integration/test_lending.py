@@ -29,14 +29,17 @@ pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "LAN av
 PROMPT = "The capital of France is"
 LIMIT = "200M"  # the default model needs ~283 MiB with one slot of 4096 tokens
 FOUND_S = 30.0
+LONG = ["-t", "0", "-n", "2000", "--ignore-eos", "--raw", PROMPT]
 
 
 @contextmanager
-def hive_on(host: Host, env: dict[str, str], name: str, *flags: str) -> Iterator[None]:
+def hive_on(
+    host: Host, env: dict[str, str], name: str, *flags: str
+) -> Iterator[subprocess.Popen[str]]:
     argv = [sys.executable, "-m", "rbee", "hive", "--host", "0.0.0.0", "--node-name", name]
     proc = subprocess.Popen(host.argv([*argv, *flags]), env=env, stderr=subprocess.PIPE, text=True)
     try:
-        yield
+        yield proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -85,7 +88,11 @@ def test_a_model_too_big_for_one_hive_runs_with_another_hives_memory(
     h1, h2, h3 = lan.hosts
     alpha, beta = env_for(h1, rbee_env, tmp_path, "alpha"), env_for(h2, rbee_env, tmp_path, "beta")
     keeper = env_for(h3, rbee_env, tmp_path, "keeper")
-    with hive_on(h1, alpha, "alpha", "--memory-limit", LIMIT), hive_on(h2, beta, "beta"):
+    stranger = env_for(h3, rbee_env, tmp_path, "stranger")
+    with (
+        hive_on(h1, alpha, "alpha", "--memory-limit", LIMIT),
+        hive_on(h2, beta, "beta") as beta_hive,
+    ):
         wait_listed(h3, keeper, {"alpha", "beta"})
         for host, env, name in ((h1, alpha, "alpha"), (h2, beta, "beta")):
             assert pair(host, env, h3, keeper, name=name).returncode == 0
@@ -121,7 +128,9 @@ def test_a_model_too_big_for_one_hive_runs_with_another_hives_memory(
         for host in (h1, h2):
             assert open_ports(h3, host.address) == [7830, 7831], host.address
 
-        # A key without the hive role gets no loan.
+        # A keeper without a key gets nothing; a key without the hive role gets no loan.
+        nothing = rbee_on(h3, stranger, "infer", "--node", "alpha", *args)
+        assert nothing.returncode == ExitCode.ACCESS and not nothing.stdout, nothing.stderr
         refuse = (
             "from rbee.keeper.connect import open_named\n"
             "from rbee.protocol.messages import PipeOpen\n"
@@ -139,29 +148,35 @@ def test_a_model_too_big_for_one_hive_runs_with_another_hives_memory(
         )
         assert out.stdout.startswith("LENDING_REFUSED"), out.stdout + out.stderr
 
-        # The lender dies mid-stream: a coded error within 5 s, the partial text kept, and no
-        # process left behind on either machine.
-        long = ["-t", "0", "-n", "2000", "--ignore-eos", "--raw", PROMPT]
-        infer = subprocess.Popen(
-            h3.argv([sys.executable, "-m", "rbee", "infer", "--node", "alpha", *long]),
-            env=keeper,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert infer.stdout is not None
-        infer.stdout.read(40)  # it streams
-        (lender,) = rbee_processes(beta["RBEE_DATA_DIR"], "lender")
-        lender.send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        _, said = infer.communicate(timeout=30)
-        assert time.monotonic() - killed < 5, said
-        assert infer.returncode == ExitCode.NETWORK and "LENDER_LOST" in said, said
-        assert "partial text is saved" in said, said
-        deadline = time.monotonic() + 5
-        while rbee_processes(alpha["RBEE_DATA_DIR"], "worker") and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert rbee_processes(alpha["RBEE_DATA_DIR"], "worker") == []
-        assert rbee_processes(beta["RBEE_DATA_DIR"], "lender") == []
+        # The lender dies mid-stream, then (a new worker, a new lender) the lending hive: each
+        # time a coded error within 5 s, the partial text kept, no process left behind.
+        for victim in ("lender", "hive"):
+            infer = subprocess.Popen(
+                h3.argv([sys.executable, "-m", "rbee", "infer", "--node", "alpha", *LONG]),
+                env=keeper,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            assert infer.stdout is not None
+            infer.stdout.read(40)  # it streams
+            (lender,) = rbee_processes(beta["RBEE_DATA_DIR"], "lender")
+            if victim == "lender":
+                lender.send_signal(signal.SIGKILL)
+            else:
+                beta_hive.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            _, said = infer.communicate(timeout=30)
+            assert time.monotonic() - killed < 5, (victim, said)
+            assert infer.returncode == ExitCode.NETWORK and "LENDER_LOST" in said, said
+            assert "partial text is saved" in said, said
+            deadline = time.monotonic() + 5
+            while time.monotonic() < deadline and (
+                rbee_processes(alpha["RBEE_DATA_DIR"], "worker")
+                or rbee_processes(beta["RBEE_DATA_DIR"], "lender")
+            ):
+                time.sleep(0.1)
+            assert rbee_processes(alpha["RBEE_DATA_DIR"], "worker") == []
+            assert rbee_processes(beta["RBEE_DATA_DIR"], "lender") == []
     for env in (alpha, beta):
         assert rbee_processes(env["RBEE_DATA_DIR"], "hive") == []

@@ -110,8 +110,9 @@ def test_a_tunnel_carries_the_layers_to_a_lending_hive(
     tmp_path: Path, model_path: Path, rbee_env: dict[str, str]
 ) -> None:
     """The worker's RPC connection goes to a tunnel of its hive, the tunnel to the lending
-    hive's front socket, that hive to a lender it starts; the text is the model's own, and
-    the lender is gone when the borrower is done."""
+    hive's front socket, that hive to a lender it starts; the text is the model's own, the
+    lender is gone when the borrower is done, and a second load does not send again the
+    tensors the lender keeps in its cache (llama.cpp caches those over 10 MiB by hash)."""
     import zmq
 
     from rbee.hive.borrow import Tunnel
@@ -129,5 +130,13 @@ def test_a_tunnel_carries_the_layers_to_a_lending_hive(
         while lending.lending.leases and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not lending.lending.leases, "the lending hive still holds the lease"
+        cached = list((tmp_path / "data" / "rpc-cache").iterdir())
+        assert cached, "the lender kept no tensor"
+        again = Tunnel(ctx, lending.front_endpoint, None, "p-again", "smollm2").start()
+        second = generate(model_path, again.endpoint, 20, rbee_env)
+        again.close()
+        assert second["text"] == alone["text"]
+        cached_bytes = sum(p.stat().st_size for p in cached)
+        assert again.bytes_out <= tunnel.bytes_out - cached_bytes + 1_000_000
     ctx.term()
     assert split["on_rpc"] == 20 and split["text"] == alone["text"], (split, alone)

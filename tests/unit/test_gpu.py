@@ -256,6 +256,18 @@ def test_worker_argv_names_the_backend_only_off_the_cpu() -> None:
         WorkerArgs("w-3", "/m.gguf", "c", "s", 0, 9, "cuda", "0+1", layers=(16, 15)),
         WorkerArgs("w-4", "/m.gguf", "c", "s", 0, 9, "cuda", "2", gpu_layers=20, slots=4),
         WorkerArgs("w-5", "/m.gguf", "c", "s", 0, 9, stream_interval_ms=0),
+        WorkerArgs("w-6", "/m.gguf", "c", "s", 0, 9, gpu_layers=14, rpc=("127.0.0.1:5000",)),
+        WorkerArgs(
+            "w-7",
+            "/m.gguf",
+            "c",
+            "s",
+            0,
+            9,
+            gpu_layers=20,
+            layers=(12, 8),
+            rpc=("127.0.0.1:1",) * 2,
+        ),
     ],
 )
 def test_the_worker_reads_back_what_the_hive_wrote(args: WorkerArgs) -> None:
@@ -295,3 +307,10 @@ def test_ps_shows_where_each_workers_layers_are() -> None:
     assert where_text(split) == "cuda:0+1 16+15/31"
     partial = info(backend="cuda", device="0", gpu_layers=22, n_layers=31)
     assert where_text(partial) == "cpu+cuda:0 9+22/31"
+
+
+@pytest.mark.parametrize("endpoint", ["10.0.0.2:50052", "0.0.0.0:1", "localhost:1", "127.0.0.1:0"])
+def test_a_worker_reaches_rpc_servers_on_loopback_only(endpoint: str) -> None:
+    argv = WorkerArgs("w-1", "/m.gguf", "c", "s", 0, 9, gpu_layers=3, rpc=(endpoint,)).argv()
+    with pytest.raises(InvalidRequest, match="loopback address and port"):
+        WorkerArgs.parse(build_parser().parse_args(["worker", *argv]))
