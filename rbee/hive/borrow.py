@@ -51,6 +51,7 @@ PING_EVERY_S = 1.0
 LENDER_SILENCE_S = 3.0  # no frame from the lender for this long: it is gone
 IN_FLIGHT_FRAMES = 8  # PipeData frames queued towards the lender (backpressure beyond)
 SEND_TIMEOUT_S = 60.0
+CLOSE_LINGER_MS = 500
 
 
 class Tunnel:
@@ -61,17 +62,18 @@ class Tunnel:
         ctx: zmq.Context[zmq.Socket[bytes]],
         lender: str,
         curve: Curve | None,
-        pipe_id: str,
+        lease: str,
         model: str = "",
         lender_name: str = "",
     ) -> None:
         """``lender``: the lender hive's front endpoint (tcp://HOST:PORT); ``curve``: this
-        hive's keys and the lender's public key (None only towards a loopback hive)."""
+        hive's keys and the lender's public key (None only towards a loopback hive); ``lease``:
+        the loan's id (its pipes are LEASE.1, LEASE.2 …)."""
         self.ctx = ctx
         self.lender = lender
         self.lender_name = lender_name or lender.removeprefix("tcp://")
         self.curve = curve
-        self.pipe_id = pipe_id
+        self.lease = lease
         self.model = model
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
@@ -83,7 +85,7 @@ class Tunnel:
         self.bytes_out = 0
         self.bytes_in = 0
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"tunnel-{pipe_id}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"tunnel-{lease}", daemon=True)
 
     def start(self) -> Tunnel:
         """Begin waiting for the worker's connection."""
@@ -96,11 +98,6 @@ class Tunnel:
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(wait_s)
 
-    @property
-    def ended(self) -> bool:
-        """Whether the tunnel has stopped carrying bytes."""
-        return bool(self.reason) or (self.thread.ident is not None and not self.thread.is_alive())
-
     def _run(self) -> None:
         dealer = new_socket(self.ctx, zmq.DEALER)
         conn: socket.socket | None = None
@@ -112,7 +109,7 @@ class Tunnel:
             link = _Link(dealer, self.lender_name)
             for number in itertools.count(1):
                 conn = self._accept(link)
-                pipe_id = f"{self.pipe_id}.{number}"
+                pipe_id = f"{self.lease}.{number}"
                 self._open(link, pipe_id)
                 self._relay(conn, link, pipe_id)
                 conn.close()
@@ -125,14 +122,14 @@ class Tunnel:
             if conn is not None:
                 conn.close()
             with contextlib.suppress(zmq.ZMQError):
-                done = PipeClose(pipe_id=self.pipe_id, reason="borrower done", lease=self.pipe_id)
+                done = PipeClose(pipe_id=self.lease, reason="borrower done", lease=self.lease)
                 dealer.send(encode(done), zmq.NOBLOCK)
-            dealer.close(0)
+            dealer.close(CLOSE_LINGER_MS)  # time for that last frame to leave
             self.listener.close()
             self.reason = self.reason or "closed"
             logger.info(
                 "tunnel ended",
-                lease=self.pipe_id,
+                lease=self.lease,
                 lender=self.lender_name,
                 sent=self.bytes_out,
                 received=self.bytes_in,
@@ -162,7 +159,7 @@ class Tunnel:
 
     def _open(self, link: _Link, pipe_id: str) -> None:
         link.dealer.send(
-            encode(PipeOpen(pipe_id=pipe_id, lease=self.pipe_id, model=self.model), rid=1)
+            encode(PipeOpen(pipe_id=pipe_id, lease=self.lease, model=self.model), rid=1)
         )
         deadline = time.monotonic() + OPEN_S
         while True:
@@ -178,7 +175,13 @@ class Tunnel:
                 raise _Ended(f"{self.lender_name} could not lend: {frame.reason}")
         if not link.opened:
             self.free_bytes = frame.free_bytes
-            logger.info("borrowing", lease=self.pipe_id, lender=self.lender_name, model=self.model)
+            logger.info(
+                "borrowing",
+                lease=self.lease,
+                lender=self.lender_name,
+                model=self.model,
+                lender_free_mib=self.free_bytes >> 20,
+            )
         link.opened = True
 
     def _relay(self, conn: socket.socket, link: _Link, pipe_id: str) -> None:

@@ -25,6 +25,7 @@ import subprocess
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,10 @@ class LendingDesk:
         threads: int,
         engine_env: dict[str, str],
         enabled: bool = True,
+        draining: Callable[[], bool] = lambda: False,
     ) -> None:
         self.replies = replies
+        self.draining = draining
         self.poller = poller
         self.cache_dir = cache_dir
         self.threads = threads
@@ -116,6 +119,8 @@ class LendingDesk:
                 "this hive does not lend its memory (lend = false)",
                 suggestion="`rbee hive --lend` or `[hive] lend = true` turns it on",
             )
+        if self.draining():
+            raise LendingRefused("this hive is shutting down", retryable=True)
         lease = self.leases.get(frame.lease)
         if lease is not None and lease.who != request.who:
             raise LendingRefused(f"lease {frame.lease} belongs to another connection")

@@ -40,7 +40,7 @@ from rbee.protocol.messages import (
 from rbee.transport.sockets import RouterServer
 from rbee.worker.args import WorkerArgs
 
-TunnelFactory = Callable[[Lender, str, str], Tunnel]  # (lender, pipe id, model) → a new link
+TunnelFactory = Callable[[Lender, str, str], Tunnel]  # (lender, lease id, model) → a new link
 
 
 def lender_lost(worker: WorkerRecord, when: str) -> LenderLost:

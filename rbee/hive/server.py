@@ -213,6 +213,7 @@ class Hive:
             self.engine.threads,
             self.engine.worker_env(),
             config.lend,
+            lambda: self.draining,
         )
         self.draining_since = 0.0
         self.signals = 0
@@ -238,11 +239,11 @@ class Hive:
             PipeClose: self.lending.on_close,
         }
 
-    def _tunnel(self, lender: Lender, pipe_id: str, model: str) -> Tunnel:
+    def _tunnel(self, lender: Lender, lease: str, model: str) -> Tunnel:
         """A link for a worker's RPC connection to a lender hive, with this hive's key."""
         assert self.keys is not None
         curve = Curve(self.keys.public, self.keys.secret, lender.key)
-        return Tunnel(self.ctx, lender.endpoint, curve, pipe_id, model, lender.node)
+        return Tunnel(self.ctx, lender.endpoint, curve, lease, model, lender.node)
 
     @property
     def workers(self) -> dict[str, WorkerRecord]:
