@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
 import zmq
 
 from rbee import log
@@ -180,7 +181,9 @@ class LendingDesk:
         """Connect pipes whose lender listens; end leases whose lender or borrower is gone."""
         for lease in list(self.leases.values()):
             code = lease.proc.poll()
-            if code is not None:
+            if code is None and _stopped(lease.proc.pid):
+                self.end(lease, "its lender was stopped (SIGSTOP): it would hold the borrower up")
+            elif code is not None:
                 said = "; ".join(lease.stderr)[-500:]
                 why = f"its lender exited with code {code}" + (f": {said}" if said else "")
                 self.end(lease, why)
@@ -300,6 +303,14 @@ class LendingDesk:
     def _send(self, lease: Lease, frame: PipeData | PipeClose) -> None:
         with contextlib.suppress(zmq.Again):  # a drop shows as a gap in the borrower's sequence
             self.replies.front.sock.send_multipart([lease.who, encode(frame)], zmq.NOBLOCK)
+
+
+def _stopped(pid: int) -> bool:
+    """Whether a process is stopped (it would never answer: a stall, not a slow answer)."""
+    try:
+        return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+    except psutil.Error:
+        return False
 
 
 def _keep_stderr(lease: Lease) -> None:

@@ -96,8 +96,15 @@ class Peers:
                 continue
             finally:
                 client.close()
-            if isinstance(status, HiveStatus) and status.lends:
+            if isinstance(status, HiveStatus) and status.lends_to_you:
                 found.append(Lender(status.node, endpoint, a.key, status.lendable_bytes))
+            elif isinstance(status, HiveStatus):
+                why = (
+                    "it lends to keys with the hive role only"
+                    if status.lends
+                    else "it does not lend"
+                )
+                logger.info("peer skipped", peer=status.node, reason=why)
         found.sort(key=lambda lender: -lender.free_bytes)
         if found:
             logger.debug("lenders", peers=[f"{x.node} {x.free_bytes >> 20} MiB" for x in found])

@@ -419,6 +419,7 @@ class Hive:
             engine=self.engine.describe()[:ENGINE_TEXT_CHARS],
             lends=self.lending.enabled,
             lendable_bytes=memory.ram_free_bytes if self.lending.enabled else 0,
+            lends_to_you=self.lending.enabled and request.role in ("hive", "admin"),
         )
         self.replies.send(request, status)
 

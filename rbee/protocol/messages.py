@@ -218,6 +218,7 @@ class HiveStatus(Frame):
     engine: str = spec(default="", max_len=1024)  # CPU variant, features, what is off and why
     lends: bool = spec(default=False)  # lends memory to peer hives' models (hive-role keys)
     lendable_bytes: int = spec(default=0, min=0)  # RAM a lender could have now
+    lends_to_you: bool = spec(default=False)  # and to the key that asked (hive or admin role)
 
 
 class EnsureWorker(Frame):

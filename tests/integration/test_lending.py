@@ -148,9 +148,10 @@ def test_a_model_too_big_for_one_hive_runs_with_another_hives_memory(
         )
         assert out.stdout.startswith("LENDING_REFUSED"), out.stdout + out.stderr
 
-        # The lender dies mid-stream, then (a new worker, a new lender) the lending hive: each
-        # time a coded error within 5 s, the partial text kept, no process left behind.
-        for victim in ("lender", "hive"):
+        # The lender dies mid-stream; then (a new worker, a new lender each time) the lender
+        # stalls; then the lending hive dies: each time a coded error within 5 s, the partial
+        # text kept, no process left behind.
+        for victim in ("lender", "stall", "hive"):
             infer = subprocess.Popen(
                 h3.argv([sys.executable, "-m", "rbee", "infer", "--node", "alpha", *LONG]),
                 env=keeper,
@@ -163,6 +164,8 @@ def test_a_model_too_big_for_one_hive_runs_with_another_hives_memory(
             (lender,) = rbee_processes(beta["RBEE_DATA_DIR"], "lender")
             if victim == "lender":
                 lender.send_signal(signal.SIGKILL)
+            elif victim == "stall":
+                lender.send_signal(signal.SIGSTOP)
             else:
                 beta_hive.send_signal(signal.SIGKILL)
             killed = time.monotonic()
