@@ -14,7 +14,6 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
 
 import anyio.to_thread
 import zmq
@@ -27,17 +26,18 @@ from starlette.routing import Route
 
 from rbee import __version__, log
 from rbee.errors import InternalError, RbeeError
+from rbee.gateway import ollama
 from rbee.gateway.auth import BearerAuth
 from rbee.gateway.errors import error_body, http_error
+from rbee.gateway.http import cancel_on_disconnect, read_json
 from rbee.gateway.jobs import READY_TIMEOUT_S, Job, Jobs
 from rbee.gateway.listing import list_models
-from rbee.gateway.params import BadParameter, Kind, parse_call
+from rbee.gateway.params import Kind, parse_call
 from rbee.gateway.shapes import KEEP_ALIVE_EVENT, Shaper, sse
 from rbee.keeper.job import Failed, Finished, InferRequest, Started, Text
 from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
 
 KEEPALIVE_INTERVAL_S = 5.0  # well under the read timeouts of HTTP clients and proxies (≥ 30 s)
-MAX_BODY_BYTES = 8 * 1024 * 1024  # a whole prompt fits (1 MiB of text, JSON-escaped)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 logger = log.get(__name__)
@@ -80,6 +80,7 @@ class Gateway:
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completion, methods=["POST"]),
+                *ollama.routes(self),
             ],
             middleware=[Middleware(BearerAuth, keys=self.config.api_keys)],
             exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
@@ -136,7 +137,7 @@ class Gateway:
 
     async def _complete(self, request: Request, kind: Kind) -> Response:
         try:
-            body = await _read_json(request)
+            body = await read_json(request)
             call = parse_call(kind, body, allow_local_models=self.config.allow_local_models)
             job = self.jobs.start(
                 InferRequest(
@@ -163,7 +164,7 @@ class Gateway:
 
     async def _whole(self, request: Request, job: Job, shaper: Shaper) -> Response:
         """Collect the whole answer; a client that hangs up meanwhile cancels the job."""
-        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, job))
+        watcher = asyncio.ensure_future(cancel_on_disconnect(request, job))
         pieces: list[str] = []
         try:
             while True:
@@ -222,27 +223,6 @@ class Gateway:
                     return
         finally:
             job.cancel()
-
-
-async def _read_json(request: Request) -> Any:
-    """The body as JSON, read with a size cap."""
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > MAX_BODY_BYTES:
-            raise BadParameter(None, f"the request body exceeds {MAX_BODY_BYTES >> 20} MiB")
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadParameter(None, f"the request body is not valid JSON: {exc}") from None
-    except RecursionError:  # Python's parser recurses once per level of nesting
-        raise BadParameter(None, "the request body nests JSON too deeply") from None
-
-
-async def _cancel_on_disconnect(request: Request, job: Job) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    job.cancel()
 
 
 def _log_served(job: Job, event: Finished) -> None:

@@ -1,0 +1,386 @@
+"""Ollama's API on the gateway's port: what tools built for Ollama ask of it.
+
+VS Code's Ollama provider needs ``/api/version``, ``/api/tags``, ``/api/show`` and ``/api/chat``;
+Open WebUI's Ollama connection and the official clients also use ``/api/generate`` and
+``/api/ps``. Same process, routing and API keys as the OpenAI routes: a request becomes the same
+rbee job (its body is translated into the OpenAI body the gateway already validates, and a bad
+field is named as Ollama calls it).
+
+Answers stream as NDJSON, one JSON object a line, unless ``"stream": false``; the last object
+has ``done: true``, ``done_reason`` and Ollama's counts and durations (nanoseconds). Errors are
+Ollama's: ``{"error": "…"}`` with the HTTP status. Not here yet: ``format`` (JSON output),
+``tools``, images, embeddings, ``/api/pull`` and ``/api/delete``; a request that uses them gets a
+400 naming the field rather than an answer that quietly ignores it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import anyio.to_thread
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from rbee.errors import RbeeError
+from rbee.gateway.errors import http_error
+from rbee.gateway.http import cancel_on_disconnect, read_json
+from rbee.gateway.jobs import Job
+from rbee.gateway.listing import list_models
+from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, BadParameter, Kind, parse_call
+from rbee.keeper.job import Failed, Finished, InferRequest, JobEvent, Started, Text
+from rbee.protocol.messages import Done
+
+if TYPE_CHECKING:
+    from rbee.gateway.app import Gateway
+
+OLLAMA_VERSION = "0.12.0"  # the Ollama API whose shapes these are (clients check a minimum)
+NDJSON = "application/x-ndjson"
+OPTIONS = {  # Ollama's options → the OpenAI fields the gateway validates
+    "temperature": "temperature",
+    "num_predict": "max_tokens",
+    "top_k": "top_k",
+    "top_p": "top_p",
+    "seed": "seed",
+    "stop": "stop",
+}
+DURATION = re.compile(r"-?(\d+(\.\d+)?(ms|s|m|h))+|-?\d+(\.\d+)?")
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
+UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
+REFUSED = ("format", "tools", "images", "suffix", "template")
+DONE_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "canceled": "stop"}
+
+
+def routes(gateway: Gateway) -> list[Route]:
+    """The /api/* routes, served by ``gateway``'s jobs."""
+    api = OllamaApi(gateway)
+    return [
+        Route("/api/version", api.version, methods=["GET"]),
+        Route("/api/tags", api.tags, methods=["GET"]),
+        Route("/api/ps", api.ps, methods=["GET"]),
+        Route("/api/show", api.show, methods=["POST"]),
+        Route("/api/chat", api.chat, methods=["POST"]),
+        Route("/api/generate", api.generate, methods=["POST"]),
+    ]
+
+
+def error(exc: RbeeError) -> JSONResponse:
+    """An rbee error the way Ollama answers one: its status, ``{"error": message}``."""
+    status, _, headers = http_error(exc)
+    return JSONResponse({"error": exc.message}, status, headers)
+
+
+def translate(kind: Kind, body: Any) -> dict[str, Any]:
+    """An Ollama /api/chat or /api/generate body as the OpenAI body ``parse_call`` checks."""
+    if not isinstance(body, dict):
+        raise BadParameter(None, "the request body must be a JSON object")
+    for name in REFUSED:
+        if body.get(name):
+            raise BadParameter(name, f"{name} is not supported by rbee yet")
+    options = body.get("options")
+    options = {} if options is None else options
+    if not isinstance(options, dict):
+        raise BadParameter("options", "options must be an object")
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise BadParameter("stream", "stream must be true or false")
+    out: dict[str, Any] = {"model": body.get("model"), "stream": stream}
+    for name, value in options.items():  # others (num_ctx, num_thread …) change nothing here
+        if name in OPTIONS:
+            out[OPTIONS[name]] = value
+    if out.get("max_tokens") in (-1, -2):  # Ollama: until the model stops, or the context fills
+        del out["max_tokens"]
+    if kind == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list):
+            raise BadParameter("messages", "messages must be a list")
+        out["messages"] = [
+            {"role": m.get("role"), "content": m.get("content", "")} if isinstance(m, dict) else m
+            for m in messages
+        ]
+    else:
+        prompt, system = body.get("prompt", ""), body.get("system")
+        if body.get("raw"):
+            out["prompt"] = prompt
+        else:  # the model's template applies, as Ollama's does, with the system prompt first
+            turns = [{"role": "system", "content": system}] if system else []
+            out["messages"] = [*turns, {"role": "user", "content": prompt}]
+    return out
+
+
+def named_for_ollama(exc: BadParameter) -> BadParameter:
+    """The gateway's message about an OpenAI field, naming the Ollama field it came from."""
+    ollama = {v: f"options.{k}" for k, v in OPTIONS.items()}.get(exc.param or "")
+    if ollama is None:
+        return exc
+    return BadParameter(ollama, exc.message.replace(str(exc.param), ollama, 1))
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _timings(done: Done, started: float) -> dict[str, Any]:
+    """Ollama's final counts and durations (nanoseconds) from the worker's totals."""
+    return {
+        "done_reason": DONE_REASONS.get(done.stop_reason, "stop"),
+        "total_duration": int((time.perf_counter() - started) * 1e9),
+        "load_duration": 0,
+        "prompt_eval_count": done.prompt_tokens,
+        "prompt_eval_duration": int(done.ttft_s * 1e9),
+        "eval_count": done.tokens,
+        "eval_duration": int(done.decode_s * 1e9),
+    }
+
+
+def _parameter_size(count: int) -> str:
+    """Ollama's ``parameter_size``: 134.52M, 7.6B."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.2f}".rstrip("0").rstrip(".") + unit
+    return str(count)
+
+
+def _details(node: dict[str, Any]) -> dict[str, Any]:
+    arch = node.get("architecture") or ""
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch] if arch else [],
+        "parameter_size": _parameter_size(int(node.get("parameters") or 0)),
+        "quantization_level": node.get("quantization") or "",
+    }
+
+
+class OllamaApi:
+    """The handlers, over the gateway's job machinery."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+
+    async def version(self, request: Request) -> Response:
+        """GET /api/version."""
+        return JSONResponse({"version": OLLAMA_VERSION})
+
+    async def _listing(self) -> list[dict[str, Any]]:
+        ctx, node = self.gateway.ctx, self.gateway.config.node
+        listing = await anyio.to_thread.run_sync(list_models, ctx, node)
+        entries: list[dict[str, Any]] = listing["data"]
+        return entries
+
+    async def tags(self, request: Request) -> Response:
+        """GET /api/tags: every model of every hive in reach."""
+        try:
+            entries = await self._listing()
+        except RbeeError as exc:
+            return error(exc)
+        models = []
+        for entry in entries:
+            where = entry["rbee"]["nodes"][0]
+            models.append(
+                {
+                    "name": entry["id"],
+                    "model": entry["id"],
+                    "modified_at": _now(),
+                    "size": where.get("size_bytes", 0),
+                    "digest": "",
+                    "details": _details(where),
+                }
+            )
+        return JSONResponse({"models": models})
+
+    async def ps(self, request: Request) -> Response:
+        """GET /api/ps: the models a worker holds now."""
+        try:
+            entries = await self._listing()
+        except RbeeError as exc:
+            return error(exc)
+        loaded = []
+        for entry in entries:
+            for where in entry["rbee"]["nodes"]:
+                if where.get("loaded"):
+                    loaded.append(
+                        {
+                            "name": entry["id"],
+                            "model": entry["id"],
+                            "size": where.get("size_bytes", 0),
+                            "digest": "",
+                            "details": _details(where),
+                            "expires_at": _now(),
+                            "size_vram": 0,
+                        }
+                    )
+        return JSONResponse({"models": loaded})
+
+    async def show(self, request: Request) -> Response:
+        """POST /api/show: one model's details (404 as Ollama's when no hive holds it)."""
+        try:
+            body = await read_json(request)
+            name = body.get("model") or body.get("name") if isinstance(body, dict) else None
+            if not isinstance(name, str) or not name:
+                raise BadParameter("model", "model is required")
+            entries = await self._listing()
+        except RbeeError as exc:
+            return error(exc)
+        entry = next((e for e in entries if e["id"] == name), None)
+        if entry is None:
+            return JSONResponse({"error": f"model '{name}' not found"}, 404)
+        where = entry["rbee"]["nodes"][0]
+        arch = where.get("architecture") or "llama"
+        info = {
+            "general.architecture": arch,
+            "general.parameter_count": where.get("parameters", 0),
+            f"{arch}.context_length": where.get("context_length", 0),
+        }
+        details = _details(where)
+        return JSONResponse(
+            {
+                "modelfile": "",
+                "parameters": "",
+                "template": "",
+                "details": details,
+                "model_info": info,
+                "capabilities": ["completion"],
+                "modified_at": _now(),
+            }
+        )
+
+    async def chat(self, request: Request) -> Response:
+        """POST /api/chat."""
+        return await self._answer(request, "chat")
+
+    async def generate(self, request: Request) -> Response:
+        """POST /api/generate."""
+        return await self._answer(request, "completion")
+
+    async def _answer(self, request: Request, route: Kind) -> Response:
+        started = time.perf_counter()
+        gateway = self.gateway
+        try:
+            body = await read_json(request)
+            translated = translate(route, body)
+            kind: Kind = "chat" if "messages" in translated else "completion"
+            if kind == "completion" and translated.get("max_tokens") is None:
+                translated["max_tokens"] = CHAT_MAX_TOKENS_DEFAULT  # no 16-token default here
+            try:
+                call = parse_call(
+                    kind, translated, allow_local_models=gateway.config.allow_local_models
+                )
+            except BadParameter as exc:
+                raise named_for_ollama(exc) from None
+            keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
+            job = gateway.jobs.start(
+                InferRequest(
+                    call.model,
+                    call.params,
+                    gateway.config.node,
+                    keep_alive,
+                    gateway.config.backend,
+                    gateway.config.device,
+                )
+            )
+        except RbeeError as exc:
+            return error(exc)
+        shape = _Shape(route, call.model, started)
+        try:
+            if call.stream:
+                return await self._stream(job, shape)
+            return await self._whole(request, job, shape)
+        except BaseException:
+            job.cancel()
+            raise
+
+    async def _whole(self, request: Request, job: Job, shape: _Shape) -> Response:
+        """Collect the whole answer; a client that hangs up meanwhile cancels the job."""
+        watcher = asyncio.ensure_future(cancel_on_disconnect(request, job))
+        pieces: list[str] = []
+        try:
+            while True:
+                event = await job.next(self.gateway.config.keepalive_s)
+                if isinstance(event, Text):
+                    pieces.append(event.text)
+                elif isinstance(event, Finished):
+                    return JSONResponse(shape.last("".join(pieces), event.done))
+                elif isinstance(event, Failed):
+                    return error(event.error)
+        finally:
+            watcher.cancel()
+
+    async def _stream(self, job: Job, shape: _Shape) -> Response:
+        """Wait (up to one keep-alive interval) for the job to start or fail, as Ollama answers
+        an unknown model with a 404, not with a stream; then stream."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.gateway.config.keepalive_s
+        first: list[JobEvent] = []
+        while not first and (left := deadline - loop.time()) > 0:
+            event = await job.next(left)
+            if event is None:
+                break
+            if isinstance(event, Failed):
+                job.cancel()
+                return error(event.error)
+            if isinstance(event, Started | Text | Finished):
+                first.append(event)
+        return StreamingResponse(self._lines(job, shape, first), media_type=NDJSON)
+
+    async def _lines(self, job: Job, shape: _Shape, first: list[JobEvent]) -> AsyncIterator[bytes]:
+        try:
+            while True:
+                event = first.pop(0) if first else await job.next(self.gateway.config.keepalive_s)
+                if isinstance(event, Text) and event.text:
+                    yield _line(shape.piece(event.text))
+                elif isinstance(event, Finished):
+                    yield _line(shape.last("", event.done))
+                    return
+                elif isinstance(event, Failed):
+                    yield _line({"error": event.error.message})
+                    return
+        finally:
+            job.cancel()
+
+
+class _Shape:
+    """The objects of one answer: chat's ``message`` or generate's ``response``."""
+
+    def __init__(self, route: Kind, model: str, started: float) -> None:
+        self.route, self.model, self.started = route, model, started
+
+    def _text(self, text: str) -> dict[str, Any]:
+        if self.route == "chat":
+            return {"message": {"role": "assistant", "content": text}}
+        return {"response": text}
+
+    def piece(self, text: str) -> dict[str, Any]:
+        return {"model": self.model, "created_at": _now(), **self._text(text), "done": False}
+
+    def last(self, text: str, done: Done) -> dict[str, Any]:
+        head = {"model": self.model, "created_at": _now(), **self._text(text), "done": True}
+        return {**head, **_timings(done, self.started)}
+
+
+def _line(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
+
+def _keep_alive(body: Any, default: float) -> float:
+    """Ollama's ``keep_alive``: seconds, or a Go duration such as ``5m`` or ``1h30m``;
+    negative: keep it loaded for good (rbee's -1)."""
+    value = body.get("keep_alive") if isinstance(body, dict) else None
+    if value is None:
+        return default
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str) and DURATION.fullmatch(value.strip()):
+        parts = DURATION_PART.findall(value.strip())
+        seconds = sum(float(n) * UNITS[u] for n, u in parts)
+        seconds = -seconds if value.strip().startswith("-") else seconds
+    else:
+        raise BadParameter("keep_alive", "keep_alive must be seconds or a duration such as 5m")
+    return -1.0 if seconds < 0 else seconds
