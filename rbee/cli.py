@@ -348,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="where workers for its requests run, as `rbee infer --backend` (default: auto)",
     )
     serve.add_argument("--device", default="", metavar="N|UUID", help="the GPU for --backend cuda")
+    serve.add_argument(
+        "--ollama-listen",
+        default="",
+        metavar="HOST[:PORT]",
+        help="also listen here, where tools made for Ollama look (e.g. 127.0.0.1, port 11434)",
+    )
 
     worker = sub.add_parser("worker", help="(started by a hive) serve one model")
     worker.set_defaults(run=_worker)
@@ -579,6 +585,7 @@ def _serve(args: argparse.Namespace) -> int:
         worker_keep_alive_s=args.keep_alive,
         backend=args.backend,
         device=args.device,
+        ollama_listen=args.ollama_listen,
     )
     return run_gateway(server)
 

@@ -25,17 +25,18 @@ from rbee.transport.sockets import cannot_listen, is_loopback
 
 DEFAULT_LISTEN = "127.0.0.1:7833"
 DEFAULT_PORT = 7833
+OLLAMA_PORT = 11434  # Ollama's own: where its clients look by default
 GRACEFUL_SHUTDOWN_S = 5  # for answers to reach their clients once their jobs are stopped
 DRAIN_RETRY_AFTER_S = 5.0
 
 logger = log.get(__name__)
 
 
-def parse_listen(listen: str) -> tuple[str, int]:
+def parse_listen(listen: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
     """``HOST[:PORT]`` or ``[V6]:PORT`` → host and port (port 0: any free one)."""
     m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d{1,5}))?|([^:\[\]]+)(?::(\d{1,5}))?", listen)
     host = m and (m.group(1) or m.group(3))
-    port = int((m.group(2) or m.group(4) or DEFAULT_PORT) if m else -1)
+    port = int((m.group(2) or m.group(4) or default_port) if m else -1)
     if not host or not 0 <= port < 65536:
         raise InvalidRequest(
             f"--listen {listen!r} is not HOST[:PORT]",
@@ -47,10 +48,20 @@ def parse_listen(listen: str) -> tuple[str, int]:
 class Server:
     """A bound gateway: ``serve`` blocks until ``request_stop`` or a signal."""
 
-    def __init__(self, host: str, port: int, config: GatewayConfig) -> None:
+    def __init__(
+        self, host: str, port: int, config: GatewayConfig, also: tuple[str, int] | None = None
+    ) -> None:
+        """``also``: a second address (``--ollama-listen``), served the same routes."""
         self.config = config
         self.gateway = Gateway(config)
         self.sock = _bind(host, port)
+        self.socks = [self.sock]
+        if also is not None:
+            try:
+                self.socks.append(_bind(*also, "--ollama-listen port"))
+            except BaseException:
+                self.sock.close()
+                raise
         self.host = host
         self.port = int(self.sock.getsockname()[1])
         self.uvicorn = _Uvicorn(
@@ -74,12 +85,21 @@ class Server:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}"
 
+    @property
+    def ollama_url(self) -> str:
+        """Where Ollama's clients find it (OLLAMA_HOST): the second address, else the first."""
+        if len(self.socks) < 2:
+            return self.url
+        host, port = self.socks[1].getsockname()[:2]
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
     def serve(self) -> None:
         """Serve on the bound socket until stopped."""
         try:
-            self.uvicorn.run(sockets=[self.sock])
+            self.uvicorn.run(sockets=self.socks)
         finally:
-            self.sock.close()
+            for sock in self.socks:
+                sock.close()
 
     def request_stop(self) -> None:
         """Stop serving (thread-safe)."""
@@ -120,15 +140,19 @@ def prepare(
     worker_keep_alive_s: float = KEEP_ALIVE_DEFAULT,
     backend: str = "auto",
     device: str = "",
+    ollama_listen: str = "",
 ) -> Server:
     """Check the key rules and bind; raises InvalidRequest or AccessDenied instead of starting
-    an open gateway on the network."""
+    an open gateway on the network. ``ollama_listen``: a second address, where tools that
+    expect Ollama (port 11434) find it."""
     host, port = parse_listen(listen)
+    also = parse_listen(ollama_listen, OLLAMA_PORT) if ollama_listen else None
     keys = load_keys(api_keys_file)
-    loopback = is_loopback(host)
+    loopback = is_loopback(host) and (also is None or is_loopback(also[0]))
     if not loopback and not keys:
+        where = host if not is_loopback(host) else also[0] if also else host
         raise InvalidRequest(
-            f"refusing to listen on {host} without API keys: anyone on the network could use it",
+            f"refusing to listen on {where} without API keys: anyone on the network could use it",
             suggestion=f"give --api-keys-file (mode 600, one key a line) or set {KEYS_ENV}, "
             "or listen on 127.0.0.1",
         )
@@ -142,7 +166,7 @@ def prepare(
         backend=backend,
         device=device,
     )
-    return Server(host, port, config)
+    return Server(host, port, config, also)
 
 
 def run(server: Server) -> int:
@@ -152,6 +176,7 @@ def run(server: Server) -> int:
         "gateway listening",
         url=server.url,
         openai_base_url=server.url + "/v1",
+        ollama_host=server.ollama_url,
         auth=f"{len(config.api_keys)} API keys" if config.api_keys else "none (loopback only)",
         node=config.node or "chosen per request",
         backend=config.backend + (f":{config.device}" if config.device else ""),
@@ -161,7 +186,7 @@ def run(server: Server) -> int:
     return ExitCode.OK
 
 
-def _bind(host: str, port: int) -> socket.socket:
+def _bind(host: str, port: int, what: str = "--listen port") -> socket.socket:
     """A listening socket, bound before serving so port 0 (tests) yields a known port."""
     family = socket.AF_INET6 if _is_v6(host) else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -170,9 +195,7 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.bind((host.strip("[]"), port))
     except OSError as exc:
         sock.close()
-        raise cannot_listen(
-            host, port, exc.errno or 0, exc.strerror or str(exc), "--listen port"
-        ) from None
+        raise cannot_listen(host, port, exc.errno or 0, exc.strerror or str(exc), what) from None
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock

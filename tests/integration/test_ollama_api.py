@@ -4,13 +4,16 @@ model behind a real hive."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import ollama
 import pytest
 
+from rbee.errors import InvalidRequest
+from rbee.gateway.main import prepare
 from rbee.protocol.messages import DEFAULT_MODEL
-from tests.integration.test_gateway import COLORS, STORY, Server, gateway, start_hive
+from tests.integration.test_gateway import COLORS, STORY, Server, gateway, serving, start_hive
 
 __all__ = ["gateway", "start_hive"]  # the fixtures, shared with the OpenAI tests
 
@@ -117,3 +120,15 @@ def test_errors_are_ollamas(gateway: Server) -> None:
         timeout=60,
     )
     assert extra.status_code == 200 and json.loads(extra.text)["eval_count"] == 2
+
+
+def test_a_second_address_for_ollamas_clients(start_hive: Any) -> None:
+    """`rbee serve --ollama-listen`: the same routes where Ollama's clients look; off loopback
+    only with API keys, as the first address."""
+    start_hive()
+    with serving(ollama_listen="127.0.0.1:0") as server:
+        assert server.ollama_url != server.url
+        client = ollama.Client(host=server.ollama_url, timeout=60)
+        assert DEFAULT_MODEL in [m.model for m in client.list().models]
+    with pytest.raises(InvalidRequest, match=r"refusing to listen on 0\.0\.0\.0 without API keys"):
+        prepare("127.0.0.1:0", ollama_listen="0.0.0.0:0")
