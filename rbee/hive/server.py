@@ -341,7 +341,7 @@ class Hive:
             return
         frame, rid = incoming.envelope.frame, incoming.envelope.rid
         handler = self.handlers.get(type(frame))
-        if self.lending.pipes:
+        if self.lending.leases:  # any frame of a borrower keeps its loans alive
             self.lending.seen(incoming.identity)
         try:
             if handler is None:
