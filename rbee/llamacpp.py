@@ -77,7 +77,7 @@ def import_llama() -> Any:
 
     libs = Path(llama_cpp.__file__).parent / "lib"
     if variant_files(libs):
-        ggml = ctypes.CDLL(str(mapped("libggml.so") or libs / "libggml.so.0"))
+        ggml = libggml()
         ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
         if ggml.ggml_backend_reg_count() == 0:
             chosen = os.environ.get(CPU_VARIANT_ENV, "")
@@ -106,11 +106,9 @@ def gpu_offload() -> bool:
     """Whether llama.cpp has a GPU to offload layers to. ``llama_supports_gpu_offload()`` also
     says yes for a build with the RPC backend (remote devices count as GPUs), which every rbee
     engine has: only a GPU device of a backend other than RPC counts here."""
-    llama_cpp = import_llama()
-    if not llama_cpp.llama_supports_gpu_offload():
+    if not import_llama().llama_supports_gpu_offload():
         return False
-    libs = Path(llama_cpp.__file__).parent / "lib"
-    ggml = ctypes.CDLL(str(mapped("libggml.so") or libs / "libggml.so.0"))
+    ggml = libggml()
     ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
     ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
     ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -125,6 +123,16 @@ def gpu_offload() -> bool:
         if ggml.ggml_backend_dev_type(dev) in GPU_DEVICE_TYPES and reg_name != b"RPC":
             return True
     return False
+
+
+@functools.cache
+def libggml() -> Any:
+    """ggml's library as libllama linked it (``mapped``: a second copy of it would have a
+    backend registry of its own, which libllama never sees)."""
+    import llama_cpp
+
+    libs = Path(llama_cpp.__file__).parent / "lib"
+    return ctypes.CDLL(str(mapped("libggml.so") or libs / "libggml.so.0"))
 
 
 def mapped(prefix: str) -> Path | None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from rbee.errors import BackendUnavailable, InvalidRequest
-from rbee.llamacpp import import_llama, mapped
+from rbee.llamacpp import import_llama, libggml
 
 RPC_LIBRARY = "libggml-rpc.so"
 DEVICE_TYPE_CPU = 0  # ggml_backend_dev_type's GGML_BACKEND_DEVICE_TYPE_CPU
@@ -73,10 +73,10 @@ def loopback_endpoint(endpoint: str) -> tuple[str, int]:
 
 @functools.cache
 def _ggml() -> Any:
-    """libggml as libllama linked it (its registry is the one llama.cpp's loader reads)."""
-    llama_cpp = import_llama()
-    libs = Path(llama_cpp.__file__).parent / "lib"
-    ggml = ctypes.CDLL(str(mapped("libggml.so") or libs / "libggml.so.0"))
+    """libggml with the functions this module calls typed (after import_llama: the CPU backend
+    registered)."""
+    import_llama()
+    ggml = libggml()
     ggml.ggml_backend_load.restype = ctypes.c_void_p
     ggml.ggml_backend_load.argtypes = [ctypes.c_char_p]
     ggml.ggml_backend_reg_by_name.restype = ctypes.c_void_p

@@ -9,7 +9,6 @@ failure arrives as an ``error`` event, which the OpenAI clients raise.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -29,10 +28,10 @@ from rbee.errors import InternalError, RbeeError
 from rbee.gateway import ollama
 from rbee.gateway.auth import BearerAuth
 from rbee.gateway.errors import error_body, http_error
-from rbee.gateway.http import cancel_on_disconnect, read_json
+from rbee.gateway.http import collect, opening, read_json
 from rbee.gateway.jobs import READY_TIMEOUT_S, Job, Jobs
 from rbee.gateway.listing import list_models
-from rbee.gateway.params import Kind, parse_call
+from rbee.gateway.params import Call, Kind, parse_call
 from rbee.gateway.shapes import KEEP_ALIVE_EVENT, Shaper, sse
 from rbee.keeper.job import Failed, Finished, InferRequest, Started, Text
 from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
@@ -139,16 +138,7 @@ class Gateway:
         try:
             body = await read_json(request)
             call = parse_call(kind, body, allow_local_models=self.config.allow_local_models)
-            job = self.jobs.start(
-                InferRequest(
-                    call.model,
-                    call.params,
-                    self.config.node,
-                    self.config.worker_keep_alive_s,
-                    self.config.backend,
-                    self.config.device,
-                )
-            )
+            job = self.start(call)
         except RbeeError as exc:
             return error_response(exc)
         response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + job.job_id.removeprefix("j-")
@@ -162,37 +152,30 @@ class Gateway:
             job.cancel()  # the server is stopping, or a bug: never leave a worker generating
             raise
 
+    def start(self, call: Call, keep_alive_s: float | None = None) -> Job:
+        """Start a validated request's job where this gateway sends its work (``keep_alive_s``:
+        the request's own, else the gateway's)."""
+        keep_alive = self.config.worker_keep_alive_s if keep_alive_s is None else keep_alive_s
+        config = self.config
+        return self.jobs.start(
+            InferRequest(
+                call.model, call.params, config.node, keep_alive, config.backend, config.device
+            )
+        )
+
     async def _whole(self, request: Request, job: Job, shaper: Shaper) -> Response:
-        """Collect the whole answer; a client that hangs up meanwhile cancels the job."""
-        watcher = asyncio.ensure_future(cancel_on_disconnect(request, job))
-        pieces: list[str] = []
-        try:
-            while True:
-                event = await job.next(self.config.keepalive_s)
-                if isinstance(event, Text):
-                    pieces.append(event.text)
-                elif isinstance(event, Finished):
-                    _log_served(job, event)
-                    return JSONResponse(shaper.response("".join(pieces), event.done, job.where))
-                elif isinstance(event, Failed):
-                    return error_response(event.error)
-        finally:
-            watcher.cancel()
+        """The whole answer at once."""
+        text, end = await collect(request, job, self.config.keepalive_s)
+        if isinstance(end, Failed):
+            return error_response(end.error)
+        _log_served(job, end)
+        return JSONResponse(shaper.response(text, end.done, job.where))
 
     async def _stream(self, job: Job, shaper: Shaper) -> Response:
-        """Wait (up to one keep-alive interval) for the job to start or fail, then stream."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.keepalive_s
-        first: list[Text | Started] = []
-        while not first and (left := deadline - loop.time()) > 0:
-            event = await job.next(left)
-            if event is None:
-                break
-            if isinstance(event, Failed):
-                return error_response(event.error)
-            if isinstance(event, Text | Started):
-                first.append(event)
-            # a Finished event cannot come before Started; Waiting and Progress say it is coming
+        """Stream, once the job has started (or answer its failure with an HTTP error)."""
+        first = await opening(job, self.config.keepalive_s)
+        if isinstance(first, Failed):
+            return error_response(first.error)
         return StreamingResponse(
             self._events(job, shaper, first), media_type="text/event-stream", headers=SSE_HEADERS
         )

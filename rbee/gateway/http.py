@@ -1,7 +1,9 @@
-"""Reading a request and watching its client: what every route of the gateway needs."""
+"""Reading a request, watching its client and waiting on its job: what the OpenAI and the
+Ollama routes of the gateway both need."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -9,6 +11,7 @@ from starlette.requests import Request
 
 from rbee.gateway.jobs import Job
 from rbee.gateway.params import BadParameter
+from rbee.keeper.job import Failed, Finished, Started, Text
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a whole prompt fits (1 MiB of text, JSON-escaped)
 
@@ -32,3 +35,37 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
     job.cancel()
+
+
+async def collect(request: Request, job: Job, keepalive_s: float) -> tuple[str, Finished | Failed]:
+    """A whole answer's text and how the job ended; a client that hangs up meanwhile cancels
+    the job."""
+    watcher = asyncio.ensure_future(cancel_on_disconnect(request, job))
+    pieces: list[str] = []
+    try:
+        while True:
+            event = await job.next(keepalive_s)
+            if isinstance(event, Text):
+                pieces.append(event.text)
+            elif isinstance(event, Finished | Failed):
+                return "".join(pieces), event
+    finally:
+        watcher.cancel()
+
+
+async def opening(job: Job, keepalive_s: float) -> list[Text | Started] | Failed:
+    """Wait (up to one keep-alive interval) for a streamed job to start or fail, so a job that
+    fails first is answered with an HTTP error, not with a stream: its first events, or Failed.
+    (A Finished event cannot come before Started; Waiting and Progress say it is coming.)"""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + keepalive_s
+    first: list[Text | Started] = []
+    while not first and (left := deadline - loop.time()) > 0:
+        event = await job.next(left)
+        if event is None:
+            break
+        if isinstance(event, Failed):
+            return event
+        if isinstance(event, Text | Started):
+            first.append(event)
+    return first

@@ -15,7 +15,6 @@ Ollama's: ``{"error": "…"}`` with the HTTP status. Not here yet: ``format`` (J
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -30,11 +29,11 @@ from starlette.routing import Route
 
 from rbee.errors import RbeeError
 from rbee.gateway.errors import http_error
-from rbee.gateway.http import cancel_on_disconnect, read_json
+from rbee.gateway.http import collect, opening, read_json
 from rbee.gateway.jobs import Job
 from rbee.gateway.listing import list_models
 from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, BadParameter, Kind, parse_call
-from rbee.keeper.job import Failed, Finished, InferRequest, JobEvent, Started, Text
+from rbee.keeper.job import Failed, Finished, JobEvent, Text
 from rbee.protocol.messages import Done
 
 if TYPE_CHECKING:
@@ -159,6 +158,17 @@ def _details(node: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _model(name: str, where: dict[str, Any]) -> dict[str, Any]:
+    """One model as /api/tags and /api/ps list it, from where a hive holds it."""
+    return {
+        "name": name,
+        "model": name,
+        "size": where.get("size_bytes", 0),
+        "digest": "",
+        "details": _details(where),
+    }
+
+
 class OllamaApi:
     """The handlers, over the gateway's job machinery."""
 
@@ -181,19 +191,10 @@ class OllamaApi:
             entries = await self._listing()
         except RbeeError as exc:
             return error(exc)
-        models = []
-        for entry in entries:
-            where = entry["rbee"]["nodes"][0]
-            models.append(
-                {
-                    "name": entry["id"],
-                    "model": entry["id"],
-                    "modified_at": _now(),
-                    "size": where.get("size_bytes", 0),
-                    "digest": "",
-                    "details": _details(where),
-                }
-            )
+        models = [
+            {**_model(entry["id"], entry["rbee"]["nodes"][0]), "modified_at": _now()}
+            for entry in entries
+        ]
         return JSONResponse({"models": models})
 
     async def ps(self, request: Request) -> Response:
@@ -202,21 +203,12 @@ class OllamaApi:
             entries = await self._listing()
         except RbeeError as exc:
             return error(exc)
-        loaded = []
-        for entry in entries:
-            for where in entry["rbee"]["nodes"]:
-                if where.get("loaded"):
-                    loaded.append(
-                        {
-                            "name": entry["id"],
-                            "model": entry["id"],
-                            "size": where.get("size_bytes", 0),
-                            "digest": "",
-                            "details": _details(where),
-                            "expires_at": _now(),
-                            "size_vram": 0,
-                        }
-                    )
+        loaded = [
+            {**_model(entry["id"], where), "expires_at": _now(), "size_vram": 0}
+            for entry in entries
+            for where in entry["rbee"]["nodes"]
+            if where.get("loaded")
+        ]
         return JSONResponse({"models": loaded})
 
     async def show(self, request: Request) -> Response:
@@ -275,17 +267,7 @@ class OllamaApi:
                 )
             except BadParameter as exc:
                 raise named_for_ollama(exc) from None
-            keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
-            job = gateway.jobs.start(
-                InferRequest(
-                    call.model,
-                    call.params,
-                    gateway.config.node,
-                    keep_alive,
-                    gateway.config.backend,
-                    gateway.config.device,
-                )
-            )
+            job = gateway.start(call, _keep_alive(body, gateway.config.worker_keep_alive_s))
         except RbeeError as exc:
             return error(exc)
         shape = _Shape(route, call.model, started)
@@ -298,37 +280,20 @@ class OllamaApi:
             raise
 
     async def _whole(self, request: Request, job: Job, shape: _Shape) -> Response:
-        """Collect the whole answer; a client that hangs up meanwhile cancels the job."""
-        watcher = asyncio.ensure_future(cancel_on_disconnect(request, job))
-        pieces: list[str] = []
-        try:
-            while True:
-                event = await job.next(self.gateway.config.keepalive_s)
-                if isinstance(event, Text):
-                    pieces.append(event.text)
-                elif isinstance(event, Finished):
-                    return JSONResponse(shape.last("".join(pieces), event.done))
-                elif isinstance(event, Failed):
-                    return error(event.error)
-        finally:
-            watcher.cancel()
+        """The whole answer in one object."""
+        text, end = await collect(request, job, self.gateway.config.keepalive_s)
+        if isinstance(end, Failed):
+            return error(end.error)
+        return JSONResponse(shape.last(text, end.done))
 
     async def _stream(self, job: Job, shape: _Shape) -> Response:
-        """Wait (up to one keep-alive interval) for the job to start or fail, as Ollama answers
-        an unknown model with a 404, not with a stream; then stream."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.gateway.config.keepalive_s
-        first: list[JobEvent] = []
-        while not first and (left := deadline - loop.time()) > 0:
-            event = await job.next(left)
-            if event is None:
-                break
-            if isinstance(event, Failed):
-                job.cancel()
-                return error(event.error)
-            if isinstance(event, Started | Text | Finished):
-                first.append(event)
-        return StreamingResponse(self._lines(job, shape, first), media_type=NDJSON)
+        """Stream once the job has started: Ollama answers an unknown model with a 404, not
+        with a stream."""
+        first = await opening(job, self.gateway.config.keepalive_s)
+        if isinstance(first, Failed):
+            job.cancel()
+            return error(first.error)
+        return StreamingResponse(self._lines(job, shape, list(first)), media_type=NDJSON)
 
     async def _lines(self, job: Job, shape: _Shape, first: list[JobEvent]) -> AsyncIterator[bytes]:
         try:

@@ -311,9 +311,10 @@ class Hive:
                     self._drain(self._on_back)
                 if self.front.sock in events:
                     self._drain(self._on_front)
-                for fd, flags in events.items():
-                    if isinstance(fd, int) and self.lending.owns(fd):
-                        self.lending.on_ready(fd, flags)
+                if self.lending.by_fd:  # lenders' sockets: only while this hive lends
+                    for fd, flags in events.items():
+                        if isinstance(fd, int) and self.lending.owns(fd):
+                            self.lending.on_ready(fd, flags)
                 if extra_fd is not None and extra_fd in events and not os.read(extra_fd, 4096):
                     logger.info("the keeper that started this ephemeral hive is gone")
                     poller.unregister(extra_fd)

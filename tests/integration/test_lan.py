@@ -45,9 +45,11 @@ def rbee_on(
 
 
 @contextmanager
-def hive_on(host: Host, env: dict[str, str], name: str) -> Iterator[subprocess.Popen[str]]:
+def hive_on(
+    host: Host, env: dict[str, str], name: str, *flags: str
+) -> Iterator[subprocess.Popen[str]]:
     argv = host.argv(
-        [sys.executable, "-m", "rbee", "hive", "--host", "0.0.0.0", "--node-name", name]
+        [sys.executable, "-m", "rbee", "hive", "--host", "0.0.0.0", "--node-name", name, *flags]
     )
     proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
     try:

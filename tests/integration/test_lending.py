@@ -14,14 +14,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 
 from rbee.errors import ExitCode
-from tests.integration.test_lan import env_for, nodes, pair, rbee_on, wait_listed
+from tests.integration.test_lan import env_for, hive_on, nodes, pair, rbee_on, wait_listed
 from tests.lan import Host, Lan, available, leftover_namespaces
 
 pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "LAN available")
@@ -30,20 +29,6 @@ PROMPT = "The capital of France is"
 LIMIT = "200M"  # the default model needs ~283 MiB with one slot of 4096 tokens
 FOUND_S = 30.0
 LONG = ["-t", "0", "-n", "2000", "--ignore-eos", "--raw", PROMPT]
-
-
-@contextmanager
-def hive_on(
-    host: Host, env: dict[str, str], name: str, *flags: str
-) -> Iterator[subprocess.Popen[str]]:
-    argv = [sys.executable, "-m", "rbee", "hive", "--host", "0.0.0.0", "--node-name", name]
-    proc = subprocess.Popen(host.argv([*argv, *flags]), env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
 
 
 def rbee_processes(data_dir: str, word: str) -> list[psutil.Process]:
