@@ -373,9 +373,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.set_defaults(run=_keeper(MODELS, "pull_model", "reference", "node"))
     pull.add_argument("reference", help="hf:ORG/REPO[:QUANT|/FILE.gguf][@REVISION]")
     pull.add_argument("--node", help="HOST[:PORT] or node name (default: chosen as for infer)")
-    msub.add_parser("list", help="list the catalog").set_defaults(
-        run=_keeper(MODELS, "list_models")
+    mlist = msub.add_parser("list", help="list the catalog")
+    mlist.set_defaults(run=_keeper(MODELS, "list_models", "json"))
+    mlist.add_argument("--json", action="store_true", help="machine-readable output")
+    mshow = msub.add_parser(
+        "show", help="one model's details: file, source, shape, GGUF metadata, chat template"
     )
+    mshow.set_defaults(run=_keeper(MODELS, "show_model", "name", "json"))
+    mshow.add_argument("name", help="catalog name (`rbee models list`)")
+    mshow.add_argument("--json", action="store_true", help="machine-readable output")
     rm = msub.add_parser(
         "rm", help="forget a model (an imported file is kept; a pulled download is deleted)"
     )
@@ -406,8 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("--backend", choices=PLACEMENTS, default="auto", help="as for infer")
     explain.add_argument("--device", default="", metavar="N|UUID", help="as for infer")
     ps = sub.add_parser("ps", help="list the workers of every hive in reach")
-    ps.set_defaults(run=_keeper(NODES, "list_workers", "node"))
+    ps.set_defaults(run=_keeper(NODES, "list_workers", "node", "json"))
     ps.add_argument("--node", help="HOST[:PORT] or node name: only this hive")
+    ps.add_argument("--json", action="store_true", help="machine-readable output")
 
     nodes = sub.add_parser("nodes", help="list the hives in reach (mDNS, RBEE_SEEDS, this machine)")
     nodes.set_defaults(run=_keeper(NODES, "list_nodes", "json", "timeout"))

@@ -1,15 +1,24 @@
-"""`rbee models …`: this machine's model catalog."""
+"""`rbee models …`: this machine's model catalog.
+
+``list`` and ``show`` read the catalog (and ``show`` the GGUF header) on this machine alone: no
+hive is asked. Their ``--json`` forms write one document to stdout with the same field names as
+the catalog's columns, so scripts read what `rbee models list` shows without parsing a table.
+"""
 
 from __future__ import annotations
 
+import json
+import re
 import sys
+from dataclasses import asdict
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import zmq
 
 from rbee.catalog import Catalog, ModelEntry, listed_entries
-from rbee.errors import HiveUnreachable, ModelInUse
+from rbee.errors import HiveUnreachable, InvalidModel, ModelInUse, ModelNotFound
+from rbee.gguf import GGUFError, GGUFInfo, read_gguf_info
 from rbee.keeper.nodes import REQUEST_TIMEOUT_S, size, table
 from rbee.keeper.survey import local_view
 from rbee.paths import catalog_path, data_dir
@@ -17,6 +26,10 @@ from rbee.protocol.messages import DEFAULT_MODEL, ModelPulled, Progress, PullMod
 from rbee.terminal import cell, safe
 
 PULL_WAIT_S = 5.0  # the hive reports a download's progress twice a second
+# llama.cpp's LLAMA_POOLING_TYPE_*: an embedding model says how it pools its token vectors
+POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
+TOOLS_WORD = re.compile(r"\btools\b")  # a template that can render tool definitions names them
+OPTIONAL_FIELDS = ("sha256", "repo", "file", "revision")  # "" in the catalog: not recorded
 
 
 def import_model(path: str, name: str | None, out: TextIO = sys.stdout) -> ModelEntry:
@@ -34,9 +47,23 @@ def import_model(path: str, name: str | None, out: TextIO = sys.stdout) -> Model
     return entry
 
 
-def list_models(out: TextIO = sys.stdout) -> list[ModelEntry]:
-    """Print the catalog as a table (the bundled default model is added if installed)."""
+def entry_record(entry: ModelEntry) -> dict[str, Any]:
+    """A catalog entry for ``--json``: every column under its own name; what the catalog did not
+    record (no sha256, no Hub source, never used) is null rather than "" or 0."""
+    record = asdict(entry)
+    for name in OPTIONAL_FIELDS:
+        record[name] = record[name] or None
+    record["last_used_at"] = entry.last_used_at or None
+    return record
+
+
+def list_models(as_json: bool = False, out: TextIO = sys.stdout) -> list[ModelEntry]:
+    """Print the catalog as a table, or as a JSON list of entry_record (the bundled default
+    model is added if installed)."""
     entries = listed_entries(catalog_path())
+    if as_json:
+        out.write(json.dumps([entry_record(e) for e in entries], indent=2) + "\n")
+        return entries
     if not entries:
         out.write("no models yet: `rbee models import PATH` adds a GGUF file\n")
         return entries
@@ -55,6 +82,133 @@ def list_models(out: TextIO = sys.stdout) -> list[ModelEntry]:
         )
     table(rows, out)
     return entries
+
+
+def show_model(name: str, as_json: bool = False, out: TextIO = sys.stdout) -> dict[str, Any]:
+    """`rbee models show NAME`: one entry and what its GGUF header says (the chat template in
+    full). A model whose file is gone or unreadable is still shown, from the catalog alone (its
+    sha256 and source say how to get it back), and then reported as INVALID_MODEL."""
+    catalog = Catalog(catalog_path())
+    try:
+        entry = catalog.get(name)
+        if entry is None and name == DEFAULT_MODEL:
+            entry = catalog.ensure_default()  # listed by `rbee models list` before any import
+        if entry is None:
+            raise _unknown(catalog, name)
+    finally:
+        catalog.close()
+    record = entry_record(entry)
+    try:
+        record["gguf"], record["gguf_error"] = gguf_details(read_gguf_info(entry.path)), None
+    except GGUFError as exc:
+        record["gguf"], record["gguf_error"] = None, str(exc)
+    out.write(json.dumps(record, indent=2) + "\n" if as_json else details_text(record))
+    if record["gguf_error"] is not None:
+        raise InvalidModel(
+            f"the file of model {entry.name!r} cannot be read: {record['gguf_error']}",
+            suggestion=f"import it again, or `rbee models rm {entry.name}`",
+        )
+    return record
+
+
+def _unknown(catalog: Catalog, name: str) -> ModelNotFound:
+    """The catalog's error for an unknown name (it lists the known ones), pointing at the list;
+    the removed bundled default keeps its own hint, how to bring it back."""
+    error = catalog.not_found(name)
+    if name == DEFAULT_MODEL and "removed" in error.message:
+        return error
+    return ModelNotFound(
+        error.message,
+        suggestion="`rbee models list` shows every model; `rbee models import PATH` or "
+        "`rbee models pull hf:ORG/REPO` adds one",
+    )
+
+
+def gguf_details(info: GGUFInfo) -> dict[str, Any]:
+    """What a GGUF header says beyond the catalog's columns, each null when the file is silent:
+    the shape (layers, embedding width, experts), the tokenizer, an embedding model's pooling,
+    and the chat template with whether it can render tools."""
+    meta, arch = info.metadata, info.architecture
+
+    def number(key: str) -> int | float | None:
+        value = meta.get(key)
+        return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+    def text(key: str) -> str | None:
+        value = meta.get(key)
+        return value if isinstance(value, str) and value else None
+
+    pooling = number(f"{arch}.pooling_type")
+    template = text("tokenizer.chat_template")
+    return {
+        "gguf_version": info.version,
+        "general_name": text("general.name"),
+        "size_label": text("general.size_label"),
+        "license": text("general.license"),
+        "file_type": info.file_type,
+        "tensor_count": info.tensor_count,
+        "block_count": number(f"{arch}.block_count"),
+        "embedding_length": number(f"{arch}.embedding_length"),
+        "expert_count": number(f"{arch}.expert_count"),
+        "rope_freq_base": number(f"{arch}.rope.freq_base"),
+        "vocab_size": number("tokenizer.ggml.tokens"),  # an array: the header gives its length
+        "tokenizer_model": text("tokenizer.ggml.model"),
+        "bos_token_id": number("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": number("tokenizer.ggml.eos_token_id"),
+        "pooling_type": None if pooling is None else POOLING_TYPES.get(int(pooling), str(pooling)),
+        "chat_template": template,
+        "template_mentions_tools": bool(template and TOOLS_WORD.search(template)),
+    }
+
+
+def details_text(record: dict[str, Any]) -> str:
+    """show_model's record for people: one ``label  value`` line each, the rows the file is
+    silent on left out, then the chat template as it is. What a file wrote is shown escaped."""
+    g: dict[str, Any] | None = record["gguf"]
+    count = record["parameter_count"]
+    rows: list[tuple[str, object]] = [
+        ("name", record["name"]),
+        ("path", record["path"]),
+        ("size", f"{size(record['size_bytes'])} ({record['size_bytes']} bytes)"),
+        ("sha256", record["sha256"] or "not recorded"),
+        ("source", _source(record)),
+        ("revision", record["revision"]),
+        ("architecture", record["architecture"]),
+        ("quantization", record["quantization"]),
+        ("parameters", f"{count / 1e6:.1f}M ({count})"),
+        ("context", f"{record['context_length']} tokens" if record["context_length"] else "?"),
+    ]
+    if g is None:
+        rows.append(("file", f"unreadable: {record['gguf_error']}"))
+    else:
+        vocab = g["vocab_size"]
+        rows += [
+            ("layers", g["block_count"]),
+            ("embedding", g["embedding_length"]),
+            ("experts", g["expert_count"]),
+            ("vocabulary", vocab and f"{vocab} tokens ({g['tokenizer_model'] or '?'} tokenizer)"),
+            ("pooling", g["pooling_type"]),
+            ("gguf", f"version {g['gguf_version']}, {g['tensor_count']} tensors"),
+            ("general.name", g["general_name"]),
+            ("license", g["license"]),
+        ]
+    lines = [f"{label:<14}{_one_line(str(v))}" for label, v in rows if v is not None and v != ""]
+    if g is not None and g["chat_template"] is None:
+        lines.append("chat template none")
+    elif g is not None:
+        tools = "mentions tools" if g["template_mentions_tools"] else "does not mention tools"
+        lines += [f"chat template ({tools}):", safe(g["chat_template"]).rstrip("\n")]
+    return "\n".join(lines) + "\n"
+
+
+def _one_line(text: str) -> str:
+    return safe(text).replace("\n", "\\n").replace("\t", " ")
+
+
+def _source(record: dict[str, Any]) -> str:
+    if record["provider"] == "hf":
+        return f"{record['reference']} ({record['repo']}, {record['file']})"
+    return "imported from a local file" if record["provider"] == "file" else record["provider"]
 
 
 def remove_model(name: str, force: bool = False, out: TextIO = sys.stdout) -> None:

@@ -147,9 +147,9 @@ def list_nodes(
     return views
 
 
-def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
+def list_workers(node: str | None, as_json: bool = False, out: TextIO = sys.stdout) -> None:
     """`rbee ps`: the workers of one hive (--node) or of every hive in reach; SLOTS is the jobs
-    each runs now of the jobs it can run at once."""
+    each runs now of the jobs it can run at once. ``as_json``: a JSON list of worker_record."""
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         found: list[tuple[str, WorkerInfo]] = []
@@ -166,6 +166,10 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
                 found += [(v.name, w) for w in (v.status.workers if v.status else [])]
     finally:
         ctx.destroy(linger=0)  # never waits on a socket an error path left open
+    if as_json:
+        now = time.time()
+        out.write(json.dumps([worker_record(n, w, now) for n, w in found], indent=2) + "\n")
+        return
     if not found:
         out.write("no workers\n")
         return
@@ -194,6 +198,14 @@ def list_workers(node: str | None, out: TextIO = sys.stdout) -> None:
             ]
         )
     table(rows, out)
+
+
+def worker_record(node: str, w: WorkerInfo, now: float) -> dict[str, Any]:
+    """One row of `rbee ps --json`: the node's name, every field the hive reports under its wire
+    name, and the two the table derives: ``where`` (as the WHERE column) and ``idle_s`` (null
+    unless idle)."""
+    idle_s = round(max(0.0, now - w.last_activity), 3) if w.state == "idle" else None
+    return {"node": node, **w.to_wire(), "where": where_text(w), "idle_s": idle_s}
 
 
 def where_text(w: WorkerInfo) -> str:
