@@ -8,9 +8,10 @@ field is named as Ollama calls it).
 
 Answers stream as NDJSON, one JSON object a line, unless ``"stream": false``; the last object
 has ``done: true``, ``done_reason`` and Ollama's counts and durations (nanoseconds). Errors are
-Ollama's: ``{"error": "…"}`` with the HTTP status. Not here yet: ``format`` (JSON output),
-``tools``, images, embeddings, ``/api/pull`` and ``/api/delete``; a request that uses them gets a
-400 naming the field rather than an answer that quietly ignores it.
+Ollama's: ``{"error": "…"}`` with the HTTP status. ``format`` (``"json"`` or a JSON schema)
+becomes a grammar the output follows (rbee.grammar). Not here yet: ``tools``, images,
+embeddings, ``/api/pull`` and ``/api/delete``; a request that uses them gets a 400 naming the
+field rather than an answer that quietly ignores it.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ OPTIONS = {  # Ollama's options → the OpenAI fields the gateway validates
 DURATION = re.compile(r"-?(\d+(\.\d+)?(ms|s|m|h))+|-?\d+(\.\d+)?")
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
-REFUSED = ("format", "tools", "images", "suffix", "template")
+REFUSED = ("tools", "images", "suffix", "template")
 DONE_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "canceled": "stop"}
 
 
@@ -95,6 +96,13 @@ def translate(kind: Kind, body: Any) -> dict[str, Any]:
             out[OPTIONS[name]] = value
     if out.get("max_tokens") in (-1, -2):  # Ollama: until the model stops, or the context fills
         del out["max_tokens"]
+    fmt = body.get("format")
+    if fmt == "json":
+        out["response_format"] = {"type": "json_object"}
+    elif isinstance(fmt, dict):
+        out["response_format"] = {"type": "json_schema", "json_schema": {"schema": fmt}}
+    elif fmt not in (None, ""):
+        raise BadParameter("format", 'format must be "json" or a JSON schema')
     if kind == "chat":
         messages = body.get("messages")
         if not isinstance(messages, list):
@@ -115,7 +123,10 @@ def translate(kind: Kind, body: Any) -> dict[str, Any]:
 
 def named_for_ollama(exc: BadParameter) -> BadParameter:
     """The gateway's message about an OpenAI field, naming the Ollama field it came from."""
-    ollama = {v: f"options.{k}" for k, v in OPTIONS.items()}.get(exc.param or "")
+    param = exc.param or ""
+    if param.startswith("response_format"):
+        return BadParameter("format", exc.message.replace(param, "format", 1))
+    ollama = {v: f"options.{k}" for k, v in OPTIONS.items()}.get(param)
     if ollama is None:
         return exc
     return BadParameter(ollama, exc.message.replace(str(exc.param), ollama, 1))

@@ -1,8 +1,9 @@
 """An OpenAI request body → a ``Call``: what to generate and how to answer, validated up front.
 
-Everything a worker can honour maps onto GenerateParams; what it cannot (several choices,
-logprobs, tools, penalties …) is refused with a 400 naming the parameter, as the OpenAI API
-refuses values it does not support, so a client never gets silently different behaviour.
+Everything a worker can honour maps onto GenerateParams (``response_format`` becomes a
+grammar: rbee.grammar); what it cannot (several choices, logprobs, tools, penalties …) is
+refused with a 400 naming the parameter, as the OpenAI API refuses values it does not support,
+so a client never gets silently different behaviour.
 Fields that change nothing about the output (``user``, ``metadata``, ``store`` …) are ignored.
 Extensions that llama.cpp's server accepts too: ``top_k``, ``ignore_eos`` (vLLM's as well) and
 ``cache_prompt`` (false: compute the whole prompt even where a slot holds its prefix).
@@ -14,9 +15,11 @@ import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from rbee import grammar
 from rbee.errors import InvalidRequest
 from rbee.protocol.messages import (
     FILE_PREFIX,
+    MAX_GRAMMAR_CHARS,
     MAX_PROMPT_CHARS,
     MAX_STOP_STRINGS,
     MAX_TOKENS_LIMIT,
@@ -98,6 +101,7 @@ def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
         stop=_stop(body.get("stop")),
         ignore_eos=_bool(body, "ignore_eos"),
         cache_prompt=_bool(body, "cache_prompt", default=True),
+        grammar=_grammar(body),
     )
     return Call(kind, model, params, stream, include_usage)
 
@@ -146,9 +150,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     choice = body.get("tool_choice", body.get("function_call"))
     if choice not in (None, "none"):
         raise BadParameter("tool_choice", "tool calls are not supported")
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise BadParameter("response_format", "only the text response format is supported")
     modalities = body.get("modalities")
     if modalities not in (None, ["text"]):
         raise BadParameter("modalities", "only text output is supported")
@@ -156,6 +157,56 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         value = _number(body, name, 0.0, -2.0, 2.0)
         if value != 0:
             raise BadParameter(name, f"{name} is not supported (only 0)")
+
+
+# ------------------------------------------------------------------ structured output
+
+
+def _grammar(body: dict[str, Any]) -> str:
+    """The grammar the output must follow: OpenAI's ``response_format`` (``json_object``, or
+    ``json_schema`` with its ``schema``), or llama-server's extensions ``json_schema`` (a schema)
+    and ``grammar`` (GBNF); "" for free text."""
+    given = [n for n in ("response_format", "json_schema", "grammar") if body.get(n) is not None]
+    if len(given) > 1:
+        raise BadParameter(given[1], f"give one of {' and '.join(given)}, not both")
+    if body.get("grammar") is not None:
+        text = body["grammar"]
+        if not isinstance(text, str) or len(text) > MAX_GRAMMAR_CHARS:
+            raise BadParameter("grammar", f"grammar must be GBNF text (≤ {MAX_GRAMMAR_CHARS})")
+        return text
+    if body.get("json_schema") is not None:
+        return _from_schema(body["json_schema"], "json_schema")
+    fmt = body.get("response_format")
+    if fmt is None:
+        return ""
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return ""
+    if kind == "json_object":  # llama-server also reads a "schema" here
+        schema = fmt.get("schema")
+        if schema is None:
+            return grammar.any_json_object()
+        return _from_schema(schema, "response_format.schema")
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise BadParameter(
+                "response_format.json_schema", "response_format.json_schema must be an object"
+            )
+        schema = spec.get("schema")
+        if schema is None:
+            return grammar.any_json_object()
+        return _from_schema(schema, "response_format.json_schema.schema")
+    raise BadParameter(
+        "response_format.type", "response_format.type must be text, json_object or json_schema"
+    )
+
+
+def _from_schema(schema: Any, where: str) -> str:
+    try:
+        return grammar.from_schema(schema, where)
+    except InvalidRequest as exc:
+        raise BadParameter(where, exc.message) from None
 
 
 # ------------------------------------------------------------------ prompt

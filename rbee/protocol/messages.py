@@ -28,6 +28,7 @@ MAX_PROMPT_CHARS = 1024 * 1024
 MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_STRINGS = 16
 MAX_CHAT_MESSAGES = 256
+MAX_GRAMMAR_CHARS = 256 * 1024  # a llama.cpp grammar (rbee.grammar makes them from schemas)
 CHAT_ROLES = ("system", "user", "assistant")
 ID_CHARS = 64
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # job, worker and node ids: nothing path-like
@@ -103,6 +104,7 @@ class GenerateParams(Record):
     ignore_eos: bool = spec(default=False)
     cache_prompt: bool = spec(default=True)  # reuse a slot's cached prefix (llama-server's name)
     messages: list[ChatMessage] = spec(default_factory=list, max_len=MAX_CHAT_MESSAGES)
+    grammar: str = spec(default="", max_len=MAX_GRAMMAR_CHARS)  # GBNF the output must match
 
     def whole_problems(self) -> list[str]:
         """The conversation is capped as a whole, like the prompt (and like the gateway)."""

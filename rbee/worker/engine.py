@@ -44,6 +44,7 @@ from rbee.errors import BackendUnavailable, InternalError, InvalidModel, Invalid
 from rbee.llamacpp import EngineChoice, default_threads, import_llama, loaded_variant
 from rbee.protocol.messages import DEFAULT_CTX_TOKENS, GenerateParams
 from rbee.rpc import add_servers
+from rbee.worker.constrained import Constrained
 
 LLAMA_LOG_LINES = 20
 GGML_LOG_WARN = 3  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
@@ -239,13 +240,29 @@ class Engine:
     def new_sampler(self, params: GenerateParams) -> Any:
         """A sampler chain for one sequence, the one ``Llama.generate()`` builds for these
         settings (its no-op repeat penalty left out): greedy at temperature 0, else top-k,
-        typical (off), top-p, min-p, temperature and a seeded draw."""
+        typical (off), top-p, min-p, temperature and a seeded draw; with a grammar, that chain
+        and the grammar together (rbee.worker.constrained)."""
         lc = self._llama_cpp
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         add = functools.partial(lc.llama_sampler_chain_add, chain)
         if params.temperature == 0:
             add(lc.llama_sampler_init_greedy())
+        else:
+            self._add_random(add, params)
+        if not params.grammar:
             return chain
+        grammar = lc.llama_sampler_init_grammar(self._vocab, params.grammar.encode(), b"root")
+        if not grammar:
+            lc.llama_sampler_free(chain)
+            said = "".join(list(LLAMA_LOG)[-3:]).strip()
+            raise InvalidRequest(
+                "llama.cpp could not parse the grammar" + (f": {said}" if said else "")
+            )
+        return Constrained(lc, self._ctx, self.llama.n_vocab(), chain, grammar)
+
+    def _add_random(self, add: Callable[[Any], None], params: GenerateParams) -> None:
+        """The chain's samplers for a temperature above 0, ending in a seeded draw."""
+        lc = self._llama_cpp
         seed = params.seed if params.seed >= 0 else int.from_bytes(os.urandom(4), "little")
         add(lc.llama_sampler_init_top_k(params.top_k))
         add(lc.llama_sampler_init_typical(1.0, 1))
@@ -253,14 +270,18 @@ class Engine:
         add(lc.llama_sampler_init_min_p(MIN_P, 1))
         add(lc.llama_sampler_init_temp(params.temperature))
         add(lc.llama_sampler_init_dist(seed))
-        return chain
 
     def free_sampler(self, sampler: Any) -> None:
-        """Free a chain made by ``new_sampler`` (and every sampler in it)."""
-        self._llama_cpp.llama_sampler_free(sampler)
+        """Free a sampler made by ``new_sampler`` (and every sampler in it)."""
+        if isinstance(sampler, Constrained):
+            sampler.free()
+        else:
+            self._llama_cpp.llama_sampler_free(sampler)
 
     def sample(self, sampler: Any, row: int) -> int:
         """Draw the next token from the logits of batch row ``row``."""
+        if isinstance(sampler, Constrained):
+            return sampler.sample(row)
         return int(self._llama_cpp.llama_sampler_sample(sampler, self._ctx, row))
 
     def forget(self, seq: int, from_pos: int) -> bool:

@@ -242,6 +242,7 @@ class Slots:
         room = self.model.n_ctx - len(prompt)
         if room <= 0:
             raise self.model.too_long(str(len(prompt)))
+        sampler = self.model.new_sampler(run.params)  # a bad grammar fails here, nothing changed
         free = [s for s in self.slots if s.job is None]
         slot = max(free, key=lambda s: common_prefix(s.cached, prompt))
         keep = min(common_prefix(slot.cached, prompt), len(prompt) - 1)  # recompute >= 1 token
@@ -257,7 +258,7 @@ class Slots:
             job_id=run.job_id,
             params=run.params,
             cancel=cancel,
-            sampler=self.model.new_sampler(run.params),
+            sampler=sampler,
             limit=min(run.params.max_tokens, room),
             prompt_tokens=len(prompt),
             started=started,
@@ -301,7 +302,12 @@ class Slots:
         now = time.perf_counter()
         for slot in generating + prefilling:
             if slot.job is not None and slot.row >= 0:
-                self._on_token(slot, slot.job, model.sample(slot.job.sampler, slot.row), now)
+                try:
+                    token = model.sample(slot.job.sampler, slot.row)
+                except RbeeError as exc:  # a grammar with no way on: this stream alone ends
+                    self._fail(slot, exc)
+                    continue
+                self._on_token(slot, slot.job, token, now)
 
     def _end_canceled(self) -> None:
         for slot in self.slots:
@@ -317,7 +323,8 @@ class Slots:
     def _on_token(self, slot: Slot, job: Job, token: int, now: float) -> None:
         if job.tokens == 0:
             job.first_at = now
-        if not job.params.ignore_eos and self.model.is_eog(token):
+        # under a grammar, end of generation is the document's end: ignore_eos cannot pass it
+        if (job.params.grammar or not job.params.ignore_eos) and self.model.is_eog(token):
             self._end(slot, "eos")
             return
         job.tokens += 1

@@ -101,7 +101,7 @@ def test_errors_are_ollamas(gateway: Server) -> None:
     assert bad.status_code == 400 and "options.temperature" in bad.json()["error"], bad.text
     unsupported = httpx.post(
         gateway.url + "/api/chat",
-        json={"model": DEFAULT_MODEL, "messages": [], "format": "json", "stream": False},
+        json={"model": DEFAULT_MODEL, "messages": [], "format": "yaml", "stream": False},
         timeout=30,
     )
     assert unsupported.status_code == 400 and "format" in unsupported.json()["error"]

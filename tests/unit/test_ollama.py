@@ -42,7 +42,7 @@ def test_generate_raw_or_templated_with_its_system_prompt() -> None:
 @pytest.mark.parametrize(
     ("body", "field"),
     [
-        ({"model": "m", "messages": [], "format": "json"}, "format"),
+        ({"model": "m", "messages": [], "format": "yaml"}, "format"),
         ({"model": "m", "messages": [], "tools": [{"type": "function"}]}, "tools"),
         ({"model": "m", "messages": [], "options": []}, "options"),
         ({"model": "m", "messages": [], "stream": "yes"}, "stream"),
