@@ -25,16 +25,16 @@ from starlette.routing import Route
 
 from rbee import __version__, log
 from rbee.errors import InternalError, RbeeError
-from rbee.gateway import ollama
+from rbee.gateway import embeddings, ollama
 from rbee.gateway.auth import BearerAuth
 from rbee.gateway.errors import error_body, http_error
 from rbee.gateway.http import collect, opening, read_json
 from rbee.gateway.jobs import READY_TIMEOUT_S, Job, Jobs
 from rbee.gateway.listing import list_models
-from rbee.gateway.params import Call, Kind, parse_call
+from rbee.gateway.params import Kind, parse_call
 from rbee.gateway.shapes import KEEP_ALIVE_EVENT, Shaper, sse
 from rbee.keeper.job import Failed, Finished, InferRequest, Started, Text
-from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION
+from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION, GenerateParams
 
 KEEPALIVE_INTERVAL_S = 5.0  # well under the read timeouts of HTTP clients and proxies (≥ 30 s)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -79,6 +79,7 @@ class Gateway:
                 Route("/v1/models/{model:path}", self.model, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completion, methods=["POST"]),
+                Route("/v1/embeddings", self.embeddings, methods=["POST"]),
                 *ollama.routes(self),
             ],
             middleware=[Middleware(BearerAuth, keys=self.config.api_keys)],
@@ -132,13 +133,32 @@ class Gateway:
         """POST /v1/completions."""
         return await self._complete(request, "completion")
 
+    async def embeddings(self, request: Request) -> Response:
+        """POST /v1/embeddings."""
+        try:
+            body = await read_json(request)
+            call = embeddings.parse(body, allow_local_models=self.config.allow_local_models)
+            encoding = embeddings.encoding_format(body)
+            job = self.start(call.model, call.params())
+        except RbeeError as exc:
+            return error_response(exc)
+        logger.info("request", endpoint="embeddings", model=call.model, job=job.job_id)
+        try:
+            result = await embeddings.run(request, job, call, self.config.keepalive_s)
+        except BaseException:
+            job.cancel()
+            raise
+        if isinstance(result, Failed):
+            return error_response(result.error)
+        return JSONResponse(embeddings.openai_response(call, result, encoding))
+
     # ------------------------------------------------------------------ completions
 
     async def _complete(self, request: Request, kind: Kind) -> Response:
         try:
             body = await read_json(request)
             call = parse_call(kind, body, allow_local_models=self.config.allow_local_models)
-            job = self.start(call)
+            job = self.start(call.model, call.params)
         except RbeeError as exc:
             return error_response(exc)
         response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + job.job_id.removeprefix("j-")
@@ -152,15 +172,13 @@ class Gateway:
             job.cancel()  # the server is stopping, or a bug: never leave a worker generating
             raise
 
-    def start(self, call: Call, keep_alive_s: float | None = None) -> Job:
+    def start(self, model: str, params: GenerateParams, keep_alive_s: float | None = None) -> Job:
         """Start a validated request's job where this gateway sends its work (``keep_alive_s``:
         the request's own, else the gateway's)."""
         keep_alive = self.config.worker_keep_alive_s if keep_alive_s is None else keep_alive_s
         config = self.config
         return self.jobs.start(
-            InferRequest(
-                call.model, call.params, config.node, keep_alive, config.backend, config.device
-            )
+            InferRequest(model, params, config.node, keep_alive, config.backend, config.device)
         )
 
     async def _whole(self, request: Request, job: Job, shaper: Shaper) -> Response:

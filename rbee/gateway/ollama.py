@@ -9,9 +9,10 @@ field is named as Ollama calls it).
 Answers stream as NDJSON, one JSON object a line, unless ``"stream": false``; the last object
 has ``done: true``, ``done_reason`` and Ollama's counts and durations (nanoseconds). Errors are
 Ollama's: ``{"error": "…"}`` with the HTTP status. ``format`` (``"json"`` or a JSON schema)
-becomes a grammar the output follows (rbee.grammar). Not here yet: ``tools``, images,
-embeddings, ``/api/pull`` and ``/api/delete``; a request that uses them gets a 400 naming the
-field rather than an answer that quietly ignores it.
+becomes a grammar the output follows (rbee.grammar); ``/api/embed`` and ``/api/embeddings``
+are embedding jobs (rbee.gateway.embeddings). Not here yet: ``tools``, images, ``/api/pull``
+and ``/api/delete``; a request that uses them gets a 400 naming the field rather than an answer
+that quietly ignores it.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rbee.errors import RbeeError
+from rbee.gateway import embeddings
 from rbee.gateway.errors import http_error
 from rbee.gateway.http import collect, opening, read_json
 from rbee.gateway.jobs import Job
@@ -67,6 +69,8 @@ def routes(gateway: Gateway) -> list[Route]:
         Route("/api/show", api.show, methods=["POST"]),
         Route("/api/chat", api.chat, methods=["POST"]),
         Route("/api/generate", api.generate, methods=["POST"]),
+        Route("/api/embed", api.embed, methods=["POST"]),
+        Route("/api/embeddings", api.embeddings, methods=["POST"]),
     ]
 
 
@@ -263,6 +267,47 @@ class OllamaApi:
         """POST /api/generate."""
         return await self._answer(request, "completion")
 
+    async def embed(self, request: Request) -> Response:
+        """POST /api/embed: unit vectors, one per input."""
+        return await self._embed(request, "input")
+
+    async def embeddings(self, request: Request) -> Response:
+        """POST /api/embeddings (Ollama's older endpoint): one prompt, its raw vector."""
+        return await self._embed(request, "prompt")
+
+    async def _embed(self, request: Request, field: str) -> Response:
+        started = time.perf_counter()
+        gateway = self.gateway
+        try:
+            body = await read_json(request)
+            if isinstance(body, dict) and body.get(field) in ("", []):  # Ollama: no vectors
+                return JSONResponse({"embedding": []} if field == "prompt" else _no_vectors(body))
+            call = embeddings.parse(
+                body, allow_local_models=gateway.config.allow_local_models, field=field
+            )
+            keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
+            job = gateway.start(call.model, call.params(), keep_alive)
+        except RbeeError as exc:
+            return error(exc)
+        try:
+            result = await embeddings.run(request, job, call, gateway.config.keepalive_s)
+        except BaseException:
+            job.cancel()
+            raise
+        if isinstance(result, Failed):
+            return error(result.error)
+        if field == "prompt":
+            return JSONResponse({"embedding": result.vectors[0].tolist()})
+        return JSONResponse(
+            {
+                "model": call.model,
+                "embeddings": [embeddings.normalized(v).tolist() for v in result.vectors],
+                "total_duration": int((time.perf_counter() - started) * 1e9),
+                "load_duration": 0,
+                "prompt_eval_count": result.done.prompt_tokens,
+            }
+        )
+
     async def _answer(self, request: Request, route: Kind) -> Response:
         started = time.perf_counter()
         gateway = self.gateway
@@ -278,7 +323,9 @@ class OllamaApi:
                 )
             except BadParameter as exc:
                 raise named_for_ollama(exc) from None
-            job = gateway.start(call, _keep_alive(body, gateway.config.worker_keep_alive_s))
+            job = gateway.start(
+                call.model, call.params, _keep_alive(body, gateway.config.worker_keep_alive_s)
+            )
         except RbeeError as exc:
             return error(exc)
         shape = _Shape(route, call.model, started)
@@ -339,6 +386,10 @@ class _Shape:
     def last(self, text: str, done: Done) -> dict[str, Any]:
         head = {"model": self.model, "created_at": _now(), **self._text(text), "done": True}
         return {**head, **_timings(done, self.started)}
+
+
+def _no_vectors(body: dict[str, Any]) -> dict[str, Any]:
+    return {"model": body.get("model", ""), "embeddings": []}
 
 
 def _line(obj: dict[str, Any]) -> bytes:

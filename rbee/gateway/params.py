@@ -70,13 +70,7 @@ def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
     ``allow_local_models`` admits ``file:`` and ``synthetic:`` references: only a gateway bound
     to loopback may pass them on, so nobody on the network can make a hive open a path.
     """
-    if not isinstance(body, dict):
-        raise BadParameter(None, "the request body must be a JSON object")
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise BadParameter("model", "model is required (a model name, see GET /v1/models)")
-    if model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)) and not allow_local_models:
-        raise BadParameter("model", f"{model.split(':')[0]}: models are served on loopback only")
+    model = model_name(body, allow_local_models)
     _refuse_unsupported(body)
     stream = _bool(body, "stream")
     options = body.get("stream_options")
@@ -104,6 +98,18 @@ def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
         grammar=_grammar(body),
     )
     return Call(kind, model, params, stream, include_usage)
+
+
+def model_name(body: Any, allow_local_models: bool) -> str:
+    """The body's ``model``, checked (every endpoint names one the same way)."""
+    if not isinstance(body, dict):
+        raise BadParameter(None, "the request body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise BadParameter("model", "model is required (a model name, see GET /v1/models)")
+    if model.startswith((FILE_PREFIX, SYNTHETIC_PREFIX)) and not allow_local_models:
+        raise BadParameter("model", f"{model.split(':')[0]}: models are served on loopback only")
+    return model
 
 
 def chat_prompt(turns: list[Turn]) -> dict[str, Any]:

@@ -29,6 +29,7 @@ MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_STRINGS = 16
 MAX_CHAT_MESSAGES = 256
 MAX_GRAMMAR_CHARS = 256 * 1024  # a llama.cpp grammar (rbee.grammar makes them from schemas)
+MAX_EMBED_INPUTS = 256  # texts one embedding job reads (OpenAI allows 2,048 a request)
 CHAT_ROLES = ("system", "user", "assistant")
 ID_CHARS = 64
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # job, worker and node ids: nothing path-like
@@ -105,12 +106,20 @@ class GenerateParams(Record):
     cache_prompt: bool = spec(default=True)  # reuse a slot's cached prefix (llama-server's name)
     messages: list[ChatMessage] = spec(default_factory=list, max_len=MAX_CHAT_MESSAGES)
     grammar: str = spec(default="", max_len=MAX_GRAMMAR_CHARS)  # GBNF the output must match
+    # An embedding job: one vector for each of these texts instead of generated text (Done's
+    # ``vectors``); a text longer than the model reads at once is cut unless not ``truncate``.
+    inputs: list[str] = spec(default_factory=list, max_len=MAX_EMBED_INPUTS)
+    truncate: bool = spec(default=True)
 
     def whole_problems(self) -> list[str]:
-        """The conversation is capped as a whole, like the prompt (and like the gateway)."""
-        total = sum(len(m.content) for m in self.messages)
-        if total > MAX_PROMPT_CHARS:
-            return [f"messages hold {total} characters in all; the limit is {MAX_PROMPT_CHARS}"]
+        """The conversation and the inputs are capped as a whole, like the prompt (and like
+        the gateway)."""
+        for name, total in (
+            ("messages", sum(len(m.content) for m in self.messages)),
+            ("inputs", sum(len(text) for text in self.inputs)),
+        ):
+            if total > MAX_PROMPT_CHARS:
+                return [f"{name} hold {total} characters in all; the limit is {MAX_PROMPT_CHARS}"]
         return []
 
 
@@ -609,6 +618,8 @@ class Done(Frame):
     decode_s: float = spec(min=0)
     stop_reason: str = spec(choices=STOP_REASONS)
     tail: str = spec(default="", max_len=4096)
+    # An embedding job's vectors, one per input in order: float32, little-endian
+    vectors: list[bytes] = spec(default_factory=list, max_len=MAX_EMBED_INPUTS)
 
 
 class StreamError(Frame):

@@ -40,6 +40,8 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
+import numpy as np
+
 from rbee.errors import BackendUnavailable, InternalError, InvalidModel, InvalidRequest
 from rbee.llamacpp import EngineChoice, default_threads, import_llama, loaded_variant
 from rbee.protocol.messages import DEFAULT_CTX_TOKENS, GenerateParams
@@ -291,10 +293,67 @@ class Engine:
 
     def decode(self) -> None:
         """Run the batch through the model (the one call per step that does the work)."""
-        self.batch.struct.n_tokens = self.batch.size
-        code = self._llama_cpp.llama_decode(self._ctx, self.batch.struct)
+        self._decode(self.batch)
+
+    def _decode(self, batch: Batch) -> None:
+        batch.struct.n_tokens = batch.size
+        code = self._llama_cpp.llama_decode(self._ctx, batch.struct)
         if code != 0:
             raise InternalError(f"llama.cpp could not decode a batch (llama_decode said {code})")
+
+    # ------------------------------------------------------------------ embeddings
+
+    @functools.cached_property
+    def pooled(self) -> bool:
+        """Whether the model pools its token vectors itself (an embedding model declares how):
+        then an input is read in one decode (rbee.worker.embedding)."""
+        lc = self._llama_cpp
+        return bool(lc.llama_pooling_type(self._ctx) != lc.LLAMA_POOLING_TYPE_NONE)
+
+    @functools.cached_property
+    def n_embd(self) -> int:
+        """The length of the model's vectors."""
+        return int(self._llama_cpp.llama_model_n_embd(self.llama._model.model))
+
+    @functools.cached_property
+    def _embed_batch(self) -> Batch:
+        return Batch(self._llama_cpp, BATCH_TOKENS)
+
+    def embedding_tokens(self, text: str, truncate: bool) -> list[int]:
+        """An input's tokens, as llama-server reads one (the model's BOS, special tokens
+        parsed), cut to what one sequence can read (pooled: one decode) when ``truncate``."""
+        limit = self.batch_tokens if self.pooled else self.n_ctx
+        tokens = self._tokenize(text.encode(), add_bos=True) if text else []
+        if not tokens:
+            raise InvalidRequest("an input to embed is empty")
+        if len(tokens) > limit:
+            if not truncate:
+                raise InvalidRequest(
+                    f"an input has {len(tokens)} tokens; this model embeds at most {limit}",
+                    suggestion="shorten it, or let it be truncated (truncate: true)",
+                )
+            tokens = tokens[:limit]
+        return tokens
+
+    def embed(self, seq: int, tokens: Sequence[int], first_pos: int) -> np.ndarray:
+        """Read ``tokens`` into sequence ``seq`` from ``first_pos`` with embeddings on: the
+        sum of their vectors (float64), or, for a pooling model, the sequence's pooled
+        vector."""
+        lc, batch, n = self._llama_cpp, self._embed_batch, self.n_embd
+        batch.clear()
+        batch.add(seq, tokens, first_pos, True)
+        batch.logits[: len(tokens)] = [1] * len(tokens)  # every token's vector
+        lc.llama_set_embeddings(self._ctx, True)
+        try:
+            self._decode(batch)
+        finally:
+            lc.llama_set_embeddings(self._ctx, False)
+        if self.pooled:
+            pooled = lc.llama_get_embeddings_seq(self._ctx, seq)
+            return np.ctypeslib.as_array(pooled, shape=(n,)).astype(np.float64)
+        rows = np.ctypeslib.as_array(lc.llama_get_embeddings(self._ctx), shape=(len(tokens), n))
+        summed: np.ndarray = rows.sum(axis=0, dtype=np.float64)
+        return summed
 
 
 def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_CTX_TOKENS) -> Any:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 
 import msgpack
 
-from rbee.errors import InternalError, InvalidModel, JobStopped, RbeeError
+from rbee.errors import InternalError, InvalidModel, InvalidRequest, JobStopped, RbeeError
 from rbee.protocol.codec import encode
 from rbee.protocol.messages import (
     PROTOCOL_VERSION,
@@ -50,6 +50,7 @@ from rbee.protocol.messages import (
     StreamError,
     Token,
 )
+from rbee.worker.embedding import Embedding
 
 FAST_TEXT_CHARS = 1024  # longer token text (held-back stop text) takes the validated path
 MAX_MESSAGE_CHARS = 8000
@@ -63,6 +64,9 @@ class Model(Protocol):
 
     slots: int
     batch_tokens: int
+
+    @property
+    def pooled(self) -> bool: ...
 
     @property
     def n_ctx(self) -> int: ...
@@ -79,6 +83,8 @@ class Model(Protocol):
     def sample(self, sampler: Any, row: int) -> int: ...
     def forget(self, seq: int, from_pos: int) -> bool: ...
     def decode(self) -> None: ...
+    def embedding_tokens(self, text: str, truncate: bool) -> list[int]: ...
+    def embed(self, seq: int, tokens: Sequence[int], first_pos: int) -> Any: ...
 
 
 class BatchLike(Protocol):
@@ -168,6 +174,7 @@ class Job:
     last_token: int = -1
     sent_at: float = 0.0
     order: int = 0  # when it was admitted: waiting prompts are read first come, first served
+    embedding: Embedding | None = None  # an embedding job's inputs and vectors
 
 
 @dataclass(eq=False)
@@ -238,6 +245,9 @@ class Slots:
     def _start(self, run: RunJob, cancel: threading.Event) -> None:
         started = time.perf_counter()
         frames = TokenFrames(run.job_id)
+        if run.params.inputs:
+            self._start_embedding(run, cancel, started, frames)
+            return
         prompt = self.model.prompt_tokens(run.params)
         room = self.model.n_ctx - len(prompt)
         if room <= 0:
@@ -268,14 +278,43 @@ class Slots:
             order=next(self.order),
         )
 
+    def _start_embedding(
+        self, run: RunJob, cancel: threading.Event, started: float, frames: TokenFrames
+    ) -> None:
+        """An embedding job takes the free slot whose cache is worth least."""
+        inputs = [self.model.embedding_tokens(t, run.params.truncate) for t in run.params.inputs]
+        slot = min((s for s in self.slots if s.job is None), key=lambda s: len(s.cached))
+        slot.cached = []
+        embedding = Embedding(inputs)
+        slot.job = Job(
+            job_id=run.job_id,
+            params=run.params,
+            cancel=cancel,
+            sampler=None,
+            limit=0,
+            prompt_tokens=embedding.tokens,
+            started=started,
+            frames=frames,
+            topic=run.job_id.encode(),
+            order=next(self.order),
+            embedding=embedding,
+        )
+
     def step(self) -> None:
-        """One decode step for every slot with a job; then sample, publish, end what ended.
-        A job canceled since the last step ends first (a cancel costs no more compute)."""
+        """One decode step for every slot with a job; then sample, publish, end what ended;
+        then one chunk of the first embedding job. A job canceled since the last step ends
+        first (a cancel costs no more compute)."""
         self._end_canceled()
         self._fill()
+        self._generate()
+        self._embed()
+
+    def _generate(self) -> None:
         model, batch = self.model, self.model.batch
         batch.clear()
-        generating = [s for s in self.slots if s.job is not None and not s.pending]
+        generating = [
+            s for s in self.slots if s.job is not None and not s.pending and not s.job.embedding
+        ]
         for slot in generating:
             slot.row = batch.add(slot.seq, (slot.next_token,), len(slot.cached), True)
             slot.cached.append(slot.next_token)
@@ -308,6 +347,19 @@ class Slots:
                     self._fail(slot, exc)
                     continue
                 self._on_token(slot, slot.job, token, now)
+
+    def _embed(self) -> None:
+        slots = [s for s in self.slots if s.job is not None and s.job.embedding is not None]
+        if not slots:
+            return
+        slot = min(slots, key=lambda s: s.job.order if s.job is not None else 0)
+        job = slot.job
+        assert job is not None and job.embedding is not None
+        try:
+            if job.embedding.step(self.model, slot.seq):
+                self._end(slot, "eos")
+        except RbeeError as exc:  # an input it cannot read ends this job alone
+            self._fail(slot, exc)
 
     def _end_canceled(self) -> None:
         for slot in self.slots:
@@ -368,6 +420,7 @@ class Slots:
             decode_s=now - job.first_at if job.first_at else 0.0,
             stop_reason=reason,
             tail=tail,
+            vectors=job.embedding.vectors if job.embedding and reason == "eos" else [],
         )
         self.publish(job.topic, encode(done))
 
@@ -384,7 +437,8 @@ class Slots:
         assert job is not None
         if job.unsent_tokens:
             self._send(job, time.perf_counter())
-        self.model.free_sampler(job.sampler)
+        if job.sampler is not None:
+            self.model.free_sampler(job.sampler)
         slot.job, slot.pending, slot.row, slot.next_token = None, [], -1, -1
         return job
 
@@ -441,6 +495,7 @@ class SyntheticEngine:
     """
 
     n_ctx = 1 << 20
+    pooled = False
     has_chat_template = False
     gpu_layers = 0
     n_layers = 0
@@ -479,6 +534,12 @@ class SyntheticEngine:
 
     def forget(self, seq: int, from_pos: int) -> bool:
         return True
+
+    def embedding_tokens(self, text: str, truncate: bool) -> list[int]:
+        raise InvalidRequest("a synthetic model has no embeddings")
+
+    def embed(self, seq: int, tokens: Sequence[int], first_pos: int) -> Any:
+        raise InvalidRequest("a synthetic model has no embeddings")  # pragma: no cover
 
     def decode(self) -> None:
         """Wait out one interval (all streams share the step, as on a real model)."""

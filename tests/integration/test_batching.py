@@ -73,11 +73,13 @@ class Run:
         return "".join(t.text for t in self.tokens) + tail
 
 
-def stream_one(hive: Hive, worker_id: str, run: Run, on_token: Callable[[Run], None]) -> None:
+def stream_one(
+    hive: Hive, worker_id: str, run: Run, on_token: Callable[[Run], None], model: str = MODEL
+) -> None:
     """What one keeper does: subscribe, start, read to the terminal frame (its own sockets)."""
     with keeper(hive) as (client, sub):
         sub.subscribe(run.job_id)
-        start(client, run.job_id, worker_id, run.params)
+        start(client, run.job_id, worker_id, run.params, model)
         run.accepted_at = time.perf_counter()
         for frame in JobStream(client, sub, run.job_id):
             if isinstance(frame, Token):
@@ -89,10 +91,16 @@ def stream_one(hive: Hive, worker_id: str, run: Run, on_token: Callable[[Run], N
 
 
 def run_together(
-    hive: Hive, worker_id: str, runs: list[Run], on_token: Callable[[Run], None] = lambda r: None
+    hive: Hive,
+    worker_id: str,
+    runs: list[Run],
+    on_token: Callable[[Run], None] = lambda r: None,
+    model: str = MODEL,
 ) -> None:
     threads = [
-        threading.Thread(target=stream_one, args=(hive, worker_id, r, on_token), name=r.job_id)
+        threading.Thread(
+            target=stream_one, args=(hive, worker_id, r, on_token, model), name=r.job_id
+        )
         for r in runs
     ]
     for t in threads:

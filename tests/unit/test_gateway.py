@@ -105,7 +105,10 @@ def test_max_completion_tokens_wins_and_extensions_pass() -> None:
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": "json"}, "response_format.type"),
-        ({"response_format": {"type": "json_schema", "json_schema": 3}}, "response_format.json_schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": 3}},
+            "response_format.json_schema",
+        ),
         (
             {"response_format": {"type": "json_schema", "json_schema": {"schema": []}}},
             "response_format.json_schema.schema",
