@@ -118,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep generating past end-of-sequence (benchmarks)",
     )
+    structured = infer.add_mutually_exclusive_group()
+    structured.add_argument(
+        "--format",
+        choices=["json"],
+        help="json: the output is one JSON object (a grammar holds the model to it)",
+    )
+    structured.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        help="the output is a JSON document that validates against the JSON schema in FILE",
+    )
     infer.add_argument(
         "--node",
         help="HOST[:PORT] or node name of the hive to use (default: the best one in reach)",
@@ -629,7 +640,7 @@ def _hive(args: argparse.Namespace) -> int:
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from rbee.keeper.infer import InferRequest
+    from rbee.keeper.infer import InferRequest, output_grammar
     from rbee.keeper.infer import run as run_infer
     from rbee.protocol.messages import GenerateParams
 
@@ -644,6 +655,7 @@ def _infer(args: argparse.Namespace) -> int:
         stop=args.stop,
         raw=args.raw,
         ignore_eos=args.ignore_eos,
+        grammar=output_grammar(args.format, args.json_schema),
     )
     request = InferRequest(
         model=_model_ref(args.model),

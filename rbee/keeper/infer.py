@@ -8,6 +8,7 @@ summary (tokens, duration, tokens/s).
 from __future__ import annotations
 
 import contextlib
+import json
 import sys
 import time
 from dataclasses import dataclass, field
@@ -15,7 +16,8 @@ from typing import TextIO
 
 import zmq
 
-from rbee.errors import Canceled, RbeeError, WorkerCrashed
+from rbee import grammar
+from rbee.errors import Canceled, InvalidRequest, RbeeError, WorkerCrashed
 from rbee.keeper.connect import connect
 from rbee.keeper.job import (
     Failed,
@@ -32,7 +34,41 @@ from rbee.paths import data_dir
 from rbee.protocol.messages import Done
 from rbee.terminal import safe
 
-__all__ = ["InferRequest", "InferResult", "Reporter", "run"]
+__all__ = ["InferRequest", "InferResult", "Reporter", "output_grammar", "run"]
+
+SCHEMA_HINT = 'a JSON schema is a JSON object, e.g. {"type": "object", "properties": {…}}'
+
+
+def output_grammar(fmt: str | None, schema_file: str | None) -> str:
+    """The grammar for ``--format json`` (any JSON object) or ``--json-schema FILE`` (documents
+    valid against the schema in FILE); "" for free text. InvalidRequest, before any hive is
+    contacted, when FILE cannot be read, is not JSON, or holds a schema that cannot be enforced."""
+    if fmt == "json":
+        return grammar.any_json_object()
+    if schema_file is None:
+        return ""
+    try:
+        with open(schema_file, encoding="utf-8") as f:
+            text = f.read(grammar.MAX_SCHEMA_CHARS + 1)
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise InvalidRequest(
+            f"--json-schema {schema_file}: cannot read it ({why})",
+            suggestion="give the path of a file holding a JSON schema",
+        ) from None
+    if len(text) > grammar.MAX_SCHEMA_CHARS:
+        raise InvalidRequest(
+            f"--json-schema {schema_file}: over {grammar.MAX_SCHEMA_CHARS} characters"
+        )
+    try:
+        schema = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(
+            f"--json-schema {schema_file} is not JSON: {exc.msg} "
+            f"(line {exc.lineno}, column {exc.colno})",
+            suggestion=SCHEMA_HINT,
+        ) from None
+    return grammar.from_schema(schema, f"the JSON schema in {schema_file}")
 
 
 @dataclass
@@ -119,6 +155,14 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
         ctx.destroy(linger=0)  # never waits on a socket an error path left open
     printer.result.total_s = time.monotonic() - started
     summarize(printer.result, report)
+    done = printer.result.done
+    if request.params.grammar and done is not None and done.stop_reason != "eos":
+        report.phase(
+            "warning",
+            f"the output stopped before the JSON document's end (stop: {done.stop_reason}), "
+            "so it is incomplete; raise -n/--max-tokens"
+            + (" or drop --stop" if done.stop_reason == "stop" else ""),
+        )
     return printer.result
 
 
