@@ -33,6 +33,7 @@ from rbee.gateway.jobs import READY_TIMEOUT_S, Job, Jobs
 from rbee.gateway.listing import list_models
 from rbee.gateway.params import Kind, parse_call
 from rbee.gateway.shapes import KEEP_ALIVE_EVENT, Shaper, sse
+from rbee.gateway.tools import ToolStream, split_calls
 from rbee.keeper.job import Failed, Finished, InferRequest, Started, Text
 from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION, GenerateParams
 
@@ -164,10 +165,11 @@ class Gateway:
         response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + job.job_id.removeprefix("j-")
         shaper = Shaper(kind, call.model, response_id, call.include_usage)
         logger.info("request", endpoint=kind, model=call.model, stream=call.stream, job=job.job_id)
+        names = call.tools.names if call.tools else None
         try:
             if call.stream:
-                return await self._stream(job, shaper)
-            return await self._whole(request, job, shaper)
+                return await self._stream(job, shaper, names)
+            return await self._whole(request, job, shaper, names)
         except BaseException:
             job.cancel()  # the server is stopping, or a bug: never leave a worker generating
             raise
@@ -181,43 +183,62 @@ class Gateway:
             InferRequest(model, params, config.node, keep_alive, config.backend, config.device)
         )
 
-    async def _whole(self, request: Request, job: Job, shaper: Shaper) -> Response:
-        """The whole answer at once."""
+    async def _whole(
+        self, request: Request, job: Job, shaper: Shaper, tools: set[str] | None
+    ) -> Response:
+        """The whole answer at once (``tools``: the names of the tools offered, whose calls are
+        read from the text)."""
         text, end = await collect(request, job, self.config.keepalive_s)
         if isinstance(end, Failed):
             return error_response(end.error)
         _log_served(job, end)
-        return JSONResponse(shaper.response(text, end.done, job.where))
+        content, calls = split_calls(text, tools) if tools else (text, [])
+        return JSONResponse(shaper.response(content, end.done, job.where, calls))
 
-    async def _stream(self, job: Job, shaper: Shaper) -> Response:
+    async def _stream(self, job: Job, shaper: Shaper, tools: set[str] | None) -> Response:
         """Stream, once the job has started (or answer its failure with an HTTP error)."""
         first = await opening(job, self.config.keepalive_s)
         if isinstance(first, Failed):
             return error_response(first.error)
+        held = ToolStream(tools) if tools else None
         return StreamingResponse(
-            self._events(job, shaper, first), media_type="text/event-stream", headers=SSE_HEADERS
+            self._events(job, shaper, first, held),
+            media_type="text/event-stream",
+            headers=SSE_HEADERS,
         )
 
     async def _events(
-        self, job: Job, shaper: Shaper, first: list[Text | Started]
+        self, job: Job, shaper: Shaper, first: list[Text | Started], held: ToolStream | None
     ) -> AsyncIterator[bytes]:
         """The SSE body. Starlette cancels it when the client disconnects; ``finally`` then
-        stops the job, whose thread closes its subscription and sends Cancel."""
+        stops the job, whose thread closes its subscription and sends Cancel. With tools, text
+        that may be a call is ``held`` until the end."""
+
+        def delta(text: str) -> bytes:
+            text = held.feed(text) if held else text
+            return shaper.delta(text) if text else b""
+
         try:
             if opening := shaper.opening():
                 yield opening
             for event in first:
-                if isinstance(event, Text):
-                    yield shaper.delta(event.text)
+                if isinstance(event, Text) and (chunk := delta(event.text)):
+                    yield chunk
             while True:
                 next_event = await job.next(self.config.keepalive_s)
                 if next_event is None:
                     yield KEEP_ALIVE_EVENT
                 elif isinstance(next_event, Text):
-                    yield shaper.delta(next_event.text)
+                    if chunk := delta(next_event.text):
+                        yield chunk
                 elif isinstance(next_event, Finished):
                     _log_served(job, next_event)
-                    yield shaper.closing(next_event.done)
+                    content, calls = held.end() if held else ("", [])
+                    if content:
+                        yield shaper.delta(content)
+                    if calls:
+                        yield shaper.calls(calls)
+                    yield shaper.closing(next_event.done, bool(calls))
                     return
                 elif isinstance(next_event, Failed):
                     yield sse(http_error(next_event.error)[1])

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 from starlette.requests import Request
 
+from rbee.gateway.errors import BadParameter
 from rbee.gateway.http import collect
 from rbee.gateway.jobs import Job
-from rbee.gateway.params import BadParameter, model_name
+from rbee.gateway.params import model_name
 from rbee.keeper.job import Failed
 from rbee.protocol.messages import MAX_EMBED_INPUTS, MAX_PROMPT_CHARS, Done, GenerateParams
 

@@ -12,10 +12,18 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from rbee.errors import RbeeError
+from rbee.errors import InvalidRequest, RbeeError
 
 INVALID = "invalid_request_error"
 SERVER = "server_error"
+
+
+class BadParameter(InvalidRequest):
+    """A request field the gateway cannot honour; ``param`` names it for OpenAI's error body."""
+
+    def __init__(self, param: str | None, message: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 @dataclass(frozen=True)

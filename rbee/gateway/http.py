@@ -9,8 +9,8 @@ from typing import Any
 
 from starlette.requests import Request
 
+from rbee.gateway.errors import BadParameter
 from rbee.gateway.jobs import Job
-from rbee.gateway.params import BadParameter
 from rbee.keeper.job import Failed, Finished, Started, Text
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a whole prompt fits (1 MiB of text, JSON-escaped)

@@ -9,10 +9,12 @@ field is named as Ollama calls it).
 Answers stream as NDJSON, one JSON object a line, unless ``"stream": false``; the last object
 has ``done: true``, ``done_reason`` and Ollama's counts and durations (nanoseconds). Errors are
 Ollama's: ``{"error": "…"}`` with the HTTP status. ``format`` (``"json"`` or a JSON schema)
-becomes a grammar the output follows (rbee.grammar); ``/api/embed`` and ``/api/embeddings``
-are embedding jobs (rbee.gateway.embeddings). Not here yet: ``tools``, images, ``/api/pull``
-and ``/api/delete``; a request that uses them gets a 400 naming the field rather than an answer
-that quietly ignores it.
+becomes a grammar the output follows (rbee.grammar); ``tools`` are offered as on the OpenAI
+routes (rbee.gateway.tools) and calls come back in Ollama's shape; ``/api/embed`` and
+``/api/embeddings`` are embedding jobs (rbee.gateway.embeddings); ``/api/pull`` and
+``/api/delete`` manage models (rbee.gateway.ollama_models). Not here: images, ``suffix``,
+``template``; a request that uses them gets a 400 naming the field rather than an answer that
+quietly ignores it.
 """
 
 from __future__ import annotations
@@ -30,12 +32,13 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rbee.errors import RbeeError
-from rbee.gateway import embeddings
-from rbee.gateway.errors import http_error
+from rbee.gateway import embeddings, ollama_models
+from rbee.gateway.errors import BadParameter, http_error
 from rbee.gateway.http import collect, opening, read_json
 from rbee.gateway.jobs import Job
 from rbee.gateway.listing import list_models
-from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, BadParameter, Kind, parse_call
+from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, Kind, parse_call
+from rbee.gateway.tools import ToolStream, split_calls
 from rbee.keeper.job import Failed, Finished, JobEvent, Text
 from rbee.protocol.messages import Done
 
@@ -55,7 +58,7 @@ OPTIONS = {  # Ollama's options → the OpenAI fields the gateway validates
 DURATION = re.compile(r"-?(\d+(\.\d+)?(ms|s|m|h))+|-?\d+(\.\d+)?")
 DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)?")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "": 1.0}
-REFUSED = ("tools", "images", "suffix", "template")
+REFUSED = ("images", "suffix", "template")
 DONE_REASONS = {"eos": "stop", "stop": "stop", "length": "length", "canceled": "stop"}
 
 
@@ -71,6 +74,7 @@ def routes(gateway: Gateway) -> list[Route]:
         Route("/api/generate", api.generate, methods=["POST"]),
         Route("/api/embed", api.embed, methods=["POST"]),
         Route("/api/embeddings", api.embeddings, methods=["POST"]),
+        *ollama_models.routes(gateway),
     ]
 
 
@@ -111,10 +115,9 @@ def translate(kind: Kind, body: Any) -> dict[str, Any]:
         messages = body.get("messages")
         if not isinstance(messages, list):
             raise BadParameter("messages", "messages must be a list")
-        out["messages"] = [
-            {"role": m.get("role"), "content": m.get("content", "")} if isinstance(m, dict) else m
-            for m in messages
-        ]
+        out["messages"] = [_message(m) for m in messages]
+        if body.get("tools"):
+            out["tools"] = body["tools"]
     else:
         prompt, system = body.get("prompt", ""), body.get("system")
         if body.get("raw"):
@@ -122,6 +125,19 @@ def translate(kind: Kind, body: Any) -> dict[str, Any]:
         else:  # the model's template applies, as Ollama's does, with the system prompt first
             turns = [{"role": "system", "content": system}] if system else []
             out["messages"] = [*turns, {"role": "user", "content": prompt}]
+    return out
+
+
+def _message(m: Any) -> Any:
+    """An Ollama chat message as OpenAI's: its calls' arguments are objects (the gateway takes
+    both), a tool's answer names the tool rather than the call."""
+    if not isinstance(m, dict):
+        return m
+    out = {"role": m.get("role"), "content": m.get("content", "")}
+    if m.get("tool_calls"):
+        out["tool_calls"] = m["tool_calls"]
+    if m.get("tool_name") or m.get("name"):
+        out["tool_call_id"] = m.get("tool_name") or m.get("name")
     return out
 
 
@@ -328,7 +344,7 @@ class OllamaApi:
             )
         except RbeeError as exc:
             return error(exc)
-        shape = _Shape(route, call.model, started)
+        shape = _Shape(route, call.model, started, call.tools.names if call.tools else None)
         try:
             if call.stream:
                 return await self._stream(job, shape)
@@ -342,6 +358,9 @@ class OllamaApi:
         text, end = await collect(request, job, self.gateway.config.keepalive_s)
         if isinstance(end, Failed):
             return error(end.error)
+        if shape.tools:
+            text, calls = split_calls(text, shape.tools)
+            return JSONResponse(shape.last(text, end.done, calls))
         return JSONResponse(shape.last(text, end.done))
 
     async def _stream(self, job: Job, shape: _Shape) -> Response:
@@ -354,12 +373,20 @@ class OllamaApi:
         return StreamingResponse(self._lines(job, shape, list(first)), media_type=NDJSON)
 
     async def _lines(self, job: Job, shape: _Shape, first: list[JobEvent]) -> AsyncIterator[bytes]:
+        """NDJSON lines; with tools, text that may be a call is held to the end (as the OpenAI
+        stream holds it), and the calls go out in one line before the last."""
+        held = ToolStream(shape.tools) if shape.tools else None
         try:
             while True:
                 event = first.pop(0) if first else await job.next(self.gateway.config.keepalive_s)
-                if isinstance(event, Text) and event.text:
-                    yield _line(shape.piece(event.text))
+                if isinstance(event, Text) and (
+                    text := held.feed(event.text) if held else event.text
+                ):
+                    yield _line(shape.piece(text))
                 elif isinstance(event, Finished):
+                    rest, calls = held.end() if held else ("", [])
+                    if rest or calls:
+                        yield _line(shape.piece(rest, calls))
                     yield _line(shape.last("", event.done))
                     return
                 elif isinstance(event, Failed):
@@ -372,20 +399,37 @@ class OllamaApi:
 class _Shape:
     """The objects of one answer: chat's ``message`` or generate's ``response``."""
 
-    def __init__(self, route: Kind, model: str, started: float) -> None:
+    def __init__(self, route: Kind, model: str, started: float, tools: set[str] | None) -> None:
         self.route, self.model, self.started = route, model, started
+        self.tools = tools  # the names of the tools offered: calls are read from the text
 
-    def _text(self, text: str) -> dict[str, Any]:
-        if self.route == "chat":
-            return {"message": {"role": "assistant", "content": text}}
-        return {"response": text}
+    def _text(self, text: str, calls: list[dict[str, Any]] | None) -> dict[str, Any]:
+        if self.route != "chat":
+            return {"response": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:  # Ollama's calls carry the arguments as an object, and no id
+            message["tool_calls"] = [
+                {"function": {"name": c["function"]["name"], "arguments": _arguments(c)}}
+                for c in calls
+            ]
+        return {"message": message}
 
-    def piece(self, text: str) -> dict[str, Any]:
-        return {"model": self.model, "created_at": _now(), **self._text(text), "done": False}
+    def piece(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        head = {"model": self.model, "created_at": _now()}
+        return {**head, **self._text(text, calls), "done": False}
 
-    def last(self, text: str, done: Done) -> dict[str, Any]:
-        head = {"model": self.model, "created_at": _now(), **self._text(text), "done": True}
+    def last(
+        self, text: str, done: Done, calls: list[dict[str, Any]] | None = None
+    ) -> dict[str, Any]:
+        head = {"model": self.model, "created_at": _now(), **self._text(text, calls), "done": True}
         return {**head, **_timings(done, self.started)}
+
+
+def _arguments(call: dict[str, Any]) -> Any:
+    try:
+        return json.loads(call["function"]["arguments"])
+    except ValueError:
+        return call["function"]["arguments"]
 
 
 def _no_vectors(body: dict[str, Any]) -> dict[str, Any]:

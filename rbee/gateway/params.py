@@ -11,12 +11,15 @@ Extensions that llama.cpp's server accepts too: ``top_k``, ``ignore_eos`` (vLLM'
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from rbee import grammar
 from rbee.errors import InvalidRequest
+from rbee.gateway.errors import BadParameter
+from rbee.gateway.tools import Tools, parse_tools
 from rbee.protocol.messages import (
     FILE_PREFIX,
     MAX_GRAMMAR_CHARS,
@@ -32,25 +35,26 @@ COMPLETION_MAX_TOKENS_DEFAULT = 16  # OpenAI's default for /v1/completions
 CHAT_MAX_TOKENS_DEFAULT = MAX_TOKENS_LIMIT  # OpenAI's chat has none: generate to the context's end
 TEMPERATURE_MAX = 2.0  # OpenAI's range; GenerateParams would take up to 5
 SEED_MAX = 2**32 - 1
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+    "function": "tool",  # the deprecated function-calling answer
+}
 
 Kind = Literal["chat", "completion"]
-
-
-class BadParameter(InvalidRequest):
-    """A request field the gateway cannot honour; ``param`` names it for OpenAI's error body."""
-
-    def __init__(self, param: str | None, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 @dataclass(frozen=True)
 class Turn:
     """One message of a chat, as the protocol's ChatMessage will carry it."""
 
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     content: str
+    tool_calls: str = ""  # an assistant turn's calls (OpenAI's list, in JSON)
+    tool_call_id: str = ""  # the call a tool turn answers
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ class Call:
     params: GenerateParams
     stream: bool = False
     include_usage: bool = False
+    tools: Tools | None = None  # offered to the model (its calls are read from the answer)
 
 
 def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
@@ -79,12 +84,16 @@ def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
     if options is not None and not isinstance(options, dict):
         raise BadParameter("stream_options", "stream_options must be an object")
     include_usage = bool(options and _bool(options, "include_usage", "stream_options."))
+    tools = parse_tools(body) if kind == "chat" else None
     if kind == "chat":
         prompt = chat_prompt(_turns(body.get("messages")))
         default_max = CHAT_MAX_TOKENS_DEFAULT
     else:
         prompt = {"prompt": _completion_prompt(body.get("prompt")), "raw": True}
         default_max = COMPLETION_MAX_TOKENS_DEFAULT
+    constrained = _grammar(body)
+    if tools and tools.forced and constrained:
+        raise BadParameter("tool_choice", "a forced tool call and a response format conflict")
     params = GenerateParams(
         **prompt,
         max_tokens=_max_tokens(body, default_max),
@@ -95,9 +104,10 @@ def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
         stop=_stop(body.get("stop")),
         ignore_eos=_bool(body, "ignore_eos"),
         cache_prompt=_bool(body, "cache_prompt", default=True),
-        grammar=_grammar(body),
+        grammar=tools.forced if tools and tools.forced else constrained,
+        tools=tools.wire() if tools else "",
     )
-    return Call(kind, model, params, stream, include_usage)
+    return Call(kind, model, params, stream, include_usage, tools)
 
 
 def model_name(body: Any, allow_local_models: bool) -> str:
@@ -117,7 +127,12 @@ def chat_prompt(turns: list[Turn]) -> dict[str, Any]:
     the turns themselves, and a flattened prompt for models without a template."""
     return {
         "prompt": flatten(turns),
-        "messages": [ChatMessage(role=t.role, content=t.content) for t in turns],
+        "messages": [
+            ChatMessage(
+                role=t.role, content=t.content, tool_calls=t.tool_calls, tool_call_id=t.tool_call_id
+            )
+            for t in turns
+        ],
     }
 
 
@@ -142,8 +157,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     refused = {
         "logprobs": "logprobs are not supported",
         "top_logprobs": "top_logprobs are not supported",
-        "tools": "tool calls are not supported",
-        "functions": "function calls are not supported",
         "logit_bias": "logit_bias is not supported",
         "echo": "echo is not supported",
         "suffix": "suffix is not supported",
@@ -153,9 +166,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     for name, why in refused.items():
         if body.get(name) not in (None, False, "", [], {}):
             raise BadParameter(name, why)
-    choice = body.get("tool_choice", body.get("function_call"))
-    if choice not in (None, "none"):
-        raise BadParameter("tool_choice", "tool calls are not supported")
     modalities = body.get("modalities")
     if modalities not in (None, ["text"]):
         raise BadParameter("modalities", "only text output is supported")
@@ -230,14 +240,49 @@ def _turns(messages: Any) -> list[Turn]:
         if role not in ROLES:
             raise BadParameter(
                 f"{where}.role",
-                f"{where}.role must be system, developer, user or assistant (got {role!r})",
+                f"{where}.role must be system, developer, user, assistant or tool (got {role!r})",
             )
-        if m.get("tool_calls") or m.get("function_call"):
-            raise BadParameter(f"{where}.tool_calls", "tool calls are not supported")
-        turns.append(Turn(ROLES[role], _content(m.get("content"), f"{where}.content")))
-    if sum(len(t.content) for t in turns) > MAX_PROMPT_CHARS:
+        content = _content(m.get("content"), f"{where}.content")
+        calls = _tool_calls(m, where) if role == "assistant" else ""
+        answers = m.get("tool_call_id", m.get("name", "")) if ROLES[role] == "tool" else ""
+        if not isinstance(answers, str):
+            raise BadParameter(f"{where}.tool_call_id", f"{where}.tool_call_id must be a string")
+        turns.append(Turn(ROLES[role], content, calls, answers[:256]))
+    if sum(len(t.content) + len(t.tool_calls) for t in turns) > MAX_PROMPT_CHARS:
         raise BadParameter("messages", f"the messages exceed {MAX_PROMPT_CHARS} characters")
     return turns
+
+
+def _tool_calls(message: dict[str, Any], where: str) -> str:
+    """An assistant turn's earlier calls, checked and carried as JSON ("" for none)."""
+    calls = message.get("tool_calls")
+    if calls is None and isinstance(message.get("function_call"), dict):
+        calls = [{"id": "", "type": "function", "function": message["function_call"]}]
+    if calls in (None, []):
+        return ""
+    if not isinstance(calls, list):
+        raise BadParameter(f"{where}.tool_calls", f"{where}.tool_calls must be a list")
+    out = []
+    for i, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
+        if not isinstance(name, str) or not isinstance(arguments, str | dict):
+            raise BadParameter(
+                f"{where}.tool_calls[{i}]",
+                f"{where}.tool_calls[{i}] needs function.name and function.arguments",
+            )
+        if isinstance(arguments, dict):  # Ollama writes them as an object
+            arguments = json.dumps(arguments)
+        call_id = call.get("id", "") if isinstance(call, dict) else ""
+        out.append(
+            {
+                "id": call_id if isinstance(call_id, str) else "",
+                "type": "function",
+                "function": {"name": name, "arguments": arguments},
+            }
+        )
+    return json.dumps(out)
 
 
 def _content(content: Any, where: str) -> str:

@@ -48,13 +48,23 @@ class Shaper:
 
     # ------------------------------------------------------------------ whole responses
 
-    def response(self, text: str, done: Done, where: dict[str, str]) -> dict[str, Any]:
-        """A non-streaming answer; ``where`` (node, worker, job) goes in an ``rbee`` field."""
-        reason = FINISH_REASONS[done.stop_reason]
+    def response(
+        self,
+        text: str,
+        done: Done,
+        where: dict[str, str],
+        calls: list[dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """A non-streaming answer; ``where`` (node, worker, job) goes in an ``rbee`` field;
+        ``calls``: the tool calls read from the text (rbee.gateway.tools)."""
+        reason = "tool_calls" if calls else FINISH_REASONS[done.stop_reason]
         if self.kind == "chat":
+            message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+            if calls:
+                message.update(content=text or None, tool_calls=calls)
             choice: dict[str, Any] = {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
                 "finish_reason": reason,
             }
@@ -83,9 +93,13 @@ class Shaper:
             return self._chunk({"content": text}, None)
         return self._chunk(text, None)
 
-    def closing(self, done: Done) -> bytes:
+    def calls(self, calls: list[dict[str, Any]]) -> bytes:
+        """An event carrying tool calls, each whole, with its index."""
+        return self._chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}, None)
+
+    def closing(self, done: Done, called: bool = False) -> bytes:
         """The finish_reason event, the usage event if asked for, and the end marker."""
-        reason = FINISH_REASONS[done.stop_reason]
+        reason = "tool_calls" if called else FINISH_REASONS[done.stop_reason]
         last = self._chunk({} if self.kind == "chat" else "", reason)
         if self.include_usage:
             last += sse({**self._head(self._chunk_object), "choices": [], "usage": usage(done)})

@@ -8,7 +8,6 @@ the catalog's columns, so scripts read what `rbee models list` shows without par
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -24,11 +23,11 @@ from rbee.keeper.survey import local_view
 from rbee.paths import catalog_path, data_dir
 from rbee.protocol.messages import DEFAULT_MODEL, ModelPulled, Progress, PullModel, StopWorker
 from rbee.terminal import cell, safe
+from rbee.worker.template import supports_tools
 
 PULL_WAIT_S = 5.0  # the hive reports a download's progress twice a second
 # llama.cpp's LLAMA_POOLING_TYPE_*: an embedding model says how it pools its token vectors
 POOLING_TYPES = {0: "none", 1: "mean", 2: "cls", 3: "last", 4: "rank"}
-TOOLS_WORD = re.compile(r"\btools\b")  # a template that can render tool definitions names them
 OPTIONAL_FIELDS = ("sha256", "repo", "file", "revision")  # "" in the catalog: not recorded
 
 
@@ -157,7 +156,7 @@ def gguf_details(info: GGUFInfo) -> dict[str, Any]:
         "eos_token_id": number("tokenizer.ggml.eos_token_id"),
         "pooling_type": None if pooling is None else POOLING_TYPES.get(int(pooling), str(pooling)),
         "chat_template": template,
-        "template_mentions_tools": bool(template and TOOLS_WORD.search(template)),
+        "template_mentions_tools": bool(template and supports_tools(template)),
     }
 
 

@@ -30,7 +30,7 @@ MAX_STOP_STRINGS = 16
 MAX_CHAT_MESSAGES = 256
 MAX_GRAMMAR_CHARS = 256 * 1024  # a llama.cpp grammar (rbee.grammar makes them from schemas)
 MAX_EMBED_INPUTS = 256  # texts one embedding job reads (OpenAI allows 2,048 a request)
-CHAT_ROLES = ("system", "user", "assistant")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 ID_CHARS = 64
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # job, worker and node ids: nothing path-like
 TOPIC_END = b"/"  # ends a stream topic; not in ID_PATTERN, so "j-1/" is no prefix of "j-12/"
@@ -84,6 +84,10 @@ class ChatMessage(Record):
 
     role: str = spec(choices=CHAT_ROLES)
     content: str = spec(max_len=MAX_PROMPT_CHARS)
+    # An assistant turn's calls, as OpenAI's ``tool_calls`` list in JSON; a tool turn's answer
+    # names the call it answers (the chat template renders both)
+    tool_calls: str = spec(default="", max_len=MAX_PROMPT_CHARS)
+    tool_call_id: str = spec(default="", max_len=256)
 
 
 class GenerateParams(Record):
@@ -106,6 +110,7 @@ class GenerateParams(Record):
     cache_prompt: bool = spec(default=True)  # reuse a slot's cached prefix (llama-server's name)
     messages: list[ChatMessage] = spec(default_factory=list, max_len=MAX_CHAT_MESSAGES)
     grammar: str = spec(default="", max_len=MAX_GRAMMAR_CHARS)  # GBNF the output must match
+    tools: str = spec(default="", max_len=MAX_PROMPT_CHARS)  # OpenAI's tools list, in JSON
     # An embedding job: one vector for each of these texts instead of generated text (Done's
     # ``vectors``); a text longer than the model reads at once is cut unless not ``truncate``.
     inputs: list[str] = spec(default_factory=list, max_len=MAX_EMBED_INPUTS)
@@ -115,7 +120,7 @@ class GenerateParams(Record):
         """The conversation and the inputs are capped as a whole, like the prompt (and like
         the gateway)."""
         for name, total in (
-            ("messages", sum(len(m.content) for m in self.messages)),
+            ("messages", sum(len(m.content) + len(m.tool_calls) for m in self.messages)),
             ("inputs", sum(len(text) for text in self.inputs)),
         ):
             if total > MAX_PROMPT_CHARS:

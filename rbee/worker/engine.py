@@ -47,6 +47,7 @@ from rbee.llamacpp import EngineChoice, default_threads, import_llama, loaded_va
 from rbee.protocol.messages import DEFAULT_CTX_TOKENS, GenerateParams
 from rbee.rpc import add_servers
 from rbee.worker.constrained import Constrained
+from rbee.worker.template import template_input
 
 LLAMA_LOG_LINES = 20
 GGML_LOG_WARN = 3  # ggml's levels: 1 debug, 2 info, 3 warn, 4 error, 5 continuation
@@ -222,6 +223,10 @@ class Engine:
         """Tokenize as create_completion (raw) or create_chat_completion (chat) would; a chat is
         ``params.messages`` when given, else one user turn holding the prompt."""
         if params.raw or not self.template:
+            if params.tools:
+                raise InvalidRequest(
+                    "tools need a chat model: this request is raw or the model has no chat template"
+                )
             return self._tokenize(params.prompt.encode(), add_bos=True)
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -233,10 +238,7 @@ class Engine:
             bos_token=self.llama._model.token_get_text(bos) if bos >= 0 else "",
             stop_token_ids=[eos],
         )
-        messages: list[Any] = [m.to_wire() for m in params.messages] or [
-            {"role": "user", "content": params.prompt}
-        ]
-        result = fmt(messages=messages)
+        result = fmt(**template_input(params, self.template))
         return self._tokenize(result.prompt.encode(), add_bos=not result.added_special)
 
     def new_sampler(self, params: GenerateParams) -> Any:

@@ -22,9 +22,9 @@ from rbee.errors import (
 )
 from rbee.gateway.app import Gateway, GatewayConfig
 from rbee.gateway.auth import key_matches, load_keys
-from rbee.gateway.errors import http_error
+from rbee.gateway.errors import BadParameter, http_error
 from rbee.gateway.main import parse_listen, prepare
-from rbee.gateway.params import BadParameter, Turn, flatten, parse_call
+from rbee.gateway.params import Turn, flatten, parse_call
 from rbee.gateway.shapes import DONE_EVENT, Shaper
 from rbee.protocol.messages import MAX_TOKENS_LIMIT, Done
 from rbee.transport.sockets import is_loopback
@@ -101,8 +101,8 @@ def test_max_completion_tokens_wins_and_extensions_pass() -> None:
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 2}, "top_logprobs"),
-        ({"tools": [{"type": "function"}]}, "tools"),
-        ({"tool_choice": "auto"}, "tool_choice"),
+        ({"tools": [{"type": "function"}]}, "tools[0].function"),
+        ({"tool_choice": "required"}, "tool_choice"),
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": "json"}, "response_format.type"),
         (
@@ -129,7 +129,7 @@ def test_max_completion_tokens_wins_and_extensions_pass() -> None:
         ({"stream_options": {"include_usage": True}}, "stream_options"),
         ({"model": ""}, "model"),
         ({"messages": []}, "messages"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
             "messages[0].content",

@@ -11,8 +11,9 @@ import pytest
 
 from rbee import grammar, int_range
 from rbee.errors import InvalidRequest
+from rbee.gateway.errors import BadParameter
 from rbee.gateway.ollama import translate
-from rbee.gateway.params import BadParameter, parse_call
+from rbee.gateway.params import parse_call
 
 PERSON = {
     "type": "object",

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from rbee.gateway.errors import BadParameter
 from rbee.gateway.ollama import _keep_alive, _parameter_size, named_for_ollama, translate
-from rbee.gateway.params import BadParameter, parse_call
+from rbee.gateway.params import parse_call
 
 
 def test_chat_options_become_openai_fields() -> None:
@@ -43,7 +44,7 @@ def test_generate_raw_or_templated_with_its_system_prompt() -> None:
     ("body", "field"),
     [
         ({"model": "m", "messages": [], "format": "yaml"}, "format"),
-        ({"model": "m", "messages": [], "tools": [{"type": "function"}]}, "tools"),
+        ({"model": "m", "messages": [], "images": ["aGk="]}, "images"),
         ({"model": "m", "messages": [], "options": []}, "options"),
         ({"model": "m", "messages": [], "stream": "yes"}, "stream"),
         ({"model": "m", "messages": "hi"}, "messages"),
