@@ -35,7 +35,7 @@ from rbee.gateway.params import Kind, parse_call
 from rbee.gateway.shapes import KEEP_ALIVE_EVENT, Shaper, sse
 from rbee.gateway.tools import ToolStream, split_calls
 from rbee.keeper.job import Failed, Finished, InferRequest, Started, Text
-from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION, GenerateParams
+from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION, GenerateParams, TokenProb
 
 KEEPALIVE_INTERVAL_S = 5.0  # well under the read timeouts of HTTP clients and proxies (≥ 30 s)
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -163,7 +163,8 @@ class Gateway:
         except RbeeError as exc:
             return error_response(exc)
         response_id = ("chatcmpl-" if kind == "chat" else "cmpl-") + job.job_id.removeprefix("j-")
-        shaper = Shaper(kind, call.model, response_id, call.include_usage)
+        asked = call.params.logprobs >= 0
+        shaper = Shaper(kind, call.model, response_id, call.include_usage, asked)
         logger.info("request", endpoint=kind, model=call.model, stream=call.stream, job=job.job_id)
         names = call.tools.names if call.tools else None
         try:
@@ -188,12 +189,13 @@ class Gateway:
     ) -> Response:
         """The whole answer at once (``tools``: the names of the tools offered, whose calls are
         read from the text)."""
-        text, end = await collect(request, job, self.config.keepalive_s)
+        probs: list[TokenProb] = []
+        text, end = await collect(request, job, self.config.keepalive_s, probs)
         if isinstance(end, Failed):
             return error_response(end.error)
         _log_served(job, end)
         content, calls = split_calls(text, tools) if tools else (text, [])
-        return JSONResponse(shaper.response(content, end.done, job.where, calls))
+        return JSONResponse(shaper.response(content, end.done, job.where, calls, probs))
 
     async def _stream(self, job: Job, shaper: Shaper, tools: set[str] | None) -> Response:
         """Stream, once the job has started (or answer its failure with an HTTP error)."""
@@ -214,22 +216,22 @@ class Gateway:
         stops the job, whose thread closes its subscription and sends Cancel. With tools, text
         that may be a call is ``held`` until the end."""
 
-        def delta(text: str) -> bytes:
-            text = held.feed(text) if held else text
-            return shaper.delta(text) if text else b""
+        def delta(event: Text) -> bytes:
+            text = held.feed(event.text) if held else event.text
+            return shaper.delta(text, event.probs) if text or event.probs else b""
 
         try:
             if opening := shaper.opening():
                 yield opening
             for event in first:
-                if isinstance(event, Text) and (chunk := delta(event.text)):
+                if isinstance(event, Text) and (chunk := delta(event)):
                     yield chunk
             while True:
                 next_event = await job.next(self.config.keepalive_s)
                 if next_event is None:
                     yield KEEP_ALIVE_EVENT
                 elif isinstance(next_event, Text):
-                    if chunk := delta(next_event.text):
+                    if chunk := delta(next_event):
                         yield chunk
                 elif isinstance(next_event, Finished):
                     _log_served(job, next_event)

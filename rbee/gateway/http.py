@@ -12,6 +12,7 @@ from starlette.requests import Request
 from rbee.gateway.errors import BadParameter
 from rbee.gateway.jobs import Job
 from rbee.keeper.job import Failed, Finished, Started, Text
+from rbee.protocol.messages import TokenProb
 
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a whole prompt fits (1 MiB of text, JSON-escaped)
 
@@ -37,9 +38,11 @@ async def cancel_on_disconnect(request: Request, job: Job) -> None:
     job.cancel()
 
 
-async def collect(request: Request, job: Job, keepalive_s: float) -> tuple[str, Finished | Failed]:
-    """A whole answer's text and how the job ended; a client that hangs up meanwhile cancels
-    the job."""
+async def collect(
+    request: Request, job: Job, keepalive_s: float, probs: list[TokenProb] | None = None
+) -> tuple[str, Finished | Failed]:
+    """A whole answer's text and how the job ended (its tokens' log probabilities added to
+    ``probs``); a client that hangs up meanwhile cancels the job."""
     watcher = asyncio.ensure_future(cancel_on_disconnect(request, job))
     pieces: list[str] = []
     try:
@@ -47,6 +50,8 @@ async def collect(request: Request, job: Job, keepalive_s: float) -> tuple[str, 
             event = await job.next(keepalive_s)
             if isinstance(event, Text):
                 pieces.append(event.text)
+                if probs is not None:
+                    probs.extend(event.probs)
             elif isinstance(event, Finished | Failed):
                 return "".join(pieces), event
     finally:

@@ -152,7 +152,7 @@ class Job:
         for a stop sequence, is no chunk)."""
         if isinstance(event, Started):
             self.where.update(job_id=event.job_id, worker_id=event.worker_id)
-        elif isinstance(event, Text) and not event.text:
+        elif isinstance(event, Text) and not event.text and not event.probs:
             return
         elif isinstance(event, Failed) and isinstance(event.error, Canceled | Timeout):
             logger.info("job canceled", job=self.job_id, reason=event.error.message)

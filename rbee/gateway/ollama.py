@@ -37,10 +37,10 @@ from rbee.gateway.errors import BadParameter, http_error
 from rbee.gateway.http import collect, opening, read_json
 from rbee.gateway.jobs import Job
 from rbee.gateway.listing import list_models
-from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, Kind, parse_call
+from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, Kind, model_name, parse_call
 from rbee.gateway.tools import ToolStream, split_calls
 from rbee.keeper.job import Failed, Finished, JobEvent, Text
-from rbee.protocol.messages import Done
+from rbee.protocol.messages import Done, GenerateParams
 
 if TYPE_CHECKING:
     from rbee.gateway.app import Gateway
@@ -329,6 +329,8 @@ class OllamaApi:
         gateway = self.gateway
         try:
             body = await read_json(request)
+            if _loads_only(route, body):
+                return await self._load(request, route, body, started)
             translated = translate(route, body)
             kind: Kind = "chat" if "messages" in translated else "completion"
             if kind == "completion" and translated.get("max_tokens") is None:
@@ -352,6 +354,29 @@ class OllamaApi:
         except BaseException:
             job.cancel()
             raise
+
+    async def _load(
+        self, request: Request, route: Kind, body: dict[str, Any], started: float
+    ) -> Response:
+        """Ollama's way to load a model (``keep_alive`` 0: to unload it): a request with no
+        prompt. One token of a one-token prompt gets a worker holding the model, kept as the
+        request's ``keep_alive`` says; the answer says ``load`` or ``unload``."""
+        gateway = self.gateway
+        model = model_name(body, gateway.config.allow_local_models)
+        keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
+        params = GenerateParams(prompt=" ", raw=True, max_tokens=1, temperature=0.0)
+        job = gateway.start(model, params, keep_alive)
+        try:
+            _, end = await collect(request, job, gateway.config.keepalive_s)
+        except BaseException:
+            job.cancel()
+            raise
+        if isinstance(end, Failed):
+            return error(end.error)
+        shape = _Shape(route, model, started, None)
+        answer = shape.last("", end.done)
+        answer.update(done_reason="unload" if keep_alive == 0 else "load", eval_count=0)
+        return JSONResponse(answer)
 
     async def _whole(self, request: Request, job: Job, shape: _Shape) -> Response:
         """The whole answer in one object."""
@@ -430,6 +455,15 @@ def _arguments(call: dict[str, Any]) -> Any:
         return json.loads(call["function"]["arguments"])
     except ValueError:
         return call["function"]["arguments"]
+
+
+def _loads_only(route: Kind, body: Any) -> bool:
+    """Whether a chat or generate body asks for nothing but the model (Ollama then loads it)."""
+    if not isinstance(body, dict):
+        return False
+    if route == "chat":
+        return body.get("messages") in (None, [])
+    return not body.get("prompt") and not body.get("suffix") and not body.get("images")
 
 
 def _no_vectors(body: dict[str, Any]) -> dict[str, Any]:

@@ -1,12 +1,13 @@
 """An OpenAI request body → a ``Call``: what to generate and how to answer, validated up front.
 
 Everything a worker can honour maps onto GenerateParams (``response_format`` becomes a
-grammar: rbee.grammar); what it cannot (several choices, logprobs, tools, penalties …) is
-refused with a 400 naming the parameter, as the OpenAI API refuses values it does not support,
-so a client never gets silently different behaviour.
-Fields that change nothing about the output (``user``, ``metadata``, ``store`` …) are ignored.
-Extensions that llama.cpp's server accepts too: ``top_k``, ``ignore_eos`` (vLLM's as well) and
-``cache_prompt`` (false: compute the whole prompt even where a slot holds its prefix).
+grammar: rbee.grammar; ``tools`` go to the chat template: rbee.gateway.tools); what it cannot
+(several choices, penalties, logit bias …) is refused with a 400 naming the parameter, as the
+OpenAI API refuses values it does not support, so a client never gets silently different
+behaviour. Fields that change nothing about the output (``user``, ``metadata``, ``store`` …)
+are ignored. Extensions that llama.cpp's server accepts too: ``top_k``, ``ignore_eos`` (vLLM's
+as well), ``cache_prompt`` (false: compute the whole prompt even where a slot holds its
+prefix), ``json_schema`` and ``grammar``.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from rbee.protocol.messages import (
     MAX_PROMPT_CHARS,
     MAX_STOP_STRINGS,
     MAX_TOKENS_LIMIT,
+    MAX_TOP_LOGPROBS,
     SYNTHETIC_PREFIX,
     ChatMessage,
     GenerateParams,
@@ -45,6 +47,7 @@ ROLES = {
 }
 
 Kind = Literal["chat", "completion"]
+COMPLETION_TOP_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,7 @@ def parse_call(kind: Kind, body: Any, *, allow_local_models: bool) -> Call:
         cache_prompt=_bool(body, "cache_prompt", default=True),
         grammar=tools.forced if tools and tools.forced else constrained,
         tools=tools.wire() if tools else "",
+        logprobs=_logprobs(kind, body),
     )
     return Call(kind, model, params, stream, include_usage, tools)
 
@@ -155,8 +159,6 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
     if best_of is not None and best_of != 1:
         raise BadParameter("best_of", "best_of must be 1: rbee generates one choice per request")
     refused = {
-        "logprobs": "logprobs are not supported",
-        "top_logprobs": "top_logprobs are not supported",
         "logit_bias": "logit_bias is not supported",
         "echo": "echo is not supported",
         "suffix": "suffix is not supported",
@@ -173,6 +175,21 @@ def _refuse_unsupported(body: dict[str, Any]) -> None:
         value = _number(body, name, 0.0, -2.0, 2.0)
         if value != 0:
             raise BadParameter(name, f"{name} is not supported (only 0)")
+
+
+def _logprobs(kind: Kind, body: dict[str, Any]) -> int:
+    """How many alternatives to report with each token's log probability (-1: none). Chat has
+    ``logprobs`` (true/false) and ``top_logprobs`` (0-20); completions ``logprobs`` (0-5)."""
+    if kind == "completion":
+        if body.get("logprobs") is None:
+            return -1
+        return int(_number(body, "logprobs", 0, 0, COMPLETION_TOP_LOGPROBS, integer=True))
+    top = body.get("top_logprobs")
+    if not _bool(body, "logprobs"):
+        if top is not None:
+            raise BadParameter("top_logprobs", "top_logprobs needs logprobs: true")
+        return -1
+    return int(_number(body, "top_logprobs", 0, 0, MAX_TOP_LOGPROBS, integer=True))
 
 
 # ------------------------------------------------------------------ structured output
@@ -237,7 +254,7 @@ def _turns(messages: Any) -> list[Turn]:
         if not isinstance(m, dict):
             raise BadParameter(where, f"{where} must be an object")
         role = m.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise BadParameter(
                 f"{where}.role",
                 f"{where}.role must be system, developer, user, assistant or tool (got {role!r})",

@@ -109,8 +109,8 @@ class LoopReader:
                     self.last = frame
                     self._give_back(False)
                     return
-                if frame.text:
-                    self.deliver(Text(frame.text, frame.count))
+                if frame.text or frame.probs:
+                    self.deliver(Text(frame.text, frame.count, probs=tuple(frame.probs)))
                 self._last_frame = self.loop.time()
         except (zmq.ZMQError, RbeeError):  # a frame it cannot read: the thread decides
             self._give_back(True)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rbee.gateway.params import Kind
-from rbee.protocol.messages import Done
+from rbee.protocol.messages import Alternative, Done, TokenProb
 
 DONE_EVENT = b"data: [DONE]\n\n"
 KEEP_ALIVE_EVENT = b": keep-alive\n\n"
@@ -44,7 +45,9 @@ class Shaper:
     model: str
     response_id: str
     include_usage: bool = False
+    logprobs: bool = False  # asked for: every choice carries a logprobs object
     created: int = field(default_factory=lambda: int(time.time()))
+    offset: int = 0  # characters of completion text so far (its logprobs' text_offset)
 
     # ------------------------------------------------------------------ whole responses
 
@@ -54,9 +57,11 @@ class Shaper:
         done: Done,
         where: dict[str, str],
         calls: list[dict[str, Any]] | None = None,
+        probs: Sequence[TokenProb] = (),
     ) -> dict[str, Any]:
         """A non-streaming answer; ``where`` (node, worker, job) goes in an ``rbee`` field;
-        ``calls``: the tool calls read from the text (rbee.gateway.tools)."""
+        ``calls``: the tool calls read from the text (rbee.gateway.tools); ``probs``: every
+        token's log probability, when asked for."""
         reason = "tool_calls" if calls else FINISH_REASONS[done.stop_reason]
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
@@ -65,12 +70,13 @@ class Shaper:
             choice: dict[str, Any] = {
                 "index": 0,
                 "message": message,
-                "logprobs": None,
+                "logprobs": self._logprobs(probs),
                 "finish_reason": reason,
             }
             obj = "chat.completion"
         else:
-            choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": reason}
+            logprobs = self._logprobs(probs)
+            choice = {"text": text, "index": 0, "logprobs": logprobs, "finish_reason": reason}
             obj = "text_completion"
         return {
             **self._head(obj),
@@ -87,11 +93,11 @@ class Shaper:
             return b""
         return self._chunk({"role": "assistant", "content": ""}, None)
 
-    def delta(self, text: str) -> bytes:
-        """An event adding ``text``."""
+    def delta(self, text: str, probs: Sequence[TokenProb] = ()) -> bytes:
+        """An event adding ``text`` (and its tokens' log probabilities)."""
         if self.kind == "chat":
-            return self._chunk({"content": text}, None)
-        return self._chunk(text, None)
+            return self._chunk({"content": text}, None, probs)
+        return self._chunk(text, None, probs)
 
     def calls(self, calls: list[dict[str, Any]]) -> bytes:
         """An event carrying tool calls, each whole, with its index."""
@@ -109,16 +115,35 @@ class Shaper:
     def _chunk_object(self) -> str:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
-    def _chunk(self, delta: dict[str, Any] | str, reason: str | None) -> bytes:
+    def _chunk(
+        self, delta: dict[str, Any] | str, reason: str | None, probs: Sequence[TokenProb] = ()
+    ) -> bytes:
         if isinstance(delta, dict):
             choice: dict[str, Any] = {"index": 0, "delta": delta}
         else:
             choice = {"text": delta, "index": 0}
-        choice.update(logprobs=None, finish_reason=reason)
+        choice.update(logprobs=self._logprobs(probs) if probs else None, finish_reason=reason)
         payload = {**self._head(self._chunk_object), "choices": [choice]}
         if self.include_usage:
             payload["usage"] = None
         return sse(payload)
+
+    def _logprobs(self, probs: Sequence[TokenProb]) -> dict[str, Any] | None:
+        """OpenAI's logprobs object: chat's ``content`` list, or completions' parallel lists."""
+        if not self.logprobs:
+            return None
+        if self.kind == "chat":
+            return {"content": [_entry(p, top=True) for p in probs], "refusal": None}
+        offsets = []
+        for p in probs:
+            offsets.append(self.offset)
+            self.offset += len(_text(p.piece))
+        return {
+            "tokens": [_text(p.piece) for p in probs],
+            "token_logprobs": [p.logprob for p in probs],
+            "top_logprobs": [{_text(a.piece): a.logprob for a in p.top} for p in probs],
+            "text_offset": offsets,
+        }
 
     def _head(self, obj: str) -> dict[str, Any]:
         return {
@@ -128,3 +153,16 @@ class Shaper:
             "model": self.model,
             "system_fingerprint": None,
         }
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def _entry(p: TokenProb | Alternative, top: bool = False) -> dict[str, Any]:
+    """One token of chat's logprobs: its text, log probability and bytes (a token may hold
+    part of a character), with the alternatives at its place."""
+    entry: dict[str, Any] = {"token": _text(p.piece), "logprob": p.logprob, "bytes": list(p.piece)}
+    if top and isinstance(p, TokenProb):
+        entry["top_logprobs"] = [_entry(a) for a in p.top]
+    return entry

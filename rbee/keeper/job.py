@@ -45,6 +45,7 @@ from rbee.protocol.messages import (
     StartJob,
     StreamError,
     Token,
+    TokenProb,
     WorkerAssigned,
     new_job_id,
 )
@@ -107,6 +108,7 @@ class Text:
     text: str
     tokens: int = 1
     more: bool = False  # more is already waiting: a printer may flush with the last of it
+    probs: tuple[TokenProb, ...] = ()  # the tokens' log probabilities, when asked for
 
 
 @dataclass(frozen=True)
@@ -283,7 +285,7 @@ class InferJob:
         for frame in frames:
             self._check()
             if isinstance(frame, Token):
-                yield Text(frame.text, frame.count, more=sub.has_pending())
+                yield Text(frame.text, frame.count, sub.has_pending(), tuple(frame.probs))
             elif isinstance(frame, Done):
                 if frame.tail:
                     yield Text(frame.tail, tokens=0)

@@ -29,6 +29,7 @@ MAX_TOKENS_LIMIT = 1 << 20
 MAX_STOP_STRINGS = 16
 MAX_CHAT_MESSAGES = 256
 MAX_GRAMMAR_CHARS = 256 * 1024  # a llama.cpp grammar (rbee.grammar makes them from schemas)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_EMBED_INPUTS = 256  # texts one embedding job reads (OpenAI allows 2,048 a request)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 ID_CHARS = 64
@@ -111,6 +112,8 @@ class GenerateParams(Record):
     messages: list[ChatMessage] = spec(default_factory=list, max_len=MAX_CHAT_MESSAGES)
     grammar: str = spec(default="", max_len=MAX_GRAMMAR_CHARS)  # GBNF the output must match
     tools: str = spec(default="", max_len=MAX_PROMPT_CHARS)  # OpenAI's tools list, in JSON
+    # each token's log probability and this many likeliest alternatives (-1: none)
+    logprobs: int = spec(default=-1, min=-1, max=MAX_TOP_LOGPROBS)
     # An embedding job: one vector for each of these texts instead of generated text (Done's
     # ``vectors``); a text longer than the model reads at once is cut unless not ``truncate``.
     inputs: list[str] = spec(default_factory=list, max_len=MAX_EMBED_INPUTS)
@@ -598,10 +601,26 @@ class PairAccepted(Frame):
 # --------------------------------------------------------------------------- stream frames
 
 
+class Alternative(Record):
+    """A token the model could have drawn: its bytes and log probability."""
+
+    piece: bytes = spec(max_len=256)
+    logprob: float = spec()
+
+
+class TokenProb(Record):
+    """A generated token's bytes, log probability (under the model's own distribution, before
+    sampling settings) and the likeliest tokens at its place, most likely first."""
+
+    piece: bytes = spec(max_len=256)
+    logprob: float = spec()
+    top: list[Alternative] = spec(default_factory=list, max_len=MAX_TOP_LOGPROBS)
+
+
 class Token(Frame):
     """Generated text: ``count`` tokens (several when they came faster than the worker's stream
     interval), ``text`` what they add (may be empty mid UTF-8 sequence), ``token_id`` the last
-    one's id."""
+    one's id; ``probs``, when the job asked for log probabilities, one per token."""
 
     TYPE = "token"
     job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
@@ -609,6 +628,7 @@ class Token(Frame):
     text: str = spec(max_len=4096)
     token_id: int = spec(default=-1, min=-1)
     count: int = spec(default=1, min=1, max=4096)
+    probs: list[TokenProb] = spec(default_factory=list, max_len=4096)
 
 
 class Done(Frame):

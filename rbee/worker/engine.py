@@ -44,7 +44,7 @@ import numpy as np
 
 from rbee.errors import BackendUnavailable, InternalError, InvalidModel, InvalidRequest
 from rbee.llamacpp import EngineChoice, default_threads, import_llama, loaded_variant
-from rbee.protocol.messages import DEFAULT_CTX_TOKENS, GenerateParams
+from rbee.protocol.messages import DEFAULT_CTX_TOKENS, Alternative, GenerateParams, TokenProb
 from rbee.rpc import add_servers
 from rbee.worker.constrained import Constrained
 from rbee.worker.template import template_input
@@ -288,6 +288,26 @@ class Engine:
             return sampler.sample(row)
         return int(self._llama_cpp.llama_sampler_sample(sampler, self._ctx, row))
 
+    def token_prob(self, row: int, token: int, top: int) -> TokenProb:
+        """``token``'s log probability under batch row ``row``'s logits (the model's own
+        distribution, as OpenAI reports it, before temperature or top-k), and the ``top``
+        likeliest tokens there."""
+        logits = np.ctypeslib.as_array(
+            self._llama_cpp.llama_get_logits_ith(self._ctx, row), shape=(self.llama.n_vocab(),)
+        )
+        peak = float(logits.max())
+        log_total = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+        best = np.argpartition(-logits, top)[:top] if top else np.array([], dtype=np.int64)
+        best = best[np.argsort(-logits[best])]
+        return TokenProb(
+            piece=self.pieces[token],
+            logprob=float(logits[token]) - log_total,
+            top=[
+                Alternative(piece=self.pieces[int(t)], logprob=float(logits[t]) - log_total)
+                for t in best
+            ],
+        )
+
     def forget(self, seq: int, from_pos: int) -> bool:
         """Drop sequence ``seq``'s cells from ``from_pos`` on; False where llama.cpp cannot cut a
         sequence part way (then the caller drops it whole, from 0, which never fails)."""
@@ -358,9 +378,12 @@ class Engine:
         return summed
 
 
-def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_CTX_TOKENS) -> Any:
+def in_process(
+    model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_CTX_TOKENS, logits_all: bool = False
+) -> Any:
     """A plain ``llama_cpp.Llama`` loaded exactly as a hive's one-slot worker loads it (threads,
-    extra buffer types, CPU variant): the in-process baseline of tests and benchmarks."""
+    extra buffer types, CPU variant): the in-process baseline of tests and benchmarks
+    (``logits_all``: keep every token's logits, for its log probabilities)."""
     llama_cpp = import_llama()  # the probed variant, unless this process loaded another one
     running = loaded_variant()
     if choice.running and running and running != choice.running:
@@ -369,7 +392,8 @@ def in_process(model_path: str, choice: EngineChoice, n_ctx: int = DEFAULT_CTX_T
         )
     with _load_params(llama_cpp, lambda _f: None, choice.extra_bufts, slots=1):
         threads = choice.threads or default_threads()
-        return _new_llama(llama_cpp, model_path, n_ctx, threads, {"n_gpu_layers": 0})
+        placement = {"n_gpu_layers": 0, "logits_all": logits_all}
+        return _new_llama(llama_cpp, model_path, n_ctx, threads, placement)
 
 
 def _new_llama(

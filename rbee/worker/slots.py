@@ -49,6 +49,7 @@ from rbee.protocol.messages import (
     RunJob,
     StreamError,
     Token,
+    TokenProb,
 )
 from rbee.worker.embedding import Embedding
 
@@ -85,6 +86,7 @@ class Model(Protocol):
     def decode(self) -> None: ...
     def embedding_tokens(self, text: str, truncate: bool) -> list[int]: ...
     def embed(self, seq: int, tokens: Sequence[int], first_pos: int) -> Any: ...
+    def token_prob(self, row: int, token: int, top: int) -> TokenProb: ...
 
 
 class BatchLike(Protocol):
@@ -138,13 +140,35 @@ class TokenFrames:
         self.job_id = job_id
         self.packer = msgpack.Packer()
 
-    def encode(self, seq: int, text: str, token_id: int, count: int = 1) -> bytes:
-        """The bytes ``encode(Token(job_id, seq, text, token_id, count))`` would give."""
-        if len(text) > FAST_TEXT_CHARS or seq < 0 or token_id < -1 or not 1 <= count <= 4096:
-            frame = Token(job_id=self.job_id, seq=seq, text=text, token_id=token_id, count=count)
+    def encode(
+        self,
+        seq: int,
+        text: str,
+        token_id: int,
+        count: int = 1,
+        probs: list[TokenProb] | None = None,
+    ) -> bytes:
+        """The bytes ``encode(Token(job_id, seq, text, token_id, count))`` would give (a frame
+        with log probabilities takes the validated path: they are asked for rarely)."""
+        if (
+            probs
+            or len(text) > FAST_TEXT_CHARS
+            or seq < 0
+            or token_id < -1
+            or not 1 <= count <= 4096
+        ):
+            frame = Token(
+                job_id=self.job_id,
+                seq=seq,
+                text=text,
+                token_id=token_id,
+                count=count,
+                probs=probs or [],
+            )
             return encode(frame)
         body = {"job_id": self.job_id, "seq": seq, "text": text, "token_id": token_id}
         body["count"] = count
+        body["probs"] = []
         data: bytes = self.packer.pack({"v": PROTOCOL_VERSION, "t": Token.TYPE, "r": 0, "b": body})
         return data
 
@@ -171,6 +195,7 @@ class Job:
     first_at: float = 0.0
     unsent: str = ""  # text of tokens not sent yet (they came within the stream interval)
     unsent_tokens: int = 0
+    unsent_probs: list[TokenProb] = field(default_factory=list)  # when logprobs were asked for
     last_token: int = -1
     sent_at: float = 0.0
     order: int = 0  # when it was admitted: waiting prompts are read first come, first served
@@ -383,6 +408,8 @@ class Slots:
         text, hit = job.matcher.feed(job.decoder.decode(self.pieces[token]))
         job.unsent += text
         job.unsent_tokens += 1
+        if job.params.logprobs >= 0:
+            job.unsent_probs.append(self.model.token_prob(slot.row, token, job.params.logprobs))
         job.last_token = token
         if (
             job.seq == 0
@@ -399,10 +426,13 @@ class Slots:
 
     def _send(self, job: Job, now: float) -> None:
         """The job's unsent tokens as one Token frame."""
-        frame = job.frames.encode(job.seq, job.unsent, job.last_token, job.unsent_tokens)
+        frame = job.frames.encode(
+            job.seq, job.unsent, job.last_token, job.unsent_tokens, job.unsent_probs
+        )
         self.publish(job.topic, frame)
         job.seq += 1
         job.unsent, job.unsent_tokens, job.sent_at = "", 0, now
+        job.unsent_probs = []
 
     def _end(self, slot: Slot, reason: str) -> None:
         """The job's one terminal frame: Done with its totals; the slot is free."""
@@ -537,6 +567,10 @@ class SyntheticEngine:
 
     def embedding_tokens(self, text: str, truncate: bool) -> list[int]:
         raise InvalidRequest("a synthetic model has no embeddings")
+
+    def token_prob(self, row: int, token: int, top: int) -> TokenProb:
+        """Every word is certain."""
+        return TokenProb(piece=self.pieces[token], logprob=0.0)
 
     def embed(self, seq: int, tokens: Sequence[int], first_pos: int) -> Any:
         raise InvalidRequest("a synthetic model has no embeddings")  # pragma: no cover

@@ -231,8 +231,8 @@ def test_openai_client_errors(gateway: Server) -> None:
     assert hot.value.param == "temperature"
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=DEFAULT_MODEL, messages=messages, logprobs=True, stream=True
-        )
+            model=DEFAULT_MODEL, messages=messages, top_logprobs=2, stream=True
+        )  # top_logprobs needs logprobs: true
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=f"file:/{DEFAULT_MODEL}.gguf", messages=messages)
     with pytest.raises(openai.NotFoundError):

@@ -4,6 +4,7 @@ model behind a real hive."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import httpx
@@ -16,6 +17,7 @@ from rbee.protocol.messages import DEFAULT_MODEL
 from tests.integration.test_gateway import COLORS, STORY, Server, gateway, serving, start_hive
 
 __all__ = ["gateway", "start_hive"]  # the fixtures, shared with the OpenAI tests
+HI = [{"role": "user", "content": "hi"}]
 
 
 def client_for(server: Server) -> ollama.Client:
@@ -101,7 +103,7 @@ def test_errors_are_ollamas(gateway: Server) -> None:
     assert bad.status_code == 400 and "options.temperature" in bad.json()["error"], bad.text
     unsupported = httpx.post(
         gateway.url + "/api/chat",
-        json={"model": DEFAULT_MODEL, "messages": [], "format": "yaml", "stream": False},
+        json={"model": DEFAULT_MODEL, "messages": HI, "format": "yaml", "stream": False},
         timeout=30,
     )
     assert unsupported.status_code == 400 and "format" in unsupported.json()["error"]
@@ -132,3 +134,19 @@ def test_a_second_address_for_ollamas_clients(start_hive: Any) -> None:
         assert DEFAULT_MODEL in [m.model for m in client.list().models]
     with pytest.raises(InvalidRequest, match=r"refusing to listen on 0\.0\.0\.0 without API keys"):
         prepare("127.0.0.1:0", ollama_listen="0.0.0.0:0")
+
+
+def test_a_request_without_a_prompt_loads_or_unloads_the_model(gateway: Server) -> None:
+    """Ollama's clients preload a model with an empty request, and unload it with keep_alive 0."""
+    client = client_for(gateway)
+    loaded = client.generate(DEFAULT_MODEL)
+    assert loaded.done and loaded.done_reason == "load" and loaded.response == ""
+    assert [m.model for m in client.ps().models] == [DEFAULT_MODEL]
+    chat = client.chat(DEFAULT_MODEL, messages=[])
+    assert chat.done and chat.done_reason == "load" and chat.message.content == ""
+    unloaded = client.generate(DEFAULT_MODEL, keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    deadline = time.monotonic() + 10
+    while client.ps().models and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert client.ps().models == []
