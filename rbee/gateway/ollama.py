@@ -270,7 +270,7 @@ class OllamaApi:
                 "template": "",
                 "details": details,
                 "model_info": info,
-                "capabilities": ["completion"],
+                "capabilities": ["completion", *(["tools"] if where.get("tools") else [])],
                 "modified_at": _now(),
             }
         )

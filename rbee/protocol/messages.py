@@ -188,6 +188,7 @@ class ModelInfo(Record):
     quantization: str = spec(max_len=32)
     context_length: int = spec(min=0)
     parameter_count: int = spec(min=0)
+    tools: bool = spec(default=False)  # its chat template renders tools (Ollama's capability)
 
 
 # --------------------------------------------------------------------------- keeper → hive

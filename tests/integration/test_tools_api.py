@@ -17,6 +17,7 @@ import pytest
 
 from rbee.protocol.messages import DEFAULT_MODEL
 from tests.gguf_edit import copy_with
+from tests.helpers import run_rbee
 from tests.integration.test_gateway import Server, client_for, gateway, start_hive
 from tests.integration.test_ollama_api import client_for as ollama_client_for
 from tests.tool_template import TOOLS_TEMPLATE
@@ -194,3 +195,15 @@ def test_ollama_chat_with_tools(gateway: Server, tool_model: str) -> None:
     assert streamed[-1].done and (streamed[-1].prompt_eval_count or 0) > 100
     plain = client.chat(DEFAULT_MODEL, messages=ASK, tools=[])  # no tools: any model
     assert plain.message.content
+
+
+def test_show_says_which_models_take_tools(
+    gateway: Server, tool_model: str, rbee_env: dict[str, str]
+) -> None:
+    """VS Code's agent mode looks for the "tools" capability in /api/show."""
+    path = tool_model.removeprefix("file:")
+    imported = run_rbee("models", "import", path, "--name", "smollm2-tools", env=rbee_env)
+    assert imported.returncode == 0, imported.stderr
+    client = ollama_client_for(gateway)
+    assert "tools" in (client.show("smollm2-tools").capabilities or [])
+    assert "tools" not in (client.show(DEFAULT_MODEL).capabilities or [])
