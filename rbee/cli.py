@@ -66,6 +66,7 @@ SECURITY = "rbee.keeper.security"
 EXPLAIN = "rbee.keeper.explain"
 MODELS = "rbee.keeper.models"
 NODES = "rbee.keeper.nodes"
+TOP = "rbee.keeper.top"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--ignore-eos",
         action="store_true",
         help="keep generating past end-of-sequence (benchmarks)",
+    )
+    infer.add_argument(
+        "--receipt",
+        action="store_true",
+        help="after the answer, say what served it: node, worker, device, model sha256 and "
+        "revision, llama.cpp build, sampling, queue time, first token, tokens/s",
     )
     structured = infer.add_mutually_exclusive_group()
     structured.add_argument(
@@ -246,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="the most RAM this hive plans with, its workers' and lenders' included, e.g. 8G "
         "(default 0: what the machine has)",
+    )
+    hive.add_argument(
+        "--metrics-port",
+        default="0",
+        metavar="[127.0.0.1:]PORT",
+        help="also serve Prometheus /metrics over HTTP on this loopback port, for an agent on "
+        "this machine (default 0: off; keepers and `rbee serve` ask over the hive's port)",
     )
     hive.add_argument("--ephemeral", action="store_true", help=argparse.SUPPRESS)
     hive.add_argument("--preload", default="", help=argparse.SUPPRESS)
@@ -438,6 +452,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="longest wait for answers when none come (default 1.5; returns once they settle)",
     )
 
+    top = sub.add_parser("top", help="a live view of every hive in reach (q quits, s sorts)")
+    top.set_defaults(run=_keeper(TOP, "top", "interval", "once"))
+    top.add_argument(
+        "--interval", type=float, default=2.0, metavar="SECONDS", help="refresh (default 2)"
+    )
+    top.add_argument("--once", action="store_true", help="print one plain snapshot and exit")
+
     workers = sub.add_parser("workers", help="manage a hive's workers")
     wsub = workers.add_subparsers(dest="workers_command", metavar="ACTION", required=True)
     wstop = wsub.add_parser("stop", help="unload a worker (its running job is canceled)")
@@ -610,9 +631,11 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _hive(args: argparse.Namespace) -> int:
     from rbee.hive.main import run as run_hive
+    from rbee.hive.metrics import metrics_address
     from rbee.hive.registry import Limits
     from rbee.hive.settings import HiveConfig
 
+    metrics_host, metrics_port = metrics_address(args.metrics_port)
     limits = Limits(
         max_workers=args.max_workers,
         max_workers_per_model=args.max_workers_per_model,
@@ -635,6 +658,8 @@ def _hive(args: argparse.Namespace) -> int:
         parallel=args.parallel,
         backend=args.backend,
         stream_interval_ms=args.stream_interval_ms,
+        metrics_host=metrics_host,
+        metrics_port=metrics_port,
     )
     return run_hive(config)
 
@@ -665,7 +690,7 @@ def _infer(args: argparse.Namespace) -> int:
         backend=args.backend,
         device=args.device,
     )
-    run_infer(request)
+    run_infer(request, receipt=args.receipt)
     return ExitCode.OK
 
 

@@ -32,7 +32,7 @@ import functools
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import psutil
 
@@ -307,6 +307,32 @@ def placement_label(
     if on_cpu:
         shares = [n_layers - sum(shares), *shares]
     return f"{where} {'+'.join(str(n) for n in shares)}/{n_layers}"
+
+
+class Placed(Protocol):
+    """Where a worker runs, as its record (the hive's) and its WorkerInfo (the wire) say."""
+
+    @property
+    def backend(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def gpu_layers(self) -> int: ...
+    @property
+    def n_layers(self) -> int: ...
+    @property
+    def layers(self) -> Sequence[int]: ...
+    @property
+    def lenders(self) -> Sequence[str]: ...
+
+
+def where_text(w: Placed) -> str:
+    """Where a worker's layers are: ``cpu``, ``cuda:0 31/31``, ``cuda:0+1 16+15/31``,
+    ``cpu+cuda:0 9+22/31`` (a partial offload: the CPU's share first), ``cpu+beta 11+20/31``
+    (layers in the memory another hive lends)."""
+    if w.lenders:
+        return lent_label(w.lenders, w.layers, w.n_layers)
+    return worker_label(w.backend, w.device, w.gpu_layers, w.n_layers, w.layers)
 
 
 def lent_label(lenders: Sequence[str], layers: Sequence[int], n_layers: int) -> str:

@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -250,3 +251,13 @@ def cgroup_cpu_limit(path: Path) -> int:
         return max(1, math.ceil(int(quota) / int(period or "100000")))
     except (OSError, ValueError):
         return 0
+
+
+@functools.cache
+def package_version() -> str:
+    """llama-cpp-python's version, read from its metadata (no import of the library); ""
+    where the metadata is missing."""
+    try:
+        return importlib.metadata.version("llama-cpp-python")
+    except importlib.metadata.PackageNotFoundError:
+        return ""

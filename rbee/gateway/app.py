@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from rbee import __version__, log
 from rbee.errors import InternalError, RbeeError
-from rbee.gateway import embeddings, ollama
+from rbee.gateway import embeddings, metrics, ollama
 from rbee.gateway.auth import BearerAuth
 from rbee.gateway.errors import error_body, http_error
 from rbee.gateway.http import collect, opening, read_json
@@ -34,10 +34,12 @@ from rbee.gateway.listing import list_models
 from rbee.gateway.params import Kind, parse_call
 from rbee.gateway.shapes import KEEP_ALIVE_EVENT, Shaper, sse
 from rbee.gateway.tools import ToolStream, split_calls
+from rbee.keeper import receipt as receipts
 from rbee.keeper.job import Failed, Finished, InferRequest, Started, Text
 from rbee.protocol.messages import KEEP_ALIVE_DEFAULT, PROTOCOL_VERSION, GenerateParams, TokenProb
 
 KEEPALIVE_INTERVAL_S = 5.0  # well under the read timeouts of HTTP clients and proxies (≥ 30 s)
+RECEIPT_HEADER = "X-Rbee-Receipt"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 logger = log.get(__name__)
@@ -81,6 +83,7 @@ class Gateway:
                 Route("/v1/chat/completions", self.chat, methods=["POST"]),
                 Route("/v1/completions", self.completion, methods=["POST"]),
                 Route("/v1/embeddings", self.embeddings, methods=["POST"]),
+                metrics.route(self),
                 *ollama.routes(self),
             ],
             middleware=[Middleware(BearerAuth, keys=self.config.api_keys)],
@@ -195,7 +198,12 @@ class Gateway:
             return error_response(end.error)
         _log_served(job, end)
         content, calls = split_calls(text, tools) if tools else (text, [])
-        return JSONResponse(shaper.response(content, end.done, job.where, calls, probs))
+        body = shaper.response(content, end.done, job.where, calls, probs)
+        receipt = job.receipt(end.done)
+        if receipt is None:
+            return JSONResponse(body)
+        body["rbee"] = {**body["rbee"], "receipt": receipt}
+        return JSONResponse(body, headers={RECEIPT_HEADER: receipts.header(receipt)})
 
     async def _stream(self, job: Job, shaper: Shaper, tools: set[str] | None) -> Response:
         """Stream, once the job has started (or answer its failure with an HTTP error)."""
@@ -203,10 +211,14 @@ class Gateway:
         if isinstance(first, Failed):
             return error_response(first.error)
         held = ToolStream(tools) if tools else None
+        receipt = job.receipt()  # what is known now (not yet when a model is still loading)
+        headers = (
+            {**SSE_HEADERS, RECEIPT_HEADER: receipts.header(receipt)} if receipt else SSE_HEADERS
+        )
         return StreamingResponse(
             self._events(job, shaper, first, held),
             media_type="text/event-stream",
-            headers=SSE_HEADERS,
+            headers=headers,
         )
 
     async def _events(
@@ -240,7 +252,9 @@ class Gateway:
                         yield shaper.delta(content)
                     if calls:
                         yield shaper.calls(calls)
-                    yield shaper.closing(next_event.done, bool(calls))
+                    yield shaper.closing(
+                        next_event.done, bool(calls), {"receipt": job.receipt(next_event.done)}
+                    )
                     return
                 elif isinstance(next_event, Failed):
                     yield sse(http_error(next_event.error)[1])

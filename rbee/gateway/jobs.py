@@ -19,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from typing import Any
 
 import zmq
 
 from rbee import log
 from rbee.errors import AllSlotsBusy, Canceled, InternalError, RbeeError, Timeout
 from rbee.gateway.relay import LoopReader
+from rbee.keeper import receipt as receipts
 from rbee.keeper.connect import connect
 from rbee.keeper.job import (
     STOP_CHECK_S,
@@ -39,7 +41,7 @@ from rbee.keeper.job import (
 )
 from rbee.keeper.link import HiveLink
 from rbee.keeper.stream import JobStream, StreamFrame
-from rbee.protocol.messages import new_job_id
+from rbee.protocol.messages import Done, JobAccepted, new_job_id
 from rbee.transport.sockets import StreamSubscriber
 
 READY_TIMEOUT_S = 600.0  # finding a hive, downloading and loading the model, and queueing
@@ -66,6 +68,7 @@ class Job:
         self.stop = threading.Event()
         self.ended = False  # set by the reader once it saw the terminal event
         self.where: dict[str, str] = {"job_id": self.job_id}
+        self.accepted: JobAccepted | None = None  # the hive's answer once a slot took it
         self._loop: asyncio.AbstractEventLoop | None = None
         self._events: asyncio.Queue[JobEvent] = asyncio.Queue()
         self._ready: Deadline | None = None  # a worker takes the job by then, or it fails
@@ -88,6 +91,12 @@ class Job:
                 return None
         self.ended = self.ended or isinstance(event, Finished | Failed)
         return event
+
+    def receipt(self, done: Done | None = None) -> dict[str, Any] | None:
+        """What served the answer (rbee.keeper.receipt), once a worker took it."""
+        if self.accepted is None:
+            return None
+        return receipts.receipt(self.accepted, self.request.params, done)
 
     def cancel(self) -> None:
         """Stop the job (the client went away); harmless once it ended."""
@@ -152,6 +161,7 @@ class Job:
         for a stop sequence, is no chunk)."""
         if isinstance(event, Started):
             self.where.update(job_id=event.job_id, worker_id=event.worker_id)
+            self.accepted = event.accepted
         elif isinstance(event, Text) and not event.text and not event.probs:
             return
         elif isinstance(event, Failed) and isinstance(event.error, Canceled | Timeout):

@@ -103,10 +103,13 @@ class Shaper:
         """An event carrying tool calls, each whole, with its index."""
         return self._chunk({"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}, None)
 
-    def closing(self, done: Done, called: bool = False) -> bytes:
-        """The finish_reason event, the usage event if asked for, and the end marker."""
+    def closing(
+        self, done: Done, called: bool = False, rbee: dict[str, Any] | None = None
+    ) -> bytes:
+        """The finish_reason event (with ``rbee``'s fields, such as the receipt, under
+        ``rbee``), the usage event if asked for, and the end marker."""
         reason = "tool_calls" if called else FINISH_REASONS[done.stop_reason]
-        last = self._chunk({} if self.kind == "chat" else "", reason)
+        last = self._chunk({} if self.kind == "chat" else "", reason, extra=rbee)
         if self.include_usage:
             last += sse({**self._head(self._chunk_object), "choices": [], "usage": usage(done)})
         return last + DONE_EVENT
@@ -116,7 +119,11 @@ class Shaper:
         return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
 
     def _chunk(
-        self, delta: dict[str, Any] | str, reason: str | None, probs: Sequence[TokenProb] = ()
+        self,
+        delta: dict[str, Any] | str,
+        reason: str | None,
+        probs: Sequence[TokenProb] = (),
+        extra: dict[str, Any] | None = None,
     ) -> bytes:
         if isinstance(delta, dict):
             choice: dict[str, Any] = {"index": 0, "delta": delta}
@@ -126,6 +133,8 @@ class Shaper:
         payload = {**self._head(self._chunk_object), "choices": [choice]}
         if self.include_usage:
             payload["usage"] = None
+        if extra:
+            payload["rbee"] = extra
         return sse(payload)
 
     def _logprobs(self, probs: Sequence[TokenProb]) -> dict[str, Any] | None:

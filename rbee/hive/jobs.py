@@ -27,6 +27,8 @@ from rbee.errors import (
     WorkerCrashed,
     WorkerNotFound,
 )
+from rbee.gpu import where_text
+from rbee.hive.metrics import HiveMetrics
 from rbee.hive.pool import SIGNAL_HINT, Event, WorkerPool, lender_lost
 from rbee.hive.provision import NeedsPull, Provisioner
 from rbee.hive.registry import (
@@ -39,6 +41,7 @@ from rbee.hive.registry import (
 from rbee.hive.request import Replies, Request
 from rbee.hive.settings import RETRY_AFTER_S, HiveConfig
 from rbee.hive.streams import StreamGate
+from rbee.llamacpp import package_version
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
     KEEP_ALIVE_DEFAULT,
@@ -67,6 +70,12 @@ MAX_FRAMES_PER_REPLY = 8192
 logger = log.get(__name__)
 
 
+def engine_text(setting: str) -> str:
+    """The llama.cpp build a receipt names: llama-cpp-python's version and how it runs here."""
+    version = package_version()
+    return (f"llama-cpp-python {version}, {setting}" if version else setting)[:1024]
+
+
 class JobDesk:
     """The hive's jobs: the queue, dispatch, and the relay of their streams."""
 
@@ -79,9 +88,11 @@ class JobDesk:
         replies: Replies,
         streams: tuple[zmq.Socket[bytes], zmq.Socket[bytes]],
         draining: Callable[[], bool],
+        metrics: HiveMetrics | None = None,
     ) -> None:
         self.config = config
         self.node = node
+        self.metrics = metrics or HiveMetrics(node)  # counted at each job's end
         self.pool = pool
         self.provisioner = provisioner
         self.replies = replies
@@ -200,16 +211,34 @@ class JobDesk:
             waited_ms=waited_ms,
             slots_busy=f"{len(worker.job_ids)}/{worker.slots}",
         )
-        self.replies.send(job.request, JobAccepted(job_id=job.job_id, worker_id=worker.worker_id))
+        self.replies.send(job.request, self._accepted(job, worker, waited_ms / 1000))
         assert job.params is not None  # a queued job has them
         self.pool.send(worker, RunJob(job_id=job.job_id, params=job.params))
         job.params = None
+
+    def _accepted(self, job: JobRecord, worker: WorkerRecord, queued_s: float) -> JobAccepted:
+        """The answer to StartJob once a slot took the job, with what a receipt shows: this
+        node, where the worker runs, the model's file (sha256, revision) and the engine."""
+        entry = self.provisioner.catalog.get(worker.model)
+        return JobAccepted(
+            job_id=job.job_id,
+            worker_id=worker.worker_id,
+            node=self.node,
+            where=where_text(worker),
+            device_uuid=worker.device_uuid,
+            model=worker.model,
+            model_sha256=entry.sha256 if entry else "",
+            model_revision=entry.revision if entry else "",
+            engine=engine_text(self.pool.engine.describe()),
+            queued_s=max(0.0, queued_s),
+        )
 
     def fail_queued(self, job: JobRecord, error: RbeeError) -> None:
         """End a job that never started: its StartJob is answered with ``error``."""
         self.queue.remove(job)
         job.params = None
         logger.info("job failed", job=job.job_id, code=error.code, error=error.message)
+        self.metrics.job_failed(job.model, error.code)
         self.replies.error(job.request, error)
         job.keep(
             encode(StreamError(job_id=job.job_id, seq=0, code=error.code, message=error.message))
@@ -337,6 +366,9 @@ class JobDesk:
         job.finished_at = time.monotonic()
         self.xpub.send_multipart([stream_topic(job.job_id), data], zmq.NOBLOCK)
         if isinstance(terminal, Done):
+            self.metrics.job_done(job.model, terminal)
+            if (worker := self.pool.workers.get(job.worker_id)) is not None:
+                worker.tokens_generated += terminal.tokens
             logger.info(
                 "job finished",
                 job=job.job_id,
@@ -346,6 +378,7 @@ class JobDesk:
                 seconds=round(job.finished_at - job.queued_at, 3),
             )
         elif isinstance(terminal, StreamError):
+            self.metrics.job_failed(job.model, terminal.code)
             logger.info(
                 "job failed",
                 job=job.job_id,

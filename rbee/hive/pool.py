@@ -143,6 +143,7 @@ class WorkerPool:
             pid=proc.pid,
             backend=where.backend,
             device=where.device,
+            device_uuid=where.uuid,
             slots=slots,
             layers=where.layers if len(where.layers) > 1 or where.lenders else (),
             lenders=tuple(lender.node for lender in where.lenders),

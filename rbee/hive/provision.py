@@ -17,6 +17,7 @@ from rbee.catalog import Catalog, ModelEntry
 from rbee.errors import AllSlotsBusy, HiveDraining, InvalidRequest, ModelNotFound, RbeeError
 from rbee.hive import fit, placement
 from rbee.hive.ledger import GpuLedger
+from rbee.hive.metrics import HiveMetrics
 from rbee.hive.placement import Lender, MemoryEstimate, Placement
 from rbee.hive.pool import Event, WorkerPool
 from rbee.hive.pulls import Finished, Pulls, PullWaiter, describe_progress
@@ -104,8 +105,10 @@ class Provisioner:
         replies: Replies,
         draining: Callable[[], bool],
         lenders: Callable[[], tuple[Lender, ...]] = tuple,
+        metrics: HiveMetrics | None = None,
     ) -> None:
-        """``lenders``: the trusted peer hives that lend memory now (rbee.hive.peers)."""
+        """``lenders``: the trusted peer hives that lend memory now (rbee.hive.peers);
+        ``metrics``: where downloads are counted."""
         self.config = config
         self.lenders = lenders
         self.node = node
@@ -113,7 +116,7 @@ class Provisioner:
         self.pool = pool
         self.replies = replies
         self.draining = draining
-        self.pulls = Pulls(config.data_dir / "models")
+        self.pulls = Pulls(config.data_dir / "models", metrics=metrics or HiveMetrics(node))
         self.ledger = GpuLedger()
         self._inventory: tuple[float, gpu.Inventory] | None = None
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from rbee import log
 from rbee.errors import InternalError, RbeeError
+from rbee.hive.metrics import HiveMetrics
 from rbee.hive.request import Request
 
 if TYPE_CHECKING:
@@ -63,8 +64,14 @@ class Pulls:
     """The hive's downloads. The download manager (httpx, huggingface_hub: ~0.15 s of
     imports) is made at the first pull, so a hive that never downloads starts without it."""
 
-    def __init__(self, models_dir: Path, manager: DownloadManager | None = None) -> None:
+    def __init__(
+        self,
+        models_dir: Path,
+        manager: DownloadManager | None = None,
+        metrics: HiveMetrics | None = None,
+    ) -> None:
         self.models_dir = models_dir
+        self.metrics = metrics or HiveMetrics("")  # bytes and failures, counted on pull threads
         self._manager = manager
         self._manager_lock = threading.Lock()  # pull threads make it
         self.active: dict[str, Pull] = {}
@@ -94,16 +101,24 @@ class Pulls:
         return pull
 
     def _run(self, pull: Pull) -> None:
+        moved = -1  # the first report says where the transfer starts: resumed bytes are not new
+
         def progress(done: int, total: int, rate: float, eta: float | None) -> None:
+            nonlocal moved
+            if 0 <= moved < done:
+                self.metrics.downloaded(done - moved)
+            moved = done
             pull.done_bytes, pull.total_bytes, pull.rate, pull.eta_s = done, total, rate, eta
 
         try:
             files = self.manager.pull(pull.reference, progress, pull.cancel)
             self.results.put(Finished(pull, files, None))
         except RbeeError as exc:
+            self.metrics.download_failed(exc.code)
             self.results.put(Finished(pull, [], exc))
         except Exception as exc:  # a bug must reach the waiting keepers, not vanish
             logger.exception("pull failed", reference=pull.reference)
+            self.metrics.download_failed(InternalError.code)
             self.results.put(Finished(pull, [], InternalError.of(exc)))
 
     def finished(self) -> list[Finished]:

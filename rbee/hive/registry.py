@@ -47,6 +47,7 @@ class WorkerRecord:
     pid: int
     backend: str = "cpu"
     device: str = "cpu"
+    device_uuid: str = ""  # the CUDA GPUs it was given (CUDA_VISIBLE_DEVICES)
     state: WorkerState = "loading"  # idle: runs no job; busy: runs at least one
     slots: int = 1  # jobs it runs at once: as asked at spawn, then as its WorkerReady says
     job_ids: list[str] = field(default_factory=list)  # the jobs it runs, oldest first
@@ -60,6 +61,7 @@ class WorkerRecord:
     waiters: list[Request] = field(default_factory=list)  # EnsureWorker requests it will answer
     stop_deadline: float = 0.0
     jobs_served: int = 0
+    tokens_generated: int = 0  # by every job it ran to the end (`rbee top`'s tokens/s)
     keep_alive_s: float = HIVE_KEEP_ALIVE_S
     idle_deadline: float = math.inf
     vram_bytes: int = 0  # measured by the worker once loaded (NVML, its own process)
@@ -116,6 +118,7 @@ class WorkerRecord:
             job_id=next((j for j in self.job_ids if job_shown(j)), ""),
             rss_bytes=rss_bytes,
             jobs_served=self.jobs_served,
+            tokens_generated=self.tokens_generated,
             keep_alive_s=self.keep_alive_s,
             vram_bytes=self.vram_bytes if vram_bytes is None else vram_bytes,
             estimate_bytes=self.estimate_bytes,

@@ -44,6 +44,7 @@ from rbee.hive import probe
 from rbee.hive.borrow import Tunnel
 from rbee.hive.jobs import JobDesk
 from rbee.hive.lending import LendingDesk
+from rbee.hive.metrics import HiveMetrics, MetricsServer, require_loopback
 from rbee.hive.peers import Peers
 from rbee.hive.placement import Lender
 from rbee.hive.pool import Event, WorkerPool
@@ -69,6 +70,8 @@ from rbee.protocol.messages import (
     HiveStatus,
     ListWorkers,
     LogLines,
+    Metrics,
+    MetricsText,
     PipeClose,
     PipeData,
     PipeOpen,
@@ -128,6 +131,10 @@ class Hive:
             os.environ["RBEE_MEMORY_LIMIT"] = config.memory_limit
         self.node = config.node or socket.gethostname()
         log.bind(node=self.node)
+        if config.metrics_port:
+            require_loopback(config.metrics_host)
+        self.metrics = HiveMetrics(self.node)
+        self.metrics_server: MetricsServer | None = None  # started by serve
         self.catalog = Catalog(config.data_dir / "catalog.db")
         self.catalog.ensure_default()
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -193,6 +200,7 @@ class Hive:
             self.replies,
             lambda: self.draining,
             self.peers.lenders if self.peers is not None else tuple,
+            metrics=self.metrics,
         )
         if self.peers is not None:
             self.peers.start()
@@ -204,6 +212,7 @@ class Hive:
             self.replies,
             (self.xsub, self.xpub),
             lambda: self.draining,
+            metrics=self.metrics,
         )
         self.poller = zmq.Poller()
         self.lending = LendingDesk(
@@ -234,6 +243,7 @@ class Hive:
             StopWorker: self.on_stop_worker,
             FetchFrames: self.desk.on_fetch_frames,
             GetLogs: self.on_get_logs,
+            Metrics: self.on_metrics,
             PipeOpen: self.lending.on_open,
             PipeData: self.lending.on_data,
             PipeClose: self.lending.on_close,
@@ -296,11 +306,14 @@ class Hive:
             poller.register(sock, zmq.POLLIN)
         if extra_fd is not None:
             poller.register(extra_fd, zmq.POLLIN)
-        logger.info(
-            "hive ready", node=self.node, router=self.front_endpoint, stream=self.stream_endpoint
-        )
         next_housekeeping = 0.0
         try:
+            endpoints = {"router": self.front_endpoint, "stream": self.stream_endpoint}
+            if self.config.metrics_port:
+                host, port = self.config.metrics_host, self.config.metrics_port
+                self.metrics_server = self.metrics.serve(host, port)
+                endpoints["metrics"] = self.metrics_server.url
+            logger.info("hive ready", node=self.node, **endpoints)
             while not self.stopped:
                 events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
                 if self.xsub in events:
@@ -354,6 +367,8 @@ class Hive:
                 request.require_admin(frame.TYPE)
             handler(request, frame)
         except RbeeError as exc:
+            if isinstance(frame, StartJob):  # refused before it was queued (ALL_SLOTS_BUSY …)
+                self.metrics.job_failed("", exc.code)
             self.front.reply_error(incoming.identity, rid, exc)
         except Exception as exc:  # a bug must not kill the daemon: answer and log it
             logger.exception("request failed", frame=frame.TYPE)
@@ -387,6 +402,11 @@ class Hive:
                 suggestion="`rbee ps` lists the workers",
             )
         self.replies.send(request, LogLines(lines=lines, last=last))
+
+    def on_metrics(self, request: Request, frame: Metrics) -> None:
+        """The hive's Prometheus metrics, the gauges of the present refreshed first."""
+        self.metrics.refresh(len(self.desk.queue), self.pool.records(), time.monotonic())
+        self.replies.send(request, MetricsText(text=self.metrics.text()))
 
     def on_hello(self, request: Request, frame: Hello) -> None:
         """Health and versions."""
@@ -467,6 +487,7 @@ class Hive:
         schedules onto its slots (ready) or ends every job it ran (exited)."""
         self.provisioner.on_worker_event(event)
         if event.kind == "ready":
+            self.metrics.worker_loaded(event.worker)
             event.worker.became_idle(time.monotonic(), event.worker.keep_alive_s)
             self.desk.schedule(time.monotonic())
         elif event.kind == "exited":
@@ -483,6 +504,8 @@ class Hive:
             self.pool.stop(worker, f"idle for its keep-alive of {worker.keep_alive_s:g} s")
         self.desk.schedule(now)
         self.desk.forget_expired(now)
+        if self.metrics_server is not None and self.metrics.due(now):
+            self.metrics.refresh(len(self.desk.queue), self.pool.records(), now)
         if self.draining:
             self._drain_step(now)
 
@@ -502,6 +525,8 @@ class Hive:
             self.stopped = True
 
     def _close(self) -> None:
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         self.provisioner.pulls.close()
         self.lending.close_all()
         if self.peers is not None:

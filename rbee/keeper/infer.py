@@ -18,6 +18,7 @@ import zmq
 
 from rbee import grammar
 from rbee.errors import Canceled, InvalidRequest, RbeeError, WorkerCrashed
+from rbee.keeper import receipt as receipts
 from rbee.keeper.connect import connect
 from rbee.keeper.job import (
     Failed,
@@ -31,7 +32,7 @@ from rbee.keeper.job import (
     Waiting,
 )
 from rbee.paths import data_dir
-from rbee.protocol.messages import Done
+from rbee.protocol.messages import Done, JobAccepted
 from rbee.terminal import safe
 
 __all__ = ["InferRequest", "InferResult", "Reporter", "output_grammar", "run"]
@@ -83,6 +84,7 @@ class InferResult:
     stream_s: float = 0.0  # from the first token's arrival to the last one's
     total_s: float = 0.0
     done: Done | None = None
+    accepted: JobAccepted | None = None  # the hive's answer to StartJob (the receipt's start)
 
     @property
     def text(self) -> str:
@@ -131,8 +133,14 @@ class Reporter:
         self.err.flush()
 
 
-def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> InferResult:
-    """Run one inference request end to end; raise an RbeeError on failure."""
+def run(
+    request: InferRequest,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+    receipt: bool = False,
+) -> InferResult:
+    """Run one inference request end to end; raise an RbeeError on failure. ``receipt``:
+    then say what served it (rbee.keeper.receipt)."""
     started = time.monotonic()
     report = Reporter(err)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -155,7 +163,10 @@ def run(request: InferRequest, out: TextIO = sys.stdout, err: TextIO = sys.stder
         ctx.destroy(linger=0)  # never waits on a socket an error path left open
     printer.result.total_s = time.monotonic() - started
     summarize(printer.result, report)
-    done = printer.result.done
+    done, accepted = printer.result.done, printer.result.accepted
+    if receipt and accepted is not None and done is not None:
+        for line in receipts.lines(receipts.receipt(accepted, request.params, done)):
+            report.phase("receipt", line)
     if request.params.grammar and done is not None and done.stop_reason != "eos":
         report.phase(
             "warning",
@@ -188,8 +199,9 @@ class Printer:
                 self.report.loading(done / total if total else 0.0)
             case Progress("download", done, total, detail):
                 self.report.download(done, total, detail)
-            case Started(_, worker_id, job_id, reused):
+            case Started(_, worker_id, job_id, reused, accepted):
                 result.worker_id, result.reused, self.job_id = worker_id, reused, job_id
+                result.accepted = accepted
                 self.report.phase("inference", f"job {job_id} on worker {worker_id}")
             case Text(text, tokens, more):
                 if tokens:

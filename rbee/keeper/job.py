@@ -98,6 +98,7 @@ class Started:
     worker_id: str
     job_id: str
     reused: bool  # the worker already held the model (no spawn, no load)
+    accepted: JobAccepted | None = None  # the hive's answer: what a receipt says
 
 
 @dataclass(frozen=True)
@@ -247,9 +248,9 @@ class InferJob:
                 return frame
         raise AssertionError("_replies() ends only by raising")  # pragma: no cover
 
-    def _start(self, assigned: WorkerAssigned) -> Generator[JobEvent, None, str]:
+    def _start(self, assigned: WorkerAssigned) -> Generator[JobEvent, None, JobAccepted]:
         """Send StartJob and wait, saying the queue position, until a worker takes the job;
-        the worker's id."""
+        the hive's answer (the worker, and what a receipt says)."""
         request = self.request
         start = StartJob(
             job_id=self.job_id,
@@ -266,16 +267,17 @@ class InferJob:
                     yield Waiting("queue", f"waiting for a free slot: {frame.message}")
                     said = frame.message
             elif isinstance(frame, JobAccepted):
-                return frame.worker_id
+                return frame
         raise AssertionError("_replies() ends only by raising")  # pragma: no cover
 
     def _run(
         self, assigned: WorkerAssigned, sub: StreamSubscriber
     ) -> Generator[JobEvent, None, Done]:
         """Start the job (``sub`` already subscribed to it) and pass its text on; its Done."""
-        worker_id = yield from self._start(assigned)
+        accepted = yield from self._start(assigned)
         self.waiting = False
-        yield Started(self.link.hello.node, worker_id, self.job_id, assigned.reused)
+        node = self.link.hello.node
+        yield Started(node, accepted.worker_id, self.job_id, assigned.reused, accepted)
         stream = JobStream(self.link.client, sub, self.job_id, self._check)
         frames: Iterable[StreamFrame] = stream
         if self.lend is not None:

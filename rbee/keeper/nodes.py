@@ -9,7 +9,7 @@ from typing import Any, TextIO
 
 import zmq
 
-from rbee.gpu import lent_label, worker_label
+from rbee.gpu import where_text
 from rbee.keeper.connect import open_named
 from rbee.keeper.survey import HiveView, survey
 from rbee.protocol.messages import (
@@ -47,7 +47,8 @@ def table(rows: list[list[str]], out: TextIO) -> None:
         out.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() + "\n")
 
 
-def _state(v: HiveView) -> str:
+def state_text(v: HiveView) -> str:
+    """The STATE column: ok, draining, unreachable (why), incompatible, CLONED NODE ID."""
     notes = []
     if v.error_code == "VERSION_MISMATCH":
         notes.append(f"incompatible: {v.error}")
@@ -68,7 +69,7 @@ def _record(v: HiveView) -> dict[str, Any]:
         "name": v.name,
         "address": v.endpoint,
         "source": v.source,
-        "state": _state(v),
+        "state": state_text(v),
         "node_id": a.node_id if a else None,
         "rbee_version": v.hello.rbee_version if v.hello else (a.rbee_version if a else None),
         "protocol_version": v.candidate().protocol_version,
@@ -89,7 +90,7 @@ def _backends(status: HiveStatus | None) -> str:
     return "cpu,cuda" if cuda else "cpu"
 
 
-def _gpus(status: HiveStatus) -> str:
+def gpus_text(status: HiveStatus) -> str:
     """``1× NVIDIA H100 80GB HBM3, 84.5 GB free`` per kind of GPU; unusable ones say why."""
     gpus = [d for d in status.devices if d.backend == "cuda"]
     if not gpus:
@@ -134,7 +135,7 @@ def list_nodes(
                 version,
                 r["backends"],
                 free,
-                _gpus(v.status) if v.status else "-",
+                gpus_text(v.status) if v.status else "-",
                 str(len(r["workers"])),
                 str(len(r["models"])),
                 r["state"],
@@ -206,15 +207,6 @@ def worker_record(node: str, w: WorkerInfo, now: float) -> dict[str, Any]:
     unless idle)."""
     idle_s = round(max(0.0, now - w.last_activity), 3) if w.state == "idle" else None
     return {"node": node, **w.to_wire(), "where": where_text(w), "idle_s": idle_s}
-
-
-def where_text(w: WorkerInfo) -> str:
-    """Where a worker's layers are: ``cpu``, ``cuda:0 31/31``, ``cuda:0+1 16+15/31``,
-    ``cpu+cuda:0 9+22/31`` (a partial offload: the CPU's share first), ``cpu+beta 11+20/31``
-    (layers in the memory another hive lends)."""
-    if w.lenders:
-        return lent_label(w.lenders, w.layers, w.n_layers)
-    return worker_label(w.backend, w.device, w.gpu_layers, w.n_layers, w.layers)
 
 
 def stop_worker(worker_id: str, node: str | None, out: TextIO = sys.stdout) -> None:

@@ -31,6 +31,7 @@ MAX_CHAT_MESSAGES = 256
 MAX_GRAMMAR_CHARS = 256 * 1024  # a llama.cpp grammar (rbee.grammar makes them from schemas)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_EMBED_INPUTS = 256  # texts one embedding job reads (OpenAI allows 2,048 a request)
+MAX_METRICS_CHARS = 16 * 1024 * 1024  # a hive's Prometheus text (a few KiB a worker)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 ID_CHARS = 64
 ID_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._:-]*"  # job, worker and node ids: nothing path-like
@@ -167,6 +168,7 @@ class WorkerInfo(Record):
     job_id: str = spec(default="", max_len=ID_CHARS, pattern=f"|{ID_PATTERN}")
     rss_bytes: int = spec(default=0, min=0)
     jobs_served: int = spec(default=0, min=0)
+    tokens_generated: int = spec(default=0, min=0)  # by every job it finished
     keep_alive_s: float = spec(default=0.0, min=-1.0)
     vram_bytes: int = spec(default=0, min=0)
     estimate_bytes: int = spec(default=0, min=0)
@@ -322,11 +324,20 @@ class StartJob(Frame):
 
 
 class JobAccepted(Frame):
-    """Final reply to StartJob: the job runs on ``worker_id``; tokens follow on the stream."""
+    """Final reply to StartJob: the job runs on ``worker_id``; tokens follow on the stream.
+    The rest is what a receipt says about where the answer comes from (rbee.keeper.receipt)."""
 
     TYPE = "job_accepted"
     job_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     worker_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+    node: str = spec(default="", max_len=256)
+    where: str = spec(default="", max_len=256)  # as `rbee ps` shows it: cpu, cuda:0 31/31 …
+    device_uuid: str = spec(default="", max_len=512)  # the CUDA GPUs' NVML UUIDs
+    model: str = spec(default="", max_len=256)  # its catalog name
+    model_sha256: str = spec(default="", max_len=64)
+    model_revision: str = spec(default="", max_len=64)  # the Hub commit it was pulled at
+    engine: str = spec(default="", max_len=1024)  # llama-cpp-python's version, the CPU variant
+    queued_s: float = spec(default=0.0, min=0)  # from StartJob to a slot
 
 
 class Cancel(Frame):
@@ -422,6 +433,20 @@ class LogLines(Frame):
     TYPE = "log_lines"
     lines: list[str] = spec(default_factory=list, max_len=5000)
     last: int = spec(default=0, min=0)
+
+
+class Metrics(Frame):
+    """Ask a hive for its Prometheus metrics (any role may: they name no job and no key)."""
+
+    TYPE = "metrics"
+
+
+class MetricsText(Frame):
+    """Reply to Metrics: the hive's metrics in Prometheus' text exposition format, every series
+    labelled with its node (rbee.hive.metrics)."""
+
+    TYPE = "metrics_text"
+    text: str = spec(max_len=MAX_METRICS_CHARS)
 
 
 class Ack(Frame):

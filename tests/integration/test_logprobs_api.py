@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,32 +20,16 @@ __all__ = ["gateway", "start_hive"]
 
 
 def test_chat_logprobs_whole_and_streamed(gateway: Server) -> None:
-    messages = [{"role": "user", "content": "Name a colour."}]
+    messages: Any = [{"role": "user", "content": "Name a colour."}]
+    asked: Any = {"max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 3}
     with client_for(gateway) as client:
-        whole = client.chat.completions.create(
-            model=DEFAULT_MODEL,
-            messages=messages,  # type: ignore[arg-type]
-            max_tokens=12,
-            temperature=0,
-            logprobs=True,
-            top_logprobs=3,
-        )
+        whole = client.chat.completions.create(model=DEFAULT_MODEL, messages=messages, **asked)
         chunks = list(
             client.chat.completions.create(
-                model=DEFAULT_MODEL,
-                messages=messages,  # type: ignore[arg-type]
-                max_tokens=12,
-                temperature=0,
-                logprobs=True,
-                top_logprobs=3,
-                stream=True,
+                model=DEFAULT_MODEL, messages=messages, stream=True, **asked
             )
         )
-        plain = client.chat.completions.create(
-            model=DEFAULT_MODEL,
-            messages=messages,
-            max_tokens=2,  # type: ignore[arg-type]
-        )
+        plain = client.chat.completions.create(model=DEFAULT_MODEL, messages=messages, max_tokens=2)
     content = whole.choices[0].logprobs and whole.choices[0].logprobs.content
     assert content and len(content) == whole.usage.completion_tokens  # type: ignore[union-attr]
     for entry in content:

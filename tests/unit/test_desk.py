@@ -34,6 +34,8 @@ KEEPER = Request(who=b"keeper", rid=1, role="admin")
 
 
 class Pool:
+    engine = SimpleNamespace(describe=lambda: "CPU backend")
+
     def __init__(self, *workers: WorkerRecord) -> None:
         self.workers = {w.worker_id: w for w in workers}
         self.sent: list[tuple[str, Frame]] = []
@@ -53,6 +55,8 @@ class Pool:
 
 
 class Provisioner:
+    catalog = SimpleNamespace(get=lambda name: None)  # no entry: a receipt without sha256
+
     def resolve(self, reference: str) -> Any:
         return SimpleNamespace(name="a", path=A)
 

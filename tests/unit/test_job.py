@@ -209,7 +209,10 @@ def test_a_cold_job_says_each_phase_then_streams(monkeypatch: pytest.MonkeyPatch
         Progress("loading", 0.5, 1.0),
         Waiting("ready", f"worker {WORKER} loaded {MODEL} in 0.50 s"),
     ]
-    assert events[3] == Started("alpha", WORKER, job.job_id, reused=False)
+    started = events[3]
+    assert isinstance(started, Started) and started.accepted is not None
+    assert started == Started("alpha", WORKER, job.job_id, False, started.accepted)
+    assert started.accepted.worker_id == WORKER
     texts = [e for e in events if isinstance(e, Text)]
     assert [(t.text, t.tokens) for t in texts] == [
         ("a", 1),

@@ -37,6 +37,8 @@ from rbee.protocol.messages import (
     JobAccepted,
     ListWorkers,
     LogLines,
+    Metrics,
+    MetricsText,
     ModelInfo,
     ModelPulled,
     PairAccepted,
@@ -178,6 +180,8 @@ def _samples() -> list[Frame]:
         PullModel(reference="hf:org/repo:Q4_K_M"),
         GetLogs(after=3, worker_id="w-1", limit=10),
         LogLines(lines=['{"event": "hive ready"}'], last=4),
+        Metrics(),
+        MetricsText(text='# TYPE rbee_queue_depth gauge\nrbee_queue_depth{node="a"} 0.0\n'),
         ModelPulled(
             name="repo.q4_k_m",
             reference="hf:org/repo:Q4_K_M",
