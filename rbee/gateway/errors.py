@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 from rbee.errors import InvalidRequest, RbeeError
 
 INVALID = "invalid_request_error"
@@ -87,3 +89,9 @@ def http_error(exc: RbeeError) -> tuple[int, dict[str, Any], dict[str, str]]:
         wait = exc.retry_after_s or DEFAULT_RETRY_AFTER_S
         headers["Retry-After"] = str(max(1, math.ceil(wait)))
     return mapped.status, body, headers
+
+
+def ollama_error(exc: RbeeError) -> JSONResponse:
+    """An rbee error the way Ollama answers one: its status, ``{"error": message}``."""
+    status, _, headers = http_error(exc)
+    return JSONResponse({"error": exc.message}, status, headers)

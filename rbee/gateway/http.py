@@ -14,6 +14,7 @@ from rbee.gateway.jobs import Job
 from rbee.keeper.job import Failed, Finished, Started, Text
 from rbee.protocol.messages import TokenProb
 
+NDJSON = "application/x-ndjson"  # Ollama's streams: one JSON object a line
 MAX_BODY_BYTES = 8 * 1024 * 1024  # a whole prompt fits (1 MiB of text, JSON-escaped)
 
 

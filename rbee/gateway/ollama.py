@@ -33,8 +33,8 @@ from starlette.routing import Route
 
 from rbee.errors import RbeeError
 from rbee.gateway import embeddings, ollama_models
-from rbee.gateway.errors import BadParameter, http_error
-from rbee.gateway.http import collect, opening, read_json
+from rbee.gateway.errors import BadParameter, ollama_error
+from rbee.gateway.http import NDJSON, collect, opening, read_json
 from rbee.gateway.jobs import Job
 from rbee.gateway.listing import list_models
 from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, Kind, model_name, parse_call
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from rbee.gateway.app import Gateway
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API whose shapes these are (clients check a minimum)
-NDJSON = "application/x-ndjson"
 OPTIONS = {  # Ollama's options → the OpenAI fields the gateway validates
     "temperature": "temperature",
     "num_predict": "max_tokens",
@@ -76,12 +75,6 @@ def routes(gateway: Gateway) -> list[Route]:
         Route("/api/embeddings", api.embeddings, methods=["POST"]),
         *ollama_models.routes(gateway),
     ]
-
-
-def error(exc: RbeeError) -> JSONResponse:
-    """An rbee error the way Ollama answers one: its status, ``{"error": message}``."""
-    status, _, headers = http_error(exc)
-    return JSONResponse({"error": exc.message}, status, headers)
 
 
 def translate(kind: Kind, body: Any) -> dict[str, Any]:
@@ -221,7 +214,7 @@ class OllamaApi:
         try:
             entries = await self._listing()
         except RbeeError as exc:
-            return error(exc)
+            return ollama_error(exc)
         models = [
             {**_model(entry["id"], entry["rbee"]["nodes"][0]), "modified_at": _now()}
             for entry in entries
@@ -233,7 +226,7 @@ class OllamaApi:
         try:
             entries = await self._listing()
         except RbeeError as exc:
-            return error(exc)
+            return ollama_error(exc)
         loaded = [
             {**_model(entry["id"], where), "expires_at": _now(), "size_vram": 0}
             for entry in entries
@@ -251,7 +244,7 @@ class OllamaApi:
                 raise BadParameter("model", "model is required")
             entries = await self._listing()
         except RbeeError as exc:
-            return error(exc)
+            return ollama_error(exc)
         entry = next((e for e in entries if e["id"] == name), None)
         if entry is None:
             return JSONResponse({"error": f"model '{name}' not found"}, 404)
@@ -304,14 +297,14 @@ class OllamaApi:
             keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
             job = gateway.start(call.model, call.params(), keep_alive)
         except RbeeError as exc:
-            return error(exc)
+            return ollama_error(exc)
         try:
             result = await embeddings.run(request, job, call, gateway.config.keepalive_s)
         except BaseException:
             job.cancel()
             raise
         if isinstance(result, Failed):
-            return error(result.error)
+            return ollama_error(result.error)
         if field == "prompt":
             return JSONResponse({"embedding": result.vectors[0].tolist()})
         return JSONResponse(
@@ -345,7 +338,7 @@ class OllamaApi:
                 call.model, call.params, _keep_alive(body, gateway.config.worker_keep_alive_s)
             )
         except RbeeError as exc:
-            return error(exc)
+            return ollama_error(exc)
         shape = _Shape(route, call.model, started, call.tools.names if call.tools else None)
         try:
             if call.stream:
@@ -372,7 +365,7 @@ class OllamaApi:
             job.cancel()
             raise
         if isinstance(end, Failed):
-            return error(end.error)
+            return ollama_error(end.error)
         shape = _Shape(route, model, started, None)
         answer = shape.last("", end.done)
         answer.update(done_reason="unload" if keep_alive == 0 else "load", eval_count=0)
@@ -382,7 +375,7 @@ class OllamaApi:
         """The whole answer in one object."""
         text, end = await collect(request, job, self.gateway.config.keepalive_s)
         if isinstance(end, Failed):
-            return error(end.error)
+            return ollama_error(end.error)
         if shape.tools:
             text, calls = split_calls(text, shape.tools)
             return JSONResponse(shape.last(text, end.done, calls))
@@ -394,7 +387,7 @@ class OllamaApi:
         first = await opening(job, self.gateway.config.keepalive_s)
         if isinstance(first, Failed):
             job.cancel()
-            return error(first.error)
+            return ollama_error(first.error)
         return StreamingResponse(self._lines(job, shape, list(first)), media_type=NDJSON)
 
     async def _lines(self, job: Job, shape: _Shape, first: list[JobEvent]) -> AsyncIterator[bytes]:

@@ -47,9 +47,8 @@ from rbee.errors import (
     ModelNotFound,
     RbeeError,
 )
-from rbee.gateway import ollama
-from rbee.gateway.errors import BadParameter
-from rbee.gateway.http import read_json
+from rbee.gateway.errors import BadParameter, ollama_error
+from rbee.gateway.http import NDJSON, read_json
 from rbee.hub.refs import HF_PREFIX, is_hub_reference, parse_reference
 from rbee.keeper.connect import connect
 from rbee.keeper.job import STOP_CHECK_S
@@ -190,7 +189,7 @@ class ModelsApi:
             if not isinstance(stream, bool):
                 raise BadParameter("stream", "stream must be true or false")
         except RbeeError as exc:
-            return ollama.error(exc)
+            return ollama_error(exc)
         logger.info("request", endpoint="pull", model=reference, stream=stream)
         pull = Pull(gateway.ctx, gateway.config.node, reference)
         try:
@@ -202,8 +201,8 @@ class ModelsApi:
             pull.stop.set()
             raise
         if isinstance(first, RbeeError):
-            return ollama.error(first)
-        return StreamingResponse(self._lines(pull, first), media_type=ollama.NDJSON)
+            return ollama_error(first)
+        return StreamingResponse(self._lines(pull, first), media_type=NDJSON)
 
     async def _whole(self, request: Request, pull: Pull) -> Response:
         """``"stream": false``: one ``success`` at the end, or the error with its status."""
@@ -212,7 +211,7 @@ class ModelsApi:
             while True:
                 event = await pull.next(self.gateway.config.keepalive_s)
                 if isinstance(event, RbeeError):
-                    return ollama.error(event)
+                    return ollama_error(event)
                 if isinstance(event, ModelPulled):
                     return JSONResponse(_success(event))
         finally:
@@ -269,7 +268,7 @@ class ModelsApi:
                     f"this machine's catalog: run `rbee models rm {name}` there"
                 )
         except RbeeError as exc:
-            return ollama.error(exc)
+            return ollama_error(exc)
         try:
             await anyio.to_thread.run_sync(remove_model, name, False, io.StringIO())
         except ModelNotFound:
@@ -277,7 +276,7 @@ class ModelsApi:
         except ModelInUse as exc:  # nothing was deleted
             return JSONResponse({"error": exc.message}, 409)
         except RbeeError as exc:
-            return ollama.error(exc)
+            return ollama_error(exc)
         logger.info("model removed", model=name)
         return Response(status_code=200)
 
