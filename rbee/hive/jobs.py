@@ -10,6 +10,7 @@ new workers and the pool for the workers it dispatches to."""
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable
 
 import zmq
@@ -45,6 +46,7 @@ from rbee.llamacpp import package_version
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
     KEEP_ALIVE_DEFAULT,
+    RECENT_ERRORS,
     Ack,
     Cancel,
     CancelJob,
@@ -53,6 +55,7 @@ from rbee.protocol.messages import (
     Frame,
     FramesReply,
     JobAccepted,
+    JobError,
     Progress,
     RunJob,
     StartJob,
@@ -102,6 +105,7 @@ class JobDesk:
         self.jobs: dict[str, JobRecord] = {}
         self.queue: list[JobRecord] = []  # FIFO of jobs waiting for a slot or a subscription
         self.gate = StreamGate()
+        self.errors: deque[JobError] = deque(maxlen=RECENT_ERRORS)  # failed jobs, latest last
         self.dropped_stream_frames = 0
 
     def running(self) -> list[JobRecord]:
@@ -233,12 +237,17 @@ class JobDesk:
             queued_s=max(0.0, queued_s),
         )
 
+    def note_error(self, model: str, code: str, message: str) -> None:
+        """Keep a failed job for the status (`rbee top`'s LAST ERRORS)."""
+        self.errors.append(JobError(at=time.time(), model=model, code=code, message=message[:256]))
+
     def fail_queued(self, job: JobRecord, error: RbeeError) -> None:
         """End a job that never started: its StartJob is answered with ``error``."""
         self.queue.remove(job)
         job.params = None
         logger.info("job failed", job=job.job_id, code=error.code, error=error.message)
         self.metrics.job_failed(job.model, error.code)
+        self.note_error(job.model, error.code, error.message)
         self.replies.error(job.request, error)
         job.keep(
             encode(StreamError(job_id=job.job_id, seq=0, code=error.code, message=error.message))
@@ -379,6 +388,7 @@ class JobDesk:
             )
         elif isinstance(terminal, StreamError):
             self.metrics.job_failed(job.model, terminal.code)
+            self.note_error(job.model, terminal.code, terminal.message)
             logger.info(
                 "job failed",
                 job=job.job_id,

@@ -441,6 +441,7 @@ class Hive:
             lends=self.lending.enabled,
             lendable_bytes=memory.ram_free_bytes if self.lending.enabled else 0,
             lends_to_you=self.lending.enabled and request.role in ("hive", "admin"),
+            errors=list(self.desk.errors),
         )
         self.replies.send(request, status)
 

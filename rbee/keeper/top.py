@@ -7,9 +7,9 @@ sockets, no clock of its own), so the rates and the error log are tested without
 
 Rates: a hive's status carries each worker's cumulative ``tokens_generated`` (by the jobs it
 finished): tokens per second over the last RATE_WINDOW_S, a job's tokens counted when it ends.
-Errors: hives report no error history in their status, so LAST ERRORS lists what this top met
-(a hive unreachable, not paired, incompatible, gone from reach), each with when it was last seen
-and how many refreshes saw it.
+Errors: LAST ERRORS lists the jobs that failed lately on each hive (its status keeps the last
+few: when, model, code, message) and what this top met (a hive unreachable, not paired,
+incompatible, gone from reach), each with when it was last seen and how many refreshes saw it.
 
 On a terminal the view takes the screen (rich's Live, alternate screen) and reads single keys
 (stdin in cbreak mode, restored on exit, Ctrl-C and errors included): q quits, s cycles the sort
@@ -153,6 +153,8 @@ class Tracker:
             nodes.append(_node_row(v, node_rows))
             if v.error:
                 self.note(v.name, v.error, wall)
+            for e in v.status.errors if v.status else []:  # failed jobs the hive reports
+                self.reported(v.name, f"{e.code} ({e.model}): {e.message}", e.at)
             if v.cloned_id:
                 self.note(v.name, "another hive announces the same node id", wall)
         for key in set(self._history) - live:
@@ -172,9 +174,18 @@ class Tracker:
         while len(self._errors) > ERRORS_KEPT:
             del self._errors[next(iter(self._errors))]
 
+    def reported(self, node: str, message: str, at: float) -> None:
+        """Record a failed job a hive reported (each once, at its own time)."""
+        key = (node, f"{at:.6f} {message}")
+        if key not in self._errors:
+            self._errors[key] = ErrorEntry(node, message, at, at, 1)
+            while len(self._errors) > ERRORS_KEPT:
+                del self._errors[min(self._errors, key=lambda k: self._errors[k].last)]
+
     def errors(self) -> list[ErrorEntry]:
-        """Every error kept, the latest noted first."""
-        return list(reversed(self._errors.values()))
+        """Every error kept, the latest first."""
+        noted = list(reversed(self._errors.values()))  # on a tie, the latest noted first
+        return sorted(noted, key=lambda e: e.last, reverse=True)
 
     def _rate(self, key: tuple[str, str], mono: float, count: int) -> float | None:
         history = self._history.setdefault(key, deque())
@@ -337,7 +348,7 @@ def screen(snapshot: Snapshot | None, interval_s: float, sort: str) -> Renderabl
         parts.append(Text("\nno hives found (is `rbee hive` running? RBEE_SEEDS lists hosts)"))
     parts.append(grid(worker_cells(workers, sort), "WORKERS") if workers else Text("\nno workers"))
     errors = error_lines(snapshot.errors)
-    parts.append(Text("\nLAST ERRORS (met by this top)", style="bold"))
+    parts.append(Text("\nLAST ERRORS", style="bold"))
     for line in errors or ["none"]:
         style = "red" if errors else "dim"
         parts.append(Text(line, style=style, no_wrap=True, overflow="ellipsis"))

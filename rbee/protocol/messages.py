@@ -30,6 +30,7 @@ MAX_STOP_STRINGS = 16
 MAX_CHAT_MESSAGES = 256
 MAX_GRAMMAR_CHARS = 256 * 1024  # a llama.cpp grammar (rbee.grammar makes them from schemas)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+RECENT_ERRORS = 10  # failed jobs a hive's status lists
 MAX_EMBED_INPUTS = 256  # texts one embedding job reads (OpenAI allows 2,048 a request)
 MAX_METRICS_CHARS = 16 * 1024 * 1024  # a hive's Prometheus text (a few KiB a worker)
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -221,6 +222,16 @@ class Status(Frame):
     TYPE = "status"
 
 
+class JobError(Record):
+    """A job that failed on a hive lately (for `rbee top`): when, its model, code and message.
+    No job id: the status goes to every keeper, a job's id only to its owner."""
+
+    at: float = spec(min=0)  # wall clock
+    model: str = spec(max_len=256)
+    code: str = spec(max_len=64)
+    message: str = spec(max_len=256)
+
+
 class HiveStatus(Frame):
     """A hive's answer to Status."""
 
@@ -241,6 +252,7 @@ class HiveStatus(Frame):
     lends: bool = spec(default=False)  # lends memory to peer hives' models (hive-role keys)
     lendable_bytes: int = spec(default=0, min=0)  # RAM a lender could have now
     lends_to_you: bool = spec(default=False)  # and to the key that asked (hive or admin role)
+    errors: list[JobError] = spec(default_factory=list, max_len=RECENT_ERRORS)  # latest last
 
 
 class EnsureWorker(Frame):

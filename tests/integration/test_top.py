@@ -52,6 +52,8 @@ def test_once_prints_a_plain_snapshot_with_the_node_and_its_worker(
 ) -> None:
     done = run_rbee("infer", "-n", "4", "hi", env=rbee_env)
     assert done.returncode == 0, done.stderr
+    too_long = run_rbee("infer", "--raw", "-n", "4", "-", env=rbee_env, stdin="word " * 6000)
+    assert too_long.returncode != 0 and "INVALID_REQUEST" in too_long.stderr
     result = run_rbee("top", "--once", env=rbee_env, timeout=30)
     assert result.returncode == 0, result.stderr
     out = result.stdout
@@ -64,6 +66,8 @@ def test_once_prints_a_plain_snapshot_with_the_node_and_its_worker(
     worker = lines[header + 1].split()
     assert worker[0] == NODE and worker[1].startswith("w-") and worker[2] == DEFAULT_MODEL
     assert worker[3] == "idle" and worker[4] == "0/" + worker[4].split("/")[1]
+    errors = out[out.index("last errors:") :]  # the failed job, as the hive reports it
+    assert f"{NODE}" in errors and f"INVALID_REQUEST ({DEFAULT_MODEL})" in errors
 
 
 def test_plain_snapshots_repeat_until_interrupted(hive: int, rbee_env: dict[str, str]) -> None:

@@ -9,7 +9,7 @@ from rich.console import Console
 
 from rbee.keeper import top
 from rbee.keeper.survey import HiveView
-from rbee.protocol.messages import PROTOCOL_VERSION, HelloReply, HiveStatus, WorkerInfo
+from rbee.protocol.messages import PROTOCOL_VERSION, HelloReply, HiveStatus, JobError, WorkerInfo
 
 GB = 1_000_000_000
 
@@ -128,3 +128,18 @@ def test_the_screen_marks_the_sort_column_and_shows_names_as_text() -> None:
     assert "[bold]a" in text  # a node name is never markup
     console.print(top.screen(None, 2.0, "node"))
     assert "surveying" in out.getvalue()
+
+
+def test_failed_jobs_a_hive_reports_are_listed_once_at_their_own_time() -> None:
+    tracker = top.Tracker()
+    view = hive("a")
+    assert view.status is not None
+    failed = JobError(at=3590.0, model="m", code="INVALID_REQUEST", message="prompt too long")
+    view.status.errors.append(failed)
+    tracker.update([view], mono=0.0, wall=3600.0, took_s=0.1)
+    snap = tracker.update([view, unreachable("b")], mono=2.0, wall=3602.0, took_s=0.1)
+    assert [(e.node, e.count, e.last) for e in snap.errors] == [
+        ("b:7830", 1, 3602.0),
+        ("a", 1, 3590.0),  # once, though two refreshes saw it
+    ]
+    assert "INVALID_REQUEST (m): prompt too long" in top.error_lines(snap.errors)[1]
