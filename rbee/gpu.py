@@ -251,6 +251,14 @@ def _uuid_match(device: CudaDevice, entry: str) -> bool:
     return len(want) >= 4 and have.startswith(want)
 
 
+def process_rss_bytes(pid: int) -> int:
+    """RAM a process holds now (its resident set); 0 once it is gone."""
+    try:
+        return int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return 0
+
+
 def process_vram_bytes(pid: int, *, nvml: Any = None) -> int | None:
     """GPU memory a process holds, summed over all GPUs (NVML's per-process accounting).
 

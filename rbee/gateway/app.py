@@ -143,15 +143,10 @@ class Gateway:
             body = await read_json(request)
             call = embeddings.parse(body, allow_local_models=self.config.allow_local_models)
             encoding = embeddings.encoding_format(body)
-            job = self.start(call.model, call.params())
+            logger.info("request", endpoint="embeddings", model=call.model, inputs=len(call.inputs))
+            result = await embeddings.embed(self, request, call)
         except RbeeError as exc:
             return error_response(exc)
-        logger.info("request", endpoint="embeddings", model=call.model, job=job.job_id)
-        try:
-            result = await embeddings.run(request, job, call, self.config.keepalive_s)
-        except BaseException:
-            job.cancel()
-            raise
         if isinstance(result, Failed):
             return error_response(result.error)
         return JSONResponse(embeddings.openai_response(call, result, encoding))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import base64
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from starlette.requests import Request
@@ -23,6 +23,9 @@ from rbee.gateway.jobs import Job
 from rbee.gateway.params import model_name
 from rbee.keeper.job import Failed
 from rbee.protocol.messages import MAX_EMBED_INPUTS, MAX_PROMPT_CHARS, Done, GenerateParams
+
+if TYPE_CHECKING:
+    from rbee.gateway.app import Gateway
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,23 @@ def parse(body: Any, *, allow_local_models: bool, field: str = "input") -> Embed
     return EmbedCall(model, texts, truncate, dimensions)
 
 
-async def run(request: Request, job: Job, call: EmbedCall, keepalive_s: float) -> Embedded | Failed:
+async def embed(
+    gateway: Gateway, request: Request, call: EmbedCall, keep_alive_s: float | None = None
+) -> Embedded | Failed:
+    """Run ``call`` as a job of ``gateway`` and wait for its vectors (both APIs' routes); the
+    job is stopped if the wait ends otherwise (the server stopping). RbeeError when the job
+    cannot start."""
+    job = gateway.start(call.model, call.params(), keep_alive_s)
+    try:
+        return await _vectors(request, job, call, gateway.config.keepalive_s)
+    except BaseException:
+        job.cancel()
+        raise
+
+
+async def _vectors(
+    request: Request, job: Job, call: EmbedCall, keepalive_s: float
+) -> Embedded | Failed:
     """Wait for the job's vectors (cut to ``dimensions``; a client that hangs up cancels it)."""
     _, end = await collect(request, job, keepalive_s)
     if isinstance(end, Failed):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -33,10 +34,16 @@ async def read_json(request: Request) -> Any:
         raise BadParameter(None, "the request body nests JSON too deeply") from None
 
 
-async def cancel_on_disconnect(request: Request, job: Job) -> None:
+def ndjson_line(obj: dict[str, Any]) -> bytes:
+    """One line of an Ollama stream."""
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
+
+async def cancel_on_disconnect(request: Request, cancel: Callable[[], None]) -> None:
+    """Call ``cancel`` once the client hangs up."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    job.cancel()
+    cancel()
 
 
 async def collect(
@@ -44,7 +51,7 @@ async def collect(
 ) -> tuple[str, Finished | Failed]:
     """A whole answer's text and how the job ended (its tokens' log probabilities added to
     ``probs``); a client that hangs up meanwhile cancels the job."""
-    watcher = asyncio.ensure_future(cancel_on_disconnect(request, job))
+    watcher = asyncio.ensure_future(cancel_on_disconnect(request, job.cancel))
     pieces: list[str] = []
     try:
         while True:

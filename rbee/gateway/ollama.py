@@ -34,7 +34,7 @@ from starlette.routing import Route
 from rbee.errors import RbeeError
 from rbee.gateway import embeddings, ollama_models
 from rbee.gateway.errors import BadParameter, ollama_error
-from rbee.gateway.http import NDJSON, collect, opening, read_json
+from rbee.gateway.http import NDJSON, collect, ndjson_line, opening, read_json
 from rbee.gateway.jobs import Job
 from rbee.gateway.listing import list_models
 from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, Kind, model_name, parse_call
@@ -239,9 +239,7 @@ class OllamaApi:
         """POST /api/show: one model's details (404 as Ollama's when no hive holds it)."""
         try:
             body = await read_json(request)
-            name = body.get("model") or body.get("name") if isinstance(body, dict) else None
-            if not isinstance(name, str) or not name:
-                raise BadParameter("model", "model is required")
+            name = ollama_models.model_name(body)
             entries = await self._listing()
         except RbeeError as exc:
             return ollama_error(exc)
@@ -295,14 +293,9 @@ class OllamaApi:
                 body, allow_local_models=gateway.config.allow_local_models, field=field
             )
             keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
-            job = gateway.start(call.model, call.params(), keep_alive)
+            result = await embeddings.embed(gateway, request, call, keep_alive)
         except RbeeError as exc:
             return ollama_error(exc)
-        try:
-            result = await embeddings.run(request, job, call, gateway.config.keepalive_s)
-        except BaseException:
-            job.cancel()
-            raise
         if isinstance(result, Failed):
             return ollama_error(result.error)
         if field == "prompt":
@@ -400,15 +393,15 @@ class OllamaApi:
                 if isinstance(event, Text) and (
                     text := held.feed(event.text) if held else event.text
                 ):
-                    yield _line(shape.piece(text))
+                    yield ndjson_line(shape.piece(text))
                 elif isinstance(event, Finished):
                     rest, calls = held.end() if held else ("", [])
                     if rest or calls:
-                        yield _line(shape.piece(rest, calls))
-                    yield _line(shape.last("", event.done))
+                        yield ndjson_line(shape.piece(rest, calls))
+                    yield ndjson_line(shape.last("", event.done))
                     return
                 elif isinstance(event, Failed):
-                    yield _line({"error": event.error.message})
+                    yield ndjson_line({"error": event.error.message})
                     return
         finally:
             job.cancel()
@@ -461,10 +454,6 @@ def _loads_only(route: Kind, body: Any) -> bool:
 
 def _no_vectors(body: dict[str, Any]) -> dict[str, Any]:
     return {"model": body.get("model", ""), "embeddings": []}
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
 
 
 def _keep_alive(body: Any, default: float) -> float:

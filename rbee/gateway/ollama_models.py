@@ -25,7 +25,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import io
-import json
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -48,7 +47,7 @@ from rbee.errors import (
     RbeeError,
 )
 from rbee.gateway.errors import BadParameter, ollama_error
-from rbee.gateway.http import NDJSON, read_json
+from rbee.gateway.http import NDJSON, cancel_on_disconnect, ndjson_line, read_json
 from rbee.hub.refs import HF_PREFIX, is_hub_reference, parse_reference
 from rbee.keeper.connect import connect
 from rbee.keeper.job import STOP_CHECK_S
@@ -206,7 +205,7 @@ class ModelsApi:
 
     async def _whole(self, request: Request, pull: Pull) -> Response:
         """``"stream": false``: one ``success`` at the end, or the error with its status."""
-        watcher = asyncio.ensure_future(_stop_on_disconnect(request, pull))
+        watcher = asyncio.ensure_future(cancel_on_disconnect(request, pull.stop.set))
         try:
             while True:
                 event = await pull.next(self.gateway.config.keepalive_s)
@@ -225,25 +224,25 @@ class ModelsApi:
         last: dict[str, Any] = {"status": "pulling manifest"}
         shown_at, complete = 0.0, False
         try:
-            yield _line(last)
+            yield ndjson_line(last)
             while True:
                 if event is None:
-                    yield _line(last)
+                    yield ndjson_line(last)
                 elif isinstance(event, RbeeError):
-                    yield _line({"error": event.message})
+                    yield ndjson_line({"error": event.message})
                     return
                 elif isinstance(event, Progress) and event.total:
                     now = time.monotonic()
                     complete = event.done >= event.total
                     if complete or now - shown_at >= PROGRESS_EVERY_S:
                         last, shown_at = _progress(pull, event.done, event.total), now
-                        yield _line(last)
+                        yield ndjson_line(last)
                 elif isinstance(event, ModelPulled):
                     if not complete:  # already here, or too small to report: show it whole
-                        yield _line(_progress(pull, event.size_bytes, event.size_bytes))
+                        yield ndjson_line(_progress(pull, event.size_bytes, event.size_bytes))
                     for status in ("verifying sha256 digest", "writing manifest"):
-                        yield _line({"status": status})
-                    yield _line(_success(event))
+                        yield ndjson_line({"status": status})
+                    yield ndjson_line(_success(event))
                     return
                 event = await pull.next(self.gateway.config.keepalive_s)
         finally:
@@ -281,12 +280,6 @@ class ModelsApi:
         return Response(status_code=200)
 
 
-async def _stop_on_disconnect(request: Request, pull: Pull) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-    pull.stop.set()
-
-
 def _progress(pull: Pull, done: float, total: float) -> dict[str, Any]:
     return {
         "status": f"pulling {pull.reference}",
@@ -298,7 +291,3 @@ def _progress(pull: Pull, done: float, total: float) -> dict[str, Any]:
 
 def _success(pulled: ModelPulled) -> dict[str, Any]:
     return {"status": "success", "model": pulled.name}
-
-
-def _line(obj: dict[str, Any]) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"

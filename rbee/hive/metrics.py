@@ -37,7 +37,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import psutil
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -49,6 +48,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from rbee.errors import InvalidRequest
+from rbee.gpu import process_rss_bytes
 from rbee.hive.registry import WorkerRecord
 from rbee.protocol.messages import Done
 from rbee.transport.sockets import cannot_listen, is_loopback
@@ -163,19 +163,12 @@ class _Present(Collector):
             device = "vram" if w.backend == "cuda" else "ram"
             if w.estimate_bytes:
                 estimated.add_metric([*at, device], w.estimate_bytes)
-            rss = _rss(w.pid)
+            rss = process_rss_bytes(w.pid)
             if rss:
                 measured.add_metric([*at, "ram"], rss)
             if w.backend == "cuda" and w.vram_bytes:
                 measured.add_metric([*at, "vram"], w.vram_bytes)
         yield from (queue, slots, busy, estimated, measured)
-
-
-def _rss(pid: int) -> int:
-    try:
-        return int(psutil.Process(pid).memory_info().rss)
-    except psutil.Error:
-        return 0
 
 
 class HiveMetrics:

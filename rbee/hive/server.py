@@ -455,10 +455,7 @@ class Hive:
         several jobs shows the oldest one the caller may see."""
         infos = []
         for w in self.pool.records():
-            try:
-                rss = psutil.Process(w.pid).memory_info().rss
-            except psutil.Error:
-                rss = 0
+            rss = gpu.process_rss_bytes(w.pid)
             vram = (w.vram_bytes or gpu.process_vram_bytes(w.pid)) if w.backend == "cuda" else None
             infos.append(w.info(rss, vram, lambda job_id: self.desk.shown_to(request, job_id)))
         return infos
