@@ -165,7 +165,9 @@ def test_ollama_chat_with_tools(gateway: Server, tool_model: str) -> None:
     """Ollama's client: tools offered (Ollama lets the model decide), a call and its result
     sent back in Ollama's shape (arguments as an object, the tool's answer by name)."""
     client = ollama_client_for(gateway)
-    reply = client.chat(tool_model, messages=ASK, tools=[WEATHER], options={"seed": 5})
+    reply = client.chat(
+        tool_model, messages=ASK, tools=[WEATHER], options={"seed": 5, "num_predict": 80}
+    )
     calls = reply.message.tool_calls or []
     assert reply.message.content or calls
     assert all(
@@ -193,7 +195,9 @@ def test_ollama_chat_with_tools(gateway: Server, tool_model: str) -> None:
         )
     )
     assert streamed[-1].done and (streamed[-1].prompt_eval_count or 0) > 100
-    plain = client.chat(DEFAULT_MODEL, messages=ASK, tools=[])  # no tools: any model
+    plain = client.chat(  # no tools: any model
+        DEFAULT_MODEL, messages=ASK, tools=[], options={"num_predict": 20}
+    )
     assert plain.message.content
 
 
