@@ -33,6 +33,7 @@ from rbee.protocol.messages import (
     FILE_PREFIX,
     HIVE_KEEP_ALIVE_S,
     KEEP_ALIVE_DEFAULT,
+    MAX_CTX_TOKENS,
     PAIR_WINDOW_S,
     PLACEMENTS,
     PROTOCOL_VERSION,
@@ -102,6 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--top-p", type=float, default=0.95, help="default: 0.95")
     infer.add_argument("--top-k", type=int, default=40, help="default: 40")
     infer.add_argument("--seed", type=int, default=-1, help="-1 picks a random seed (default)")
+    infer.add_argument(
+        "--ctx",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tokens of context the worker holds for the job; a worker with less is not used "
+        "(default 0: the model's own, at most 4096; more than the model's is cut to it)",
+    )
     infer.add_argument(
         "--stop",
         action="append",
@@ -670,6 +679,8 @@ def _infer(args: argparse.Namespace) -> int:
     from rbee.protocol.messages import GenerateParams
 
     _keeper_logging()
+    if not 0 <= args.ctx <= MAX_CTX_TOKENS:
+        raise InvalidRequest(f"--ctx must be between 0 and {MAX_CTX_TOKENS} (got {args.ctx})")
     params = GenerateParams(
         prompt=_prompt(args),
         max_tokens=args.max_tokens,
@@ -689,6 +700,7 @@ def _infer(args: argparse.Namespace) -> int:
         keep_alive_s=args.keep_alive,
         backend=args.backend,
         device=args.device,
+        n_ctx=args.ctx,
     )
     run_infer(request, receipt=args.receipt)
     return ExitCode.OK

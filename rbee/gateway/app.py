@@ -173,13 +173,22 @@ class Gateway:
             job.cancel()  # the server is stopping, or a bug: never leave a worker generating
             raise
 
-    def start(self, model: str, params: GenerateParams, keep_alive_s: float | None = None) -> Job:
+    def start(
+        self,
+        model: str,
+        params: GenerateParams,
+        keep_alive_s: float | None = None,
+        n_ctx: int = 0,
+    ) -> Job:
         """Start a validated request's job where this gateway sends its work (``keep_alive_s``:
-        the request's own, else the gateway's)."""
+        the request's own, else the gateway's; ``n_ctx``: the context per slot it needs, 0 for
+        the model's default)."""
         keep_alive = self.config.worker_keep_alive_s if keep_alive_s is None else keep_alive_s
         config = self.config
         return self.jobs.start(
-            InferRequest(model, params, config.node, keep_alive, config.backend, config.device)
+            InferRequest(
+                model, params, config.node, keep_alive, config.backend, config.device, n_ctx
+            )
         )
 
     async def _whole(

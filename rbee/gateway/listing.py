@@ -68,7 +68,9 @@ def shape(places: list[tuple[str, str, HiveStatus]]) -> dict[str, Any]:
                     "node": name,
                     "address": address,
                     "loaded": any(w.state in ("idle", "busy") for w in workers),
-                    "workers": [{"id": w.worker_id, "state": w.state} for w in workers],
+                    "workers": [
+                        {"id": w.worker_id, "state": w.state, "n_ctx": w.n_ctx} for w in workers
+                    ],
                     "architecture": m.architecture,
                     "quantization": m.quantization,
                     "parameters": m.parameter_count,

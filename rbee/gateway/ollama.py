@@ -12,7 +12,8 @@ Ollama's: ``{"error": "…"}`` with the HTTP status. ``format`` (``"json"`` or a
 becomes a grammar the output follows (rbee.grammar); ``tools`` are offered as on the OpenAI
 routes (rbee.gateway.tools) and calls come back in Ollama's shape; ``/api/embed`` and
 ``/api/embeddings`` are embedding jobs (rbee.gateway.embeddings); ``/api/pull`` and
-``/api/delete`` manage models (rbee.gateway.ollama_models). Not here: images, ``suffix``,
+``/api/delete`` manage models (rbee.gateway.ollama_models). ``options.num_ctx`` picks (or
+loads) a worker whose slots hold that much context. Not here: images, ``suffix``,
 ``template``; a request that uses them gets a 400 naming the field rather than an answer that
 quietly ignores it.
 """
@@ -40,7 +41,7 @@ from rbee.gateway.listing import list_models
 from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, Kind, model_name, parse_call
 from rbee.gateway.tools import ToolStream, split_calls
 from rbee.keeper.job import Failed, Finished, JobEvent, Text
-from rbee.protocol.messages import Done, GenerateParams
+from rbee.protocol.messages import MAX_CTX_TOKENS, Done, GenerateParams
 
 if TYPE_CHECKING:
     from rbee.gateway.app import Gateway
@@ -92,7 +93,7 @@ def translate(kind: Kind, body: Any) -> dict[str, Any]:
     if not isinstance(stream, bool):
         raise BadParameter("stream", "stream must be true or false")
     out: dict[str, Any] = {"model": body.get("model"), "stream": stream}
-    for name, value in options.items():  # others (num_ctx, num_thread …) change nothing here
+    for name, value in options.items():  # num_ctx: num_ctx(); others (num_thread …): nothing
         if name in OPTIONS:
             out[OPTIONS[name]] = value
     if out.get("max_tokens") in (-1, -2):  # Ollama: until the model stops, or the context fills
@@ -222,16 +223,23 @@ class OllamaApi:
         return JSONResponse({"models": models})
 
     async def ps(self, request: Request) -> Response:
-        """GET /api/ps: the models a worker holds now."""
+        """GET /api/ps: the models a worker holds now, one entry per loaded worker (a model
+        loaded with two contexts is listed twice), each with its ``context_length``."""
         try:
             entries = await self._listing()
         except RbeeError as exc:
             return ollama_error(exc)
         loaded = [
-            {**_model(entry["id"], where), "expires_at": _now(), "size_vram": 0}
+            {
+                **_model(entry["id"], where),
+                "expires_at": _now(),
+                "size_vram": 0,
+                "context_length": worker.get("n_ctx", 0),
+            }
             for entry in entries
             for where in entry["rbee"]["nodes"]
-            if where.get("loaded")
+            for worker in where.get("workers", [])
+            if worker.get("state") in ("idle", "busy")
         ]
         return JSONResponse({"models": loaded})
 
@@ -327,9 +335,8 @@ class OllamaApi:
                 )
             except BadParameter as exc:
                 raise named_for_ollama(exc) from None
-            job = gateway.start(
-                call.model, call.params, _keep_alive(body, gateway.config.worker_keep_alive_s)
-            )
+            keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
+            job = gateway.start(call.model, call.params, keep_alive, num_ctx(body))
         except RbeeError as exc:
             return ollama_error(exc)
         shape = _Shape(route, call.model, started, call.tools.names if call.tools else None)
@@ -351,7 +358,7 @@ class OllamaApi:
         model = model_name(body, gateway.config.allow_local_models)
         keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
         params = GenerateParams(prompt=" ", raw=True, max_tokens=1, temperature=0.0)
-        job = gateway.start(model, params, keep_alive)
+        job = gateway.start(model, params, keep_alive, num_ctx(body))
         try:
             _, end = await collect(request, job, gateway.config.keepalive_s)
         except BaseException:
@@ -450,6 +457,25 @@ def _loads_only(route: Kind, body: Any) -> bool:
     if route == "chat":
         return body.get("messages") in (None, [])
     return not body.get("prompt") and not body.get("suffix") and not body.get("images")
+
+
+def num_ctx(body: Any) -> int:
+    """Ollama's ``options.num_ctx``: the tokens of context the request's worker must hold (0:
+    none asked, the model's default). The hive cuts a value over the model's trained context
+    to that, as Ollama does, and never hands the job to a worker loaded with less."""
+    options = body.get("options") if isinstance(body, dict) else None
+    value = options.get("num_ctx") if isinstance(options, dict) else None
+    if value is None:
+        return 0
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadParameter("options.num_ctx", "options.num_ctx must be an integer")
+    if not 1 <= value <= MAX_CTX_TOKENS:
+        raise BadParameter(
+            "options.num_ctx", f"options.num_ctx must be between 1 and {MAX_CTX_TOKENS}"
+        )
+    return value
 
 
 def _no_vectors(body: dict[str, Any]) -> dict[str, Any]:

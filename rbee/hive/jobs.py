@@ -31,7 +31,7 @@ from rbee.errors import (
 from rbee.gpu import where_text
 from rbee.hive.metrics import HiveMetrics
 from rbee.hive.pool import SIGNAL_HINT, Event, WorkerPool, lender_lost
-from rbee.hive.provision import NeedsPull, Provisioner
+from rbee.hive.provision import NeedsPull, Provisioner, slot_context
 from rbee.hive.registry import (
     JobRecord,
     WorkerRecord,
@@ -45,6 +45,7 @@ from rbee.hive.streams import StreamGate
 from rbee.llamacpp import package_version
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
+    DEFAULT_CTX_TOKENS,
     KEEP_ALIVE_DEFAULT,
     RECENT_ERRORS,
     Ack,
@@ -131,6 +132,10 @@ class JobDesk:
             model, path = preferred.model, preferred.model_path
             if self.draining():
                 raise HiveDraining(f"hive {self.node} is shutting down")
+            # what made it the choice for a request naming no context is enough for this one
+            n_ctx = min(preferred.n_ctx, DEFAULT_CTX_TOKENS)
+            if frame.n_ctx:
+                n_ctx = self._context(frame.model, frame.n_ctx)
         else:
             try:
                 entry = self.provisioner.resolve(frame.model)
@@ -140,6 +145,7 @@ class JobDesk:
                     suggestion=f"`rbee models pull {need.reference}` (or run it with rbee infer)",
                 ) from None
             model, path = entry.name, entry.path
+            n_ctx = slot_context(entry.context_length, frame.n_ctx)
         keep_alive = frame.keep_alive_s
         job = JobRecord(
             job_id=frame.job_id,
@@ -153,6 +159,7 @@ class JobDesk:
             preferred_worker=frame.worker_id,
             backend=preferred.backend if preferred is not None else "",
             device=preferred.device if preferred is not None else "",
+            n_ctx=n_ctx,
         )
         waiting = waiting_for_slots([*self.queue, job], self.pool.records())
         if len(waiting) > self.config.limits.max_queue:
@@ -167,6 +174,14 @@ class JobDesk:
         self.queue.append(job)
         logger.info("job queued", job=job.job_id, model=model, waiting=len(self.queue))
         self.schedule(time.monotonic())
+
+    def _context(self, model: str, n_ctx: int) -> int:
+        """The context per slot a job asking for ``n_ctx`` needs: the provisioner's answer
+        (cut to what the model was trained on), as its EnsureWorker got."""
+        try:
+            return slot_context(self.provisioner.resolve(model).context_length, n_ctx)
+        except NeedsPull:  # its worker is here, so the model is: never, but not a reason to fail
+            return n_ctx
 
     def schedule(self, now: float) -> None:
         """Start queued jobs in free slots (FIFO per model); keep waiting keepers informed."""

@@ -149,6 +149,7 @@ class WorkerPool:
             lenders=tuple(lender.node for lender in where.lenders),
             tunnels=tunnels,
             n_layers=where.n_layers if where.lenders else 0,
+            n_ctx=n_ctx,
         )
         self.workers[worker_id] = record
         self.procs[worker_id] = proc
@@ -192,6 +193,7 @@ class WorkerPool:
             worker.vram_bytes, worker.gpu_layers = frame.vram_bytes, frame.gpu_layers
             worker.n_layers = frame.n_layers
             worker.slots = min(worker.slots, frame.slots)  # never more than estimated for
+            worker.n_ctx = frame.n_ctx or worker.n_ctx  # what llama.cpp gave each slot
             worker.last_activity = time.time()
             logger.info(
                 "worker ready",

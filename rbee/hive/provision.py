@@ -25,6 +25,7 @@ from rbee.hive.registry import (
     JobRecord,
     Serves,
     WorkerRecord,
+    holds_context,
     pick_free,
     plan_worker,
     waiting_for_slots,
@@ -243,8 +244,13 @@ class Provisioner:
     def spot(self, entry: ModelEntry, n_ctx: int, backend: str, device: str) -> Spot:
         """Where a new worker of ``entry`` would go: placed automatically (``auto`` with no
         device: rbee.hive.fit over the ledger's free memory), or on the backend and device
-        asked for (``auto`` naming a device means that GPU)."""
+        asked for (``auto`` naming a device means that GPU). Its ``serves`` accepts only
+        workers whose slots hold the context asked for."""
         context = self.context(entry, n_ctx)
+        got = self._spot(entry, context, backend, device)
+        return dataclasses.replace(got, serves=_with_context(got.serves, context))
+
+    def _spot(self, entry: ModelEntry, context: int, backend: str, device: str) -> Spot:
         if backend == "auto" and not device:
             inventory = self.ledger.available(self.inventory(), gpu.process_vram_bytes)
 
@@ -260,7 +266,7 @@ class Provisioner:
                 refusal = got.refusal(entry.name, self.node)
             return Spot(got.placement, got.estimate, refusal, _any_device, got)
         where = self.place(_forced(backend), device)
-        needed = self.estimate(entry, n_ctx, where)
+        needed = self.estimate(entry, context, where)
         try:
             placement.check_fits(needed, where, entry.name, self.node)
             refusal = None
@@ -277,7 +283,10 @@ class Provisioner:
         self, request: Request, entry: ModelEntry, n_ctx: int, backend: str, device: str
     ) -> None:
         quick = _serves_without_devices(backend, device)
-        warm = pick_free(self.pool.records(), entry.path, serves=quick) if quick else None
+        context = self.context(entry, n_ctx)
+        warm = None
+        if quick is not None:
+            warm = pick_free(self.pool.records(), entry.path, serves=_with_context(quick, context))
         if warm is not None:  # the common case, answered without asking NVML anything
             assigned = WorkerAssigned(
                 worker_id=warm.worker_id, model=warm.model, reused=True, load_s=0
@@ -397,9 +406,8 @@ class Provisioner:
         )
 
     def context(self, entry: ModelEntry, n_ctx: int) -> int:
-        """The context of each slot of a worker: as asked, else the model's own, at most the
-        default."""
-        return n_ctx or min(entry.context_length or DEFAULT_CTX_TOKENS, DEFAULT_CTX_TOKENS)
+        """The context of each slot of a worker of ``entry`` asked for ``n_ctx``."""
+        return slot_context(entry.context_length, n_ctx)
 
     def spawn(
         self,
@@ -439,14 +447,14 @@ class Provisioner:
                 continue  # at a limit: no need to look at memory
             try:
                 entry = self.catalog.resolve(job.model, allow_files=self.config.loopback_only)
-                spot = self.spot(entry, 0, job.backend or self.config.backend, job.device)
+                spot = self.spot(entry, job.n_ctx, job.backend or self.config.backend, job.device)
             except RbeeError:  # e.g. a worker over several GPUs: no second copy of it
                 continue
             plan = plan_worker(records, job.model_path, limits, spot.fits, job.runs_on)
             if plan.action == "spawn" and spot.placement is not None:
                 if plan.evict is not None:
                     self.pool.stop(plan.evict, f"making room for {entry.name}")
-                self.spawn(entry, 0, spot.placement, spot.needed)
+                self.spawn(entry, job.n_ctx, spot.placement, spot.needed)
 
     def on_worker_event(self, event: Event) -> None:
         """Tell the requests waiting for a worker how its load goes, and what they got."""
@@ -538,6 +546,21 @@ def _serves_without_devices(backend: str, device: str) -> Serves | None:
     if backend in ("cuda", "auto") and (not device or device.isdigit()):
         return lambda w: w.backend == "cuda" and not w.partial and device in ("", w.device)
     return None
+
+
+def slot_context(trained: int, n_ctx: int) -> int:
+    """The context of each slot of a worker asked for ``n_ctx`` (0: none asked) of a model
+    trained on ``trained`` tokens (0: unknown): as asked, else the model's own, at most the
+    default. More than the model was trained on is cut to that, as Ollama does with a
+    ``num_ctx`` over the model's context length (its llm/server.go), rather than refused."""
+    if n_ctx:
+        return min(n_ctx, trained) if trained else n_ctx
+    return min(trained or DEFAULT_CTX_TOKENS, DEFAULT_CTX_TOKENS)
+
+
+def _with_context(serves: Serves, n_ctx: int) -> Serves:
+    """``serves``, narrowed to workers whose slots hold ``n_ctx`` tokens of context."""
+    return lambda w: serves(w) and holds_context(w, n_ctx)
 
 
 def _forced(backend: str) -> str:

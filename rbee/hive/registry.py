@@ -37,6 +37,13 @@ def _anywhere(worker: WorkerRecord) -> bool:
     return True
 
 
+def holds_context(worker: WorkerRecord, n_ctx: int) -> bool:
+    """Whether each slot of ``worker`` holds ``n_ctx`` tokens of context: a request that asked
+    for more (Ollama's ``options.num_ctx``) would fail or be cut short there, so it gets a
+    worker loaded with that context instead. 0 on either side: nothing asked, or not known."""
+    return n_ctx <= 0 or worker.n_ctx <= 0 or worker.n_ctx >= n_ctx
+
+
 @dataclass(eq=False)
 class WorkerRecord:
     """One worker process and what the hive knows of it."""
@@ -50,6 +57,7 @@ class WorkerRecord:
     device_uuid: str = ""  # the CUDA GPUs it was given (CUDA_VISIBLE_DEVICES)
     state: WorkerState = "loading"  # idle: runs no job; busy: runs at least one
     slots: int = 1  # jobs it runs at once: as asked at spawn, then as its WorkerReady says
+    n_ctx: int = 0  # tokens of context per slot: as asked at spawn, then as WorkerReady says
     job_ids: list[str] = field(default_factory=list)  # the jobs it runs, oldest first
     started_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
@@ -128,6 +136,7 @@ class WorkerRecord:
             n_layers=self.n_layers,
             layers=list(self.layers),
             lenders=list(self.lenders),
+            n_ctx=self.n_ctx,
         )
 
     def start_job(self, job_id: str, keep_alive_s: float) -> None:
@@ -174,6 +183,7 @@ class JobRecord:
     preferred_worker: str = ""
     backend: str = ""  # where the job may run ("": anywhere), from its preferred worker
     device: str = ""
+    n_ctx: int = 0  # the context per slot it needs (0: any worker of its model will do)
     worker_id: str = ""
     queued_at: float = field(default_factory=time.monotonic)
     dispatched: bool = False
@@ -201,8 +211,10 @@ class JobRecord:
 
     def runs_on(self, worker: WorkerRecord) -> bool:
         """Whether the job may run on ``worker``: anywhere, or where its preferred worker runs
-        (a job sent to a GPU worker never lands on a CPU worker holding the same model)."""
-        return not self.backend or (worker.backend, worker.device) == (self.backend, self.device)
+        (a job sent to a GPU worker never lands on a CPU worker holding the same model), and
+        only where a slot holds the context it needs."""
+        where = not self.backend or (worker.backend, worker.device) == (self.backend, self.device)
+        return where and holds_context(worker, self.n_ctx)
 
 
 @dataclass(frozen=True)

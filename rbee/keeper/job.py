@@ -35,6 +35,7 @@ from rbee.keeper.choose import has_free_slot
 from rbee.keeper.link import HiveLink
 from rbee.keeper.stream import JobStream, StreamFrame, describe
 from rbee.protocol.messages import (
+    DEFAULT_CTX_TOKENS,
     KEEP_ALIVE_DEFAULT,
     Cancel,
     Done,
@@ -69,6 +70,7 @@ class InferRequest:
     keep_alive_s: float = KEEP_ALIVE_DEFAULT
     backend: str = "auto"  # auto: the hive places it (GPU first); cpu; cuda: all on one GPU
     device: str = ""  # a GPU index or UUID for backend "cuda" ("": the hive picks)
+    n_ctx: int = 0  # context per slot (0: the model's own, up to the hive's default)
 
 
 @dataclass(frozen=True)
@@ -229,6 +231,7 @@ class InferJob:
                 and has_free_slot(w)
                 and request.backend in ("auto", w.backend)
                 and request.device in ("", w.device)
+                and (w.n_ctx == 0 or w.n_ctx >= (request.n_ctx or DEFAULT_CTX_TOKENS))
             ):
                 warm = WorkerAssigned(worker_id=w.worker_id, model=w.model, reused=True, load_s=0)
                 yield assigned_event(warm)
@@ -239,7 +242,12 @@ class InferJob:
         """Phases reuse/spawn, registration and loading (a Hub model downloads first): a
         worker holding the model, on the backend (and GPU) asked for."""
         request = self.request
-        ensure = EnsureWorker(model=request.model, backend=request.backend, device=request.device)
+        ensure = EnsureWorker(
+            model=request.model,
+            backend=request.backend,
+            device=request.device,
+            n_ctx=request.n_ctx,
+        )
         for frame in self._replies(self.link.client.send(ensure)):
             if isinstance(frame, ProgressFrame):
                 yield progress_event(frame)
@@ -258,6 +266,7 @@ class InferJob:
             params=request.params,
             worker_id=assigned.worker_id,
             keep_alive_s=request.keep_alive_s,
+            n_ctx=request.n_ctx,
         )
         self.submitted = True
         said = ""

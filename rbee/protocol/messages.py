@@ -179,6 +179,7 @@ class WorkerInfo(Record):
     n_layers: int = spec(default=0, min=0)  # of how many (0: unknown, or the CPU)
     layers: list[int] = spec(default_factory=list, max_len=MAX_GPUS)  # per GPU, when several
     lenders: list[str] = spec(default_factory=list, max_len=16)  # hives holding ``layers``
+    n_ctx: int = spec(default=0, min=0)  # tokens of context per slot (0: not known yet)
 
 
 class ModelInfo(Record):
@@ -296,6 +297,7 @@ class WorkerAssigned(Frame):
 
 READY_PREFIX = "RBEE_HIVE_READY"  # an ephemeral hive's stdout line: "PREFIX front stream"
 DEFAULT_CTX_TOKENS = 4096  # a worker's context when none is asked for (at most the model's)
+MAX_CTX_TOKENS = 1 << 20  # the most context per slot a request may ask for
 KEEP_ALIVE_DEFAULT = -2.0  # keep_alive_s: the hive's default; -1 forever; 0 unload at once
 HIVE_KEEP_ALIVE_S = 300.0  # the hive's default: an idle worker unloads after 5 minutes
 
@@ -333,6 +335,9 @@ class StartJob(Frame):
     params: GenerateParams
     worker_id: str = spec(default="", max_len=ID_CHARS, pattern=f"|{ID_PATTERN}")
     keep_alive_s: float = spec(default=KEEP_ALIVE_DEFAULT, min=-2.0, max=365 * 86400.0)
+    # The context per slot the job needs (0: the model's own, up to the default): a worker with
+    # less never takes it, as EnsureWorker never assigns one (Ollama's options.num_ctx).
+    n_ctx: int = spec(default=0, min=0, max=MAX_CTX_TOKENS)
 
 
 class JobAccepted(Frame):

@@ -58,7 +58,7 @@ class Provisioner:
     catalog = SimpleNamespace(get=lambda name: None)  # no entry: a receipt without sha256
 
     def resolve(self, reference: str) -> Any:
-        return SimpleNamespace(name="a", path=A)
+        return SimpleNamespace(name="a", path=A, context_length=0)
 
     def scale_for(self, queue: list[Any]) -> None:
         pass

@@ -3,6 +3,7 @@ with an in-memory hive (scripted answers per request type) and SUB."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -364,6 +365,7 @@ def test_the_idle_worker_of_the_status_is_used_once(monkeypatch: pytest.MonkeyPa
         device="",
         slots=1,
         slots_busy=0,
+        n_ctx=4096,
     )
     link.status = SimpleNamespace(workers=[idle])  # type: ignore[assignment]
     events = run(InferJob(link, REQUEST))
@@ -388,10 +390,37 @@ def test_a_status_worker_is_used_only_with_a_free_slot(
         device="",
         slots=4,
         slots_busy=busy,
+        n_ctx=4096,
     )
     link.status = SimpleNamespace(workers=[shown])  # type: ignore[assignment]
     events = run(InferJob(link, REQUEST))
     assert len(client.of_type(EnsureWorker)) == (0 if direct else 1)
     if direct:
         assert events[0] == Waiting("worker", f"reusing worker {WORKER} ({MODEL}): a slot is free")
+    assert isinstance(events[-1], Finished)
+
+
+@pytest.mark.parametrize(("has", "asked", "direct"), [(4096, 4096, True), (2048, 4096, False)])
+def test_a_status_worker_is_used_only_with_the_context_asked_for(
+    monkeypatch: pytest.MonkeyPatch, has: int, asked: int, direct: bool
+) -> None:
+    """A worker whose slots hold less context than the request asks for is not used: the
+    keeper asks the hive, passing the context on (EnsureWorker and StartJob)."""
+    link, client, _ = setup(monkeypatch, {EnsureWorker: [COLD], StartJob: [[accepted]]})
+    shown = SimpleNamespace(
+        worker_id=WORKER,
+        model=MODEL,
+        state="idle",
+        backend="cpu",
+        device="",
+        slots=1,
+        slots_busy=0,
+        n_ctx=has,
+    )
+    link.status = SimpleNamespace(workers=[shown])  # type: ignore[assignment]
+    events = run(InferJob(link, dataclasses.replace(REQUEST, n_ctx=asked)))
+    ensured = client.of_type(EnsureWorker)
+    assert len(ensured) == (0 if direct else 1)
+    assert all(e.n_ctx == asked for e in ensured)
+    assert client.of_type(StartJob)[0].n_ctx == asked
     assert isinstance(events[-1], Finished)
