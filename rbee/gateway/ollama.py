@@ -13,17 +13,19 @@ becomes a grammar the output follows (rbee.grammar); ``tools`` are offered as on
 routes (rbee.gateway.tools) and calls come back in Ollama's shape; ``/api/embed`` and
 ``/api/embeddings`` are embedding jobs (rbee.gateway.embeddings); ``/api/pull`` and
 ``/api/delete`` manage models (rbee.gateway.ollama_models). ``options.num_ctx`` picks (or
-loads) a worker whose slots hold that much context. Not here: images, ``suffix``,
+loads) a worker whose slots hold that much context; ``logprobs``/``top_logprobs`` are answered
+in Ollama's shape (rbee.gateway.ollama_probs). Not here: images, ``suffix``,
 ``template``; a request that uses them gets a 400 naming the field rather than an answer that
 quietly ignores it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -33,7 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from rbee.errors import RbeeError
-from rbee.gateway import embeddings, ollama_models
+from rbee.gateway import embeddings, ollama_models, ollama_probs
 from rbee.gateway.errors import BadParameter, ollama_error
 from rbee.gateway.http import NDJSON, collect, ndjson_line, opening, read_json
 from rbee.gateway.jobs import Job
@@ -41,7 +43,7 @@ from rbee.gateway.listing import list_models
 from rbee.gateway.params import CHAT_MAX_TOKENS_DEFAULT, Kind, model_name, parse_call
 from rbee.gateway.tools import ToolStream, split_calls
 from rbee.keeper.job import Failed, Finished, JobEvent, Text
-from rbee.protocol.messages import MAX_CTX_TOKENS, Done, GenerateParams
+from rbee.protocol.messages import MAX_CTX_TOKENS, Done, GenerateParams, TokenProb
 
 if TYPE_CHECKING:
     from rbee.gateway.app import Gateway
@@ -336,10 +338,12 @@ class OllamaApi:
             except BadParameter as exc:
                 raise named_for_ollama(exc) from None
             keep_alive = _keep_alive(body, gateway.config.worker_keep_alive_s)
-            job = gateway.start(call.model, call.params, keep_alive, num_ctx(body))
+            params = dataclasses.replace(call.params, logprobs=ollama_probs.requested(body))
+            job = gateway.start(call.model, params, keep_alive, num_ctx(body))
         except RbeeError as exc:
             return ollama_error(exc)
         shape = _Shape(route, call.model, started, call.tools.names if call.tools else None)
+        shape.logprobs = params.logprobs >= 0
         try:
             if call.stream:
                 return await self._stream(job, shape)
@@ -373,13 +377,14 @@ class OllamaApi:
 
     async def _whole(self, request: Request, job: Job, shape: _Shape) -> Response:
         """The whole answer in one object."""
-        text, end = await collect(request, job, self.gateway.config.keepalive_s)
+        probs: list[TokenProb] = []
+        text, end = await collect(request, job, self.gateway.config.keepalive_s, probs)
         if isinstance(end, Failed):
             return ollama_error(end.error)
         if shape.tools:
             text, calls = split_calls(text, shape.tools)
-            return JSONResponse(shape.last(text, end.done, calls))
-        return JSONResponse(shape.last(text, end.done))
+            return JSONResponse(shape.last(text, end.done, calls, probs))
+        return JSONResponse(shape.last(text, end.done, probs=probs))
 
     async def _stream(self, job: Job, shape: _Shape) -> Response:
         """Stream once the job has started: Ollama answers an unknown model with a 404, not
@@ -392,20 +397,26 @@ class OllamaApi:
 
     async def _lines(self, job: Job, shape: _Shape, first: list[JobEvent]) -> AsyncIterator[bytes]:
         """NDJSON lines; with tools, text that may be a call is held to the end (as the OpenAI
-        stream holds it), and the calls go out in one line before the last."""
+        stream holds it), and the calls go out in one line before the last. Each line carries
+        the log probabilities of the tokens it releases (held text holds them too)."""
         held = ToolStream(shape.tools) if shape.tools else None
+        probs: list[TokenProb] = []
         try:
             while True:
                 event = first.pop(0) if first else await job.next(self.gateway.config.keepalive_s)
+                if isinstance(event, Text):
+                    probs.extend(event.probs)
                 if isinstance(event, Text) and (
                     text := held.feed(event.text) if held else event.text
                 ):
-                    yield ndjson_line(shape.piece(text))
+                    yield ndjson_line(shape.piece(text, probs=probs))
+                    probs = []
                 elif isinstance(event, Finished):
                     rest, calls = held.end() if held else ("", [])
                     if rest or calls:
-                        yield ndjson_line(shape.piece(rest, calls))
-                    yield ndjson_line(shape.last("", event.done))
+                        yield ndjson_line(shape.piece(rest, calls, probs))
+                        probs = []
+                    yield ndjson_line(shape.last("", event.done, probs=probs))
                     return
                 elif isinstance(event, Failed):
                     yield ndjson_line({"error": event.error.message})
@@ -420,6 +431,7 @@ class _Shape:
     def __init__(self, route: Kind, model: str, started: float, tools: set[str] | None) -> None:
         self.route, self.model, self.started = route, model, started
         self.tools = tools  # the names of the tools offered: calls are read from the text
+        self.logprobs = False  # asked for: objects with tokens carry their ``logprobs``
 
     def _text(self, text: str, calls: list[dict[str, Any]] | None) -> dict[str, Any]:
         if self.route != "chat":
@@ -432,15 +444,27 @@ class _Shape:
             ]
         return {"message": message}
 
-    def piece(self, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def _probs(self, probs: Sequence[TokenProb]) -> dict[str, Any]:
+        return {"logprobs": ollama_probs.entries(probs)} if self.logprobs and probs else {}
+
+    def piece(
+        self,
+        text: str,
+        calls: list[dict[str, Any]] | None = None,
+        probs: Sequence[TokenProb] = (),
+    ) -> dict[str, Any]:
         head = {"model": self.model, "created_at": _now()}
-        return {**head, **self._text(text, calls), "done": False}
+        return {**head, **self._text(text, calls), **self._probs(probs), "done": False}
 
     def last(
-        self, text: str, done: Done, calls: list[dict[str, Any]] | None = None
+        self,
+        text: str,
+        done: Done,
+        calls: list[dict[str, Any]] | None = None,
+        probs: Sequence[TokenProb] = (),
     ) -> dict[str, Any]:
         head = {"model": self.model, "created_at": _now(), **self._text(text, calls), "done": True}
-        return {**head, **_timings(done, self.started)}
+        return {**head, **self._probs(probs), **_timings(done, self.started)}
 
 
 def _arguments(call: dict[str, Any]) -> Any:

@@ -142,7 +142,7 @@ class Shaper:
         if not self.logprobs:
             return None
         if self.kind == "chat":
-            return {"content": [_entry(p, top=True) for p in probs], "refusal": None}
+            return {"content": [token_entry(p, top=True) for p in probs], "refusal": None}
         offsets = []
         for p in probs:
             offsets.append(self.offset)
@@ -168,10 +168,10 @@ def _text(piece: bytes) -> str:
     return piece.decode("utf-8", errors="replace")
 
 
-def _entry(p: TokenProb | Alternative, top: bool = False) -> dict[str, Any]:
+def token_entry(p: TokenProb | Alternative, top: bool = False) -> dict[str, Any]:
     """One token of chat's logprobs: its text, log probability and bytes (a token may hold
     part of a character), with the alternatives at its place."""
     entry: dict[str, Any] = {"token": _text(p.piece), "logprob": p.logprob, "bytes": list(p.piece)}
     if top and isinstance(p, TokenProb):
-        entry["top_logprobs"] = [_entry(a) for a in p.top]
+        entry["top_logprobs"] = [token_entry(a) for a in p.top]
     return entry
