@@ -264,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0: what the machine has)",
     )
     hive.add_argument(
+        "--share-rate",
+        type=SIZE_FLAG,
+        default=env("RBEE_SHARE_RATE", "0"),
+        metavar="SIZE",
+        help="the most bytes per second this hive sends model files to peer hives (keys with "
+        "the hive or admin role), e.g. 50M (default 0: no limit)",
+    )
+    hive.add_argument(
         "--metrics-port",
         default="0",
         metavar="[127.0.0.1:]PORT",
@@ -404,9 +412,21 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("path")
     imp.add_argument("--name", help="catalog name (default: the file name)")
     pull = msub.add_parser("pull", help="download a model from Hugging Face into a hive")
-    pull.set_defaults(run=_keeper(MODELS, "pull_model", "reference", "node"))
+    pull.set_defaults(run=_keeper(MODELS, "pull_model", "reference", "node", "hub", "peers"))
     pull.add_argument("reference", help="hf:ORG/REPO[:QUANT|/FILE.gguf][@REVISION]")
     pull.add_argument("--node", help="HOST[:PORT] or node name (default: chosen as for infer)")
+    pull.add_argument(
+        "--no-hub",
+        dest="hub",
+        action="store_false",
+        help="take the bytes from peer hives only (they say which revision the reference means)",
+    )
+    pull.add_argument(
+        "--no-peers",
+        dest="peers",
+        action="store_false",
+        help="take the bytes from the Hub only (by default hives paired as hives are asked first)",
+    )
     mlist = msub.add_parser("list", help="list the catalog")
     mlist.set_defaults(run=_keeper(MODELS, "list_models", "json"))
     mlist.add_argument("--json", action="store_true", help="machine-readable output")
@@ -663,6 +683,7 @@ def _hive(args: argparse.Namespace) -> int:
         secure=args.secure,
         lend=args.lend,
         memory_limit=args.memory_limit,
+        share_rate=args.share_rate,
         threads=max(0, args.threads),
         parallel=args.parallel,
         backend=args.backend,

@@ -203,6 +203,14 @@ SETTINGS = (
         "the most RAM the hive plans with, its workers' and lenders' included (0: all)",
     ),
     Setting(
+        "hive",
+        "share_rate",
+        "RBEE_SHARE_RATE",
+        _size,
+        "0",
+        "the most bytes/s the hive sends model files to peer hives, e.g. 50M (0: no limit)",
+    ),
+    Setting(
         "hive", "threads", "RBEE_THREADS", _count, "0", "CPU threads per worker (0: physical cores)"
     ),
     Setting(

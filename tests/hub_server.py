@@ -129,7 +129,9 @@ class FakeHub:
         *,
         token: str | None = None,
         redirect_host: str = "localhost",
+        host: str = "127.0.0.1",
     ) -> None:
+        """``host``: the address to listen on (a namespace host's, for hives in namespaces)."""
         self.repos = repos
         for repo_id, repo in repos.items():
             if not repo.commit:
@@ -142,11 +144,11 @@ class FakeHub:
         self.stopping = threading.Event()
         self.unstall = threading.Event()  # set: every stall ends now (and later ones at once)
         self.connections: set[socket.socket] = set()
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server = ThreadingHTTPServer((host, 0), _Handler)
         self.server.daemon_threads = True
         self.server.hub = self  # type: ignore[attr-defined]
         self.port = self.server.server_address[1]
-        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.endpoint = f"http://{host}:{self.port}"
         self._thread = threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         )

@@ -7,13 +7,16 @@ use it as a context manager, so it runs when a test fails too).
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 SUBNET = "10.77.{n}.{host}"
+CLONE_NEWNET = 0x40000000
 PREFIX_LEN = 24
 
 
@@ -90,6 +93,25 @@ class Lan:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def inside(host: Host) -> Iterator[None]:
+    """Run this thread inside ``host``'s namespace for a while: a socket made meanwhile (a
+    test server's) stays there, reachable from the other hosts, while the test process stays
+    where it is."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with (
+        open("/proc/thread-self/ns/net", "rb") as here,
+        open(f"/run/netns/{host.ns}", "rb") as there,
+    ):
+        if libc.setns(there.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"cannot enter {host.ns}")
+        try:
+            yield
+        finally:
+            if libc.setns(here.fileno(), CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "cannot go back to the test's namespace")
 
 
 def leftover_namespaces(tag: str) -> list[str]:

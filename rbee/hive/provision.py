@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rbee import gpu, log
 from rbee.catalog import Catalog, ModelEntry
@@ -48,6 +49,9 @@ from rbee.protocol.messages import (
 
 LOAD_PROGRESS_EVERY_S = 1.0  # a keeper waiting for a load hears from the hive at least this often
 INVENTORY_TTL_S = 1.0  # how long NVML's picture of the GPUs is used before it is asked again
+
+if TYPE_CHECKING:
+    from rbee.hub.transfer import PeerBytes
 
 logger = log.get(__name__)
 
@@ -107,9 +111,10 @@ class Provisioner:
         draining: Callable[[], bool],
         lenders: Callable[[], tuple[Lender, ...]] = tuple,
         metrics: HiveMetrics | None = None,
+        peers: PeerBytes | None = None,
     ) -> None:
         """``lenders``: the trusted peer hives that lend memory now (rbee.hive.peers);
-        ``metrics``: where downloads are counted."""
+        ``metrics``: where downloads are counted; ``peers``: hives to fetch models from first."""
         self.config = config
         self.lenders = lenders
         self.node = node
@@ -117,7 +122,9 @@ class Provisioner:
         self.pool = pool
         self.replies = replies
         self.draining = draining
-        self.pulls = Pulls(config.data_dir / "models", metrics=metrics or HiveMetrics(node))
+        self.pulls = Pulls(
+            config.data_dir / "models", metrics=metrics or HiveMetrics(node), peers=peers
+        )
         self.ledger = GpuLedger()
         self._inventory: tuple[float, gpu.Inventory] | None = None
 
@@ -341,7 +348,8 @@ class Provisioner:
         try:
             entry = self.resolve(frame.reference)
         except NeedsPull as need:
-            self.pulls.join(need.reference, PullWaiter(request, "pull"))
+            waiter = PullWaiter(request, "pull")
+            self.pulls.join(need.reference, waiter, hub=frame.hub, peers=frame.peers)
             self.replies.send(request, Progress(phase="download", message=need.reference))
             return
         self.replies.send(request, _pulled(entry, downloaded=False))
@@ -361,15 +369,21 @@ class Provisioner:
             for waiter in done.pull.waiters:
                 self._after_pull(waiter, known, downloaded=False)
             return
-        entry = self.catalog.add_pulled(
-            first.path,
-            reference=first.reference,
-            repo=first.repo,
-            file=first.filename,
-            revision=first.commit,
-            sha256=first.sha256,
-            size_bytes=total,
-        )
+        try:
+            entry = self.catalog.add_pulled(
+                first.path,
+                reference=first.reference,
+                repo=first.repo,
+                file=first.filename,
+                revision=first.commit,
+                sha256=first.sha256,
+                size_bytes=total,
+            )
+        except RbeeError as exc:  # e.g. the Hub's file is no usable GGUF: say so, stay up
+            logger.warning("a pulled file was not added", path=str(first.path), error=exc.message)
+            for waiter in done.pull.waiters:
+                self.replies.error(waiter.request, exc)
+            return
         logger.info("pulled", model=entry.name, reference=entry.reference, bytes=entry.size_bytes)
         for waiter in done.pull.waiters:
             self._after_pull(waiter, entry, downloaded=True)

@@ -19,6 +19,7 @@ from rbee.hive.request import Request
 
 if TYPE_CHECKING:
     from rbee.hub.download import DownloadManager, PulledFile
+    from rbee.hub.transfer import PeerBytes, Sources
 
 DOWNLOAD_PROGRESS_EVERY_S = 0.5  # how often a waiting keeper hears how a download goes
 
@@ -42,6 +43,8 @@ class Pull:
     """One download and who waits for it."""
 
     reference: str
+    hub: bool = True  # may ask the Hub
+    peers: bool = True  # asks peer hives first
     waiters: list[PullWaiter] = field(default_factory=list)
     cancel: threading.Event = field(default_factory=threading.Event)
     done_bytes: int = 0
@@ -49,6 +52,7 @@ class Pull:
     rate: float = 0.0
     eta_s: float | None = None
     told_at: float = 0.0
+    sources: Sources | None = None  # set when it starts: says where bytes come from
 
 
 @dataclass(frozen=True)
@@ -69,8 +73,10 @@ class Pulls:
         models_dir: Path,
         manager: DownloadManager | None = None,
         metrics: HiveMetrics | None = None,
+        peers: PeerBytes | None = None,
     ) -> None:
         self.models_dir = models_dir
+        self.peers = peers  # trusted hives to fetch from first (None: the Hub only)
         self.metrics = metrics or HiveMetrics("")  # bytes and failures, counted on pull threads
         self._manager = manager
         self._manager_lock = threading.Lock()  # pull threads make it
@@ -87,11 +93,14 @@ class Pulls:
                 self._manager = DownloadManager(self.models_dir)
             return self._manager
 
-    def join(self, reference: str, waiter: PullWaiter) -> Pull:
-        """Wait for ``reference`` (a canonical hf: reference), starting its download if needed."""
+    def join(
+        self, reference: str, waiter: PullWaiter, *, hub: bool = True, peers: bool = True
+    ) -> Pull:
+        """Wait for ``reference`` (a canonical hf: reference), starting its download if needed
+        (``hub``/``peers``: where that download may take bytes from)."""
         pull = self.active.get(reference)
         if pull is None:
-            pull = Pull(reference)
+            pull = Pull(reference, hub=hub, peers=peers)
             self.active[reference] = pull
             threading.Thread(
                 target=self._run, args=(pull,), name=f"pull {reference}", daemon=True
@@ -110,8 +119,11 @@ class Pulls:
             moved = done
             pull.done_bytes, pull.total_bytes, pull.rate, pull.eta_s = done, total, rate, eta
 
+        from rbee.hub.transfer import Sources
+
+        pull.sources = Sources(self.peers if pull.peers else None, pull.hub)
         try:
-            files = self.manager.pull(pull.reference, progress, pull.cancel)
+            files = self.manager.pull(pull.reference, progress, pull.cancel, sources=pull.sources)
             self.results.put(Finished(pull, files, None))
         except RbeeError as exc:
             self.metrics.download_failed(exc.code)
@@ -153,9 +165,10 @@ class Pulls:
 
 
 def describe_progress(pull: Pull) -> str:
-    """``12.3 MB/s, ETA 42 s`` for people."""
-    rate = f"{pull.rate / 1e6:.1f} MB/s"
-    if pull.eta_s is None:
-        return rate
-    eta = f"{pull.eta_s:.0f} s" if pull.eta_s < 120 else f"{pull.eta_s / 60:.0f} min"
-    return f"{rate}, ETA {eta}"
+    """``12.3 MB/s, ETA 42 s, from hive beta, gamma`` for people."""
+    text = f"{pull.rate / 1e6:.1f} MB/s"
+    if pull.eta_s is not None:
+        eta = f"{pull.eta_s:.0f} s" if pull.eta_s < 120 else f"{pull.eta_s / 60:.0f} min"
+        text += f", ETA {eta}"
+    where = pull.sources.where if pull.sources is not None else ""
+    return f"{text}, from {where}" if where else text

@@ -45,6 +45,7 @@ from rbee.hive.borrow import Tunnel
 from rbee.hive.jobs import JobDesk
 from rbee.hive.lending import LendingDesk
 from rbee.hive.metrics import HiveMetrics, MetricsServer, require_loopback
+from rbee.hive.peer_files import PeerFiles, trusted_hives
 from rbee.hive.peers import Peers
 from rbee.hive.placement import Lender
 from rbee.hive.pool import Event, WorkerPool
@@ -52,6 +53,7 @@ from rbee.hive.provision import Provisioner
 from rbee.hive.registry import JobRecord, WorkerRecord, idle_expired
 from rbee.hive.request import Replies, Request, Role
 from rbee.hive.settings import HiveConfig
+from rbee.hive.sharing import Sharing
 from rbee.hub.layout import clean_stale_parts
 from rbee.llamacpp import EngineChoice, default_threads
 from rbee.paths import cache_dir
@@ -63,6 +65,7 @@ from rbee.protocol.messages import (
     EnsureWorker,
     Explain,
     FetchFrames,
+    FileQuery,
     Frame,
     GetLogs,
     Hello,
@@ -76,6 +79,7 @@ from rbee.protocol.messages import (
     PipeData,
     PipeOpen,
     PullModel,
+    ReadChunk,
     StartJob,
     Status,
     StopWorker,
@@ -182,6 +186,8 @@ class Hive:
         self.engine = self._choose_engine()
         known = KnownHives(config.data_dir)
         self.peers = None if self.keys is None else Peers(self.keys, known)
+        keys = self.keys
+        peer_files = None if keys is None else PeerFiles(keys, lambda: trusted_hives(keys, known))
         self.pool = WorkerPool(
             RouterServer(back),
             back_endpoint,
@@ -192,6 +198,8 @@ class Hive:
         )
         clean_stale_parts(config.data_dir / "models")  # left by downloads cut short
         self.replies = Replies(self.front)
+        share_rate = parse_size(config.share_rate)
+        self.sharing = Sharing(self.replies, self.catalog, config.data_dir / "models", share_rate)
         self.provisioner = Provisioner(
             config,
             self.node,
@@ -201,6 +209,7 @@ class Hive:
             lambda: self.draining,
             self.peers.lenders if self.peers is not None else tuple,
             metrics=self.metrics,
+            peers=peer_files,
         )
         if self.peers is not None:
             self.peers.start()
@@ -247,6 +256,8 @@ class Hive:
             PipeOpen: self.lending.on_open,
             PipeData: self.lending.on_data,
             PipeClose: self.lending.on_close,
+            FileQuery: self.sharing.on_query,
+            ReadChunk: self.sharing.on_read,
         }
 
     def _tunnel(self, lender: Lender, lease: str, model: str) -> Tunnel:
@@ -315,7 +326,9 @@ class Hive:
                 endpoints["metrics"] = self.metrics_server.url
             logger.info("hive ready", node=self.node, **endpoints)
             while not self.stopped:
-                events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
+                due = self.sharing.due_in(time.monotonic())
+                wait_s = POLL_INTERVAL_S if due is None else min(max(due, 0.001), POLL_INTERVAL_S)
+                events = dict(poller.poll(int(wait_s * 1000) or 1))
                 if self.xsub in events:
                     self._drain(self.desk.on_stream)
                 if self.xpub in events:
@@ -334,6 +347,7 @@ class Hive:
                     self.request_stop()
                     self.request_stop()  # nobody waits for running jobs: stop now
                 now = time.monotonic()
+                self.sharing.tick(now)  # chunks held back by the share rate
                 if now >= next_housekeeping or not events:
                     self.housekeeping(now)
                     next_housekeeping = now + HOUSEKEEPING_EVERY_S

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import httpx2
 
 from rbee import __version__, log
-from rbee.errors import Canceled, InternalError, RbeeError
+from rbee.errors import Canceled, DownloadFailed, InternalError, ModelNotFound, RbeeError
 from rbee.hub.files import RemoteFile
 from rbee.hub.layout import (
     STALE_PART_AGE_S,
@@ -33,8 +33,8 @@ from rbee.hub.layout import (
     part_path,
     remaining_bytes,
 )
-from rbee.hub.refs import choose_gguf, parse_reference
-from rbee.hub.transfer import FileTransfer, ProgressFn
+from rbee.hub.refs import HubRef, choose_gguf, parse_reference
+from rbee.hub.transfer import FileTransfer, ProgressFn, Sources
 
 if TYPE_CHECKING:
     from rbee.hub.client import HubClient
@@ -108,7 +108,7 @@ class DownloadManager:
         ``token`` (default: the environment's Hub token) is sent only to the host of
         ``remote.url``. Raises Canceled when ``cancel`` is set or the manager closes.
         """
-        return self._fetch(remote, on_progress, cancel, token)[0]
+        return self._fetch(remote, on_progress, cancel, token, Sources())[0]
 
     def pull(
         self,
@@ -117,17 +117,18 @@ class DownloadManager:
         cancel: threading.Event | None = None,
         *,
         hub: HubClient | None = None,
+        sources: Sources | None = None,
     ) -> list[PulledFile]:
         """Download the GGUF file(s) ``reference`` names; progress counts all parts together.
 
         ``hub`` defaults to a client for the environment's HF_ENDPOINT and HF_TOKEN (read now).
+        ``sources`` says whether peers are asked first and whether the Hub may be; with peers,
+        a Hub that does not answer (or may not be asked) leaves the peers' catalogs to say
+        which files the reference means.
         """
-        from rbee.hub.client import HubClient  # huggingface_hub: only when a pull starts
-
         ref = parse_reference(reference)
-        hub = hub or HubClient()
-        snapshot = hub.snapshot(ref.repo, ref.revision_or_default, cancel)
-        remotes = [snapshot.file(name) for name in choose_gguf(snapshot.names, ref)]
+        sources = sources or Sources()
+        remotes, token = self._remotes(ref, hub, sources, cancel)
         missing = sum(remaining_bytes(self.models_dir, r) for r in remotes)
         if missing:
             check_disk(self.models_dir, missing, f"pulling {ref.canonical()}")
@@ -136,12 +137,45 @@ class DownloadManager:
         before = 0
         for r in remotes:
             progress = _whole(on_progress, before, total)
-            path, sha256 = self._fetch(r, progress, cancel, hub.token)
+            path, sha256 = self._fetch(r, progress, cancel, token, sources)
             pulled.append(
                 PulledFile(ref.canonical(), r.repo, r.filename, r.commit, path, r.size, sha256)
             )
             before += r.size
         return pulled
+
+    def _remotes(
+        self,
+        ref: HubRef,
+        hub: HubClient | None,
+        sources: Sources,
+        cancel: threading.Event | None,
+    ) -> tuple[list[RemoteFile], str | None]:
+        """The files ``ref`` means, pinned to a commit, and the Hub token for them: from the
+        Hub, or, when it cannot or may not be asked, from what peers hold."""
+        failed: RbeeError | None = None
+        if sources.hub:
+            from rbee.hub.client import HubClient  # huggingface_hub: only when a pull starts
+
+            hub = hub or HubClient()
+            try:
+                snapshot = hub.snapshot(ref.repo, ref.revision_or_default, cancel)
+                return [snapshot.file(n) for n in choose_gguf(snapshot.names, ref)], hub.token
+            except DownloadFailed as exc:
+                if not exc.retryable or sources.peers is None:
+                    raise
+                logger.warning("the Hub did not answer; asking peers", error=exc.message)
+                failed = exc
+        if sources.peers is not None:
+            found = sources.peers.resolve(ref.canonical(), cancel or threading.Event())
+            if found:
+                return found, None
+        if failed is not None:
+            raise failed
+        raise ModelNotFound(
+            f"no hive in reach holds {ref.canonical()}, and the Hub is not to be asked",
+            suggestion="pull without --no-hub, or pair with a hive that has it (--role hive)",
+        )
 
     def active(self) -> list[ActiveDownload]:
         """The transfers running now."""
@@ -175,6 +209,7 @@ class DownloadManager:
         on_progress: ProgressFn | None,
         cancel: threading.Event | None,
         token: str | None,
+        sources: Sources,
     ) -> tuple[Path, str]:
         with self._lock:
             if self._closed:
@@ -186,7 +221,7 @@ class DownloadManager:
                     from rbee.hub.client import hub_token
 
                     token = hub_token()
-                shared = _Shared(remote, dest, self._http, token, self._finished)
+                shared = _Shared(remote, dest, self._http, token, self._finished, sources)
                 self._transfers[remote.key] = shared
                 self._running.add(shared)
                 shared.thread.start()
@@ -247,6 +282,7 @@ class _Shared:
     http: httpx2.Client
     token: str | None
     on_finished: Callable[[_Shared], None]
+    sources: Sources
     done: threading.Event = field(default_factory=threading.Event)
     stop: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
@@ -312,6 +348,7 @@ class _Shared:
                 token=self.token,
                 report=self._report,
                 stop=self.stop,
+                sources=self.sources,
             )
             with self._lock:
                 self._transfer = transfer

@@ -32,8 +32,10 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from io import FileIO
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import httpx2
@@ -41,6 +43,7 @@ import httpx2
 from rbee import log
 from rbee.digest import HASH_CHUNK_BYTES, sha256_of
 from rbee.errors import Canceled, ChecksumMismatch, DownloadFailed, InsufficientDisk, RbeeError
+from rbee.hub import chunks
 from rbee.hub.files import RemoteFile, http_status_error
 from rbee.hub.layout import (
     check_disk,
@@ -72,6 +75,35 @@ a transfer starts or restarts from byte 0), and once when the file is complete."
 logger = log.get(__name__)
 
 
+class PeerBytes(Protocol):
+    """Other hives that may hold a file (rbee.hive.seeds): the transfer asks them first."""
+
+    def stream(
+        self, remote: RemoteFile, offset: int, stop: threading.Event, note: Callable[[str], None]
+    ) -> Iterator[bytes]:
+        """The file's bytes from ``offset`` on, in order, each chunk verified; ends early when no
+        peer can give more. ``note`` hears where the bytes come from now."""
+        ...
+
+    def distrust(self, remote: RemoteFile) -> None:
+        """The bytes peers gave for ``remote`` failed the Hub's sha256: stop asking them."""
+        ...
+
+    def resolve(self, reference: str, stop: threading.Event) -> list[RemoteFile]:
+        """The files a canonical hf: reference means, as peers that hold them recorded them
+        (empty: none does)."""
+        ...
+
+
+@dataclass
+class Sources:
+    """Where a transfer may take bytes from, and (for progress) where they come from now."""
+
+    peers: PeerBytes | None = None
+    hub: bool = True
+    where: str = ""
+
+
 class _Retry(Exception):
     """An attempt failed in a way another attempt may fix."""
 
@@ -92,8 +124,12 @@ class FileTransfer:
         token: str | None = None,
         report: ProgressFn | None = None,
         stop: threading.Event | None = None,
+        sources: Sources | None = None,
     ) -> None:
         self.remote, self.dest, self.http, self.token = remote, dest, http, token
+        self.sources = sources or Sources()
+        self.peers = self.sources.peers  # None once their bytes failed the sha256
+        self.peer_bytes = 0  # what this attempt took from peers
         self.part, self.sidecar = part_path(dest), sidecar_path(dest)
         self.stop = stop or threading.Event()
         self.meter = _Meter(remote.size, report or _ignore)
@@ -112,7 +148,23 @@ class FileTransfer:
                 socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the base one, even for TLS
 
     def run(self) -> str:
-        """Download the file unless it is already in place; returns its sha256."""
+        """Download the file unless it is already in place; returns its sha256.
+
+        Peers first when there are any; the Hub for what they cannot give. Bytes from peers
+        that fail the Hub's sha256 as a whole (each chunk matched a lying peer's list) are
+        thrown away, those peers distrusted, and the file fetched again from the Hub."""
+        try:
+            return self._run()
+        except ChecksumMismatch:
+            if not self.peer_bytes or self.peers is None or not self.sources.hub:
+                raise
+            self.peers.distrust(self.remote)
+            logger.warning("bytes from peers failed the sha256; from the Hub", path=str(self.dest))
+            self.peers = None
+            self.offset, self.peer_bytes, self.hasher = 0, 0, _Hasher(self.remote)
+            return self._run()
+
+    def _run(self) -> str:
         if is_complete(self.dest, self.remote):
             return self._already_there()
         self.dest.parent.mkdir(parents=True, exist_ok=True)
@@ -128,12 +180,25 @@ class FileTransfer:
                 write_sidecar(self.dest, self.remote)
             self._hash_existing(f)
             self.meter.start(self.offset)
-            self._transfer(f)
+            if self.peers is not None and self.offset < size:
+                self._from_peers(f, self.peers)
+            if self.offset < size and not self.sources.hub:
+                raise DownloadFailed(
+                    f"no peer in reach holds the rest of {self.remote.repo}/"
+                    f"{self.remote.filename} (byte {self.offset} of {size} is here), and the "
+                    "Hub is not to be asked",
+                    suggestion="pull again without --no-hub, or when a hive holding it is up",
+                )
+            if self.offset < size:
+                self.sources.where = "the Hub"
+                self._transfer(f)
             os.fsync(f.fileno())
             sha256 = self._verify()
             os.replace(self.part, self.dest)
         _fsync_dir(self.dest.parent)
         unlink(self.sidecar)
+        if self.remote.sha256 is not None:  # the chunk list peers fetch it by
+            chunks.save(self.dest, self.hasher.chunks.finish(), sha256)
         self.meter.finish()
         logger.info("downloaded", path=str(self.dest), bytes=self.remote.size)
         return sha256
@@ -189,6 +254,24 @@ class FileTransfer:
                 raise DownloadFailed(f"{self.part} shrank while it was read", retryable=True)
             self.hasher.update(chunk)
             left -= len(chunk)
+
+    def _from_peers(self, f: FileIO, peers: PeerBytes) -> None:
+        """Append what peers give, in order (each chunk verified by them before it gets here)."""
+
+        def note(where: str) -> None:
+            self.sources.where = where
+
+        try:
+            for data in peers.stream(self.remote, self.offset, self.stop, note):
+                _write_all(f, data)
+                self.hasher.update(data)
+                self.offset += len(data)
+                self.peer_bytes += len(data)
+                self.meter.update(self.offset)
+        except OSError as exc:
+            raise _write_error(self.part, exc) from exc
+        if self.stop.is_set():
+            raise self._canceled()
 
     def _transfer(self, f: FileIO) -> None:
         failures = 0
@@ -335,9 +418,11 @@ class _Hasher:
         self.remote = remote
         self.sha256 = hashlib.sha256()
         self.sha1 = None if remote.sha256 else hashlib.sha1(f"blob {remote.size}\0".encode())
+        self.chunks = chunks.ChunkHasher()
 
     def update(self, data: bytes) -> None:
         self.sha256.update(data)
+        self.chunks.update(data)
         if self.sha1 is not None:
             self.sha1.update(data)
 

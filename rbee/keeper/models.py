@@ -18,6 +18,7 @@ import zmq
 from rbee.catalog import Catalog, ModelEntry, listed_entries
 from rbee.errors import HiveUnreachable, InvalidModel, ModelInUse, ModelNotFound
 from rbee.gguf import GGUFError, GGUFInfo, read_gguf_info
+from rbee.hub import chunks
 from rbee.keeper.nodes import REQUEST_TIMEOUT_S, size, table
 from rbee.keeper.survey import local_view
 from rbee.paths import catalog_path, data_dir
@@ -226,6 +227,7 @@ def remove_model(name: str, force: bool = False, out: TextIO = sys.stdout) -> No
     if entry.provider == "hf" and path.is_relative_to(data_dir() / "models"):
         for part in path.parent.glob(split_glob(path.name)):
             part.unlink(missing_ok=True)
+            chunks.forget(part)
         out.write(safe(f"removed {entry.name} and deleted its download {path}") + "\n")
     else:
         out.write(
@@ -268,8 +270,15 @@ def split_glob(filename: str) -> str:
     return f"{stem}-0*-of-*.gguf" if sep else filename
 
 
-def pull_model(reference: str, node: str | None, err: TextIO = sys.stderr) -> None:
-    """`rbee models pull REF`: download a Hub model into a hive's catalog, with progress."""
+def pull_model(
+    reference: str,
+    node: str | None,
+    hub: bool = True,
+    peers: bool = True,
+    err: TextIO = sys.stderr,
+) -> None:
+    """`rbee models pull REF`: download a Hub model into a hive's catalog, with progress;
+    ``hub``/``peers``: whether the hive may take the bytes from the Hub / from peer hives."""
     from rbee.keeper.connect import connect
     from rbee.keeper.infer import Reporter
 
@@ -280,7 +289,7 @@ def pull_model(reference: str, node: str | None, err: TextIO = sys.stderr) -> No
         try:
             for note in link.notes:
                 report.phase("hive", note)
-            rid = link.client.send(PullModel(reference=reference))
+            rid = link.client.send(PullModel(reference=reference, hub=hub, peers=peers))
             for frame in link.client.replies(rid, PULL_WAIT_S):
                 if isinstance(frame, Progress) and frame.total:
                     report.download(frame.done, frame.total, frame.message)

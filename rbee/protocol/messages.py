@@ -307,6 +307,8 @@ class PullModel(Frame):
 
     TYPE = "pull_model"
     reference: str = spec(max_len=4096)
+    hub: bool = spec(default=True)  # may ask the Hub (`--no-hub`: peers only)
+    peers: bool = spec(default=True)  # asks paired hives first (`--no-peers`: the Hub only)
 
 
 class ModelPulled(Frame):
@@ -319,6 +321,58 @@ class ModelPulled(Frame):
     size_bytes: int = spec(min=0)
     sha256: str = spec(max_len=64)
     downloaded: bool
+
+
+# --------------------------------------------------------------------------- hive → hive: files
+
+MAX_FILE_CHUNKS = 1 << 16  # 256 GiB in 4 MiB chunks: the longest chunk list a peer sends
+MAX_CHUNK_BYTES = 16 << 20
+
+
+class FileQuery(Frame):
+    """Ask a peer hive (hive or admin role) whether it holds a verified model file: named by
+    repo, commit, file and the Hub's sha256, or (a Hub out of reach) by an hf: reference its
+    catalog may know. FileHeld answers."""
+
+    TYPE = "file_query"
+    repo: str = spec(default="", max_len=256)
+    commit: str = spec(default="", max_len=40)
+    filename: str = spec(default="", max_len=1024)
+    sha256: str = spec(default="", max_len=64)
+    reference: str = spec(default="", max_len=4096)
+
+
+class FileHeld(Frame):
+    """A peer's answer to FileQuery: whether it holds the file, and its chunk list (the sha256
+    of each ``chunk_bytes`` piece, DIGEST_BYTES each, made when the file was verified)."""
+
+    TYPE = "file_held"
+    held: bool
+    reason: str = spec(default="", max_len=512)  # why not
+    repo: str = spec(default="", max_len=256)
+    commit: str = spec(default="", max_len=40)
+    filename: str = spec(default="", max_len=1024)
+    sha256: str = spec(default="", max_len=64)
+    size: int = spec(default=0, min=0)
+    chunk_bytes: int = spec(default=0, min=0, max=MAX_CHUNK_BYTES)
+    hashes: bytes = spec(default=b"", max_len=32 * MAX_FILE_CHUNKS)
+
+
+class ReadChunk(Frame):
+    """Ask a peer for one chunk of a file it said it holds (ChunkData answers)."""
+
+    TYPE = "read_chunk"
+    sha256: str = spec(max_len=64)
+    index: int = spec(min=0, max=MAX_FILE_CHUNKS)
+
+
+class ChunkData(Frame):
+    """One chunk's bytes, as the peer's disk holds them: the asker checks them."""
+
+    TYPE = "chunk_data"
+    sha256: str = spec(max_len=64)
+    index: int = spec(min=0)
+    data: bytes = spec(max_len=MAX_CHUNK_BYTES)
 
 
 class StartJob(Frame):
