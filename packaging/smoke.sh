@@ -28,7 +28,7 @@ step "$binary --version"
 version="$("$binary" --version)"
 echo "$version"
 grep -q '^rbee [0-9]' <<<"$version" || { step "FAIL: no rbee version"; exit 1; }
-grep -qx 'protocol 1' <<<"$version" || { step "FAIL: no 'protocol 1'"; exit 1; }
+grep -qx 'protocol 2' <<<"$version" || { step "FAIL: no 'protocol 2'"; exit 1; }
 grep -q '^llama-cpp-python [0-9]' <<<"$version" || { step "FAIL: no llama-cpp-python version"; exit 1; }
 
 step "models import $model"

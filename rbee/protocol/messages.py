@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from rbee.protocol.schema import Record, spec
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 
 MAX_PROMPT_CHARS = 1024 * 1024
 MAX_TOKENS_LIMIT = 1 << 20

@@ -10,7 +10,7 @@ from pathlib import Path
 from rbee.catalog import Catalog, describe_file
 from rbee.errors import ExitCode
 from rbee.protocol.codec import decode, encode
-from rbee.protocol.messages import HiveStatus, ModelInfo
+from rbee.protocol.messages import PROTOCOL_VERSION, HiveStatus, ModelInfo
 from rbee.protocol.schema import fitted
 from tests.e2e.test_lifecycle import running_hive
 from tests.helpers import run_rbee
@@ -78,7 +78,7 @@ def test_any_metadata_fits_a_status_reply_that_decodes() -> None:
         status = HiveStatus(
             node="n",
             rbee_version="0",
-            protocol_version=1,
+            protocol_version=PROTOCOL_VERSION,
             workers=[],
             models=[info],
             cpu_count=1,

@@ -16,6 +16,7 @@ import zmq
 from rbee import __version__
 from rbee.errors import ExitCode, HiveUnreachable
 from rbee.keeper.link import hello
+from rbee.protocol.messages import PROTOCOL_VERSION
 from tests.conftest import free_port
 from tests.helpers import rbee_cmd, run_rbee
 
@@ -162,7 +163,7 @@ def test_version() -> None:
     result = subprocess.run(rbee_cmd("--version"), capture_output=True, text=True, timeout=60)
     assert result.returncode == 0
     lines = result.stdout.splitlines()
-    assert lines[0] == f"rbee {__version__}" and lines[1] == "protocol 1"
+    assert lines[0] == f"rbee {__version__}" and lines[1] == f"protocol {PROTOCOL_VERSION}"
     assert lines[2].startswith("llama-cpp-python 0.3")
 
 

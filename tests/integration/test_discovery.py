@@ -9,6 +9,7 @@ import threading
 import time
 
 from rbee import discovery
+from rbee.protocol.messages import PROTOCOL_VERSION
 
 FOLLOW_S = 0.1
 
@@ -21,7 +22,7 @@ def announcement(backends: str = "cpu", port: int = 40001) -> discovery.Announce
         port=port,
         stream_port=port + 1,
         rbee_version="0.1.0",
-        protocol_version=1,
+        protocol_version=PROTOCOL_VERSION,
         backends=backends,
         key="k" * 40,
         cluster=os.environ["RBEE_CLUSTER"],

@@ -26,6 +26,7 @@ from rbee.hive import probe
 from rbee.keeper.stream import JobStream
 from rbee.protocol.codec import decode
 from rbee.protocol.messages import (
+    PROTOCOL_VERSION,
     Ack,
     Cancel,
     Done,
@@ -103,7 +104,7 @@ def test_hello_and_status(data_dir: Path) -> None:
     with hive_in_thread(data_dir) as hive, keeper(hive) as (client, _):
         hello = client.request(Hello(), 5)
         assert isinstance(hello, HelloReply)
-        assert hello.protocol_version == 1 and hello.status == "ok"
+        assert hello.protocol_version == PROTOCOL_VERSION and hello.status == "ok"
         status = client.request(Status(), 5)
         assert isinstance(status, HiveStatus)
         assert [m.name for m in status.models] == [MODEL]
@@ -216,8 +217,8 @@ def test_malformed_frames_get_errors_and_never_kill_the_hive(data_dir: Path) -> 
             b"\xc1not msgpack",
             msgpack.packb([1, 2, 3]),
             msgpack.packb({"v": 99, "t": "hello", "r": 1, "b": {}}),
-            msgpack.packb({"v": 1, "t": "no_such_frame", "r": 1, "b": {}}),
-            msgpack.packb({"v": 1, "t": "start_job", "r": 1, "b": {"job_id": 5}}),
+            msgpack.packb({"v": PROTOCOL_VERSION, "t": "no_such_frame", "r": 1, "b": {}}),
+            msgpack.packb({"v": PROTOCOL_VERSION, "t": "start_job", "r": 1, "b": {"job_id": 5}}),
         ]
         expected = [ProtocolError, ProtocolError, VersionMismatch, ProtocolError, InvalidRequest]
         for data, exc_type in zip(bad, expected, strict=True):

@@ -16,7 +16,7 @@ import zmq
 
 from rbee.keeper.survey import NO_ANSWER, SURVEY_TIMEOUT_S, survey
 from rbee.protocol.codec import REQUESTS
-from rbee.protocol.messages import Hello, HelloReply, HiveStatus, Status
+from rbee.protocol.messages import PROTOCOL_VERSION, Hello, HelloReply, HiveStatus, Status
 from rbee.transport.sockets import RouterServer, bind_endpoint, new_socket
 from tests.conftest import free_port
 
@@ -57,7 +57,7 @@ def fake_hive(ctx: zmq.Context[zmq.Socket[bytes]]) -> Iterator[int]:
                     reply = HelloReply(
                         node="fake",
                         rbee_version="0.1.0",
-                        protocol_version=1,
+                        protocol_version=PROTOCOL_VERSION,
                         pid=os.getpid(),
                         stream_port=1,
                         status="ok",
@@ -67,7 +67,7 @@ def fake_hive(ctx: zmq.Context[zmq.Socket[bytes]]) -> Iterator[int]:
                     reply = HiveStatus(
                         node="fake",
                         rbee_version="0.1.0",
-                        protocol_version=1,
+                        protocol_version=PROTOCOL_VERSION,
                         workers=[],
                         models=[],
                         cpu_count=1,

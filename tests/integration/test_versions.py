@@ -17,10 +17,11 @@ import zmq
 
 from rbee import discovery
 from rbee.errors import ExitCode
+from rbee.protocol.messages import PROTOCOL_VERSION
 from tests.conftest import free_port
 from tests.helpers import run_rbee
 
-FUTURE_PROTOCOL = 2
+FUTURE_PROTOCOL = PROTOCOL_VERSION + 1
 
 
 @pytest.fixture
@@ -71,4 +72,5 @@ def test_listed_not_chosen_and_named(future_hive: int, rbee_env: dict[str, str])
     assert "started an ephemeral one" in ran.stderr, "the incompatible hive is never chosen"
     named = run_rbee("infer", "--node", f"127.0.0.1:{future_hive}", "-n", "4", "Hi", env=rbee_env)
     assert named.returncode == ExitCode.FAILURE and "VERSION_MISMATCH" in named.stderr
-    assert "version 2" in named.stderr and "speaks 1" in named.stderr, named.stderr
+    assert f"version {FUTURE_PROTOCOL}" in named.stderr, named.stderr
+    assert f"speaks {PROTOCOL_VERSION}" in named.stderr, named.stderr

@@ -25,6 +25,7 @@ import pytest
 from rbee import __version__
 from rbee.catalog import DEFAULT_MODEL
 from rbee.install import CommandResult, install, uninstall
+from rbee.protocol.messages import PROTOCOL_VERSION
 from tests.e2e.test_cli import PIDS, SUMMARY, assert_gone
 
 REPO = Path(__file__).resolve().parents[2]
@@ -70,7 +71,7 @@ def test_version(rbee_binary: Path) -> None:
     done = run(rbee_binary, "--version", env=dict(os.environ))
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[0] == f"rbee {__version__}" and lines[1] == "protocol 1"
+    assert lines[0] == f"rbee {__version__}" and lines[1] == f"protocol {PROTOCOL_VERSION}"
     assert lines[2].startswith("llama-cpp-python 0.3.36"), lines[2]
     # The CPU backend is loaded at run time: a variant the bundle ships, chosen for this CPU.
     variant = re.match(r"CPU variant (\S+): (.*); (\d+) threads by default$", lines[3])
@@ -196,7 +197,9 @@ def test_smoke_script(rbee_binary: Path, model_path: Path) -> None:
         timeout=RUN_TIMEOUT_S,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "protocol 1" in done.stdout and re.search(r"^output: \S", done.stdout, re.M)
+    assert f"protocol {PROTOCOL_VERSION}" in done.stdout and re.search(
+        r"^output: \S", done.stdout, re.M
+    )
 
 
 def test_works_under_memory_deny_write_execute(rbee_binary: Path, model_path: Path) -> None:

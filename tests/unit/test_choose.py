@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from rbee.keeper.choose import FREE_SLOT, Candidate, choose, has_free_slot
-from rbee.protocol.messages import DeviceInfo, HiveStatus, ModelInfo, WorkerInfo
+from rbee.protocol.messages import PROTOCOL_VERSION, DeviceInfo, HiveStatus, ModelInfo, WorkerInfo
 
 GIB = 2**30
 M = "smollm2-135m-instruct"
@@ -54,7 +54,7 @@ def hive(
     free_gib: float,
     models: list[ModelInfo],
     workers: list[WorkerInfo] = (),
-    proto: int = 1,
+    proto: int = PROTOCOL_VERSION,
     draining: bool = False,
     max_workers: int = 4,
     queue: int = 0,
@@ -155,7 +155,7 @@ def test_pullable_models_go_to_the_most_free_memory() -> None:
 def test_unusable_hives_are_never_chosen(bad: str) -> None:
     good = hive("good", 1, [model()])
     if bad == "proto":
-        other = hive("other", 50, [model()], [worker()], proto=2)
+        other = hive("other", 50, [model()], [worker()], proto=PROTOCOL_VERSION + 1)
     elif bad == "draining":
         other = hive("other", 50, [model()], [worker()], draining=True)
     else:

@@ -8,6 +8,7 @@ import pytest
 
 from rbee import discovery
 from rbee.errors import InvalidRequest
+from rbee.protocol.messages import PROTOCOL_VERSION
 
 
 def test_interfaces_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -40,10 +41,10 @@ def test_txt_record_round_trip_fields() -> None:
         port=1,
         stream_port=2,
         rbee_version="0.1.0",
-        protocol_version=1,
+        protocol_version=PROTOCOL_VERSION,
     )
     txt = a.txt()
-    assert len(txt["node"]) == discovery.MAX_TXT_VALUE and txt["proto"] == "1"
+    assert len(txt["node"]) == discovery.MAX_TXT_VALUE and txt["proto"] == str(PROTOCOL_VERSION)
     assert txt["cl"] == "default" and a.endpoint == "10.0.0.1:1"
 
 

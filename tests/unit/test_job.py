@@ -37,6 +37,7 @@ from rbee.keeper.job import (
 from rbee.keeper.link import HiveLink
 from rbee.protocol.codec import encode
 from rbee.protocol.messages import (
+    PROTOCOL_VERSION,
     Ack,
     Cancel,
     Done,
@@ -178,7 +179,12 @@ def setup(
 ) -> tuple[HiveLink, FakeClient, list[FakeSub]]:
     client = FakeClient(scripts)
     hello = HelloReply(
-        node="alpha", rbee_version="0", protocol_version=1, pid=1, stream_port=7831, status="ok"
+        node="alpha",
+        rbee_version="0",
+        protocol_version=PROTOCOL_VERSION,
+        pid=1,
+        stream_port=7831,
+        status="ok",
     )
     link = HiveLink(None, client, "127.0.0.1", hello)  # type: ignore[arg-type]
     subs: list[FakeSub] = []

@@ -8,12 +8,17 @@ import pytest
 
 from rbee.keeper.connect import LAN_MEMORY, lan_had_hives, remember_lan
 from rbee.keeper.survey import HiveView
-from rbee.protocol.messages import HelloReply
+from rbee.protocol.messages import PROTOCOL_VERSION, HelloReply
 
 
 def answered(source: str) -> HiveView:
     hello = HelloReply(
-        node="n", rbee_version="0", protocol_version=1, pid=1, stream_port=2, status="ok"
+        node="n",
+        rbee_version="0",
+        protocol_version=PROTOCOL_VERSION,
+        pid=1,
+        stream_port=2,
+        status="ok",
     )
     return HiveView("10.0.0.1", 7830, source, hello=hello)
 

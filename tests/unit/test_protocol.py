@@ -526,7 +526,10 @@ def test_non_string_map_keys_are_protocol_errors() -> None:
         decode(_pack({1: 1, "t": "status"}))
 
 
-@pytest.mark.parametrize("version", [0, 2, 99, "1", None])
+@pytest.mark.parametrize(
+    "version",
+    [0, PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, 99, str(PROTOCOL_VERSION), None],
+)
 def test_wrong_version(version: Any) -> None:
     obj = {"t": "status", "r": 0, "b": {}}
     if version is not None:
@@ -538,15 +541,15 @@ def test_wrong_version(version: Any) -> None:
     assert exc.value.suggestion
 
 
-@pytest.mark.parametrize("version", [True, 1.0])
-def test_version_that_only_equals_one(version: Any) -> None:
+@pytest.mark.parametrize("version", [True, float(PROTOCOL_VERSION)])
+def test_version_that_only_equals_ours(version: Any) -> None:
     with pytest.raises(VersionMismatch):
         decode(_pack({"v": version, "t": "status", "r": 0, "b": {}}))
 
 
 def test_version_is_checked_before_the_type() -> None:
     with pytest.raises(VersionMismatch):
-        decode(_pack({"v": 2, "t": "no-such-type"}))
+        decode(_pack({"v": PROTOCOL_VERSION + 1, "t": "no-such-type"}))
 
 
 @pytest.mark.parametrize("type_name", ["nope", "", "Status", 5, None, ["status"]])
