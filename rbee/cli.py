@@ -264,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(default 0: what the machine has)",
     )
     hive.add_argument(
+        "--lender-stall",
+        type=POSITIVE_FLAG,
+        default=int(env("RBEE_LENDER_STALL_S", "10")),
+        metavar="SECONDS",
+        help="a lender that sends nothing and uses no CPU time this long while a job runs on "
+        "memory it lends is lost: the job ends with LENDER_LOST (default 10)",
+    )
+    hive.add_argument(
         "--share-rate",
         type=SIZE_FLAG,
         default=env("RBEE_SHARE_RATE", "0"),
@@ -683,6 +691,7 @@ def _hive(args: argparse.Namespace) -> int:
         secure=args.secure,
         lend=args.lend,
         memory_limit=args.memory_limit,
+        lender_stall_s=float(args.lender_stall),
         share_rate=args.share_rate,
         threads=max(0, args.threads),
         parallel=args.parallel,

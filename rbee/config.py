@@ -204,6 +204,14 @@ SETTINGS = (
     ),
     Setting(
         "hive",
+        "lender_stall_s",
+        "RBEE_LENDER_STALL_S",
+        _positive,
+        "10",
+        "seconds a lender may make no progress while a job runs on memory it lends",
+    ),
+    Setting(
+        "hive",
         "share_rate",
         "RBEE_SHARE_RATE",
         _size,

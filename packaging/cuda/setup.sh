@@ -26,13 +26,17 @@ fi
 export PYTHONPATH="$SITE:$PWD"
 export PATH="$PATH:/usr/local/cuda/bin"
 
-if [[ ! -x "$BUILD/bin/llama-server" || ! -f "$SITE/llama_cpp/lib/libllama.so" ]]; then
+# GGML_RPC as shared/GPU.md says: lent memory (packaging/cuda/lend_gpu.sh) needs libggml-rpc.so;
+# a warm machine's build without it is reconfigured and rebuilt where it changed. RDMA off:
+# with libibverbs on the machine ggml-rpc negotiates RDMA, and its client segfaulted in
+# ggml_backend_rpc_add_server on the H100 machine (2026-12-07); rbee's RPC runs over loopback.
+if [[ ! -x "$BUILD/bin/llama-server" || ! -f "$SITE/llama_cpp/lib/libggml-rpc.so" ]]; then
     step "building llama.cpp (engine and llama-server) for sm_$CUDA_ARCH"
     src="$(mktemp -d)"
     tar -xzf .gpu/llama_cpp_python-*.tar.gz -C "$src" --strip-components=1
     cmake -S "$src/vendor/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" -DGGML_NATIVE=OFF \
-        -DBUILD_SHARED_LIBS=ON -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+        -DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_RUNTIME_LIBRARY=Shared \
         -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL >"$OUT/build.log" 2>&1
     cmake --build "$BUILD" --target llama mtmd llama-server >>"$OUT/build.log" 2>&1 \

@@ -9,11 +9,13 @@ CURVE key, and carries the bytes both ways as PipeData frames. Nothing unauthent
 an RPC server: the worker talks to this hive's loopback port, the hives talk CURVE, the lender
 hive talks to its lender on its own loopback.
 
-It pings the lender hive every PING_EVERY_S (Hello); the lender silent for LENDER_SILENCE_S, a
-gap in the sequence, a PipeClose or an Error ends the tunnel: the worker's connection is
-closed, llama.cpp aborts the worker, and the hive ends its jobs with LENDER_LOST and
-``reason``. When the worker exits the tunnel ends the lease. Each tunnel is one thread with its
-own sockets (the rule of rbee.transport.sockets).
+It pings the lender hive every PING_EVERY_S (LeasePing; the answer says how much CPU time the
+lender has used, which rbee.hive.stall reads with the bytes that came back to tell a lender
+that hangs); the lender silent for LENDER_SILENCE_S, a gap in the sequence, a PipeClose or an
+Error ends the tunnel, and so does ``fail`` (the hive saw the lender stall): the worker's
+connection is closed, llama.cpp aborts the worker, and the hive ends its jobs with LENDER_LOST
+and ``reason``. When the worker exits the tunnel ends the lease. Each tunnel is one thread with
+its own sockets (the rule of rbee.transport.sockets).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import zmq
 
 from rbee import log
 from rbee.errors import RbeeError
+from rbee.hive.stall import LinkState
 from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
     PIPE_CHUNK_BYTES,
     Error,
     Frame,
-    Hello,
-    HelloReply,
+    LeasePing,
+    LeaseState,
     PipeClose,
     PipeData,
     PipeOpen,
@@ -84,6 +87,9 @@ class Tunnel:
         self.free_bytes = 0  # what the lender had free when it opened
         self.bytes_out = 0
         self.bytes_in = 0
+        self.sent_at = self.heard_at = 0.0  # when bytes last went to the lender, came back
+        self.lender_cpu_s = 0.0  # the lender's CPU time, as its hive last said
+        self.failure = ""  # set by ``fail``: the reason it ends with
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name=f"tunnel-{lease}", daemon=True)
 
@@ -98,6 +104,18 @@ class Tunnel:
         if self.thread.is_alive() and threading.current_thread() is not self.thread:
             self.thread.join(wait_s)
 
+    def fail(self, reason: str) -> None:
+        """End the tunnel as the lender's failure (its hive saw it stall); ``failed`` and
+        ``reason`` say so at once, before the thread has ended."""
+        self.failure = reason
+        self.reason, self.failed = reason, True
+        self.stop.set()
+
+    def state(self) -> LinkState:
+        """What the stall watch reads (from the hive's loop; plain values, read whole)."""
+        awaited = self.sent_at > self.heard_at
+        return LinkState(self.lender_name, self.lender_cpu_s, self.bytes_in, awaited)
+
     def _run(self) -> None:
         dealer = new_socket(self.ctx, zmq.DEALER)
         conn: socket.socket | None = None
@@ -106,7 +124,7 @@ class Tunnel:
             dealer.setsockopt(zmq.SNDTIMEO, int(SEND_TIMEOUT_S * 1000))
             curve_client(dealer, self.curve, self.lender)
             dealer.connect(self.lender)
-            link = _Link(dealer, self.lender_name)
+            link = _Link(dealer, self.lender_name, self)
             for number in itertools.count(1):
                 conn = self._accept(link)
                 pipe_id = f"{self.lease}.{number}"
@@ -119,6 +137,8 @@ class Tunnel:
         except (OSError, zmq.ZMQError, RbeeError) as exc:
             self.reason, self.failed = f"the link to {self.lender_name} failed: {exc}", True
         finally:
+            if self.failure:
+                self.reason, self.failed = self.failure, True
             if conn is not None:
                 conn.close()
             with contextlib.suppress(zmq.ZMQError):
@@ -202,6 +222,7 @@ class Tunnel:
                 link.dealer.send(encode(PipeData(pipe_id=pipe_id, seq=seq_out, data=data)))
                 seq_out += 1
                 self.bytes_out += len(data)
+                self.sent_at = time.monotonic()
             while link.dealer.poll(0):
                 frame = link.read()
                 if isinstance(frame, PipeData) and frame.pipe_id == pipe_id:
@@ -210,6 +231,7 @@ class Tunnel:
                     seq_in += 1
                     conn.sendall(frame.data)
                     self.bytes_in += len(frame.data)
+                    self.heard_at = time.monotonic()
                 elif isinstance(frame, PipeClose) and frame.pipe_id == pipe_id:
                     raise _Ended(f"{self.lender_name} ended the loan: {frame.reason}")
             link.keep_alive(drain=False)
@@ -219,15 +241,16 @@ class Tunnel:
 class _Link:
     """The DEALER to the lender hive, and when it was last heard from."""
 
-    def __init__(self, dealer: zmq.Socket[bytes], name: str) -> None:
+    def __init__(self, dealer: zmq.Socket[bytes], name: str, tunnel: Tunnel) -> None:
         self.dealer = dealer
         self.name = name
+        self.tunnel = tunnel
         self.opened = False
         self.heard = self.pinged = time.monotonic()
 
     def ping(self) -> None:
         with contextlib.suppress(zmq.Again):
-            self.dealer.send(encode(Hello(), rid=2), zmq.NOBLOCK)
+            self.dealer.send(encode(LeasePing(lease=self.tunnel.lease), rid=2), zmq.NOBLOCK)
         self.pinged = time.monotonic()
 
     def keep_alive(self, drain: bool = True) -> None:
@@ -248,7 +271,9 @@ class _Link:
         self.heard = time.monotonic()
         if isinstance(frame, Error):
             raise _Ended(f"{self.name} failed: {frame.message}")
-        if not isinstance(frame, PipeData | PipeClose | HelloReply | PipeOpened):
+        if isinstance(frame, LeaseState) and frame.lease == self.tunnel.lease:
+            self.tunnel.lender_cpu_s = frame.cpu_s
+        if not isinstance(frame, PipeData | PipeClose | LeaseState | PipeOpened):
             raise _Ended(f"{self.name} sent {frame.TYPE} on a pipe")
         return frame
 

@@ -241,9 +241,11 @@ def borrow(
 ) -> tuple[Placement | None, Option | None]:
     """A model that fits nowhere here, run with some of its layers in peer hives' memory
     (llama.cpp's RPC backend, rbee.hive.borrow): as many layers as this hive's RAM holds stay
-    here, the rest go to the lenders in proportion to what each has free, each lender holding
-    a compute buffer and its process besides. llama.cpp offloads the last layers, so the
-    output layer is always among the lent ones. (None, None) with no lender in reach."""
+    here, the rest go to the lenders, GPUs before CPUs (the lenders that lend a GPU hold as
+    many as they can, in proportion to what each has free; the lenders of RAM the rest, alike),
+    each lender holding a compute buffer and its process besides. llama.cpp offloads the last
+    layers, so the output layer is always among the lent ones. (None, None) with no lender in
+    reach."""
     if not lenders:
         return None, None
     ram, counts = inventory.cpu.ram_free_bytes, slot_counts(parallel)
@@ -263,8 +265,7 @@ def borrow(
         ]
         if sum(c for _, c in room) < lent:
             continue
-        shares = proportional(lent, [c for _, c in room])
-        used = [(lender, n) for (lender, _), n in zip(room, shares, strict=True) if n > 0]
+        used = _gpus_first(lent, room)
         where = Placement(
             "cpu",
             "cpu",
@@ -277,7 +278,7 @@ def borrow(
         kept = mib(here * per + gpu_fixed_bytes(need))
         lent_why = ", ".join(
             f"{lender.node} {n} ({mib(n * per + need.compute_bytes)} MiB of "
-            f"{mib(lender.free_bytes)} free)"
+            f"{mib(lender.free_bytes)} free{' on its GPU' if lender.gpu else ''})"
             for lender, n in used
         )
         why = f"{here} layers here ({kept} MiB of {mib(ram)} free), {lent_why}"
@@ -285,6 +286,20 @@ def borrow(
     free = ", ".join(f"{lender.node} {mib(lender.free_bytes)} MiB" for lender in lenders)
     why = f"{need.n_layers} layers of {mib(layer_bytes(need))} MiB: more than here and {free} free"
     return None, Option("borrow", "cpu+peers", False, why, need.slots)
+
+
+def _gpus_first(total: int, room: Sequence[tuple[Lender, int]]) -> list[tuple[Lender, int]]:
+    """``total`` layers over the lenders by how many each holds (``room``): the GPU lenders'
+    share first, in proportion among them, then the rest over the RAM lenders; GPU lenders
+    first in the result (the order of the worker's RPC devices), none given no layer."""
+    used: list[tuple[Lender, int]] = []
+    left = total
+    for tier in ([r for r in room if r[0].gpu], [r for r in room if not r[0].gpu]):
+        take = min(left, sum(c for _, c in tier))
+        shares = proportional(take, [c for _, c in tier])
+        used += [(lender, n) for (lender, _), n in zip(tier, shares, strict=True) if n > 0]
+        left -= take
+    return used
 
 
 def _gpu_placement(

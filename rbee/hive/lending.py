@@ -35,11 +35,19 @@ import zmq
 from rbee import log
 from rbee.errors import LendingRefused
 from rbee.gpu import cpu_info
+from rbee.hive.lendable import Lendable, lender_command
 from rbee.hive.request import Replies, Request
-from rbee.paths import self_command
 from rbee.process import child_env
 from rbee.protocol.codec import encode
-from rbee.protocol.messages import PIPE_CHUNK_BYTES, PipeClose, PipeData, PipeOpen, PipeOpened
+from rbee.protocol.messages import (
+    PIPE_CHUNK_BYTES,
+    LeasePing,
+    LeaseState,
+    PipeClose,
+    PipeData,
+    PipeOpen,
+    PipeOpened,
+)
 from rbee.rpc import read_burst
 
 logger = log.get(__name__)
@@ -61,6 +69,7 @@ class Lease:
     model: str
     endpoint: str
     proc: subprocess.Popen[bytes]
+    lent: Lendable
     seen: float = field(default_factory=time.monotonic)
     started: float = field(default_factory=time.monotonic)
     stderr: deque[str] = field(default_factory=lambda: deque(maxlen=STDERR_LINES))
@@ -93,8 +102,12 @@ class LendingDesk:
         engine_env: dict[str, str],
         enabled: bool = True,
         draining: Callable[[], bool] = lambda: False,
+        lendable: Callable[[], Lendable] | None = None,
     ) -> None:
+        """``lendable``: the device a new lender lends (rbee.hive.lendable; the RAM when
+        None)."""
         self.replies = replies
+        self.lendable = lendable or (lambda: Lendable("cpu", cpu_info().ram_free_bytes))
         self.draining = draining
         self.poller = poller
         self.cache_dir = cache_dir
@@ -155,6 +168,19 @@ class LendingDesk:
         lease = self.leases.get(frame.lease)
         if lease is not None and lease.who == request.who:
             self.end(lease, frame.reason or "the borrower is done", tell=False)
+
+    def on_ping(self, request: Request, frame: LeasePing) -> None:
+        """The borrower's keep-alive: answered with the CPU time its lender has used, which
+        tells the borrower (rbee.hive.stall) a lender that hangs from one that computes."""
+        if request.role not in ("hive", "admin"):
+            raise LendingRefused("lending memory needs a key with the hive or admin role")
+        lease = self.leases.get(frame.lease)
+        mine = lease is not None and lease.who == request.who
+        cpu_s = _cpu_s(lease.proc.pid) if lease is not None and mine else None
+        if cpu_s is None:  # no such lease (not yet, or no more), or its lender is gone
+            self.replies.send(request, LeaseState(lease=frame.lease))
+        else:
+            self.replies.send(request, LeaseState(lease=frame.lease, cpu_s=cpu_s, running=True))
 
     def seen(self, who: bytes) -> None:
         """Any frame from a peer shows it is alive."""
@@ -226,19 +252,26 @@ class LendingDesk:
         with socket.socket() as probe:  # a free loopback port for the lender
             probe.bind(("127.0.0.1", 0))
             endpoint = f"127.0.0.1:{probe.getsockname()[1]}"
-        argv = [*self_command(), "lender", "--endpoint", endpoint, "--hive-pid", str(os.getpid())]
-        argv += ["--cache-dir", str(self.cache_dir), "--threads", str(self.threads)]
+        lent = self.lendable()
+        argv, env = lender_command(endpoint, os.getpid(), self.cache_dir, self.threads, lent)
         proc = subprocess.Popen(
             argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env=child_env(self.engine_env),
+            env=child_env({**self.engine_env, **env}),
         )
-        lease = Lease(frame.lease, request.who, request.key, frame.model, endpoint, proc)
+        lease = Lease(frame.lease, request.who, request.key, frame.model, endpoint, proc, lent)
         threading.Thread(target=_keep_stderr, args=(lease,), daemon=True).start()
         self.leases[lease.lease_id] = lease
-        logger.info("lending", lease=lease.lease_id, model=frame.model, lender=proc.pid)
+        logger.info(
+            "lending",
+            lease=lease.lease_id,
+            model=frame.model,
+            lender=proc.pid,
+            device=lent.label,
+            free_mib=lent.free_bytes >> 20,
+        )
         return lease
 
     def _connect(self, pipe: Pipe, now: float) -> None:
@@ -257,7 +290,7 @@ class LendingDesk:
         pipe.sock = sock
         self.by_fd[sock.fileno()] = pipe
         self.poller.register(sock.fileno(), zmq.POLLIN)
-        opened = PipeOpened(pipe_id=pipe.pipe_id, free_bytes=cpu_info().ram_free_bytes)
+        opened = PipeOpened(pipe_id=pipe.pipe_id, free_bytes=pipe.lease.lent.free_bytes)
         self.replies.send(Request(pipe.lease.who, pipe.rid, "hive", pipe.lease.key), opened)
         self._flush(pipe)
 
@@ -311,6 +344,15 @@ def _stopped(pid: int) -> bool:
         return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
     except psutil.Error:
         return False
+
+
+def _cpu_s(pid: int) -> float | None:
+    """A process's CPU time so far, user and system, its threads' included (None: gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
 
 
 def _keep_stderr(lease: Lease) -> None:

@@ -54,7 +54,8 @@ class Peers:
         self._thread.join(BROWSE_S + ASK_TIMEOUT_S + 1)
 
     def lenders(self) -> tuple[Lender, ...]:
-        """Trusted hives that lend, most free memory first, as last seen."""
+        """Trusted hives that lend, those lending a GPU first, then by most free memory, as
+        last seen."""
         with self._lock:
             return self._lenders
 
@@ -97,7 +98,8 @@ class Peers:
             finally:
                 client.close()
             if isinstance(status, HiveStatus) and status.lends_to_you:
-                found.append(Lender(status.node, endpoint, a.key, status.lendable_bytes))
+                gpu = status.lendable_kind == "cuda"
+                found.append(Lender(status.node, endpoint, a.key, status.lendable_bytes, gpu))
             elif isinstance(status, HiveStatus):
                 why = (
                     "it lends to keys with the hive role only"
@@ -105,7 +107,8 @@ class Peers:
                     else "it does not lend"
                 )
                 logger.info("peer skipped", peer=status.node, reason=why)
-        found.sort(key=lambda lender: -lender.free_bytes)
+        found.sort(key=lambda lender: (not lender.gpu, -lender.free_bytes))  # GPUs first
         if found:
-            logger.debug("lenders", peers=[f"{x.node} {x.free_bytes >> 20} MiB" for x in found])
+            said = [f"{x.node} {x.free_bytes >> 20} MiB{' GPU' if x.gpu else ''}" for x in found]
+            logger.debug("lenders", peers=said)
         return tuple(found)

@@ -57,6 +57,7 @@ class Lender:
     endpoint: str  # its front socket, tcp://HOST:PORT
     key: str  # its CURVE public key (this hive authorized it with the hive role)
     free_bytes: int
+    gpu: bool = False  # it lends a GPU's memory (free_bytes is VRAM), else its RAM
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import psutil
+
 from rbee import log
 from rbee.errors import (
     BackendUnavailable,
@@ -26,6 +28,7 @@ from rbee.errors import (
 from rbee.hive.borrow import Tunnel
 from rbee.hive.placement import Lender, Placement
 from rbee.hive.registry import WorkerRecord
+from rbee.hive.stall import STALL_S, StallWatch
 from rbee.hive.supervisor import TERM_GRACE_S, WorkerProcess, signal_worker, spawn_worker
 from rbee.llamacpp import CPU_VARIANT_ENV, EngineChoice
 from rbee.protocol.messages import (
@@ -46,8 +49,8 @@ TunnelFactory = Callable[[Lender, str, str], Tunnel]  # (lender, lease id, model
 def lender_lost(worker: WorkerRecord, when: str) -> LenderLost:
     """LENDER_LOST for a worker that ended because a link to lent memory broke."""
     return LenderLost(
-        f"worker {worker.worker_id} ({worker.model} on {worker.where}) ended {when}: the hive "
-        f"lending it memory is gone ({worker.lender_failure})",
+        f"worker {worker.worker_id} ({worker.model} on {worker.where}) ended {when}: the "
+        f"memory lent to it failed ({worker.lender_failure})",
         suggestion="try again: the model is placed anew with the hives in reach",
     )
 
@@ -87,8 +90,11 @@ class WorkerPool:
         engine: EngineChoice,
         stream_interval_ms: int = STREAM_INTERVAL_MS,
         tunnel: TunnelFactory | None = None,
+        lender_stall_s: float = STALL_S,
     ) -> None:
-        """``tunnel``: makes the link to a lender hive for a worker that borrows memory."""
+        """``tunnel``: makes the link to a lender hive for a worker that borrows memory;
+        ``lender_stall_s``: how long its lenders may make no progress while it runs a job."""
+        self.stalls = StallWatch(lender_stall_s)
         self.back = back
         self.engine = engine  # how workers run llama.cpp here (the engine probe's verdict)
         self.stream_interval_ms = stream_interval_ms
@@ -261,11 +267,30 @@ class WorkerPool:
             elif now - worker.last_seen > HEARTBEAT_TIMEOUT_S:
                 logger.warning("worker missed its heartbeats; killing it", worker=worker.worker_id)
                 self.kill(worker)
+            elif worker.tunnels:
+                self._watch_lenders(worker, proc, now)
         return events
+
+    def _watch_lenders(self, worker: WorkerRecord, proc: WorkerProcess, now: float) -> None:
+        """A worker stuck on a lender that hangs (rbee.hive.stall): its link fails with the
+        reason, which its jobs' LENDER_LOST gives, and the worker is killed (it would wait
+        forever); closing the link makes the lending hive kill the lender."""
+        busy = worker.state == "busy"
+        worker_cpu_s = _cpu_s(proc.proc.pid) if busy else 0.0
+        links = [t.state() for t in worker.tunnels] if busy else []
+        reason, blamed = self.stalls.check(worker.worker_id, busy, worker_cpu_s, links, now)
+        if not reason:
+            return
+        logger.warning("lender stalled", worker=worker.worker_id, lenders=blamed, reason=reason)
+        for tunnel in worker.tunnels:
+            if tunnel.lender_name in blamed:
+                tunnel.fail(reason)
+        self.kill(worker)
 
     def _exited(self, worker: WorkerRecord, proc: WorkerProcess, code: int) -> Event:
         del self.workers[worker.worker_id]
         del self.procs[worker.worker_id]
+        self.stalls.forget(worker.worker_id)
         for tunnel in worker.tunnels:  # its connections are gone: each tunnel ends at once
             tunnel.close()
         tail = proc.stderr_tail()
@@ -289,6 +314,15 @@ class WorkerPool:
     def alive(self) -> int:
         """How many worker processes still run."""
         return sum(1 for p in self.procs.values() if p.proc.poll() is None)
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time so far, user and system (0: gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return 0.0
+    return float(times.user + times.system)
 
 
 def _start_failed(

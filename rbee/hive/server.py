@@ -43,6 +43,7 @@ from rbee.errors import (
 from rbee.hive import probe
 from rbee.hive.borrow import Tunnel
 from rbee.hive.jobs import JobDesk
+from rbee.hive.lendable import lendable
 from rbee.hive.lending import LendingDesk
 from rbee.hive.metrics import HiveMetrics, MetricsServer, require_loopback
 from rbee.hive.peer_files import PeerFiles, trusted_hives
@@ -71,6 +72,7 @@ from rbee.protocol.messages import (
     Hello,
     HelloReply,
     HiveStatus,
+    LeasePing,
     ListWorkers,
     LogLines,
     Metrics,
@@ -195,6 +197,7 @@ class Hive:
             self.engine,
             self.config.stream_interval_ms,
             self._tunnel if self.keys is not None else None,
+            lender_stall_s=config.lender_stall_s,
         )
         clean_stale_parts(config.data_dir / "models")  # left by downloads cut short
         self.replies = Replies(self.front)
@@ -232,6 +235,7 @@ class Hive:
             self.engine.worker_env(),
             config.lend,
             lambda: self.draining,
+            lambda: lendable(self.provisioner.inventory()),
         )
         self.draining_since = 0.0
         self.signals = 0
@@ -256,6 +260,7 @@ class Hive:
             PipeOpen: self.lending.on_open,
             PipeData: self.lending.on_data,
             PipeClose: self.lending.on_close,
+            LeasePing: self.lending.on_ping,
             FileQuery: self.sharing.on_query,
             ReadChunk: self.sharing.on_read,
         }
@@ -437,6 +442,7 @@ class Hive:
     def on_status(self, request: Request, frame: Status) -> None:
         """Workers, catalog and free resources."""
         memory = gpu.cpu_info()  # under the hive's memory limit, if it has one
+        lent = self.lending.lendable()  # GPUs before CPUs (rbee.hive.lendable)
         models = [e.info() for e in self.catalog.entries()]
         status = HiveStatus(
             node=self.node,
@@ -453,7 +459,8 @@ class Hive:
             devices=self.provisioner.inventory().device_infos(),
             engine=self.engine.describe()[:ENGINE_TEXT_CHARS],
             lends=self.lending.enabled,
-            lendable_bytes=memory.ram_free_bytes if self.lending.enabled else 0,
+            lendable_bytes=lent.free_bytes if self.lending.enabled else 0,
+            lendable_kind=lent.kind,
             lends_to_you=self.lending.enabled and request.role in ("hive", "admin"),
             errors=list(self.desk.errors),
         )

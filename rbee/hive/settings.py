@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rbee.hive.registry import Limits
+from rbee.hive.stall import STALL_S
 from rbee.protocol.messages import HIVE_KEEP_ALIVE_S, STREAM_INTERVAL_MS
 from rbee.transport.sockets import is_loopback
 
@@ -34,6 +35,7 @@ class HiveConfig:
     stream_interval_ms: int = STREAM_INTERVAL_MS  # a worker's tokens closer together share a frame
     lend: bool = True  # lend memory to peer hives' models (keys with the hive or admin role)
     memory_limit: str = "0"  # RBEE_MEMORY_LIMIT: the most RAM the hive plans with (0: all)
+    lender_stall_s: float = STALL_S  # a lender making no progress this long mid-job is lost
     share_rate: str = "0"  # the most bytes/s it sends model files to peer hives (0: no limit)
     metrics_host: str = "127.0.0.1"  # the loopback /metrics server's address (loopback only)
     metrics_port: int = 0  # its port; 0: no metrics server (keepers still ask over ZeroMQ)

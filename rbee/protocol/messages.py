@@ -251,7 +251,8 @@ class HiveStatus(Frame):
     devices: list[DeviceInfo] = spec(default_factory=list, max_len=64)
     engine: str = spec(default="", max_len=1024)  # CPU variant, features, what is off and why
     lends: bool = spec(default=False)  # lends memory to peer hives' models (hive-role keys)
-    lendable_bytes: int = spec(default=0, min=0)  # RAM a lender could have now
+    lendable_bytes: int = spec(default=0, min=0)  # what a lender could have now (RAM or VRAM)
+    lendable_kind: str = spec(default="cpu", choices=("cpu", "cuda"))  # GPUs lend before CPUs
     lends_to_you: bool = spec(default=False)  # and to the key that asked (hive or admin role)
     errors: list[JobError] = spec(default_factory=list, max_len=RECENT_ERRORS)  # latest last
 
@@ -579,6 +580,24 @@ class PipeClose(Frame):
     pipe_id: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
     reason: str = spec(default="", max_len=1024)
     lease: str = spec(default="", max_len=ID_CHARS, pattern=f"|{ID_PATTERN}")
+
+
+class LeasePing(Frame):
+    """The borrower's keep-alive for a loan (every second): the lending hive answers with
+    LeaseState, which tells a lender that hangs from one that works."""
+
+    TYPE = "lease_ping"
+    lease: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+
+
+class LeaseState(Frame):
+    """How a loan's lender does: the CPU time it has used so far (user + system), which does
+    not advance while it hangs (frozen, deadlocked)."""
+
+    TYPE = "lease_state"
+    lease: str = spec(max_len=ID_CHARS, pattern=ID_PATTERN)
+    cpu_s: float = spec(default=0.0, min=0.0)
+    running: bool = spec(default=False)  # whether its lender process is there
 
 
 # --------------------------------------------------------------------------- hive ⇄ worker

@@ -4,11 +4,16 @@ alpha may plan with 200 MiB of RAM (``--memory-limit``), too little for the defa
 its context; beta lends. alpha paired with beta as a hive (`rbee hive pair --role hive` on beta,
 `rbee pair beta CODE` with alpha's data directory), so alpha finds beta by mDNS and borrows its
 memory for the layers it cannot hold; the keeper on the third host only asks alpha.
+
+A lender that hangs while running is made with the cgroup v2 freezer: its tasks stop being
+scheduled but are not in state T, so beta's check for a stopped lender does not see it; alpha's
+stall watch (``--lender-stall``) must.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -29,6 +34,47 @@ PROMPT = "The capital of France is"
 LIMIT = "200M"  # the default model needs ~283 MiB with one slot of 4096 tokens
 FOUND_S = 30.0
 LONG = ["-t", "0", "-n", "2000", "--ignore-eos", "--raw", PROMPT]
+STALL_S = 2  # alpha's --lender-stall
+EXIT_S = 5.0  # a lender that dies or stops: a coded error within this
+
+
+def cgroup2_root() -> Path | None:
+    """Where a cgroup v2 hierarchy with the freezer is mounted and writable (None: nowhere)."""
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        _, where, kind, *_ = line.split()
+        root = Path(where)
+        if kind == "cgroup2" and os.access(root, os.W_OK):
+            return root
+    return None
+
+
+@contextlib.contextmanager
+def frozen(pid: int, root: Path) -> Iterator[None]:
+    """``pid`` frozen by the cgroup v2 freezer (alive, state S not T, no progress) in a cgroup
+    of its own, removed afterwards (the process is moved back if it still lives)."""
+    group = root / f"rbee-test-freeze-{os.getpid()}-{pid}"
+    group.mkdir()
+    try:
+        (group / "cgroup.procs").write_text(str(pid))
+        (group / "cgroup.freeze").write_text("1")
+        deadline = time.monotonic() + 5
+        while "frozen 1" not in (group / "cgroup.events").read_text():
+            assert time.monotonic() < deadline, "the cgroup did not freeze"
+            time.sleep(0.05)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (group / "cgroup.freeze").write_text("0")
+            for left in (group / "cgroup.procs").read_text().split():
+                (root / "cgroup.procs").write_text(left)
+        deadline = time.monotonic() + 5
+        while group.exists():
+            try:
+                group.rmdir()
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
 
 def rbee_processes(data_dir: str, word: str) -> list[psutil.Process]:
@@ -75,7 +121,7 @@ def test_a_model_too_big_for_one_hive_runs_with_another_hives_memory(
     keeper = env_for(h3, rbee_env, tmp_path, "keeper")
     stranger = env_for(h3, rbee_env, tmp_path, "stranger")
     with (
-        hive_on(h1, alpha, "alpha", "--memory-limit", LIMIT),
+        hive_on(h1, alpha, "alpha", "--memory-limit", LIMIT, "--lender-stall", str(STALL_S)),
         hive_on(h2, beta, "beta") as beta_hive,
     ):
         wait_listed(h3, keeper, {"alpha", "beta"})
@@ -134,9 +180,12 @@ def test_a_model_too_big_for_one_hive_runs_with_another_hives_memory(
         assert out.stdout.startswith("LENDING_REFUSED"), out.stdout + out.stderr
 
         # The lender dies mid-stream; then (a new worker, a new lender each time) the lender
-        # stalls; then the lending hive dies: each time a coded error within 5 s, the partial
-        # text kept, no process left behind.
-        for victim in ("lender", "stall", "hive"):
+        # is stopped; then it hangs (frozen, not stopped); then the lending hive dies: each
+        # time a coded error within 5 s (STALL_S + 4 s for the hang), the partial text kept,
+        # no process left behind.
+        root = cgroup2_root()
+        assert root is not None, "no writable cgroup v2 hierarchy to freeze a lender with"
+        for victim in ("lender", "stall", "freeze", "hive"):
             infer = subprocess.Popen(
                 h3.argv([sys.executable, "-m", "rbee", "infer", "--node", "alpha", *LONG]),
                 env=keeper,
@@ -147,17 +196,26 @@ def test_a_model_too_big_for_one_hive_runs_with_another_hives_memory(
             assert infer.stdout is not None
             infer.stdout.read(40)  # it streams
             (lender,) = rbee_processes(beta["RBEE_DATA_DIR"], "lender")
-            if victim == "lender":
-                lender.send_signal(signal.SIGKILL)
-            elif victim == "stall":
-                lender.send_signal(signal.SIGSTOP)
-            else:
-                beta_hive.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            _, said = infer.communicate(timeout=30)
-            assert time.monotonic() - killed < 5, (victim, said)
+            with contextlib.ExitStack() as freezing:
+                if victim == "lender":
+                    lender.send_signal(signal.SIGKILL)
+                elif victim == "stall":
+                    lender.send_signal(signal.SIGSTOP)
+                elif victim == "freeze":
+                    freezing.enter_context(frozen(lender.pid, root))
+                    assert lender.status() != psutil.STATUS_STOPPED  # not the SIGSTOP path
+                else:
+                    beta_hive.send_signal(signal.SIGKILL)
+                killed = time.monotonic()
+                _, said = infer.communicate(timeout=30)
+                took = time.monotonic() - killed
+            limit = STALL_S + 4 if victim == "freeze" else EXIT_S
+            assert took < limit, (victim, took, said)
             assert infer.returncode == ExitCode.NETWORK and "LENDER_LOST" in said, said
             assert "partial text is saved" in said, said
+            if victim == "freeze":
+                assert "stopped making progress" in said, said
+                print(f"frozen lender: LENDER_LOST after {took:.2f} s (stall {STALL_S} s)")
             deadline = time.monotonic() + 5
             while time.monotonic() < deadline and (
                 rbee_processes(alpha["RBEE_DATA_DIR"], "worker")

@@ -184,8 +184,10 @@ def test_one_to_eight_mixed_gpus_always_place_every_layer_once(gpus: int) -> Non
 # --------------------------------------------------------------------------- lent memory
 
 
-def lender(node: str, free_gib: float) -> placement.Lender:
-    return placement.Lender(node, f"tcp://10.0.0.{len(node)}:7830", "K" * 40, int(free_gib * GIB))
+def lender(node: str, free_gib: float, gpu: bool = False) -> placement.Lender:
+    return placement.Lender(
+        node, f"tcp://10.0.0.{len(node)}:7830", "K" * 40, int(free_gib * GIB), gpu
+    )
 
 
 def test_a_model_too_big_for_this_hive_borrows_the_rest_from_peers() -> None:
@@ -210,3 +212,26 @@ def test_borrowing_weighs_nothing_without_lenders_and_refuses_when_they_are_too_
     where, option = fit.borrow(here, BIG, [lender("beta", 4)])
     assert where is None and option is not None and not option.fits
     assert "beta 4,096 MiB free" in option.why
+
+
+def test_lenders_of_gpu_memory_get_the_layers_before_lenders_of_ram() -> None:
+    """GPUs before CPUs: the GPU lender fills first, though the RAM lender has more free."""
+    here = inventory(ram_gib=16, offload=False)
+    lenders = [lender("ram", 60), lender("gpu", 20, gpu=True)]
+    where, option = fit.borrow(here, BIG, lenders)
+    assert where is not None and option is not None and option.fits
+    need = BIG("cpu", option.slots)
+    per = fit.layer_bytes(need)
+    holds = (20 * GIB - need.compute_bytes - fit.LENDER_RUNTIME_BYTES) // per
+    assert [x.node for x in where.lenders] == ["gpu", "ram"]
+    assert where.layers[0] == holds  # the GPU lender holds all it can
+    assert "on its GPU" in option.why
+
+
+def test_when_the_gpu_lenders_hold_every_lent_layer_no_ram_lender_is_used() -> None:
+    here = inventory(ram_gib=16, offload=False)
+    lenders = [lender("ram", 60), lender("gpu1", 30, gpu=True), lender("gpu2", 30, gpu=True)]
+    where, _ = fit.borrow(here, BIG, lenders)
+    assert where is not None
+    assert [x.node for x in where.lenders] == ["gpu1", "gpu2"]
+    assert abs(where.layers[0] - where.layers[1]) <= 1  # in proportion among the GPUs

@@ -38,6 +38,8 @@ from rbee.protocol.messages import (
     HelloReply,
     HiveStatus,
     JobAccepted,
+    LeasePing,
+    LeaseState,
     ListWorkers,
     LogLines,
     Metrics,
@@ -222,6 +224,8 @@ def _samples() -> list[Frame]:
         PipeOpened(pipe_id="w-1-0", free_bytes=1 << 30),
         PipeData(pipe_id="w-1-0", seq=7, data=b"\x00rpc"),
         PipeClose(pipe_id="w-1-0.1", reason="done", lease="w-1-0"),
+        LeasePing(lease="w-1-0"),
+        LeaseState(lease="w-1-0", cpu_s=12.5, running=True),
     ]
 
 
