@@ -438,6 +438,7 @@ class Config:
     backend: str = "cpu"
     kv_unified: bool = False
     timeout: float = 600  # seconds for one run of K streams
+    hive_log: Path | None = None  # where to keep the hive's log
 
 
 @dataclass
@@ -623,6 +624,8 @@ def run(config: Config) -> tuple[list[Row], dict[str, Any]]:
             "rbee": consistency(gateway.base, rbee_model, k, run_id, config),
         }
         print(f"[consistency] {about['consistency']}", flush=True)
+        if config.hive_log is not None:  # each job's dispatch and worker-side first token
+            shutil.copyfile(hive.log, config.hive_log)
     rows = rows_of(raw, config)
     about["runs"] = {
         str(k): {side: [s.to_json() for s in sides] for side, sides in by_side.items()}
@@ -749,6 +752,7 @@ def main() -> int:
     parser.add_argument("--kv-unified", action="store_true", help="llama-server's unified KV")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run of K streams")
     parser.add_argument("--json", type=Path, help="default: bench/results/batching-<time>.json")
+    parser.add_argument("--hive-log", type=Path, help="keep the hive's log (and its workers') here")
     args = parser.parse_args()
     try:
         ks = [int(k) for k in args.ks.split(",")]
@@ -772,6 +776,7 @@ def main() -> int:
         backend="cuda" if args.gpu else args.backend,
         kv_unified=args.kv_unified,
         timeout=args.timeout,
+        hive_log=args.hive_log,
     )
     os.environ.setdefault("RBEE_MDNS_INTERFACES", "127.0.0.1")
     about = machine()
@@ -792,7 +797,7 @@ def main() -> int:
         "markdown": markdown(rows),
         **details,
     }
-    path.write_text(json.dumps(result, indent=1, ensure_ascii=False) + "\n")
+    path.write_text(json.dumps(result, indent=1, ensure_ascii=False, default=str) + "\n")
     print(f"results: {path}")
     return 0
 

@@ -19,6 +19,6 @@ for shape in ${SHAPES:-smollm2 tinyllama}; do
     step "benchmark: $shape-shaped"
     PYTHONUNBUFFERED=1 "$PY" bench/batching.py --backend cuda --llama-server "$BUILD/bin/llama-server" \
         --model "$MODELS/$shape-shaped.gguf" --ks "${KS:-1,4,8,16}" --reps "${REPS:-2}" \
-        --tokens "${TOKENS:-256}" --json "$OUT/batching-$shape.json"
+        --tokens "${TOKENS:-256}" --json "$OUT/batching-$shape.json" --hive-log "$OUT/hive-$shape.log"
 done
 step "done"

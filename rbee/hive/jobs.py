@@ -398,8 +398,10 @@ class JobDesk:
                 job=job.job_id,
                 worker=job.worker_id,
                 tokens=terminal.tokens,
+                prompt_tokens=terminal.prompt_tokens,
                 stop_reason=terminal.stop_reason,
                 seconds=round(job.finished_at - job.queued_at, 3),
+                ttft_ms=round(terminal.ttft_s * 1000, 1),  # the worker's: from taking the job
             )
         elif isinstance(terminal, StreamError):
             self.metrics.job_failed(job.model, terminal.code)
