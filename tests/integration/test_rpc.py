@@ -24,11 +24,14 @@ GENERATE = """
 import json, sys, threading
 from rbee.protocol.codec import decode
 from rbee.protocol.messages import Done, GenerateParams, RunJob, Token
+from rbee.hive import probe
 from rbee.worker.engine import Engine
 from rbee.worker.slots import Slots
 
 model, rpc, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-engine = Engine(model, 512, lambda _: None, rpc=[rpc] if rpc else [], gpu_layers=layers)
+choice = probe.for_model(model)  # as a hive runs its workers (issue 11: fast paths that crash)
+engine = Engine(model, 512, lambda _: None, rpc=[rpc] if rpc else [], gpu_layers=layers,
+                extra_bufts=choice.extra_bufts)
 frames = []
 slots = Slots(engine, lambda _topic, data: frames.append(decode(data).frame))
 params = GenerateParams(prompt="The capital of France is", max_tokens=32, temperature=0.0,
