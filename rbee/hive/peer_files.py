@@ -22,45 +22,23 @@ from dataclasses import dataclass, field
 
 import zmq
 
-from rbee import discovery, log
+from rbee import log
 from rbee.errors import RbeeError
+from rbee.hive.peers import Peer
 from rbee.hub.chunks import ChunkList
 from rbee.hub.files import RemoteFile
 from rbee.protocol.messages import ChunkData, Error, FileHeld, FileQuery, Frame, ReadChunk
-from rbee.transport.keys import KeyPair, KnownHives
-from rbee.transport.sockets import Curve, DealerClient, tcp_endpoint
+from rbee.transport.keys import KeyPair
+from rbee.transport.sockets import Curve, DealerClient
 
 logger = log.get(__name__)
 
-BROWSE_S = 1.0
 QUERY_S = 3.0  # how long holders have to answer FileQuery
 PEER_SILENCE_S = 6.0  # a peer owing chunks that sends nothing this long is dropped
 DEPTH = 3  # chunk requests in flight per peer: keeps the link busy across round trips
 WINDOW = 16  # chunks fetched ahead of the next one to write (16 × 4 MiB in memory at most)
 BAN_S = 3600.0
 POLL_MS = 100
-
-
-@dataclass(frozen=True)
-class Peer:
-    """A trusted hive: its name, front socket and CURVE key."""
-
-    node: str
-    endpoint: str
-    key: str
-
-
-def trusted_hives(keys: KeyPair, known: KnownHives) -> list[Peer]:
-    """The hives this one paired with as hives that announce themselves now (key checked)."""
-    if not known.entries():
-        return []
-    found: dict[str, Peer] = {}
-    for a in discovery.browse(timeout_s=BROWSE_S):
-        pinned = known.find(node_id=a.node_id)
-        if pinned is None or pinned.key != a.key or a.key == keys.public:
-            continue
-        found.setdefault(a.key, Peer(a.node, tcp_endpoint(a.address, a.port), a.key))
-    return list(found.values())
 
 
 class PeerFiles:

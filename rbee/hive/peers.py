@@ -6,7 +6,8 @@ hive's data directory here), never from something that merely answered on the LA
 lends only to keys it gave the ``hive`` or ``admin`` role. A thread looks every PEERS_EVERY_S
 while any hive is pinned: it browses mDNS, asks each pinned hive whose announced key matches
 for its Status over CURVE with this hive's key, and keeps those that lend; placement reads the
-latest picture without waiting for the LAN.
+latest picture without waiting for the LAN. Downloads ask the same trusted hives for model files
+(``trusted_hives``, rbee.hive.peer_files).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from dataclasses import dataclass
 
 import zmq
 
@@ -30,6 +32,28 @@ PEERS_EVERY_S = 10.0
 CHECK_EVERY_S = 1.0
 BROWSE_S = 1.0
 ASK_TIMEOUT_S = 2.0
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A trusted hive: its name, front socket and CURVE key."""
+
+    node: str
+    endpoint: str
+    key: str
+
+
+def trusted_hives(keys: KeyPair, known: KnownHives) -> list[Peer]:
+    """The hives this one paired with as hives that announce themselves now (key checked)."""
+    if not known.entries():
+        return []
+    found: dict[str, Peer] = {}
+    for a in discovery.browse(timeout_s=BROWSE_S):
+        pinned = known.find(node_id=a.node_id)
+        if pinned is None or pinned.key != a.key or a.key == keys.public:
+            continue
+        found.setdefault(a.key, Peer(a.node, tcp_endpoint(a.address, a.port), a.key))
+    return list(found.values())
 
 
 class Peers:
@@ -82,24 +106,21 @@ class Peers:
     def look(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> tuple[Lender, ...]:
         """Browse, then ask every trusted hive that announces itself for its free memory."""
         found: list[Lender] = []
-        if not self.known.entries():
-            return ()  # paired with no hive: nothing to look for
-        for a in discovery.browse(timeout_s=BROWSE_S):
-            pinned = self.known.find(node_id=a.node_id)
-            if pinned is None or pinned.key != a.key or a.key == self.keys.public:
-                continue
-            endpoint = tcp_endpoint(a.address, a.port)
-            client = DealerClient(ctx, endpoint, Curve(self.keys.public, self.keys.secret, a.key))
+        for peer in trusted_hives(self.keys, self.known):
+            curve = Curve(self.keys.public, self.keys.secret, peer.key)
+            client = DealerClient(ctx, peer.endpoint, curve)
             try:
                 status = client.request(Status(), ASK_TIMEOUT_S)
             except RbeeError as exc:
-                logger.info("peer did not answer", peer=a.node, error=str(exc)[:200])
+                logger.info("peer did not answer", peer=peer.node, error=str(exc)[:200])
                 continue
             finally:
                 client.close()
             if isinstance(status, HiveStatus) and status.lends_to_you:
                 gpu = status.lendable_kind == "cuda"
-                found.append(Lender(status.node, endpoint, a.key, status.lendable_bytes, gpu))
+                found.append(
+                    Lender(status.node, peer.endpoint, peer.key, status.lendable_bytes, gpu)
+                )
             elif isinstance(status, HiveStatus):
                 why = (
                     "it lends to keys with the hive role only"

@@ -46,8 +46,8 @@ from rbee.hive.jobs import JobDesk
 from rbee.hive.lendable import lendable
 from rbee.hive.lending import LendingDesk
 from rbee.hive.metrics import HiveMetrics, MetricsServer, require_loopback
-from rbee.hive.peer_files import PeerFiles, trusted_hives
-from rbee.hive.peers import Peers
+from rbee.hive.peer_files import PeerFiles
+from rbee.hive.peers import Peers, trusted_hives
 from rbee.hive.placement import Lender
 from rbee.hive.pool import Event, WorkerPool
 from rbee.hive.provision import Provisioner
