@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -51,13 +52,15 @@ def hive_on(
     argv = host.argv(
         [sys.executable, "-m", "rbee", "hive", "--host", "0.0.0.0", "--node-name", name, *flags]
     )
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.PIPE, text=True)
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
+    # Its log goes to a file: a pipe nobody reads fills up (64 KiB) and blocks the hive's loop.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, env=env, stderr=log, text=True)
+        try:
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            proc.communicate(timeout=30)
 
 
 def nodes(host: Host, env: dict[str, str], *flags: str) -> list[dict[str, object]]:
