@@ -102,8 +102,9 @@ class PeerFiles:
         fetch = _Fetch(self, ctx, None, stop, lambda _: None)
         try:
             for peer, held in fetch.query(self.candidates(), FileQuery(reference=reference)):
-                url = hf_hub_url(held.repo, held.filename, revision=held.commit)
-                url = url.replace("https://huggingface.co", hub_endpoint(), 1)
+                url = hf_hub_url(
+                    held.repo, held.filename, revision=held.commit, endpoint=hub_endpoint()
+                )
                 try:
                     remote = RemoteFile(
                         held.repo, held.filename, held.commit, held.size, held.sha256, url
