@@ -590,7 +590,13 @@ def run(config: Config) -> tuple[list[Row], dict[str, Any]]:
         nvml(),
         running_hive(tmp, *hive_args) as hive,
         serving(peer_argv, None, peer_port, "/v1/models") as peer,
-        serving(pinned(gateway_argv, hive.env), hive.env, gateway_port, "/health") as gateway,
+        serving(
+            pinned(gateway_argv, hive.env),
+            hive.env,
+            gateway_port,
+            "/health",
+            config.hive_log.with_suffix(".gateway.log") if config.hive_log else None,
+        ) as gateway,
     ):
 
         def rbee_pids() -> list[int]:
@@ -752,7 +758,9 @@ def main() -> int:
     parser.add_argument("--kv-unified", action="store_true", help="llama-server's unified KV")
     parser.add_argument("--timeout", type=float, default=600, help="seconds per run of K streams")
     parser.add_argument("--json", type=Path, help="default: bench/results/batching-<time>.json")
-    parser.add_argument("--hive-log", type=Path, help="keep the hive's log (and its workers') here")
+    parser.add_argument(
+        "--hive-log", type=Path, help="keep the hive's log here (the gateway's beside it)"
+    )
     args = parser.parse_args()
     try:
         ks = [int(k) for k in args.ks.split(",")]

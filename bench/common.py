@@ -483,9 +483,15 @@ class Server:
 
 
 @contextlib.contextmanager
-def serving(argv: list[str], env: dict[str, str] | None, port: int, path: str) -> Iterator[Server]:
+def serving(
+    argv: list[str],
+    env: dict[str, str] | None,
+    port: int,
+    path: str,
+    keep_log: Path | None = None,
+) -> Iterator[Server]:
     """Start an HTTP server on ``port``; yield it (its base URL, and its process for its memory)
-    once GET ``path`` answers 200."""
+    once GET ``path`` answers 200. ``keep_log``: where its output is copied when it stops."""
     import httpx
 
     base = f"http://127.0.0.1:{port}"
@@ -505,3 +511,6 @@ def serving(argv: list[str], env: dict[str, str] | None, port: int, path: str) -
             yield Server(base, proc)
         finally:
             stop(proc)  # type: ignore[arg-type]
+            if keep_log is not None:
+                log.seek(0)
+                keep_log.write_bytes(log.read())
