@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import ipaddress
+import os
 import select
 import socket
 from pathlib import Path
@@ -28,6 +29,10 @@ from rbee.llamacpp import import_llama, libggml
 
 RPC_LIBRARY = "libggml-rpc.so"
 DEVICE_TYPE_CPU = 0  # ggml_backend_dev_type's GGML_BACKEND_DEVICE_TYPE_CPU
+# ggml-rpc built with GGML_RPC_RDMA (its default where libibverbs is installed) probes every
+# RDMA device of the machine on each connection, client and server, unless this is set; rbee's
+# RPC is loopback only, where RDMA never applies, so it is always set (read at each connection).
+NO_RDMA_ENV = "GGML_RPC_NO_RDMA"
 
 AddServer = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_char_p)
 StartServer = ctypes.CFUNCTYPE(
@@ -119,6 +124,7 @@ def add_servers(endpoints: list[str]) -> None:
     RPC devices first and splits layers over them like GPUs). Connecting happens here; a
     server that is not there makes llama.cpp abort the process."""
     add = _function("ggml_backend_rpc_add_server", AddServer)
+    os.environ[NO_RDMA_ENV] = "1"
     for endpoint in endpoints:
         loopback_endpoint(endpoint)
         reg = add(endpoint.encode())
@@ -141,6 +147,7 @@ def serve(endpoint: str, cache_dir: Path | None, threads: int, device: str = "")
     if not dev:
         raise BackendUnavailable(f"llama.cpp has no device {device or 'CPU'} to lend")
     start = _function("ggml_backend_rpc_start_server", StartServer)
+    os.environ[NO_RDMA_ENV] = "1"
     devices = (ctypes.c_void_p * 1)(dev)
     cache = str(cache_dir).encode() if cache_dir is not None else None
     if cache_dir is not None:

@@ -30,7 +30,10 @@ export PATH="$PATH:/usr/local/cuda/bin"
 # a warm machine's build without it is reconfigured and rebuilt where it changed. RDMA off:
 # with libibverbs on the machine ggml-rpc negotiates RDMA, and its client segfaulted in
 # ggml_backend_rpc_add_server on the H100 machine (2026-12-07); rbee's RPC runs over loopback.
-if [[ ! -x "$BUILD/bin/llama-server" || ! -f "$SITE/llama_cpp/lib/libggml-rpc.so" ]]; then
+# A warm machine's build from before RDMA was turned off is rebuilt too (its CMakeCache says so;
+# rbee.rpc also sets GGML_RPC_NO_RDMA, which such a build obeys).
+if [[ ! -x "$BUILD/bin/llama-server" || ! -f "$SITE/llama_cpp/lib/libggml-rpc.so" ]] \
+    || ! grep -qx 'GGML_RPC_RDMA:BOOL=OFF' "$BUILD/CMakeCache.txt"; then
     step "building llama.cpp (engine and llama-server) for sm_$CUDA_ARCH"
     src="$(mktemp -d)"
     tar -xzf .gpu/llama_cpp_python-*.tar.gz -C "$src" --strip-components=1
