@@ -102,6 +102,7 @@ from rbee.transport.sockets import (
 POLL_INTERVAL_S = 0.1
 HOUSEKEEPING_EVERY_S = 0.1  # reaping, keep-alives, queue reports: not on every token relayed
 DRAIN_BATCH = 1000
+SLOW_REQUEST_S = 0.05  # a request that holds the loop this long is logged (tokens wait on it)
 ENGINE_TEXT_CHARS = 1024
 FRONT_HWM = 64  # requests queued per keeper connection while the loop is busy
 SUBSCRIPTION_BYTES = 4096  # a subscription names one job's topic (CURVE's handshake is ~300 B)
@@ -384,7 +385,11 @@ class Hive:
             )
             if type(frame) in ADMIN_FRAMES:
                 request.require_admin(frame.TYPE)
+            started = time.perf_counter()
             handler(request, frame)
+            took = time.perf_counter() - started
+            if took > SLOW_REQUEST_S:
+                logger.warning("slow request", frame=frame.TYPE, ms=round(took * 1000, 1))
         except RbeeError as exc:
             if isinstance(frame, StartJob):  # refused before it was queued (ALL_SLOTS_BUSY …)
                 self.metrics.job_failed("", exc.code)
