@@ -18,6 +18,7 @@ import psutil
 import pytest
 
 from rbee.errors import ExitCode
+from rbee.protocol.messages import PROTOCOL_VERSION
 from tests.lan import Host, Lan, available, leftover_namespaces
 
 pytestmark = pytest.mark.skipif(bool(available()), reason=available() or "LAN available")
@@ -149,7 +150,8 @@ def test_hives_are_found_and_serve_across_the_lan(
         assert by_name["alpha"]["models"] == ["smollm2-135m-instruct"]
         assert sorted(by_name["beta"]["models"]) == ["only-on-beta", "smollm2-135m-instruct"]
         for n in listed:
-            assert n["state"] == "ok" and n["protocol_version"] == 1 and n["workers"] == []
+            assert n["state"] == "ok" and n["protocol_version"] == PROTOCOL_VERSION
+            assert n["workers"] == []
             assert n["source"] == "mdns" and n["rbee_version"]
         table = rbee_on(h3, keeper, "nodes")
         assert "alpha" in table.stdout and f"{h2.address}:7830" in table.stdout
