@@ -5,6 +5,7 @@ alpha downloads model X from the Hub; beta, paired with alpha and gamma as a hiv
 from them and not from the Hub; alpha dies mid-transfer and beta finishes from gamma; gamma's
 copy rots on disk (its mtime kept, as bit rot keeps it) and beta bans gamma at the first bad
 chunk, finishing from alpha; the Hub goes away and beta still gets X by its hf: reference.
+Stopped mid-transfer, beta resumes its part file from its peers when it starts again.
 """
 
 from __future__ import annotations
@@ -65,6 +66,20 @@ def forget(host: Host, env: dict[str, str]) -> None:
     assert held_file(env) is None
 
 
+def pulling(keeper_host: Host, keeper: dict[str, str]) -> subprocess.Popen[str]:
+    """beta's pull of X, started and left running."""
+    argv = [sys.executable, "-m", "rbee", "models", "pull", REFERENCE, "--node", "beta"]
+    return subprocess.Popen(keeper_host.argv(argv), env=keeper, stderr=subprocess.PIPE, text=True)
+
+
+def under_way(env: dict[str, str]) -> None:
+    """Wait until 8 MiB of X are in that hive's part file."""
+    deadline = time.monotonic() + 60
+    while part_bytes(env) < 8 << 20 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert part_bytes(env) >= 8 << 20, "the transfer never got going"
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -90,7 +105,7 @@ def test_hives_fetch_models_from_each_other_first(
     with ExitStack() as stack:
         stack.enter_context(hub)  # stopped early below: stopping it twice is harmless
         alpha_hive = stack.enter_context(hive_on(h1, alpha, "alpha", "--share-rate", RATE))
-        stack.enter_context(hive_on(h2, beta, "beta"))
+        beta_hive = stack.enter_context(hive_on(h2, beta, "beta"))
         stack.enter_context(hive_on(h3, gamma, "gamma", "--share-rate", RATE))
         wait_listed(h4, keeper, {"alpha", "beta", "gamma"})
         for host, env, name in ((h1, alpha, "alpha"), (h2, beta, "beta"), (h3, gamma, "gamma")):
@@ -118,16 +133,8 @@ def test_hives_fetch_models_from_each_other_first(
         assert pulled(h4, keeper, "--node", "gamma", "--no-peers").returncode == 0
         forget(h2, beta)
         hub.clear()
-        third = subprocess.Popen(
-            h4.argv([sys.executable, "-m", "rbee", "models", "pull", REFERENCE, "--node", "beta"]),
-            env=keeper,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        deadline = time.monotonic() + 60
-        while part_bytes(beta) < 8 << 20 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert part_bytes(beta) >= 8 << 20, "beta's transfer never got going"
+        third = pulling(h4, keeper)
+        under_way(beta)
         alpha_hive.kill()
         _, err = third.communicate(timeout=120)
         assert third.returncode == 0, err + log_lines(h4, keeper, "beta")[-6000:]
@@ -135,6 +142,25 @@ def test_hives_fetch_models_from_each_other_first(
         logs = log_lines(h4, keeper, "beta")
         assert re.search(r"peer dropped from a download peer=alpha", logs), logs[-3000:]
         assert re.search(r"still_giving=\{'gamma': \d+\}", logs), logs[-3000:]
+        copy = held_file(beta)
+        assert copy is not None and sha256_of(copy) == expected
+
+        # beta stops mid-transfer (from gamma alone now); started again, it resumes its part.
+        forget(h2, beta)
+        cut = pulling(h4, keeper)
+        under_way(beta)
+        beta_hive.terminate()
+        assert beta_hive.wait(30) == 0
+        kept = part_bytes(beta)
+        assert cut.wait(60) != 0 and kept >= 8 << 20  # the keeper was told; the part stays
+        stack.enter_context(hive_on(h2, beta, "beta"))
+        wait_listed(h4, keeper, {"beta"})
+        resumed = pulled(h4, keeper, "--node", "beta")
+        assert resumed.returncode == 0, resumed.stderr
+        logs = log_lines(h4, keeper, "beta")
+        offsets = [int(x) for x in re.findall(r"resuming download .*?offset=(\d+)", logs)]
+        assert offsets and offsets[-1] == kept, (kept, logs[-3000:])
+        assert hub.bytes_served(REPO, FILE) == 0
         copy = held_file(beta)
         assert copy is not None and sha256_of(copy) == expected
 
