@@ -259,6 +259,15 @@ def process_rss_bytes(pid: int) -> int:
         return 0
 
 
+def process_cpu_seconds(pid: int) -> float | None:
+    """A process's CPU time so far, user and system, its threads' included (None: gone)."""
+    try:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
+        return None
+    return float(times.user + times.system)
+
+
 def process_vram_bytes(pid: int, *, nvml: Any = None) -> int | None:
     """GPU memory a process holds, summed over all GPUs (NVML's per-process accounting).
 

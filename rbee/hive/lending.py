@@ -34,7 +34,7 @@ import zmq
 
 from rbee import log
 from rbee.errors import LendingRefused
-from rbee.gpu import cpu_info
+from rbee.gpu import cpu_info, process_cpu_seconds
 from rbee.hive.lendable import Lendable, lender_command
 from rbee.hive.request import Replies, Request
 from rbee.process import child_env
@@ -176,7 +176,7 @@ class LendingDesk:
             raise LendingRefused("lending memory needs a key with the hive or admin role")
         lease = self.leases.get(frame.lease)
         mine = lease is not None and lease.who == request.who
-        cpu_s = _cpu_s(lease.proc.pid) if lease is not None and mine else None
+        cpu_s = process_cpu_seconds(lease.proc.pid) if lease is not None and mine else None
         if cpu_s is None:  # no such lease (not yet, or no more), or its lender is gone
             self.replies.send(request, LeaseState(lease=frame.lease))
         else:
@@ -344,15 +344,6 @@ def _stopped(pid: int) -> bool:
         return psutil.Process(pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
     except psutil.Error:
         return False
-
-
-def _cpu_s(pid: int) -> float | None:
-    """A process's CPU time so far, user and system, its threads' included (None: gone)."""
-    try:
-        times = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return None
-    return float(times.user + times.system)
 
 
 def _keep_stderr(lease: Lease) -> None:

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import psutil
-
 from rbee import log
 from rbee.errors import (
     BackendUnavailable,
@@ -25,6 +23,7 @@ from rbee.errors import (
     RbeeError,
     WorkerStartFailed,
 )
+from rbee.gpu import process_cpu_seconds
 from rbee.hive.borrow import Tunnel
 from rbee.hive.placement import Lender, Placement
 from rbee.hive.registry import WorkerRecord
@@ -276,7 +275,7 @@ class WorkerPool:
         reason, which its jobs' LENDER_LOST gives, and the worker is killed (it would wait
         forever); closing the link makes the lending hive kill the lender."""
         busy = worker.state == "busy"
-        worker_cpu_s = _cpu_s(proc.proc.pid) if busy else 0.0
+        worker_cpu_s = (process_cpu_seconds(proc.proc.pid) or 0.0) if busy else 0.0
         links = [t.state() for t in worker.tunnels] if busy else []
         reason, blamed = self.stalls.check(worker.worker_id, busy, worker_cpu_s, links, now)
         if not reason:
@@ -314,15 +313,6 @@ class WorkerPool:
     def alive(self) -> int:
         """How many worker processes still run."""
         return sum(1 for p in self.procs.values() if p.proc.poll() is None)
-
-
-def _cpu_s(pid: int) -> float:
-    """A process's CPU time so far, user and system (0: gone)."""
-    try:
-        times = psutil.Process(pid).cpu_times()
-    except psutil.Error:
-        return 0.0
-    return float(times.user + times.system)
 
 
 def _start_failed(
