@@ -22,7 +22,7 @@ import sqlite_utils
 from rbee import log
 from rbee.digest import sha256_of
 from rbee.errors import CatalogCorrupt, InvalidModel, InvalidRequest, ModelNotFound, Timeout
-from rbee.gguf import GGUFError, GGUFInfo, read_gguf_info
+from rbee.gguf import GGUFError, GGUFInfo, read_gguf_header
 from rbee.protocol.messages import DEFAULT_MODEL as DEFAULT_MODEL
 from rbee.protocol.messages import FILE_PREFIX, SYNTHETIC_PREFIX, ModelInfo
 from rbee.protocol.schema import fitted
@@ -93,23 +93,10 @@ class ModelEntry:
         return cls(**values)
 
 
-@functools.lru_cache(maxsize=64)
-def _header(path: str, size: int, mtime_ns: int) -> GGUFInfo:
-    return read_gguf_info(Path(path))
-
-
-def read_header(path: Path) -> GGUFInfo:
-    """``path``'s GGUF header, read once per version of the file (its size and modification
-    time key the cache): walking a 50,000-token vocabulary takes about 0.1 s, and a hive meets a
-    ``file:`` model on every request that names it, on the loop that relays every token."""
-    stat = path.stat()
-    return _header(str(path), stat.st_size, stat.st_mtime_ns)
-
-
 @functools.lru_cache(maxsize=256)
 def _renders_tools(path: str, size: int, mtime_ns: int) -> bool:
     try:
-        template = read_header(Path(path)).metadata.get("tokenizer.chat_template")
+        template = read_gguf_header(path).metadata.get("tokenizer.chat_template")
     except (GGUFError, OSError):
         return False
     return isinstance(template, str) and supports_tools(template)
@@ -132,7 +119,7 @@ def describe_file(path: Path, name: str, *, with_hash: bool = True) -> ModelEntr
             f"no model file at {path}", suggestion="check the path, or run `rbee models list`"
         )
     try:
-        info = read_header(path)
+        info = read_gguf_header(path)
     except GGUFError as exc:
         raise InvalidModel(f"{path} is not a usable GGUF model: {exc}") from None
     if problem := _unloadable(info):

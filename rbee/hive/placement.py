@@ -29,13 +29,12 @@ upper bound for one split per sequence.
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from rbee.errors import BackendUnavailable, InsufficientRam, InsufficientVram
-from rbee.gguf import GGUFError, read_gguf_info
+from rbee.gguf import GGUFError, read_gguf_header
 from rbee.gpu import CudaDevice, Inventory, lent_label, placement_label
 
 MIB = 1 << 20
@@ -376,8 +375,8 @@ def fit_slots(
 def estimate_for_file(path: str, n_ctx: int, backend: str, slots: int = 1) -> MemoryEstimate:
     """``estimate`` for a model file, reading only its header (a synthetic model needs nothing).
 
-    Walking a header with a 50,000-token vocabulary takes about 0.1 s, so the shape is cached
-    per file (path, size and modification time): a warm request pays only a stat.
+    The header is read once per version of the file (rbee.gguf.read_gguf_header): a warm
+    request pays only a stat.
     """
     try:
         stat = os.stat(path)
@@ -385,17 +384,11 @@ def estimate_for_file(path: str, n_ctx: int, backend: str, slots: int = 1) -> Me
         return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False, slots=slots)
     if not stat.st_size:
         return MemoryEstimate(0, 0, 0, 0, n_ctx, shape_known=False, slots=slots)
-    shape = _file_shape(path, stat.st_size, stat.st_mtime_ns)
-    return estimate_shape(shape, stat.st_size, n_ctx, backend, slots)
-
-
-@functools.lru_cache(maxsize=64)
-def _file_shape(path: str, size: int, mtime_ns: int) -> ModelShape | None:
-    """The shape in a file's header; the size and time only key the cache."""
     try:
-        return model_shape(read_gguf_info(path).metadata)
+        shape: ModelShape | None = model_shape(read_gguf_header(path).metadata)
     except GGUFError:
-        return None
+        shape = None
+    return estimate_shape(shape, stat.st_size, n_ctx, backend, slots)
 
 
 def check_fits(needed: MemoryEstimate, placement: Placement, model: str, node: str = "") -> None:

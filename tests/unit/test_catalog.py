@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import rbee.catalog as catalog_module
+from rbee import gguf
 from rbee.catalog import DEFAULT_MODEL, Catalog, ModelEntry, default_model_file, describe_file
 from rbee.errors import InvalidModel, InvalidRequest, ModelNotFound
 from tests.unit.test_gguf import BASE_KVS, BASE_TENSORS, U32, gguf_bytes
@@ -467,8 +468,8 @@ def test_a_file_reference_reads_its_header_once_per_version_of_the_file(
     header (0.1 s for a 50,000-token vocabulary) is read again only when the file changes."""
     path = write_model(models, context=2048)
     reads: list[Path] = []
-    real = catalog_module.read_gguf_info
-    monkeypatch.setattr(catalog_module, "read_gguf_info", lambda p: reads.append(p) or real(p))
+    real = gguf.read_gguf_info
+    monkeypatch.setattr(gguf, "read_gguf_info", lambda p: reads.append(p) or real(p))
     for _ in range(3):
         assert cat.resolve(f"file:{path}", allow_files=True).context_length == 2048
     assert len(reads) == 1
