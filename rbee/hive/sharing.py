@@ -28,7 +28,7 @@ from rbee.errors import AccessDenied, InvalidRequest, ModelNotFound, RbeeError
 from rbee.hive.request import Replies, Request
 from rbee.hub import chunks
 from rbee.hub.files import RemoteFile
-from rbee.hub.layout import is_complete, local_path
+from rbee.hub.layout import local_path
 from rbee.hub.refs import parse_reference
 from rbee.protocol.messages import ChunkData, FileHeld, FileQuery, ReadChunk
 
@@ -65,14 +65,11 @@ class Sharing:
     def on_query(self, request: Request, frame: FileQuery) -> None:
         """Whether this hive holds the file, and its chunk list."""
         _require_peer(request, "asking for model files")
-        remote = self._remote(frame)
-        if remote is None:
-            self.replies.send(request, FileHeld(held=False, reason="not in this hive's catalog"))
+        found = self._held(frame)
+        if found is None:
+            self.replies.send(request, FileHeld(held=False, reason="not held here"))
             return
-        dest = local_path(self.models_dir, remote)
-        if not is_complete(dest, remote):
-            self.replies.send(request, FileHeld(held=False, reason="not downloaded here"))
-            return
+        remote, dest = found
         assert remote.sha256 is not None
         listed = chunks.load(dest, remote.sha256)
         if listed is None:
@@ -151,8 +148,9 @@ class Sharing:
             raise ModelNotFound("the file is shorter than when it was offered")
         return data
 
-    def _remote(self, frame: FileQuery) -> RemoteFile | None:
-        """The file the query means, as this hive holds it (None: not here)."""
+    def _held(self, frame: FileQuery) -> tuple[RemoteFile, Path] | None:
+        """The file the query means and where it is, if this hive holds it (only verified files
+        reach their final path: rbee.hub.layout)."""
         if frame.reference:
             entry = self._find_reference(frame.reference)
             if entry is None or not entry.sha256:
@@ -162,7 +160,10 @@ class Sharing:
             repo, commit, name, sha256 = frame.repo, frame.commit, frame.filename, frame.sha256
         try:
             remote = RemoteFile(repo, name, commit, 0, sha256, "")
-            return replace(remote, size=local_path(self.models_dir, remote).stat().st_size)
+            dest = local_path(self.models_dir, remote)
+            if not dest.is_file():
+                return None
+            return replace(remote, size=dest.stat().st_size), dest
         except (RbeeError, OSError):
             return None
 

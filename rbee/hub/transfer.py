@@ -76,7 +76,7 @@ logger = log.get(__name__)
 
 
 class PeerBytes(Protocol):
-    """Other hives that may hold a file (rbee.hive.seeds): the transfer asks them first."""
+    """Other hives that may hold a file (rbee.hive.peer_files): the transfer asks them first."""
 
     def stream(
         self, remote: RemoteFile, offset: int, stop: threading.Event, note: Callable[[str], None]
