@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -107,13 +108,18 @@ def generate(
     if not gpu:
         env["CUDA_VISIBLE_DEVICES"] = ""  # a borrower with no GPU of its own
     argv = [sys.executable, "-c", CHILD, model, backend, rpc, str(layers), str(tokens)]
+    # A borrower under a debugger, which prints where a crash happened: the GPU machine has
+    # cuda-gdb (no gdb), which needs a GPU it may see, so LEND_DEBUGGER="env
+    # CUDA_VISIBLE_DEVICES=0 cuda-gdb -batch -ex run -ex 'thread apply all bt' --args".
+    debugger = shlex.split(os.environ.get("LEND_DEBUGGER", "")) if rpc else []
     done = subprocess.run(
-        [*argv, str(threads)], env=env, capture_output=True, text=True, timeout=RUN_S
+        [*debugger, *argv, str(threads)], env=env, capture_output=True, text=True, timeout=RUN_S
     )
-    if done.returncode != 0:
-        said = done.stderr[-4000:]
+    last = [line for line in done.stdout.splitlines() if line.startswith("{")][-1:] or [""]
+    if done.returncode != 0 or not last[0]:
+        said = done.stdout[-6000:] + done.stderr[-8000:]
         raise SystemExit(f"{backend} {rpc} failed with exit code {done.returncode}:\n{said}")
-    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(last[0])
     return result
 
 
