@@ -28,7 +28,12 @@
 # before loading a model (every rbee worker) died with SIGSEGV inside std::regex while llama.cpp
 # loaded the vocabulary, called into code in libggml-cuda.so; llama-cpp-python alone loaded fine.
 # With them it loads (seen on an H100, GPU_RESULTS.md; which of the two matters was not isolated).
-# packaging/cuda/loadcheck.py checks exactly this.
+# packaging/cuda/loadcheck.py checks exactly this. Each library also binds its functions to its
+# own copies (-Bsymbolic-functions): where the compiler links libstdc++ statically into every
+# library (the GPU machine's /opt/gcc does), an exported inline template such as std::call_once's
+# trampoline otherwise runs one library's copy against another's thread-local state, which made
+# a borrower of lent memory (GGML_RPC, on here as in the CPU engine) segfault in
+# ggml_backend_rpc_add_server (packaging/cuda/setup.sh).
 #
 # The rbee binary with CUDA: packaging/build.sh takes its llama.cpp flags from
 # RBEE_LLAMA_CMAKE_ARGS and keys its cached wheel by them, so
@@ -44,8 +49,8 @@ CUDA_ARCH="${CUDA_ARCH:-90}"
 WHEEL_DIR="${WHEEL_DIR:-$ROOT/build/cuda-wheels}"
 CMAKE_ARGS_CUDA="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$CUDA_ARCH -DGGML_NATIVE=OFF \
 -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF \
--DGGML_BLAS=OFF -DGGML_VULKAN=OFF -DLLAVA_BUILD=OFF -DCMAKE_CUDA_RUNTIME_LIBRARY=Shared \
--DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL"
+-DGGML_BLAS=OFF -DGGML_VULKAN=OFF -DGGML_RPC=ON -DLLAVA_BUILD=OFF -DCMAKE_CUDA_RUNTIME_LIBRARY=Shared \
+-DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL,-Bsymbolic-functions"
 
 if [[ "${1:-}" == "--print-cmake-args" ]]; then
     echo "$CMAKE_ARGS_CUDA"

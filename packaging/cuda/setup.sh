@@ -56,7 +56,7 @@ if [[ ! -f "$SITE/llama_cpp/lib/libggml-rpc.so" ]] \
         -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" -DGGML_CUDA_FA="$CUDA_FA" -DGGML_NATIVE=OFF \
         -DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
         -DLLAMA_BUILD_EXAMPLES=OFF -DCMAKE_CUDA_RUNTIME_LIBRARY=Shared \
-        -DCMAKE_SHARED_LINKER_FLAGS='-Wl,--exclude-libs,ALL -Wl,-Bsymbolic-functions' >"$OUT/build.log" 2>&1
+        -DCMAKE_SHARED_LINKER_FLAGS=-Wl,--exclude-libs,ALL,-Bsymbolic-functions >"$OUT/build.log" 2>&1
     # shellcheck disable=SC2086 # TARGETS is a list
     cmake --build "$BUILD" --target $TARGETS >>"$OUT/build.log" 2>&1 \
         || { tail -n 40 "$OUT/build.log"; exit 1; }
