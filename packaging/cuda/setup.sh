@@ -35,7 +35,7 @@ export PATH="$PATH:/usr/local/cuda/bin"
 # libggml-rpc's call_once ran libllama's copy of it, which read libllama's empty thread-local
 # state: the borrower segfaulted in ggml_backend_rpc_add_server (a native backtrace on the H100,
 # 2026-12-07). Binding each library's functions to its own copies keeps each libstdc++ whole.
-# A warm machine's build with other flags is rebuilt (its CMakeCache says which it had).
+# A warm machine's build with other flags is built again (its CMakeCache says which it had).
 # A build that an earlier call brought back (PACK=1 below) is restored instead: a cold machine
 # then starts in seconds, not 260-280 s.
 if [[ ! -f "$SITE/llama_cpp/lib/libggml-rpc.so" ]] && compgen -G ".gpu/prebuilt.tar.xz.*" >/dev/null; then
@@ -52,6 +52,7 @@ if [[ ! -f "$SITE/llama_cpp/lib/libggml-rpc.so" ]] \
     step "building llama.cpp ($TARGETS) for sm_$CUDA_ARCH"
     src="$(mktemp -d)"
     tar -xzf .gpu/llama_cpp_python-*.tar.gz -C "$src" --strip-components=1
+    rm -rf "$BUILD"  # its cache names an earlier source folder, which cmake refuses to mix
     cmake -S "$src/vendor/llama.cpp" -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release \
         -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$CUDA_ARCH" -DGGML_CUDA_FA="$CUDA_FA" -DGGML_NATIVE=OFF \
         -DBUILD_SHARED_LIBS=ON -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
