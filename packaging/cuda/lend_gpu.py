@@ -32,11 +32,10 @@ RUN_S = 600.0
 
 # One greedy job through the worker's own engine and slots; prints what it wrote, how fast.
 CHILD = """
-import json, sys, threading, time
-from rbee.protocol.codec import decode
+import json, sys, time
 from rbee.protocol.messages import Done, GenerateParams, RunJob, Token
 from rbee.worker.engine import Engine
-from rbee.worker.slots import Slots
+from rbee.worker.slots import run_alone
 
 model, backend, rpc, layers, tokens = sys.argv[1:6]
 t0 = time.monotonic()
@@ -44,13 +43,9 @@ engine = Engine(model, 1024, lambda _: None, backend=backend, rpc=[rpc] if rpc e
                 gpu_layers=int(layers), threads=int(sys.argv[6]))
 load_s = time.monotonic() - t0
 print("loaded", flush=True)
-frames = []
-slots = Slots(engine, lambda _topic, data: frames.append(decode(data).frame))
 params = GenerateParams(prompt="The capital of France is", max_tokens=int(tokens),
                         temperature=0.0, raw=True, ignore_eos=True)
-slots.admit(RunJob(job_id="j-lend", params=params), threading.Event())
-while slots.busy():
-    slots.step()
+frames = run_alone(engine, RunJob(job_id="j-lend", params=params))
 done = frames[-1]
 assert isinstance(done, Done), done
 text = "".join(f.text for f in frames if isinstance(f, Token)) + done.tail

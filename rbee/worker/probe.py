@@ -10,14 +10,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import threading
 import time
 
 from rbee.llamacpp import PROBE_FAULT_ENV, cpu_features, loaded_variant
-from rbee.protocol.codec import decode
 from rbee.protocol.messages import Done, GenerateParams, RunJob
 from rbee.worker.engine import Engine
-from rbee.worker.slots import Slots
+from rbee.worker.slots import run_alone
 
 PROBE_CTX = 256
 PROBE_TOKENS = 32  # enough to tell two settings' speeds apart (about 0.4 s)
@@ -35,17 +33,8 @@ def run_probe(model_path: str, threads: int, extra_bufts: bool) -> int:
     params = GenerateParams(
         prompt=PROBE_PROMPT, max_tokens=PROBE_TOKENS, temperature=0.0, raw=True, ignore_eos=True
     )
-    ends: list[Done] = []
-
-    def keep_done(_topic: bytes, data: bytes) -> None:
-        frame = decode(data).frame
-        if isinstance(frame, Done):
-            ends.append(frame)
-
-    slots = Slots(engine, keep_done)  # the very loop a worker runs
-    slots.admit(RunJob(job_id="probe", params=params), threading.Event())
-    while slots.busy():
-        slots.step()
+    frames = run_alone(engine, RunJob(job_id="probe", params=params))
+    ends = [frame for frame in frames if isinstance(frame, Done)]
     tokens = ends[0].tokens if ends else 0
     decode_s = ends[0].decode_s if ends else 0.0
     report = {

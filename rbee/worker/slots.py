@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import msgpack
 
 from rbee.errors import InternalError, InvalidModel, InvalidRequest, JobStopped, RbeeError
-from rbee.protocol.codec import encode
+from rbee.protocol.codec import decode, encode
 from rbee.protocol.messages import (
     PROTOCOL_VERSION,
     STREAM_INTERVAL_MS,
@@ -486,6 +486,17 @@ class Slots:
         while self.backlog:
             run, _ = self.backlog.popleft()
             self._send_error(run.job_id, 0, error)
+
+
+def run_alone(model: Model, run: RunJob) -> list[Frame]:
+    """Every frame of one job run by itself to its end, through the very loop a worker runs:
+    the engine probe and the lending checks (whose texts must match a split model's) use it."""
+    frames: list[Frame] = []
+    slots = Slots(model, lambda _topic, data: frames.append(decode(data).frame))
+    slots.admit(run, threading.Event())
+    while slots.busy():
+        slots.step()
+    return frames
 
 
 # --------------------------------------------------------------------------- the stand-in

@@ -21,24 +21,19 @@ READY_TIMEOUT_S = 30.0
 # One greedy job through the worker's own loop, in a process of its own (RPC devices join the
 # process's ggml registry for good): prints the text and where the layers went.
 GENERATE = """
-import json, sys, threading
-from rbee.protocol.codec import decode
+import json, sys
 from rbee.protocol.messages import Done, GenerateParams, RunJob, Token
 from rbee.hive import probe
 from rbee.worker.engine import Engine
-from rbee.worker.slots import Slots
+from rbee.worker.slots import run_alone
 
 model, rpc, layers = sys.argv[1], sys.argv[2], int(sys.argv[3])
 choice = probe.for_model(model)  # as a hive runs its workers (issue 11: fast paths that crash)
 engine = Engine(model, 512, lambda _: None, rpc=[rpc] if rpc else [], gpu_layers=layers,
                 extra_bufts=choice.extra_bufts)
-frames = []
-slots = Slots(engine, lambda _topic, data: frames.append(decode(data).frame))
 params = GenerateParams(prompt="The capital of France is", max_tokens=32, temperature=0.0,
                         raw=True, ignore_eos=True)
-slots.admit(RunJob(job_id="j-rpc", params=params), threading.Event())
-while slots.busy():
-    slots.step()
+frames = run_alone(engine, RunJob(job_id="j-rpc", params=params))
 done = frames[-1]
 assert isinstance(done, Done), done
 text = "".join(f.text for f in frames if isinstance(f, Token)) + done.tail
