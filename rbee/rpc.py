@@ -98,7 +98,8 @@ def _ggml() -> Any:
 
 @functools.cache
 def _registry() -> int:
-    """The RPC backend's registry entry, loaded once per process."""
+    """The RPC backend's registry entry, loaded once per process (RDMA off from then on)."""
+    os.environ[NO_RDMA_ENV] = "1"
     ggml = _ggml()
     reg = ggml.ggml_backend_reg_by_name(b"RPC")
     if not reg:
@@ -124,7 +125,6 @@ def add_servers(endpoints: list[str]) -> None:
     RPC devices first and splits layers over them like GPUs). Connecting happens here; a
     server that is not there makes llama.cpp abort the process."""
     add = _function("ggml_backend_rpc_add_server", AddServer)
-    os.environ[NO_RDMA_ENV] = "1"
     for endpoint in endpoints:
         loopback_endpoint(endpoint)
         reg = add(endpoint.encode())
@@ -147,7 +147,6 @@ def serve(endpoint: str, cache_dir: Path | None, threads: int, device: str = "")
     if not dev:
         raise BackendUnavailable(f"llama.cpp has no device {device or 'CPU'} to lend")
     start = _function("ggml_backend_rpc_start_server", StartServer)
-    os.environ[NO_RDMA_ENV] = "1"
     devices = (ctypes.c_void_p * 1)(dev)
     cache = str(cache_dir).encode() if cache_dir is not None else None
     if cache_dir is not None:
