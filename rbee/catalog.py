@@ -33,6 +33,9 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME_CHARS = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # NAME_CHARS at most
 LOCK_WAIT_S = 5.0  # how long one rbee waits for another's write to the catalog
+# A model's last use is written at most this often: it is read to the minute, and a write per
+# request is a commit (an fsync) in the hive's loop, between the requests of a burst.
+TOUCH_EVERY_S = 60.0
 TABLE = "models"
 HIDDEN = "removed_defaults"  # the bundled default model, once `rbee models rm` removed it
 
@@ -209,6 +212,7 @@ class Catalog:
     """The models table of one data directory."""
 
     def __init__(self, db_path: Path) -> None:
+        self._touched: dict[str, float] = {}  # when this catalog last wrote each model's use
         db_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._open(db_path)
@@ -359,8 +363,12 @@ class Catalog:
         return entry
 
     def touch(self, name: str) -> None:
-        """Record that a model was just used."""
-        self.db.table(TABLE).update(name, {"last_used_at": time.time()})
+        """Record that a model was just used (unless this catalog did within TOUCH_EVERY_S)."""
+        now = time.time()
+        if now - self._touched.get(name, 0.0) < TOUCH_EVERY_S:
+            return
+        self._touched[name] = now
+        self.db.table(TABLE).update(name, {"last_used_at": now})
 
     def ensure_default(self) -> ModelEntry | None:
         """Import the bundled default model if it is installed but not yet in the catalog."""

@@ -461,6 +461,30 @@ def test_touch_records_last_use(cat: Catalog, models: Path) -> None:
     assert entry.last_used_at > 0
 
 
+def test_touch_writes_a_model_s_use_at_most_once_a_minute(
+    cat: Catalog, models: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A burst of requests for one model costs one commit, not one each (the hive's loop
+    waits for every commit); a use after TOUCH_EVERY_S is written again."""
+    cat.add(write_model(models), "tiny")
+    now = [1_000_000.0]
+    monkeypatch.setattr(catalog_module.time, "time", lambda: now[0])
+    statements: list[str] = []
+    cat.db.conn.set_trace_callback(statements.append)
+
+    def writes() -> int:
+        return sum(1 for sql in statements if sql.lower().startswith("update"))
+
+    for _ in range(8):
+        cat.touch("tiny")
+    assert writes() == 1
+    now[0] += catalog_module.TOUCH_EVERY_S
+    cat.touch("tiny")
+    assert writes() == 2
+    entry = cat.get("tiny")
+    assert entry is not None and entry.last_used_at == now[0]
+
+
 def test_a_file_reference_reads_its_header_once_per_version_of_the_file(
     cat: Catalog, models: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
