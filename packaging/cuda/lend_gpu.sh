@@ -11,7 +11,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 OUT="${OUT:-/tmp/lend-gpu-out}"
-TARGETS="${TARGETS:-llama mtmd}"  # no llama-server: a cold machine builds 1-2 minutes less
+TARGETS="${TARGETS:-llama}"  # no llama-server, no mtmd (build.sh has LLAVA_BUILD off): quicker
 source packaging/cuda/setup.sh
 nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
 status=0

@@ -14,7 +14,10 @@ BUILD="${BUILD:-/tmp/llama-build}"
 CUDA_ARCH="${CUDA_ARCH:-90}"
 PY="${PYTHON:-python3}"
 TARGETS="${TARGETS:-llama mtmd llama-server}"  # what to build (lend_gpu.sh runs no llama-server)
-CUDA_FA="${CUDA_FA:-ON}"  # OFF: no flash-attention kernels, 82 of 144 CUDA files: a quicker build
+# OFF: no flash-attention kernels (82 of 144 CUDA files), a quicker build for runs that never
+# lend. A GPU lender needs them: llama.cpp's RPC client takes every op as supported, so a
+# borrower uses flash attention on the lent layers and the lender aborts in fattn.cu.
+CUDA_FA="${CUDA_FA:-ON}"
 mkdir -p "$OUT" "$SITE" "$MODELS"
 exec > >(tee -a "$OUT/report.txt") 2>&1
 t0=$SECONDS
