@@ -33,7 +33,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 NAME_CHARS = 128
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")  # NAME_CHARS at most
 LOCK_WAIT_S = 5.0  # how long one rbee waits for another's write to the catalog
-# A model's last use is written at most this often: it is read to the minute, and a write per
+# A model's last use (`rbee models list --json`) is written at most this often: a write per
 # request is a commit (an fsync) in the hive's loop, between the requests of a burst.
 TOUCH_EVERY_S = 60.0
 TABLE = "models"
