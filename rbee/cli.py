@@ -41,7 +41,7 @@ from rbee.protocol.messages import (
 )
 from rbee.protocol.schema import not_unicode
 from rbee.terminal import safe
-from rbee.transport.keys import ROLES
+from rbee.transport.keys import ROLES, check_key
 from rbee.worker.args import WorkerArgs
 from rbee.worker.args import add_flags as add_worker_flags
 from rbee.worker.lender import add_flags as add_lender_flags
@@ -551,6 +551,33 @@ def _read_stdin() -> str:
 NOT_EMPTY = ("--node", "--name", "-m", "--model", "--node-name", "--host")
 
 
+KEY_VERBS = ("authorize", "revoke")  # `rbee hive authorize KEY`, `rbee hive revoke KEY`
+
+
+def keys_last(argv: Sequence[str]) -> list[str]:
+    """``argv`` with a public key that begins with "-" moved behind "--", after `hive authorize`
+    or `hive revoke`: z85 has "-" among its characters (about one key in 85 starts with it), and
+    argparse would take such a key for an unknown option ("the following arguments are
+    required: key")."""
+    args = list(argv)
+    for i in range(len(args) - 1):
+        if args[i] == "hive" and args[i + 1] in KEY_VERBS:
+            rest = args[i + 2 :]
+            keys = [a for a in rest if a.startswith("-") and _is_key(a)]
+            if not keys or "--" in rest:
+                return args
+            return [*args[: i + 2], *(a for a in rest if a not in keys), "--", *keys]
+    return args
+
+
+def _is_key(text: str) -> bool:
+    try:
+        check_key(text)
+    except InvalidRequest:
+        return False
+    return True
+
+
 def _check_not_empty(argv: Sequence[str]) -> None:
     """Refuse ``--node ""`` and the like: an empty value would silently mean the default."""
     for i, token in enumerate(argv):
@@ -795,7 +822,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RbeeError as exc:
         return report_error(exc)
     parser.set_defaults(config_sources=sources)  # for `rbee config show`
-    args = parser.parse_args(argv)
+    args = parser.parse_args(keys_last(sys.argv[1:] if argv is None else argv))
     if args.log_level:
         os.environ["RBEE_LOG_LEVEL"] = args.log_level  # children (hive, workers) inherit it
     if args.version:
