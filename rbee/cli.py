@@ -822,7 +822,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RbeeError as exc:
         return report_error(exc)
     parser.set_defaults(config_sources=sources)  # for `rbee config show`
-    args = parser.parse_args(keys_last(sys.argv[1:] if argv is None else argv))
+    given = keys_last(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(given)
     if args.log_level:
         os.environ["RBEE_LOG_LEVEL"] = args.log_level  # children (hive, workers) inherit it
     if args.version:
@@ -834,7 +835,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if isinstance(sys.stdout, io.TextIOWrapper):  # not when a test captures it
         sys.stdout = cast(TextIO, GuardedStdout(sys.stdout))
     try:
-        _check_not_empty(sys.argv[1:] if argv is None else argv)
+        _check_not_empty(given)
         _check_text_args(args)
         run: Verb = args.run
         return run(args)
